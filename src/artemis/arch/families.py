@@ -1,0 +1,36 @@
+"""Adapters for the supported Hugging Face families.
+
+* ``llama``: Llama, Mistral, Qwen2/Qwen3, Gemma, Phi-3 and other Llama-shaped decoders
+  (``model.layers``; attention ``self_attn.{q,k,v,o}_proj``; gated MLP
+  ``mlp.{gate,up,down}_proj``).
+* ``gpt2``: GPT-2 (``transformer.h``; fused ``attn.c_attn`` Conv1D).
+* ``bert``: BERT-family encoders, including sentence-transformers' MiniLM
+  (``encoder.layer``; ``attention.self.{query,key,value}``).
+"""
+
+from __future__ import annotations
+
+from artemis.arch.base import ADAPTERS, ArchitectureAdapter
+
+__all__ = ["LlamaAdapter", "GPT2Adapter", "BertAdapter"]
+
+
+@ADAPTERS.register("llama")
+class LlamaAdapter(ArchitectureAdapter):
+    name = "llama"
+    model_types = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3", "olmo", "granite")
+    block_paths = ("model.layers", "layers")
+
+
+@ADAPTERS.register("gpt2")
+class GPT2Adapter(ArchitectureAdapter):
+    name = "gpt2"
+    model_types = ("gpt2",)
+    block_paths = ("transformer.h", "h")
+
+
+@ADAPTERS.register("bert")
+class BertAdapter(ArchitectureAdapter):
+    name = "bert"
+    model_types = ("bert", "roberta", "xlm-roberta")
+    block_paths = ("encoder.layer",)

@@ -1,0 +1,304 @@
+"""Typed, validated configuration.
+
+The YAML keys of the seed documentation are a contract. A pruning section can
+arrive in three shapes, all accepted by :func:`load_pruning_config` (and so by
+``create_pruning_manager``):
+
+* ``{"pruning": {...}}`` — the plain form;
+* ``{"model": {"pruning": {...}}}`` — the combined form, where ``sparsity_target``
+  is an alias of ``final_sparsity``;
+* a :class:`PruningConfig`, or a path to a YAML file holding either dict form.
+
+Everything is checked here, at the boundary: an unknown key fails with a
+"did you mean" suggestion, an out-of-range value fails naming the field and
+the value, an unknown method, metric or schedule fails listing the valid names.
+
+Example:
+    >>> from artemis.config import load_pruning_config
+    >>> cfg = load_pruning_config({"pruning": {"final_sparsity": 0.5}})
+    >>> cfg.method, cfg.final_sparsity, cfg.schedule
+    ('magnitude_progressive', 0.5, 'cubic')
+    >>> load_pruning_config({"pruning": {"final_sparsty": 0.5}})
+    Traceback (most recent call last):
+    ...
+    artemis.errors.ConfigError: pruning: unknown key 'final_sparsty' (did you mean 'final_sparsity'?)...
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from pathlib import Path
+from typing import Any, Literal, Mapping, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from artemis.errors import ConfigError
+
+__all__ = [
+    "PruningConfig",
+    "load_pruning_config",
+    "read_yaml",
+    "format_validation_error",
+    "SCHEDULES",
+    "SCOPES",
+]
+
+SCHEDULES = ("cubic", "cubic_decay", "linear")
+SCOPES = ("global", "layer", "row")
+
+
+def _check_unknown_keys(model_cls: type[BaseModel], data: Any) -> None:
+    """Raise ConfigError for keys the model does not know, with a suggestion."""
+    if not isinstance(data, Mapping):
+        return
+    known: set[str] = set()
+    for name, field in model_cls.model_fields.items():
+        known.add(name)
+        if field.alias:
+            known.add(field.alias)
+        if field.validation_alias and isinstance(field.validation_alias, str):
+            known.add(field.validation_alias)
+    for key in data:
+        if key not in known:
+            close = difflib.get_close_matches(str(key), sorted(known), n=1, cutoff=0.6)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ValueError(f"unknown key {key!r}{hint}. Valid keys: {', '.join(sorted(known))}")
+
+
+def _sparsity(name: str, value: float) -> float:
+    if not (0.0 <= value < 1.0):
+        raise ValueError(f"{name} must be in [0, 1), got {value!r}")
+    return value
+
+
+class PruningConfig(BaseModel):
+    """The ``pruning:`` section.
+
+    Attributes:
+        enabled: when false, the manager is created but never prunes (its summary says so).
+        method: ``magnitude_progressive`` (unstructured, the default), ``structured_sparsity``
+            or ``layer_dropout``; the registered methods are listed in the error for an
+            unknown name.
+        initial_sparsity: sparsity at ``pruning_start`` (in [0, 1)).
+        final_sparsity: sparsity reached exactly at ``pruning_end`` (in [0, 1)); alias
+            ``sparsity_target``.
+        pruning_start: fraction of training after which pruning starts (t_s = round(start·T)).
+        pruning_end: fraction of training at which the final sparsity is reached.
+        pruning_interval: steps between pruning events (masks recomputed), at least 1.
+        importance_metric: ``magnitude``, ``gradient_sensitivity`` or ``activation``.
+        quantization_aware: fake-quantize pruned weights to int8 after the final sparsity
+            is reached so the model adapts to quantization noise.
+        schedule: ``cubic`` (the seed's formula, gentle at the start), ``cubic_decay``
+            (Zhu & Gupta, aggressive at the start) or ``linear``.
+        scope: ``global`` (one threshold across all prunable weights), ``layer`` (each
+            weight matrix to the target on its own) or ``row`` (each output row on its own,
+            as Wanda does). ``None`` means the metric's default (``row`` for ``activation``,
+            ``global`` otherwise).
+        targets: module-name patterns selecting the prunable modules (``fnmatch`` globs
+            such as ``"*.mlp.*"``, or regular expressions prefixed with ``re:``). Default:
+            every ``nn.Linear`` / HF ``Conv1D`` inside the transformer blocks.
+        exclude: patterns removed from the targets.
+        layer_sparsity: pattern → final sparsity overrides for matching modules.
+        total_steps: optional; may instead be passed to ``step()`` or the manager.
+    """
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, validate_assignment=True)
+
+    enabled: bool = True
+    method: str = "magnitude_progressive"
+    initial_sparsity: float = 0.0
+    final_sparsity: float = Field(0.6, alias="sparsity_target")
+    pruning_start: float = 0.2
+    pruning_end: float = 0.8
+    pruning_interval: int = 50
+    importance_metric: str = "magnitude"
+    quantization_aware: bool = False
+    schedule: str = "cubic"
+    scope: Optional[str] = None
+    targets: Optional[list[str]] = None
+    exclude: list[str] = Field(default_factory=list)
+    layer_sparsity: dict[str, float] = Field(default_factory=dict)
+    total_steps: Optional[int] = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _unknown_keys(cls, data: Any) -> Any:
+        _check_unknown_keys(cls, data)
+        if isinstance(data, Mapping) and "sparsity_target" in data and "final_sparsity" in data:
+            raise ValueError(
+                "both 'sparsity_target' and 'final_sparsity' are set "
+                f"({data['sparsity_target']!r} and {data['final_sparsity']!r}); "
+                "they are aliases, keep one"
+            )
+        return data
+
+    @field_validator("initial_sparsity", "final_sparsity")
+    @classmethod
+    def _check_sparsity(cls, v: float, info) -> float:
+        return _sparsity(info.field_name, v)
+
+    @field_validator("pruning_start", "pruning_end")
+    @classmethod
+    def _check_fraction(cls, v: float, info) -> float:
+        if not (0.0 <= v <= 1.0):
+            raise ValueError(f"{info.field_name} must be a fraction of training in [0, 1], got {v!r}")
+        return v
+
+    @field_validator("pruning_interval")
+    @classmethod
+    def _check_interval(cls, v: int) -> int:
+        if v < 1:
+            raise ValueError(f"pruning_interval must be at least 1 step, got {v!r}")
+        return v
+
+    @field_validator("total_steps")
+    @classmethod
+    def _check_total(cls, v: Optional[int]) -> Optional[int]:
+        if v is not None and v < 1:
+            raise ValueError(f"total_steps must be at least 1, got {v!r}")
+        return v
+
+    @field_validator("method")
+    @classmethod
+    def _check_method(cls, v: str) -> str:
+        from artemis.methods import METHODS
+
+        if v not in METHODS:
+            raise ValueError(METHODS.unknown_message(v))
+        return v
+
+    @field_validator("importance_metric")
+    @classmethod
+    def _check_metric(cls, v: str) -> str:
+        from artemis.metrics import METRICS
+
+        if v not in METRICS:
+            raise ValueError(METRICS.unknown_message(v))
+        return v
+
+    @field_validator("schedule")
+    @classmethod
+    def _check_schedule(cls, v: str) -> str:
+        if v not in SCHEDULES:
+            raise ValueError(f"unknown schedule {v!r}; valid: {', '.join(map(repr, SCHEDULES))}")
+        return v
+
+    @field_validator("scope")
+    @classmethod
+    def _check_scope(cls, v: Optional[str]) -> Optional[str]:
+        if v is not None and v not in SCOPES:
+            raise ValueError(f"unknown scope {v!r}; valid: {', '.join(map(repr, SCOPES))}")
+        return v
+
+    @field_validator("layer_sparsity")
+    @classmethod
+    def _check_layer_sparsity(cls, v: dict[str, float]) -> dict[str, float]:
+        for pattern, s in v.items():
+            _sparsity(f"layer_sparsity[{pattern!r}]", s)
+        return v
+
+    @field_validator("targets")
+    @classmethod
+    def _check_targets(cls, v: Optional[list[str]]) -> Optional[list[str]]:
+        if v is not None and len(v) == 0:
+            raise ValueError("targets is an empty list; omit it to use the default targets")
+        return v
+
+    @model_validator(mode="after")
+    def _cross_field(self) -> "PruningConfig":
+        if self.pruning_start > self.pruning_end:
+            raise ValueError(
+                f"pruning_start ({self.pruning_start}) is after pruning_end ({self.pruning_end}); "
+                "pruning_start must be <= pruning_end"
+            )
+        if self.initial_sparsity > self.final_sparsity:
+            raise ValueError(
+                f"initial_sparsity ({self.initial_sparsity}) is above final_sparsity "
+                f"({self.final_sparsity}); sparsity can only grow during pruning"
+            )
+        return self
+
+
+def format_validation_error(err: ValidationError, where: str) -> str:
+    """Turn a pydantic error into one readable line per problem, naming field and value."""
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e.get("loc", ()) if p != "__root__")
+        field = f"{where}.{loc}" if loc else where
+        msg = e.get("msg", "")
+        if msg.startswith("Value error, "):
+            msg = msg[len("Value error, "):]
+        value = e.get("input")
+        shown = "" if isinstance(value, Mapping) else f" (got {value!r})"
+        if "got " in msg:
+            shown = ""
+        lines.append(f"{field}: {msg}{shown}")
+    return "; ".join(lines)
+
+
+def read_yaml(path: Union[str, os.PathLike]) -> dict:
+    """Read a YAML mapping from ``path`` with errors that name the file."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {str(p)!r} does not exist")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {str(p)!r} is not valid YAML: {exc}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"config file {str(p)!r} must hold a mapping at the top level, got {type(data).__name__}"
+        )
+    return data
+
+
+def _validate_pruning(section: Any, where: str) -> PruningConfig:
+    if not isinstance(section, Mapping):
+        raise ConfigError(f"{where} must be a mapping of pruning options, got {section!r}")
+    try:
+        return PruningConfig.model_validate(dict(section))
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, where)) from None
+
+
+def load_pruning_config(source: Union[PruningConfig, Mapping, str, os.PathLike]) -> PruningConfig:
+    """Return the validated pruning section of ``source``.
+
+    Args:
+        source: a :class:`PruningConfig`; a dict with a ``pruning`` section; a dict with
+            ``model.pruning`` (the combined form); or a path to a YAML file holding either.
+
+    Raises:
+        ConfigError: the source holds no pruning section, or the section is invalid.
+    """
+    if isinstance(source, PruningConfig):
+        return source
+    where_file = ""
+    if isinstance(source, (str, os.PathLike)):
+        where_file = f"{os.fspath(source)}: "
+        source = read_yaml(source)
+    if not isinstance(source, Mapping):
+        raise ConfigError(
+            f"config must be a dict, a PruningConfig or a path to a YAML file, got {type(source).__name__}"
+        )
+    try:
+        if "pruning" in source:
+            if isinstance(source.get("model"), Mapping) and "pruning" in source["model"]:
+                raise ConfigError(
+                    "both 'pruning' and 'model.pruning' are present; keep one pruning section"
+                )
+            return _validate_pruning(source["pruning"], "pruning")
+        model = source.get("model")
+        if isinstance(model, Mapping) and "pruning" in model:
+            return _validate_pruning(model["pruning"], "model.pruning")
+    except ConfigError as exc:
+        raise ConfigError(f"{where_file}{exc}") from None
+    keys = ", ".join(map(repr, source)) or "none"
+    raise ConfigError(
+        f"{where_file}no pruning section found (top-level keys: {keys}); "
+        "expected {'pruning': {...}} or {'model': {'pruning': {...}}}"
+    )

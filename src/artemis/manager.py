@@ -1,0 +1,464 @@
+"""The pruning manager: the stateful lifecycle on top of the pure mask math.
+
+Lifecycle::
+
+    create_pruning_manager(config, model)     # validate, find targets; nothing changed yet
+      └─ step(total_steps)   × many           # after backward(); prunes at pruning events
+         apply_mask_to_gradients()            # optional: the optimizer hook enforces masks anyway
+         optimizer.step()                     # hooks: clear pruned optimizer state, re-apply masks
+      └─ finalize()                           # fold masks, remove every hook, (shrink the model)
+      └─ prepare_for_quantization()           # finalize() + ready for int8
+
+One-shot use: ``apply_magnitude_pruning(s)`` or ``apply_pruning(s, calibration_data)``.
+
+Masks are kept as ``torch.bool`` tensors (one byte per prunable weight) on the
+weight's device. Keeping pruned weights at zero needs no call from the user: a global
+optimizer *pre*-step hook zeroes the pruned entries of every optimizer state tensor
+shaped like the weight (momentum, Adam moments) the first time an optimizer steps
+after a mask changed and zeroes the gradients of pruned weights before every step
+(so ``apply_mask_to_gradients()`` is optional, though harmless), and a *post*-step hook multiplies each masked weight by its
+mask after every ``optimizer.step()``. Only optimizers that subclass
+``torch.optim.Optimizer`` are seen by these hooks; with any other optimizer call
+``manager.apply_masks()`` after each of its steps.
+"""
+
+from __future__ import annotations
+
+import logging
+import weakref
+from typing import Any, Callable, Iterable, Mapping, Optional, Union
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+from torch.optim import Optimizer
+from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+
+from artemis.arch import get_adapter, unwrap_model
+from artemis.config import PruningConfig
+from artemis.errors import CheckpointError, ConfigError, PruningStateError
+from artemis.methods import METHODS, PruningMethod
+from artemis.metrics import METRICS, ImportanceMetric
+from artemis.schedule import is_pruning_event, pruning_window, sparsity_at
+from artemis.sizing import MIB, model_compressed_bytes, model_dense_bytes
+
+__all__ = ["PruningManager", "STATE_FORMAT_VERSION"]
+
+logger = logging.getLogger(__name__)
+
+STATE_FORMAT_VERSION = 1
+
+
+class PruningManager:
+    """Drives pruning of one model over a training run (see the module docstring).
+
+    Args:
+        model: the model (a DDP/``torch.compile`` wrapper is unwrapped).
+        config: a validated :class:`~artemis.config.PruningConfig`.
+        total_steps: number of ``step()`` calls in the run; may instead be given to
+            ``step()`` (or as ``config.total_steps``).
+
+    Attributes:
+        baseline_model_size: dense size of the model in MiB, at its own dtype, measured
+            at creation.
+        pruning_metrics: dict with ``model_size_reduction``, ``current_sparsity``,
+            ``parameters_pruned``, ``parameters_prunable``, ``target_sparsity``,
+            ``compressed_model_size_mb`` and ``pruning_events``; updated at every pruning
+            event and by ``get_pruning_summary()``.
+        masks: ``{parameter key: bool keep-mask}``.
+
+    Example:
+        >>> import torch.nn as nn
+        >>> from artemis import create_pruning_manager
+        >>> net = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
+        >>> mgr = create_pruning_manager({"pruning": {"targets": ["*"]}}, net)
+        >>> mgr.apply_magnitude_pruning(0.5)
+        >>> mgr.pruning_metrics["parameters_pruned"], mgr.pruning_metrics["parameters_prunable"]
+        (160, 320)
+    """
+
+    def __init__(self, model: nn.Module, config: PruningConfig, *, total_steps: Optional[int] = None) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if not isinstance(config, PruningConfig):
+            raise TypeError(f"config must be a PruningConfig, got {type(config).__name__}")
+        self.wrapped_model = model
+        self.model = unwrap_model(model)
+        self.config = config
+        self.adapter = get_adapter(self.model)
+        self.metric: ImportanceMetric = METRICS.get(config.importance_metric)()
+        self.method: PruningMethod = METHODS.get(config.method)(self)
+        self.method.setup()
+        self._params: dict[str, nn.Parameter] = self.method.masked_params()
+        self._param_ids = {id(p): k for k, p in self._params.items()}
+        self.masks: dict[str, Tensor] = {}
+        self._mask_version: dict[str, int] = {}
+        self._opt_seen: "weakref.WeakKeyDictionary[Optimizer, dict[str, int]]" = weakref.WeakKeyDictionary()
+        self._step = 0
+        self._events = 0
+        self._last_target = 0.0
+        self._finalized = False
+        self.total_steps: Optional[int] = None
+        ts = total_steps if total_steps is not None else config.total_steps
+        if ts is not None:
+            self._set_total_steps(ts)
+        self.baseline_model_size = model_dense_bytes(self.model) / MIB
+        self._hooks: list[Any] = []
+        self.pruning_metrics: dict[str, Any] = {}
+        self._refresh_metrics()
+        if config.enabled:
+            self._install()
+
+    # ------------------------------------------------------------------ hooks
+    def _install(self) -> None:
+        ref = weakref.ref(self)
+
+        def pre(opt: Optimizer, args: Any, kwargs: Any) -> None:
+            mgr = ref()
+            if mgr is not None:
+                mgr._before_optimizer_step(opt)
+
+        def post(opt: Optimizer, args: Any, kwargs: Any) -> None:
+            mgr = ref()
+            if mgr is not None:
+                mgr._after_optimizer_step(opt)
+
+        self._hooks.append(register_optimizer_step_pre_hook(pre))
+        self._hooks.append(register_optimizer_step_post_hook(post))
+        self.metric.attach(self.model, self.method.targets)
+        self.method.install()
+
+    def _remove_hooks(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()
+        self.metric.detach()
+        self.method.remove()
+
+    def _optimizer_params(self, opt: Optimizer) -> list[tuple[str, nn.Parameter]]:
+        out = []
+        for group in opt.param_groups:
+            for p in group["params"]:
+                key = self._param_ids.get(id(p))
+                if key is not None:
+                    out.append((key, p))
+        return out
+
+    @torch.no_grad()
+    def _before_optimizer_step(self, opt: Optimizer) -> None:
+        if not self.masks:
+            return
+        seen = self._opt_seen.setdefault(opt, {})
+        for key, p in self._optimizer_params(opt):
+            mask = self.masks.get(key)
+            if mask is None:
+                continue
+            if p.grad is not None:
+                p.grad.mul_(mask)
+            if seen.get(key) == self._mask_version[key]:
+                continue
+            state = opt.state.get(p, {})
+            for value in state.values():
+                if isinstance(value, Tensor) and value.shape == p.shape:
+                    value.mul_(mask)
+            seen[key] = self._mask_version[key]
+
+    @torch.no_grad()
+    def _after_optimizer_step(self, opt: Optimizer) -> None:
+        if not self.masks:
+            return
+        for key, p in self._optimizer_params(opt):
+            mask = self.masks.get(key)
+            if mask is not None:
+                p.mul_(mask)
+
+    # --------------------------------------------------------------- schedule
+    def _set_total_steps(self, total_steps: int) -> None:
+        if not isinstance(total_steps, int) or isinstance(total_steps, bool) or total_steps < 1:
+            raise ConfigError(f"total_steps must be a positive integer, got {total_steps!r}")
+        if self.total_steps is not None and total_steps != self.total_steps:
+            raise ConfigError(
+                f"total_steps changed from {self.total_steps} to {total_steps} during the run; "
+                "the schedule is fixed once it has started"
+            )
+        self.total_steps = total_steps
+
+    def _window(self, total_steps: int) -> tuple[int, int]:
+        return pruning_window(self.config.pruning_start, self.config.pruning_end, total_steps)
+
+    def target_sparsity_at(self, step: int, total_steps: Optional[int] = None) -> float:
+        """Target sparsity (of the default group) at ``step`` of a run of ``total_steps``."""
+        total = self._resolve_total(total_steps)
+        t_s, t_e = self._window(total)
+        c = self.config
+        return sparsity_at(step, t_s, t_e, c.initial_sparsity, c.final_sparsity, c.schedule)
+
+    def should_prune(self, step: int, total_steps: Optional[int] = None) -> bool:
+        """True when masks are recomputed at ``step``."""
+        total = self._resolve_total(total_steps)
+        t_s, t_e = self._window(total)
+        return is_pruning_event(step, t_s, t_e, self.config.pruning_interval)
+
+    def _resolve_total(self, total_steps: Optional[int]) -> int:
+        if total_steps is not None:
+            return total_steps
+        if self.total_steps is None:
+            raise ConfigError(
+                "total_steps is unknown: pass step(total_steps=N), create_pruning_manager(..., "
+                "total_steps=N) or set pruning.total_steps"
+            )
+        return self.total_steps
+
+    @property
+    def current_step(self) -> int:
+        """Number of ``step()`` calls so far."""
+        return self._step
+
+    # -------------------------------------------------------------- lifecycle
+    def _check_active(self, what: str) -> None:
+        if self._finalized:
+            raise PruningStateError(f"{what}() called after finalize(); the pruning is already permanent")
+
+    def step(self, total_steps: Optional[int] = None) -> bool:
+        """Advance the schedule by one training step; prune if this step is an event.
+
+        Call it after ``loss.backward()`` and before ``optimizer.step()``.
+        Returns True when masks were recomputed at this step.
+        """
+        self._check_active("step")
+        if total_steps is not None:
+            self._set_total_steps(total_steps)
+        total = self._resolve_total(None)
+        t = self._step
+        pruned = False
+        if self.config.enabled:
+            self.metric.on_step()
+            t_s, t_e = self._window(total)
+            if is_pruning_event(t, t_s, t_e, self.config.pruning_interval):
+                c = self.config
+                self._prune(
+                    lambda final: sparsity_at(t, t_s, t_e, c.initial_sparsity, final, c.schedule),
+                    self.metric,
+                )
+                pruned = True
+        self._step += 1
+        return pruned
+
+    @torch.no_grad()
+    def _prune(self, target_fn: Callable[[float], float], metric: ImportanceMetric) -> None:
+        metric.check_ready()
+        new_masks = self.method.compute_masks(target_fn, metric)  # nothing changed yet
+        for key, mask in new_masks.items():
+            p = self._params[key]
+            if mask.shape != p.shape or mask.dtype != torch.bool:
+                raise ValueError(f"mask for {key} has shape {tuple(mask.shape)}/{mask.dtype}; expected {tuple(p.shape)}/bool")
+        for key, mask in new_masks.items():
+            p = self._params[key]
+            mask = mask.to(p.device)
+            self.masks[key] = mask
+            self._mask_version[key] = self._mask_version.get(key, 0) + 1
+            p.mul_(mask)
+        metric.reset()
+        self._events += 1
+        self._last_target = target_fn(self.config.final_sparsity)
+        self._refresh_metrics()
+
+    @torch.no_grad()
+    def apply_masks(self) -> None:
+        """Multiply every masked parameter by its mask (the optimizer hook does this for
+        ``torch.optim`` optimizers; call it yourself after any other optimizer's step)."""
+        for key, mask in self.masks.items():
+            self._params[key].mul_(mask)
+
+    @torch.no_grad()
+    def apply_mask_to_gradients(self) -> None:
+        """Zero the gradients of pruned weights (call between ``backward()`` and ``optimizer.step()``)."""
+        for key, mask in self.masks.items():
+            g = self._params[key].grad
+            if g is not None:
+                g.mul_(mask)
+
+    def _check_sparsity(self, sparsity: float) -> float:
+        if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not (0.0 <= float(sparsity) < 1.0):
+            raise ConfigError(f"sparsity must be a number in [0, 1), got {sparsity!r}")
+        return float(sparsity)
+
+    def apply_magnitude_pruning(self, sparsity: float) -> None:
+        """Prune now, one-shot, to ``sparsity`` by weight magnitude (whatever the configured
+        metric), with the configured method and scope."""
+        self._check_active("apply_magnitude_pruning")
+        s = self._check_sparsity(sparsity)
+        self._prune(self.method.one_shot_target_fn(s), METRICS.get("magnitude")())
+
+    def apply_pruning(self, sparsity: float, calibration_data: Optional[Iterable] = None) -> None:
+        """Prune now, one-shot, to ``sparsity`` with the configured method and metric.
+
+        Args:
+            sparsity: fraction of the method's units to prune, in [0, 1).
+            calibration_data: batches streamed through the model first (see
+                :meth:`calibrate`) for metrics that need statistics.
+        """
+        self._check_active("apply_pruning")
+        s = self._check_sparsity(sparsity)
+        if calibration_data is not None:
+            self.calibrate(calibration_data)
+        self._prune(self.method.one_shot_target_fn(s), self.metric)
+
+    def calibrate(self, data: Iterable) -> None:
+        """Stream calibration batches through the model to gather metric statistics."""
+        from artemis.calibration import run_calibration
+
+        self._check_active("calibrate")
+        run_calibration(self, data)
+
+    def finalize(self) -> nn.Module:
+        """Make the pruning permanent: fold masks into the weights, remove every hook the
+        manager installed, let the method rebuild the model if it is structural.
+        Returns the model. A second call raises :class:`PruningStateError`."""
+        if self._finalized:
+            raise PruningStateError("finalize() was already called; the pruning is already permanent")
+        with torch.no_grad():
+            self.apply_masks()
+        self._remove_hooks()
+        self.method.finalize()
+        self._finalized = True
+        self._refresh_metrics()
+        self.masks = {}
+        return self.model
+
+    def prepare_for_quantization(self) -> nn.Module:
+        """``finalize()`` (if not done yet), then ready the model for 8-bit quantization."""
+        if not self._finalized:
+            self.finalize()
+        from artemis.quantization import prepare_model_for_quantization
+
+        return prepare_model_for_quantization(self.model)
+
+    @property
+    def finalized(self) -> bool:
+        return self._finalized
+
+    # ---------------------------------------------------------------- summary
+    def sparse_params(self) -> list[nn.Parameter]:
+        """Parameters stored in the sparse-bitmask layout by the size accounting and export."""
+        if self.method.structural:
+            return []
+        return [t.param for t in self.method.targets]
+
+    @torch.no_grad()
+    def _refresh_metrics(self) -> None:
+        params = [t.param for t in self.method.targets]
+        prunable = sum(p.numel() for p in params)
+        nnz = {id(p): int(torch.count_nonzero(p)) for p in params}
+        pruned = prunable - sum(nnz.values())
+        compressed = model_compressed_bytes(self.model, self.sparse_params(), nnz=nnz)
+        dense = self.baseline_model_size * MIB
+        self.pruning_metrics = {
+            "model_size_reduction": 1.0 - compressed / dense if dense else 0.0,
+            "current_sparsity": pruned / prunable if prunable else 0.0,
+            "parameters_pruned": pruned,
+            "parameters_prunable": prunable,
+            "target_sparsity": self._last_target,
+            "baseline_model_size_mb": self.baseline_model_size,
+            "compressed_model_size_mb": compressed / MIB,
+            "pruning_events": self._events,
+        }
+
+    @torch.no_grad()
+    def get_pruning_summary(self) -> dict[str, Any]:
+        """Plain JSON-able summary: configuration, step, target and measured sparsity,
+        ``pruning_metrics`` and a per-layer table (name, shape, sparsity)."""
+        self._refresh_metrics()
+        layers = []
+        for t in self.method.targets:
+            p = t.param
+            zeros = p.numel() - int(torch.count_nonzero(p))
+            layers.append(
+                {
+                    "name": t.name,
+                    "shape": list(p.shape),
+                    "numel": p.numel(),
+                    "zeros": zeros,
+                    "sparsity": zeros / p.numel() if p.numel() else 0.0,
+                }
+            )
+        c = self.config
+        summary = {
+            "enabled": c.enabled,
+            "method": c.method,
+            "importance_metric": c.importance_metric,
+            "schedule": c.schedule,
+            "scope": self.method.scope(self.metric) if hasattr(self.method, "scope") else c.scope,
+            "architecture": self.adapter.name,
+            "step": self._step,
+            "total_steps": self.total_steps,
+            "finalized": self._finalized,
+            "target_sparsity": self._last_target,
+            "final_sparsity": c.final_sparsity,
+            "measured_sparsity": self.pruning_metrics["current_sparsity"],
+            "pruning_metrics": dict(self.pruning_metrics),
+            "layers": layers,
+        }
+        summary.update(self.method.summary())
+        return summary
+
+    # ----------------------------------------------------------- checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to resume: schedule position, masks, metric and method state."""
+        return {
+            "format_version": STATE_FORMAT_VERSION,
+            "config": self.config.model_dump(),
+            "step": self._step,
+            "total_steps": self.total_steps,
+            "events": self._events,
+            "last_target": self._last_target,
+            "finalized": self._finalized,
+            "masks": {k: m.detach().cpu().clone() for k, m in self.masks.items()},
+            "metric": self.metric.state_dict(),
+            "method": self.method.state_dict(),
+        }
+
+    @torch.no_grad()
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore a :meth:`state_dict`; masks are re-applied to the weights."""
+        self._check_active("load_state_dict")
+        version = state.get("format_version")
+        if version != STATE_FORMAT_VERSION:
+            raise CheckpointError(
+                f"pruning state has format_version {version!r}; this Artemis reads version {STATE_FORMAT_VERSION}"
+            )
+        masks = state.get("masks", {})
+        unknown = sorted(set(masks) - set(self._params))
+        if unknown:
+            raise CheckpointError(
+                f"pruning state has masks for {unknown[:3]} which are not prunable parameters of this model"
+            )
+        for key, mask in masks.items():
+            if tuple(mask.shape) != tuple(self._params[key].shape):
+                raise CheckpointError(
+                    f"pruning state mask for {key} has shape {tuple(mask.shape)}, the parameter has "
+                    f"{tuple(self._params[key].shape)}"
+                )
+        if state.get("finalized"):
+            raise CheckpointError("pruning state was saved after finalize(); there is nothing to resume")
+        if state.get("total_steps") is not None:
+            self.total_steps = None
+            self._set_total_steps(int(state["total_steps"]))
+        self._step = int(state["step"])
+        self._events = int(state.get("events", 0))
+        self._last_target = float(state.get("last_target", 0.0))
+        self.masks = {}
+        for key, mask in masks.items():
+            p = self._params[key]
+            self.masks[key] = mask.to(device=p.device, dtype=torch.bool)
+            self._mask_version[key] = self._mask_version.get(key, 0) + 1
+            p.mul_(self.masks[key])
+        self.metric.load_state_dict(state.get("metric", {}))
+        self.method.load_state_dict(state.get("method", {}))
+        self._refresh_metrics()
+
+    def __repr__(self) -> str:
+        return (
+            f"PruningManager(method={self.config.method!r}, metric={self.config.importance_metric!r}, "
+            f"targets={len(self.method.targets)}, step={self._step}, finalized={self._finalized})"
+        )

@@ -1,0 +1,210 @@
+"""Pure functions that turn importance scores into keep-masks with exact counts.
+
+A mask is a ``torch.bool`` tensor shaped like the weight: ``True`` keeps the weight,
+``False`` prunes it. Scores are non-negative floats (higher = more important).
+
+Exactness: pruning a fraction ``s`` of ``n`` weights prunes exactly
+``round_half_up(s·n)`` of them. Ties at the threshold are broken deterministically:
+among equal scores, the weight that comes first (in the order the layers are given,
+then in row-major order inside a layer) is pruned first.
+
+The global threshold is found **without concatenating** the scores of all layers
+(which is what makes ``torch.nn.utils.prune.global_unstructured`` need about eleven
+times the weights' bytes): an exact three-pass radix select over the float32 bit
+patterns of the scores. Each pass computes one layer's scores at a time, so the extra
+memory is of the order of the largest single layer, whatever the model size.
+
+Example:
+    >>> import torch
+    >>> from artemis.masks import global_masks, row_masks
+    >>> a = torch.tensor([[0.1, 0.9], [0.5, 0.2]])
+    >>> b = torch.tensor([0.3, 0.7, 0.05, 0.6])
+    >>> [m.int().tolist() for m in global_masks([lambda: a, lambda: b], [4, 4], 0.5)]
+    [[[0, 1], [1, 0]], [0, 1, 0, 1]]
+    >>> row_masks(a, 0.5).int().tolist()
+    [[0, 1], [1, 0]]
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from artemis.schedule import round_half_up
+
+__all__ = [
+    "count_to_prune",
+    "score_keys",
+    "kth_smallest_key",
+    "global_masks",
+    "layer_mask",
+    "row_masks",
+    "nm_masks",
+]
+
+ScoreFn = Callable[[], Tensor]
+
+# Radix passes over the 31 significant bits of a non-negative float32: 11 + 10 + 10 bits.
+_PASSES = ((20, 2048), (10, 1024), (0, 1024))
+
+
+def count_to_prune(numel: int, sparsity: float) -> int:
+    """Number of weights pruned out of ``numel`` at ``sparsity`` (rounded half up)."""
+    if not (0.0 <= sparsity <= 1.0):
+        raise ValueError(f"sparsity must be in [0, 1], got {sparsity!r}")
+    return min(max(round_half_up(sparsity * numel), 0), numel)
+
+
+def score_keys(scores: Tensor) -> Tensor:
+    """Order-preserving int32 keys of non-negative scores (the float32 bit patterns).
+
+    Raises:
+        ValueError: a score is negative or NaN (metrics must return scores >= 0).
+    """
+    s = scores.detach().reshape(-1).to(torch.float32)
+    if torch.isnan(s).any():
+        raise ValueError("importance scores contain NaN; a metric must return finite scores >= 0")
+    keys = s.view(torch.int32)
+    if keys.numel() and int(keys.min()) < 0:
+        s = s + 0.0  # turns -0.0 into +0.0
+        if bool((s < 0).any()):
+            raise ValueError(
+                f"importance scores must be >= 0, got a minimum of {float(s.min())}; "
+                "return magnitudes (for example .abs()) from custom metrics"
+            )
+        keys = s.view(torch.int32)
+    return keys
+
+
+def kth_smallest_key(score_fns: Sequence[ScoreFn], k: int) -> tuple[int, int]:
+    """Find the ``k``-th smallest score (1-indexed) across all layers.
+
+    Args:
+        score_fns: one zero-argument callable per layer returning that layer's scores.
+            Each is called once per radix pass (three times), one layer at a time.
+        k: rank, ``1 <= k <= total number of scores``.
+
+    Returns:
+        ``(key, n_below)``: the int32 key of the k-th smallest score and the number of
+        scores strictly smaller than it.
+    """
+    prefix = 0
+    below = 0  # scores whose key is below the current prefix range
+    remaining = k
+    for depth, (shift, bins) in enumerate(_PASSES):
+        hist = None
+        for fn in score_fns:
+            keys = score_keys(fn())
+            if depth > 0:
+                hi_shift = _PASSES[depth - 1][0]
+                keys = keys[(keys >> hi_shift) == prefix]
+            digits = (keys >> shift) & (bins - 1) if depth > 0 else keys >> shift
+            h = torch.bincount(digits.to(torch.int64), minlength=bins).cpu()
+            hist = h if hist is None else hist + h
+            del keys, digits
+        assert hist is not None
+        cum = torch.cumsum(hist, 0)
+        digit = int(torch.searchsorted(cum, torch.tensor(remaining, dtype=cum.dtype)))
+        before = int(cum[digit - 1]) if digit > 0 else 0
+        below += before
+        remaining -= before
+        prefix = (prefix << (_PASSES[depth - 1][0] - shift) if depth > 0 else 0) | digit
+    return prefix, below
+
+
+def _tie_masks(keys: Tensor, key: int, ties_left: int) -> tuple[Tensor, int]:
+    """Keep-mask of one layer: keys above ``key`` kept; the first ``ties_left`` equal
+    keys (row-major) pruned, the rest kept."""
+    keep = keys > key
+    eq = keys == key
+    n_eq = int(eq.sum())
+    if n_eq == 0:
+        return keep, ties_left
+    if ties_left >= n_eq:
+        return keep, ties_left - n_eq
+    if ties_left > 0:
+        rank = torch.cumsum(eq.to(torch.int32), 0)
+        keep |= eq & (rank > ties_left)
+    else:
+        keep |= eq
+    return keep, 0
+
+
+def global_masks(score_fns: Sequence[ScoreFn], numels: Sequence[int], sparsity: float) -> list[Tensor]:
+    """Keep-masks pruning exactly ``round_half_up(sparsity·N)`` of the ``N`` scores overall.
+
+    Args:
+        score_fns: one callable per layer returning its scores (any shape). Called four
+            times per layer (three radix passes and the mask pass), never all at once.
+        numels: number of scores of each layer, in the same order.
+        sparsity: fraction to prune, in [0, 1].
+
+    Returns:
+        One bool mask per layer, shaped like that layer's scores.
+    """
+    if len(score_fns) != len(numels):
+        raise ValueError(f"got {len(score_fns)} score functions but {len(numels)} sizes")
+    total = int(sum(numels))
+    k = count_to_prune(total, sparsity)
+    masks: list[Tensor] = []
+    if k == 0:
+        for fn in score_fns:
+            s = fn()
+            masks.append(torch.ones(s.shape, dtype=torch.bool, device=s.device))
+        return masks
+    key, below = kth_smallest_key(score_fns, k)
+    ties_left = k - below
+    for fn in score_fns:
+        s = fn()
+        keys = score_keys(s)
+        keep, ties_left = _tie_masks(keys, key, ties_left)
+        masks.append(keep.view(s.shape))
+    return masks
+
+
+def layer_mask(scores: Tensor, sparsity: float) -> Tensor:
+    """Keep-mask pruning exactly ``round_half_up(sparsity·numel)`` of one tensor's scores."""
+    return global_masks([lambda: scores], [scores.numel()], sparsity)[0]
+
+
+def row_masks(scores: Tensor, sparsity: float) -> Tensor:
+    """Keep-mask pruning ``round_half_up(sparsity·cols)`` weights in every output row.
+
+    ``scores`` is 2-D ``(out_features, in_features)``; ties inside a row go to the
+    lower column index (stable sort).
+    """
+    if scores.dim() != 2:
+        raise ValueError(f"row_masks needs 2-D scores (out, in), got shape {tuple(scores.shape)}")
+    rows, cols = scores.shape
+    k = count_to_prune(cols, sparsity)
+    keep = torch.ones(rows, cols, dtype=torch.bool, device=scores.device)
+    if k == 0:
+        return keep
+    s = scores.detach().to(torch.float32)
+    if torch.isnan(s).any() or bool((s < 0).any()):
+        raise ValueError("importance scores must be finite and >= 0")
+    order = torch.sort(s, dim=1, stable=True).indices[:, :k]  # (rows, k) lowest scores
+    keep.scatter_(1, order, False)
+    return keep
+
+
+def nm_masks(scores: Tensor, n: int, m: int) -> Tensor:
+    """N:M keep-mask: in every group of ``m`` consecutive input weights of a row keep
+    the ``n`` highest scores (among equal scores the lower index is pruned first).
+
+    ``scores`` is 2-D with ``in_features`` divisible by ``m``.
+    """
+    if not (0 < n < m):
+        raise ValueError(f"N:M pattern needs 0 < N < M, got {n}:{m}")
+    if scores.dim() != 2 or scores.shape[1] % m != 0:
+        raise ValueError(
+            f"N:M pattern {n}:{m} needs 2-D scores whose columns divide by {m}, got shape {tuple(scores.shape)}"
+        )
+    rows, cols = scores.shape
+    groups = scores.detach().to(torch.float32).reshape(rows, cols // m, m)
+    order = torch.sort(groups, dim=2, stable=True).indices[..., : m - n]  # pruned within each group
+    keep = torch.ones_like(groups, dtype=torch.bool)
+    keep.scatter_(2, order, False)
+    return keep.reshape(rows, cols)

@@ -1,0 +1,6 @@
+"""Pruning methods: registry and built-in methods."""
+
+from artemis.methods.base import METHODS, PruningMethod, TargetFn
+from artemis.methods.unstructured import UnstructuredMethod
+
+__all__ = ["METHODS", "PruningMethod", "TargetFn", "UnstructuredMethod"]

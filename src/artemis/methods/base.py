@@ -1,0 +1,108 @@
+"""The pruning-method contract and its registry.
+
+A method decides **what a prunable unit is** (a single weight, an attention head, an
+MLP neuron, a whole block) and turns metric scores into keep-masks over parameters.
+The manager owns everything that is shared: the schedule, applying masks to weights,
+gradients and optimizer state, the state dict and the summary.
+
+Contract for a new method (subclass :class:`PruningMethod` and register it):
+
+* ``setup()`` — choose the targets; raise :class:`~artemis.errors.ModelError` before
+  changing anything if the model cannot be pruned this way.
+* ``masked_params()`` — ``{key: parameter}`` of every parameter the method may mask;
+  the manager keeps these at exactly zero where the mask is ``False``.
+* ``compute_masks(target_fn, metric)`` — return ``{key: bool mask}`` for the current
+  pruning event; ``target_fn(final)`` maps a final sparsity to the sparsity due now
+  (the schedule). Must not modify the model.
+* ``install()`` / ``remove()`` — add and remove any forward hooks (optional).
+* ``finalize()`` — make the pruning permanent (for structural methods: rebuild the
+  model smaller); called once, after masks are folded and hooks removed.
+* ``summary()`` — extra JSON-able facts for ``get_pruning_summary()``.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Optional
+
+import torch.nn as nn
+from torch import Tensor
+
+from artemis.registry import Registry
+
+if TYPE_CHECKING:  # pragma: no cover
+    from artemis.manager import PruningManager
+    from artemis.metrics.base import ImportanceMetric
+    from artemis.targets import PrunableTarget
+
+__all__ = ["PruningMethod", "METHODS", "TargetFn"]
+
+TargetFn = Callable[[float], float]
+
+
+class PruningMethod:
+    """Base class; see the module docstring for the contract."""
+
+    name: ClassVar[str] = "base"
+    #: True when finalize() changes the architecture (then export writes a dense model).
+    structural: ClassVar[bool] = False
+
+    def __init__(self, manager: "PruningManager") -> None:
+        self.manager = manager
+        self.config = manager.config
+        self.model: nn.Module = manager.model
+        self.adapter = manager.adapter
+        self.targets: list["PrunableTarget"] = []
+
+    def setup(self) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def masked_params(self) -> dict[str, nn.Parameter]:
+        return {t.key: t.param for t in self.targets}
+
+    def compute_masks(
+        self, target_fn: TargetFn, metric: "ImportanceMetric"
+    ) -> dict[str, Tensor]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def install(self) -> None:
+        pass
+
+    def remove(self) -> None:
+        pass
+
+    def finalize(self) -> None:
+        pass
+
+    def summary(self) -> dict[str, Any]:
+        return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+    def one_shot_target_fn(self, sparsity: float) -> TargetFn:
+        """Target function of a one-shot prune to ``sparsity``: the default group gets
+        exactly ``sparsity``; ``layer_sparsity`` overrides keep their ratio to
+        ``final_sparsity`` (capped below 1)."""
+        final = self.config.final_sparsity
+
+        def fn(group_final: float) -> float:
+            if final <= 0 or group_final == final:
+                return sparsity
+            return min(group_final * sparsity / final, 0.999)
+
+        return fn
+
+    def resolve_sparsity(self, name: str) -> Optional[float]:
+        """The ``layer_sparsity`` override of module ``name``, if any (first match wins)."""
+        from artemis.targets import match_pattern
+
+        for pattern, s in self.config.layer_sparsity.items():
+            if match_pattern(pattern, name):
+                return s
+        return None
+
+
+METHODS: Registry[type[PruningMethod]] = Registry("method")

@@ -1,0 +1,91 @@
+"""The importance-metric contract and its registry.
+
+A metric turns a prunable weight (and whatever statistics it gathered) into a score
+tensor **shaped like the weight, float32, non-negative; higher means more important**.
+It is a small stateful class because some metrics gather statistics over steps or
+calibration batches; the scoring itself should be a pure function of tensors (see
+:func:`artemis.metrics.magnitude.magnitude_scores`).
+
+Lifecycle, driven by the manager:
+
+1. ``attach(model, targets)`` — once; install any forward hooks the metric needs.
+2. ``on_step()`` — at every ``PruningManager.step()`` (after ``backward()``); must be
+   O(1) for metrics that need nothing per step.
+3. ``check_ready()`` then ``score(target)`` for each target — at a pruning event.
+4. ``reset()`` — after each pruning event (statistics start afresh).
+5. ``detach()`` — once, at ``finalize()``; remove every hook.
+
+Writing your own::
+
+    from artemis.metrics import METRICS, ImportanceMetric
+
+    @METRICS.register("squared")
+    class Squared(ImportanceMetric):
+        def score(self, target):
+            return target.param.detach().float() ** 2
+
+and use ``importance_metric: squared`` in the config.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Optional, Sequence
+
+import torch.nn as nn
+from torch import Tensor
+
+from artemis.registry import Registry
+from artemis.targets import PrunableTarget
+
+__all__ = ["ImportanceMetric", "METRICS"]
+
+
+class ImportanceMetric:
+    """Base class of importance metrics (see the module docstring for the lifecycle).
+
+    Class attributes:
+        name: the registered name.
+        default_scope: ``global``/``layer``/``row``; used when the config's ``scope`` is unset.
+        needs_gradients: ``step()`` must be called after ``backward()`` for it to work.
+        needs_activations: it gathers statistics from forward passes (training or
+            ``manager.calibrate``).
+    """
+
+    name: ClassVar[str] = "base"
+    default_scope: ClassVar[str] = "global"
+    needs_gradients: ClassVar[bool] = False
+    needs_activations: ClassVar[bool] = False
+
+    def __init__(self, **options: Any) -> None:
+        self.options = options
+        self.model: Optional[nn.Module] = None
+        self.targets: Sequence[PrunableTarget] = ()
+
+    def attach(self, model: nn.Module, targets: Sequence[PrunableTarget]) -> None:
+        self.model = model
+        self.targets = targets
+
+    def detach(self) -> None:
+        """Remove hooks and free statistics."""
+
+    def on_step(self) -> None:
+        """Called by every ``PruningManager.step()``; default: nothing (O(1))."""
+
+    def check_ready(self) -> None:
+        """Raise :class:`~artemis.errors.CalibrationError` if ``score`` cannot run yet."""
+
+    def score(self, target: PrunableTarget) -> Tensor:  # pragma: no cover - abstract
+        """Return the scores of ``target``'s weight: float32, shaped like it, >= 0."""
+        raise NotImplementedError(f"{type(self).__name__} must implement score(target)")
+
+    def reset(self) -> None:
+        """Forget statistics gathered so far (called after each pruning event)."""
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+METRICS: Registry[type[ImportanceMetric]] = Registry("importance_metric")
