@@ -357,13 +357,13 @@ def test_combined_configuration_end_to_end():
     cfg = yaml.safe_load(SEED_COMBINED)
     cfg["model"]["load_in_8bit"] = False
     cfg["model"]["pruning"].update(pruning_start=0.0, pruning_end=0.5, pruning_interval=1)
-    cfg["fine_tuning"]["distillation"] = {"enabled": True, "temperature": 2.0, "alpha": 0.5}
     cfg["fine_tuning"]["lora"] = {"r": 4}
     model = tiny_llama(layers=4)
     dense = _snapshot(model)
     calib = [lm_batch(seed=s) for s in range(2)]
     total = 6
-    session = prepare_finetuning(model, cfg, calibration_data=calib, total_steps=total)
+    session = prepare_finetuning(model, cfg, calibration_data=calib, total_steps=total,
+                                 distillation={"enabled": True, "temperature": 2.0, "alpha": 0.5})
     blocks = model.model.layers
     (i, j), = session.shared_pairs
     assert j == i + 1

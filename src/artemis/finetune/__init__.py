@@ -31,7 +31,13 @@ from artemis.finetune.efficiency import (
     share_adjacent_layers,
 )
 from artemis.finetune.lora import MergeReport, attach_lora, count_parameters, merge_lora_preserving_sparsity
-from artemis.finetune.session import FinetuneSession, check_run_options, distillation_loss, prepare_finetuning
+from artemis.finetune.session import (
+    FinetuneSession,
+    apply_finetuning,
+    check_run_options,
+    distillation_loss,
+    prepare_finetuning,
+)
 
 __all__ = [
     "FINETUNE_METHODS",
@@ -54,6 +60,7 @@ __all__ = [
     "count_parameters",
     "merge_lora_preserving_sparsity",
     "FinetuneSession",
+    "apply_finetuning",
     "check_run_options",
     "distillation_loss",
     "prepare_finetuning",

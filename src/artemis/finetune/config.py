@@ -151,7 +151,7 @@ class EfficiencyTransformerConfig(_Strict):
 
 
 class DistillationConfig(_Strict):
-    """``fine_tuning.distillation``: learn from the dense model's logits.
+    """Distillation from the dense model, for :func:`~artemis.finetune.session.prepare_finetuning`.
 
     Attributes:
         enabled: keep a frozen dense copy of the model (taken before any pruning,
@@ -186,13 +186,16 @@ class FineTuningConfig(_Strict):
         method: one of :data:`FINETUNE_METHODS`.
         efficiency_transformer: options of the ``efficiency_transformer`` method.
         lora: Hybrid LoRA-Adapter options.
-        distillation: distillation from the dense model.
+
+    Distillation is not part of this section: the run configuration's top-level
+    ``distillation:`` section drives it in ``artemis prune``, and
+    :func:`artemis.finetune.session.prepare_finetuning` takes a
+    :class:`DistillationConfig` argument.
     """
 
     method: str = "full"
     efficiency_transformer: EfficiencyTransformerConfig = EfficiencyTransformerConfig()
     lora: LoRAConfig = LoRAConfig()
-    distillation: DistillationConfig = DistillationConfig()
 
     @field_validator("method")
     @classmethod

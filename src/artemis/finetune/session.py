@@ -29,16 +29,19 @@ from __future__ import annotations
 import copy
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping, Optional, Union
+from typing import Any, Callable, Iterable, Mapping, Optional, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from pydantic import ValidationError
 from torch import Tensor
 
 from artemis.arch import get_adapter, unwrap_model
-from artemis.errors import ConfigError
+from artemis.config import format_validation_error
+from artemis.errors import CalibrationError, ConfigError
 from artemis.finetune.config import (
+    DistillationConfig,
     FineTuningConfig,
     check_8bit_backend,
     load_finetuning_config,
@@ -54,7 +57,7 @@ from artemis.finetune.efficiency import (
 )
 from artemis.finetune.lora import MergeReport, attach_lora, count_parameters, merge_lora_preserving_sparsity
 
-__all__ = ["FinetuneSession", "prepare_finetuning", "check_run_options", "distillation_loss"]
+__all__ = ["FinetuneSession", "prepare_finetuning", "apply_finetuning", "check_run_options", "distillation_loss"]
 
 logger = logging.getLogger(__name__)
 
@@ -116,6 +119,7 @@ class FinetuneSession:
         trainable_layers: block indices that train (all blocks when no selection).
         shared_pairs: tied ``(i, j)`` block pairs.
         hybrid_lora: whether adapters were attached.
+        distillation: the distillation settings used by :meth:`loss`.
     """
 
     model: nn.Module
@@ -128,6 +132,7 @@ class FinetuneSession:
     trainable_layers: list[int] = field(default_factory=list)
     shared_pairs: list[tuple[int, int]] = field(default_factory=list)
     hybrid_lora: bool = False
+    distillation: DistillationConfig = field(default_factory=DistillationConfig)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         """Parameters to give the optimizer (each shared parameter once)."""
@@ -149,12 +154,12 @@ class FinetuneSession:
         """
         out = self.model(**batch)
         task = getattr(out, "loss", None)
-        dist = self.config.distillation
+        dist = self.distillation
         if self.teacher is None or not dist.enabled:
             if task is None:
                 raise ConfigError(
                     "the model returned no loss (no labels in the batch?) and distillation is off; "
-                    "pass labels or enable fine_tuning.distillation"
+                    "pass labels or enable distillation"
                 )
             return task
         with torch.no_grad():
@@ -193,12 +198,102 @@ class FinetuneSession:
         }
 
 
+def apply_finetuning(
+    model: nn.Module,
+    fine_tuning: Any,
+    *,
+    hybrid_lora_adapter: bool = False,
+    calibration_data: Optional[Iterable[dict]] = None,
+    create_manager: Optional[Callable[[nn.Module], Any]] = None,
+) -> FinetuneSession:
+    """Steps 3–6 of the module docstring on ``model`` (in place): scores, sharing, the
+    pruning manager (made by ``create_manager(model)``), adapters or freezing.
+
+    This is the hook for a training loop that owns the teacher and the manager's
+    configuration (``artemis prune``); peft injects the adapters into ``model`` itself,
+    so ``model(**batch)`` and ``model.parameters()`` (filtered on ``requires_grad``) are
+    all such a loop needs afterwards.
+
+    Args:
+        model: the dense plain model.
+        fine_tuning: the ``fine_tuning`` section (dict or :class:`FineTuningConfig`).
+        hybrid_lora_adapter: attach LoRA adapters to a frozen base.
+        calibration_data: batches for the layer scores (iterated more than once).
+        create_manager: builds the pruning manager on the (possibly shared) model;
+            ``None`` for no pruning.
+
+    Raises:
+        ConfigError: invalid options, ``peft`` missing (checked before any change).
+        CalibrationError: the scores need batches and none were given.
+    """
+    ft = load_finetuning_config(fine_tuning)
+    if hybrid_lora_adapter:
+        require_peft()
+    et = ft.efficiency_transformer
+    use_et = ft.method == "efficiency_transformer"
+    needs_data = use_et and (
+        et.cross_layer_parameter_sharing or (et.adaptive_layer_selection and et.importance_metric == "activation")
+    )
+    data = list(calibration_data) if calibration_data is not None else None
+    if needs_data and not data:
+        raise CalibrationError(
+            "fine_tuning.efficiency_transformer needs calibration batches for the layer scores "
+            "(pass calibration_data=...), or use importance_metric: magnitude without sharing"
+        )
+    model = unwrap_model(model)
+    adapter = get_adapter(model)
+
+    was_training = model.training
+    model.eval()
+    scores = sim = None
+    pairs: list[tuple[int, int]] = []
+    try:
+        if use_et and et.adaptive_layer_selection:
+            scores = layer_importance(model, adapter, data, et.importance_metric, max_batches=et.calibration_batches)
+        if use_et and et.cross_layer_parameter_sharing:
+            sim = adjacent_similarity(model, data, adapter=adapter, max_batches=et.calibration_batches)
+            pairs = choose_shared_pairs(sim, et.shared_layer_pairs)
+    finally:
+        model.train(was_training)
+
+    if scores is not None:
+        trainable = select_trainable_layers(scores, fraction=et.trainable_layer_fraction, shared_pairs=pairs)
+    else:
+        trainable = list(range(adapter.num_blocks))
+    if hybrid_lora_adapter:  # validate the adapter targets before changing anything
+        from artemis.finetune.lora import lora_target_names
+
+        lora_target_names(model, ft.lora.target_modules, trainable if scores is not None else None)
+    if pairs:
+        share_adjacent_layers(model, pairs, adapter=adapter)
+    manager = create_manager(model) if create_manager is not None else None
+
+    train_model: nn.Module = model
+    if hybrid_lora_adapter:
+        lc = ft.lora
+        layers = trainable if scores is not None else None
+        train_model = attach_lora(model, manager, r=lc.r, alpha=lc.alpha, target_modules=lc.target_modules,
+                                  layers=layers, dropout=lc.dropout)
+        if pairs:
+            share_adjacent_layers(model, pairs, adapter=adapter)  # tie the new adapters too
+    elif scores is not None:
+        freeze_layers(model, trainable, adapter=adapter)
+
+    session = FinetuneSession(
+        model=train_model, base_model=model, manager=manager, config=ft, layer_scores=scores,
+        similarity=sim, trainable_layers=trainable, shared_pairs=pairs, hybrid_lora=hybrid_lora_adapter,
+    )
+    logger.info("fine-tuning setup: %s", session.summary())
+    return session
+
+
 def prepare_finetuning(
     model: nn.Module,
     config: Mapping[str, Any],
     *,
     calibration_data: Optional[Iterable[dict]] = None,
     total_steps: Optional[int] = None,
+    distillation: Union[DistillationConfig, Mapping, None] = None,
 ) -> FinetuneSession:
     """Set up pruning, adapters, layer selection, sharing and distillation for ``model``.
 
@@ -210,6 +305,8 @@ def prepare_finetuning(
         calibration_data: batches for the ``activation`` layer scores and the layer
             similarity (a list; it is iterated more than once).
         total_steps: training steps (for the pruning schedule).
+        distillation: :class:`DistillationConfig` (or its dict); when enabled a frozen
+            dense copy taken before any change is the teacher of :meth:`FinetuneSession.loss`.
 
     Returns:
         A :class:`FinetuneSession`.
@@ -224,75 +321,34 @@ def prepare_finetuning(
     if not isinstance(model_section, Mapping):
         raise ConfigError(f"model must be a mapping, got {model_section!r}")
     ft = check_run_options(model_section, config.get("fine_tuning"))
-    hybrid = bool(model_section.get("hybrid_lora_adapter", False))
-    has_pruning = "pruning" in config or "pruning" in model_section
+    if isinstance(distillation, DistillationConfig):
+        dist = distillation
+    else:
+        try:
+            dist = DistillationConfig.model_validate(dict(distillation or {}))
+        except ValidationError as exc:
+            raise ConfigError(format_validation_error(exc, "distillation")) from None
     pruning_cfg = None
-    if has_pruning:
+    if "pruning" in config or "pruning" in model_section:
         from artemis.config import load_pruning_config
 
         pruning_cfg = load_pruning_config(dict(config))
-    et = ft.efficiency_transformer
-    use_et = ft.method == "efficiency_transformer"
-    needs_data = use_et and (
-        et.cross_layer_parameter_sharing or (et.adaptive_layer_selection and et.importance_metric == "activation")
-    )
-    data = list(calibration_data) if calibration_data is not None else None
-    if needs_data and not data:
-        from artemis.errors import CalibrationError
-
-        raise CalibrationError(
-            "fine_tuning.efficiency_transformer needs calibration batches for the layer scores "
-            "(pass calibration_data=...), or use importance_metric: magnitude without sharing"
-        )
-
     model = unwrap_model(model)
-    adapter = get_adapter(model)
     teacher = None
-    if ft.distillation.enabled:
+    if dist.enabled:
         teacher = copy.deepcopy(model).eval()
         for p in teacher.parameters():
             p.requires_grad_(False)
 
-    was_training = model.training
-    model.eval()
-    scores = sim = None
-    pairs: list[tuple[int, int]] = []
-    if use_et and et.adaptive_layer_selection:
-        scores = layer_importance(model, adapter, data, et.importance_metric, max_batches=et.calibration_batches)
-    if use_et and et.cross_layer_parameter_sharing:
-        sim = adjacent_similarity(model, data, adapter=adapter, max_batches=et.calibration_batches)
-        pairs = choose_shared_pairs(sim, et.shared_layer_pairs)
-    model.train(was_training)
-
-    n_blocks = adapter.num_blocks
-    if scores is not None:
-        trainable = select_trainable_layers(scores, fraction=et.trainable_layer_fraction, shared_pairs=pairs)
-    else:
-        trainable = list(range(n_blocks))
-    if pairs:
-        share_adjacent_layers(model, pairs, adapter=adapter)
-
-    manager = None
-    if pruning_cfg is not None:
+    def make_manager(m: nn.Module) -> Any:
         from artemis.manager import PruningManager
 
-        manager = PruningManager(model, pruning_cfg, total_steps=total_steps)
+        return PruningManager(m, pruning_cfg, total_steps=total_steps)
 
-    train_model: nn.Module = model
-    if hybrid:
-        require_peft()
-        lc = ft.lora
-        layers = trainable if scores is not None else None
-        train_model = attach_lora(model, manager, r=lc.r, alpha=lc.alpha, target_modules=lc.target_modules,
-                                  layers=layers, dropout=lc.dropout)
-        if pairs:
-            share_adjacent_layers(model, pairs, adapter=adapter)  # tie the new adapters too
-    elif scores is not None:
-        freeze_layers(model, trainable, adapter=adapter)
-
-    session = FinetuneSession(
-        model=train_model, base_model=model, manager=manager, config=ft, teacher=teacher,
-        layer_scores=scores, similarity=sim, trainable_layers=trainable, shared_pairs=pairs, hybrid_lora=hybrid,
+    session = apply_finetuning(
+        model, ft, hybrid_lora_adapter=bool(model_section.get("hybrid_lora_adapter", False)),
+        calibration_data=calibration_data, create_manager=make_manager if pruning_cfg is not None else None,
     )
-    logger.info("fine-tuning session: %s", session.summary())
+    session.teacher = teacher
+    session.distillation = dist
     return session
