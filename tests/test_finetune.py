@@ -25,6 +25,7 @@ from artemis.finetune import (
     prepare_finetuning,
     select_trainable_layers,
     share_adjacent_layers,
+    untie_shared_layers,
 )
 from tests.fixtures import lm_batch, tiny_llama
 
@@ -150,6 +151,11 @@ def test_share_adjacent_layers_ties_storage_and_trains_shared_copy():
     _train([p for p in model.parameters()], lambda: model(**batch).loss, steps=2)
     for p2, p3 in zip(blocks[2].parameters(), blocks[3].parameters()):
         assert p2 is p3 and p2.data_ptr() == p3.data_ptr()
+    # untie: same values, separate storage, and a save/load round trip is exact
+    assert untie_shared_layers(model, [(2, 3)]) == tied
+    for p2, p3 in zip(blocks[2].parameters(), blocks[3].parameters()):
+        assert p2 is not p3 and p2.data_ptr() != p3.data_ptr() and torch.equal(p2, p3)
+    share_adjacent_layers(model, [(2, 3)])
     # the pruning manager sees every shared weight once
     mgr = create_pruning_manager({"pruning": {"final_sparsity": 0.5}}, model)
     assert len(mgr.method.targets) == 3 * 7
@@ -418,3 +424,17 @@ def test_combined_configuration_end_to_end():
     assert 0.0 < report.output_cosine <= 1.0 + 1e-6
     summary = session.summary()
     assert summary["trainable"] < summary["total"] and summary["distillation"]
+
+
+def test_untied_shared_model_saves_and_reloads_exactly(tmp_path):
+    from transformers import LlamaForCausalLM
+
+    model = tiny_llama(layers=4)
+    share_adjacent_layers(model, [(1, 2)])
+    untie_shared_layers(model, [(1, 2)])
+    model.save_pretrained(tmp_path)
+    back = LlamaForCausalLM.from_pretrained(tmp_path)
+    ref = dict(model.named_parameters())
+    for n, p in back.named_parameters():
+        assert torch.equal(p, ref[n]), n
+    assert torch.equal(back.model.layers[1].mlp.up_proj.weight, back.model.layers[2].mlp.up_proj.weight)

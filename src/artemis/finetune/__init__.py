@@ -29,6 +29,7 @@ from artemis.finetune.efficiency import (
     layer_importance,
     select_trainable_layers,
     share_adjacent_layers,
+    untie_shared_layers,
 )
 from artemis.finetune.lora import MergeReport, attach_lora, count_parameters, merge_lora_preserving_sparsity
 from artemis.finetune.session import (
@@ -55,6 +56,7 @@ __all__ = [
     "layer_importance",
     "select_trainable_layers",
     "share_adjacent_layers",
+    "untie_shared_layers",
     "MergeReport",
     "attach_lora",
     "count_parameters",

@@ -50,6 +50,7 @@ __all__ = [
     "adjacent_similarity",
     "choose_shared_pairs",
     "share_adjacent_layers",
+    "untie_shared_layers",
 ]
 
 logger = logging.getLogger(__name__)
@@ -453,3 +454,33 @@ def share_adjacent_layers(
     for owner, attr, q in plan:
         setattr(owner, attr, q)
     return len(plan)
+
+
+@torch.no_grad()
+def untie_shared_layers(
+    model: nn.Module,
+    pairs: Sequence[tuple[int, int]],
+    *,
+    adapter: Optional[ArchitectureAdapter] = None,
+) -> int:
+    """Give block ``j`` of every pair its own copy of the parameters it shares with block ``i``.
+
+    Values are unchanged; only the storage is split, so a checkpoint format that
+    cannot hold shared tensors (safetensors via ``save_pretrained`` drops the duplicate
+    and would re-initialise it on load) saves a model that reloads exactly.
+
+    Returns:
+        Number of parameters copied.
+    """
+    blocks = _blocks(model, adapter)
+    copied = 0
+    for i, j in pairs:
+        src = {id(p) for p in blocks[i].parameters()}
+        for name, p in list(blocks[j].named_parameters(remove_duplicate=False)):
+            if id(p) not in src:
+                continue
+            owner_name, _, attr = name.rpartition(".")
+            owner = blocks[j].get_submodule(owner_name) if owner_name else blocks[j]
+            setattr(owner, attr, nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad))
+            copied += 1
+    return copied
