@@ -12,6 +12,15 @@ Lifecycle, driven by the manager:
 2. ``on_step()`` — at every ``PruningManager.step()`` (after ``backward()``); must be
    O(1) for metrics that need nothing per step.
 3. ``check_ready()`` then ``score(target)`` for each target — at a pruning event.
+   Before ``check_ready()``, when several processes train together
+   (``torch.distributed`` initialised, world size > 1), the manager calls
+   ``all_reduce_(group)`` on every rank: a metric that gathers statistics from its
+   own rank's data (activation norms, token counts) sums them over the ranks there
+   (:func:`artemis.distributed.all_reduce_sum_`), so every rank scores the data of
+   all ranks. Statistics built from gradients after DDP/FSDP synchronised them are
+   identical on every rank already and must not be summed again (leave the default).
+   Under FSDP2, ``target.param`` is a ``DTensor``: ``score`` may return a ``DTensor``
+   (the manager scores its local shard) or the local shard's scores directly.
 4. ``reset()`` — after each pruning event (statistics start afresh).
 5. ``detach()`` — once, at ``finalize()``; remove every hook.
 
@@ -70,6 +79,10 @@ class ImportanceMetric:
 
     def on_step(self) -> None:
         """Called by every ``PruningManager.step()``; default: nothing (O(1))."""
+
+    def all_reduce_(self, group: Any = None) -> None:
+        """Sum per-rank statistics over the ranks of ``group`` in place (see the module
+        docstring); default: nothing to sum."""
 
     def check_ready(self) -> None:
         """Raise :class:`~artemis.errors.CalibrationError` if ``score`` cannot run yet."""
