@@ -163,7 +163,7 @@ def check_no_fsdp1(model: nn.Module) -> None:
             if getattr(m, "_use_orig_params", False):
                 flat = "use_orig_params=True: weights are 1-D slices of a FlatParameter that change shape around every forward"
             raise ModelError(
-                f"FSDP1 (torch.distributed.fsdp.FullyShardedDataParallel at {name or 'the root'!r}) is not "
+                f"FSDP1 (torch.distributed.fsdp.FullyShardedDataParallel at {repr(name) if name else 'the root'}) is not "
                 f"supported by the pruning manager ({flat}); shard the model with FSDP2 instead: "
                 "torch.distributed.fsdp.fully_shard (accelerate: fsdp_version: 2), or use DDP"
             )
