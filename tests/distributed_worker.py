@@ -188,19 +188,44 @@ def run_fsdp2(stop: int = TOTAL_STEPS, checkpoint: Optional[str] = None) -> dict
     return _record(manager)
 
 
-def run_accelerate() -> dict:
+def run_accelerate(stop: int = TOTAL_STEPS, checkpoint: Optional[str] = None, seed: int = 0) -> dict:
     from accelerate import Accelerator
 
     from artemis import create_pruning_manager
 
     accelerator = Accelerator(cpu=True)
-    model = make_model()
+    model = make_model(seed=seed)
     opt = make_optimizer(model)
     model, opt = accelerator.prepare(model, opt)  # 1. prepare, 2. create the manager
     manager = create_pruning_manager(CONFIG, model, total_steps=TOTAL_STEPS)
+    accelerator.register_for_checkpointing(manager)
+    start = 0
+    if checkpoint and stop == TOTAL_STEPS:  # resume
+        accelerator.load_state(checkpoint)
+        start = manager.current_step
     rank = accelerator.process_index
-    train(model, manager, opt, lambda t: rank_batch(t, rank), backward=accelerator.backward)
-    return _record(manager)
+    train(model, manager, opt, lambda t: rank_batch(t, rank), start=start, stop=stop, backward=accelerator.backward)
+    if checkpoint and stop < TOTAL_STEPS:
+        accelerator.save_state(checkpoint)
+    rec = _record(manager)
+    rec["resumed_at"] = start
+    return rec
+
+
+def whole_masks_into_fsdp2() -> dict:
+    """A single-process-style state (whole masks) loaded into an FSDP2 manager."""
+    from artemis import create_pruning_manager
+
+    plain = make_model()
+    source = create_pruning_manager(CONFIG, plain, total_steps=TOTAL_STEPS)
+    source.apply_magnitude_pruning(0.4)
+    state = source.state_dict()
+    model = _fsdp2(make_model(seed=5))
+    manager = create_pruning_manager(CONFIG, model, total_steps=TOTAL_STEPS)
+    manager.load_state_dict(state)
+    rec = _record(manager)
+    rec["source_masks"] = {k: m.clone() for k, m in source.masks.items()}
+    return rec
 
 
 def _save(path: str, model, opt, manager) -> None:
@@ -304,9 +329,12 @@ def main() -> None:
         results["errors"] = error_scenarios()
         results["ddp_partial"] = run_ddp(stop=STOP_AFTER + 1, checkpoint=str(outdir / "ckpt_ddp"))
         results["fsdp2_partial"] = run_fsdp2(stop=STOP_AFTER + 1, checkpoint=str(outdir / "ckpt_fsdp2"))
+        results["accelerate_partial"] = run_accelerate(stop=STOP_AFTER + 1, checkpoint=str(outdir / "ckpt_acc"))
     elif phase == "resume":
         results["ddp_resumed"] = resume("ddp", str(outdir / "ckpt_ddp"))
         results["fsdp2_resumed"] = resume("fsdp2", str(outdir / "ckpt_fsdp2"))
+        results["accelerate_resumed"] = run_accelerate(checkpoint=str(outdir / "ckpt_acc"), seed=123)
+        results["whole_into_fsdp2"] = whole_masks_into_fsdp2()
     else:
         raise SystemExit(f"unknown phase {phase!r}; valid: main, resume")
     torch.save(results, outdir / f"{phase}_rank{rank}.pt")

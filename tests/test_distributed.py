@@ -217,7 +217,7 @@ def test_final_sparsity_is_exact(runs, reference, kind):
         assert layers == {row["name"]: row["zeros"] for row in reference.get_pruning_summary()["layers"]}
 
 
-@pytest.mark.parametrize("kind", ["ddp", "fsdp2"])
+@pytest.mark.parametrize("kind", ["ddp", "fsdp2", "accelerate"])
 def test_killed_and_resumed_run_ends_with_the_same_masks(runs, kind):
     for r in range(WORLD):
         partial, resumed, full = runs[r][f"{kind}_partial"], runs[r][f"{kind}_resumed"], runs[r][kind]
@@ -227,6 +227,15 @@ def test_killed_and_resumed_run_ends_with_the_same_masks(runs, kind):
         for key, m in full["masks"].items():
             assert torch.equal(resumed["masks"][key], m), (kind, r, key)
             assert torch.equal(resumed["weights"][key], full["weights"][key]), (kind, r, key)
+
+
+def test_whole_masks_load_into_fsdp2_shards(runs):
+    for r in range(WORLD):
+        rec = runs[r]["whole_into_fsdp2"]
+        assert rec["metrics"]["parameters_pruned"] == sum(int((~m).sum()) for m in rec["source_masks"].values())
+        for key, m in rec["source_masks"].items():
+            assert torch.equal(rec["local_masks"][key], _chunks(m)[r]), key
+            assert torch.equal(rec["masks"][key], m)
 
 
 @pytest.mark.parametrize("scope", ["layer", "row"])
