@@ -12,8 +12,9 @@ each rank, side by side in the same processes:
 
 Extra memory = peak resident memory during the call (``VmHWM`` after resetting it
 through ``/proc/self/clear_refs``) minus the resident memory just before it, so it
-includes the masks kept afterwards (one byte per local weight); freed heap memory is
-returned to the OS (``malloc_trim``) before each measurement. Usage::
+includes the masks kept afterwards (one byte per local weight). The workers run with
+``MALLOC_MMAP_THRESHOLD_=131072`` so that freed tensors go back to the OS at once and
+the peak counts live memory only. Usage::
 
     python benchmarks/distributed_threshold.py            # sizes 24M, 47M, 94M params
     python benchmarks/distributed_threshold.py --blocks 2 4 --repeats 2
@@ -108,7 +109,7 @@ def _gather_threshold(model, sparsity: float) -> float:
     return float(torch.kthvalue(flat, k).values)
 
 
-def worker(blocks: int, repeats: int, out: str) -> None:
+def worker(blocks: int, repeats: int, out: str, d: int = D) -> None:
     import torch.distributed as dist
     from torch.distributed.fsdp import fully_shard
 
@@ -119,7 +120,7 @@ def worker(blocks: int, repeats: int, out: str) -> None:
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     torch.manual_seed(0)
-    model = Net(blocks)
+    model = Net(blocks, d)
     for b in model.layers:
         fully_shard(b)
     fully_shard(model)
@@ -128,6 +129,8 @@ def worker(blocks: int, repeats: int, out: str) -> None:
     largest_shard = max(p.to_local().numel() for p in model.parameters())
     local = sum(p.to_local().numel() for p in model.parameters())
     rows = []
+    hist = torch.zeros(2048, dtype=torch.int64)
+    _, base_kib, _ = _measure(lambda: manager.sharding.collective.all_reduce_sum(hist))
     for i in range(repeats):
         s = 0.3 + 0.1 * i  # masks only shrink: each event prunes more
         fns = [(lambda p=p: p.to_local().detach().abs()) for p in model.parameters()]
@@ -140,7 +143,7 @@ def worker(blocks: int, repeats: int, out: str) -> None:
             {"sparsity": s, "artemis_s": a_sec, "artemis_kib": a_kib, "gather_s": g_sec, "gather_kib": g_kib,
              "threshold_s": t_sec, "threshold_kib": t_kib, "pruned": pruned, "expected": count_to_prune(params, s)}
         )  # fmt: skip
-    result = {"rank": rank, "blocks": blocks, "params": params, "local_params": local,
+    result = {"rank": rank, "blocks": blocks, "d": d, "collective_kib": base_kib, "params": params, "local_params": local,
               "largest_shard": largest_shard, "rows": rows}  # fmt: skip
     Path(out, f"b{blocks}_r{rank}.json").write_text(json.dumps(result))
     dist.barrier()
@@ -157,28 +160,37 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--blocks", type=int, nargs="+", default=[5, 10, 20], help="MLP blocks per model size")
     ap.add_argument("--repeats", type=int, default=3, help="pruning events per size")
+    ap.add_argument("--width", type=int, default=D, help="block width d (Linear layers d x 4d and 4d x d)")
     ap.add_argument("--worker", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker is not None:
-        worker(args.worker, args.repeats, args.out)
+        worker(args.worker, args.repeats, args.out, args.width)
         return
-    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"), OMP_NUM_THREADS="1")
+    # Every allocation over 128 KiB gets its own mmap and goes back to the OS when freed
+    # (glibc otherwise raises this threshold to 32 MiB as tensors are freed, and freed
+    # heap memory is reused without showing in the peak): peaks measure live memory.
+    env = dict(
+        os.environ, PYTHONPATH=str(ROOT / "src"), OMP_NUM_THREADS="1",
+        MALLOC_MMAP_THRESHOLD_="131072", MALLOC_TRIM_THRESHOLD_="131072",
+    )  # fmt: skip
     results = []
     with tempfile.TemporaryDirectory() as out:
         for blocks in args.blocks:
             cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                    "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), __file__,
-                   "--worker", str(blocks), "--repeats", str(args.repeats), "--out", out]  # fmt: skip
-            subprocess.run(cmd, env=env, check=True, timeout=900, capture_output=True)
+                   "--worker", str(blocks), "--repeats", str(args.repeats), "--width", str(args.width), "--out", out]  # fmt: skip
+            proc = subprocess.run(cmd, env=env, timeout=900, capture_output=True, text=True)
+            if proc.returncode != 0:
+                raise SystemExit(f"torchrun failed for {blocks} blocks:\n{(proc.stdout + proc.stderr)[-4000:]}")
             results.append([json.loads(Path(out, f"b{blocks}_r{r}.json").read_text()) for r in range(2)])
     print(f"torch {torch.__version__}, 2 processes (gloo, CPU, 1 thread each), float32 weights")
     print(
-        "| params | local params (rank 0) | largest shard | threshold extra peak MiB (max rank) | x largest-shard fp32 "
+        "| params | d | local params (rank 0) | largest shard | one histogram all-reduce extra peak MiB | threshold extra peak MiB (max rank) | x largest-shard fp32 "
         "| event extra peak MiB (incl. new masks) | gather extra peak MiB | gather / threshold "
         "| artemis s/event | s per 100M params | gather s/event | exact |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for pair in results:
         r0 = pair[0]
         t_mib = max(row["threshold_kib"] for rk in pair for row in rk["rows"]) / 1024
@@ -189,7 +201,8 @@ def main() -> None:
         shard_mib = r0["largest_shard"] * 4 / 2**20
         exact = all(row["pruned"] == row["expected"] for rk in pair for row in rk["rows"])
         print(
-            f"| {r0['params'] / 1e6:.1f}M | {r0['local_params'] / 1e6:.1f}M | {r0['largest_shard'] / 1e6:.2f}M "
+            f"| {r0['params'] / 1e6:.1f}M | {r0['d']} | {r0['local_params'] / 1e6:.1f}M | {r0['largest_shard'] / 1e6:.2f}M "
+            f"| {max(rk['collective_kib'] for rk in pair) / 1024:.1f} "
             f"| {t_mib:.1f} | {t_mib / shard_mib:.1f} | {a_mib:.1f} | {g_mib:.1f} | {g_mib / max(t_mib, 1e-9):.1f} "
             f"| {a_s:.3f} | {a_s / r0['params'] * 1e8:.3f} | {g_s:.3f} | {exact} |"
         )

@@ -213,6 +213,8 @@ def test_final_sparsity_is_exact(runs, reference, kind):
         pruned = sum(int((~m).sum()) for m in runs[r][kind]["masks"].values())
         assert pruned == expected == metrics["parameters_pruned"]
         assert metrics["parameters_prunable"] == sum(sizes.values())
+        for field in ("baseline_model_size_mb", "compressed_model_size_mb", "model_size_reduction"):
+            assert metrics[field] == pytest.approx(reference.pruning_metrics[field], rel=1e-12), field
         layers = {row["name"]: row["zeros"] for row in runs[r][kind]["summary_layers"]}
         assert layers == {row["name"]: row["zeros"] for row in reference.get_pruning_summary()["layers"]}
 

@@ -488,7 +488,8 @@ class PruningManager:
         FSDP2 they are ``DTensor`` s sharded like the weights: save the dict with
         ``torch.distributed.checkpoint.save`` (each rank writes its shards) and load
         it with ``torch.distributed.checkpoint.load({"pruning": manager})`` (the
-        manager is a ``Stateful``), or save it per rank with ``torch.save``.
+        manager is a ``Stateful``); see ``docs/distributed.md``. Under DDP the masks are
+        the same on every rank and ``torch.save`` on one rank is enough.
         """
         return {
             "format_version": STATE_FORMAT_VERSION,
