@@ -16,7 +16,7 @@ Gaussian direction r_n per sentence: E|∂L/∂w| is proportional to the norm of
 Jacobian of the embedding with respect to w, so |w|·mean|g| estimates how far the
 embeddings move when w is removed.
 
-Run:  PYTHONPATH=src python benchmarks/minilm_metrics.py [--quick]
+Run:  PYTHONPATH=src python benchmarks/minilm_metrics.py [--quick] [--other-scopes] [--metrics a,b]
 """
 
 from __future__ import annotations
@@ -52,6 +52,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="50%% only, 64 held-out sentences")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--metrics", default="magnitude,gradient_sensitivity,activation",
+                    help="comma-separated importance metrics to run (default: all three)")
+    ap.add_argument("--other-scopes", action="store_true",
+                    help="also run each metric with its non-default scope (row for magnitude and "
+                         "gradient_sensitivity, global for activation)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -72,14 +77,13 @@ def main() -> None:
     def evaluate(m):
         return {"cosine": embedding_cosine(sentence_embeddings(m, tok, held_out), dense)}
 
-    runs = [
-        ("magnitude", None, None),
-        ("magnitude", "row", None),
-        ("gradient_sensitivity", None, projection_loss()),
-        ("gradient_sensitivity", "row", projection_loss()),
-        ("activation", None, None),
-        ("activation", "global", None),
-    ]
+    other = {"magnitude": "row", "gradient_sensitivity": "row", "activation": "global"}
+    runs = []
+    for metric in args.metrics.split(","):
+        loss_fn = projection_loss() if metric == "gradient_sensitivity" else None
+        runs.append((metric, None, loss_fn))
+        if args.other_scopes:
+            runs.append((metric, other[metric], projection_loss() if loss_fn else None))
     results = {}
     for metric, scope, loss_fn in runs:
         cfg = {"pruning": {"importance_metric": metric}}

@@ -195,8 +195,13 @@ def run_calibration(
     """
     metric = manager.metric
     if isinstance(data, (Mapping, Tensor, str, bytes)) or not isinstance(data, IterableABC):
-        shown = "a single dict" if isinstance(data, Mapping) else f"a {type(data).__name__}"
-        raise CalibrationError(f"{_HOW}; got {shown} (wrap a single batch in a list)")
+        if isinstance(data, Mapping):
+            shown = "a single dict (wrap a single batch in a list)"
+        elif isinstance(data, (Tensor, str, bytes)):
+            shown = f"a single {type(data).__name__} (wrap a single batch in a list)"
+        else:
+            shown = f"a {type(data).__name__}, which is not iterable"
+        raise CalibrationError(f"{_HOW}; got {shown}")
     if loss_fn is not None and not callable(loss_fn):
         raise CalibrationError(f"loss_fn must be callable as loss_fn(outputs, batch), got {type(loss_fn).__name__}")
     gradients = bool(metric.needs_gradients)
