@@ -101,7 +101,7 @@ class PruningManager:
         self.model = unwrap_model(model)
         self.config = config
         self.adapter = get_adapter(self.model)
-        self.metric: ImportanceMetric = METRICS.get(config.importance_metric)()
+        self.metric: ImportanceMetric = METRICS.get(config.importance_metric)(**config.metric_options)
         self.method: PruningMethod = METHODS.get(config.method)(self)
         self.method.setup()
         self._params: dict[str, nn.Parameter] = self.method.masked_params()
@@ -122,6 +122,8 @@ class PruningManager:
         self._events = 0
         self._last_target = 0.0
         self._finalized = False
+        self._grads_masked = False
+        self._closed = False
         self.total_steps: Optional[int] = None
         ts = total_steps if total_steps is not None else config.total_steps
         if ts is not None:
@@ -177,7 +179,7 @@ class PruningManager:
             mask = self.masks.get(key)
             if mask is None:
                 continue
-            if p.grad is not None:
+            if p.grad is not None and not self._grads_masked:
                 local_tensor(p.grad).mul_(mask)
             if seen.get(key) == self._mask_version[key]:
                 continue
@@ -189,6 +191,7 @@ class PruningManager:
 
     @torch.no_grad()
     def _after_optimizer_step(self, opt: Optimizer) -> None:
+        self._grads_masked = False
         if not self.masks:
             return
         for key, p in self._optimizer_params(opt):
@@ -241,7 +244,10 @@ class PruningManager:
     # -------------------------------------------------------------- lifecycle
     def _check_active(self, what: str) -> None:
         if self._finalized:
-            raise PruningStateError(f"{what}() called after finalize(); the pruning is already permanent")
+            raise PruningStateError(
+                f"{what}() called after finalize(); the pruning is already permanent"
+                + (" (the manager was closed with close())" if self._closed else "")
+            )
 
     def step(self, total_steps: Optional[int] = None) -> bool:
         """Advance the schedule by one training step; prune if this step is an event.
@@ -256,8 +262,9 @@ class PruningManager:
         t = self._step
         pruned = False
         if self.config.enabled:
-            self.metric.on_step()
             t_s, t_e = self._window(total)
+            if t <= t_e:  # statistics are only gathered while a pruning event is still to come
+                self.metric.on_step()
             if is_pruning_event(t, t_s, t_e, self.config.pruning_interval):
                 c = self.config
                 self._prune(
@@ -324,6 +331,7 @@ class PruningManager:
             g = self._params[key].grad
             if g is not None:
                 local_tensor(g).mul_(mask)
+        self._grads_masked = True  # the optimizer pre-hook need not do it again
 
     def _check_sparsity(self, sparsity: float) -> float:
         if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not (0.0 <= float(sparsity) < 1.0):
@@ -337,26 +345,63 @@ class PruningManager:
         s = self._check_sparsity(sparsity)
         self._prune(self.method.one_shot_target_fn(s), METRICS.get("magnitude")())
 
-    def apply_pruning(self, sparsity: float, calibration_data: Optional[Iterable] = None) -> None:
+    def apply_pruning(
+        self,
+        sparsity: float,
+        calibration_data: Optional[Iterable] = None,
+        *,
+        loss_fn: Optional[Callable[[Any, Any], Tensor]] = None,
+        progress: Optional[bool] = None,
+    ) -> None:
         """Prune now, one-shot, to ``sparsity`` with the configured method and metric.
 
         Args:
             sparsity: fraction of the method's units to prune, in [0, 1).
             calibration_data: batches streamed through the model first (see
-                :meth:`calibrate`) for metrics that need statistics.
+                :meth:`calibrate`) for metrics that need statistics; without it the
+                statistics gathered so far (training steps, an earlier ``calibrate``) are used.
+            loss_fn: for ``gradient_sensitivity``: ``loss_fn(outputs, batch) -> scalar``
+                when the model's output has no ``loss``.
+            progress: show a progress bar while calibrating (default: when on a terminal).
+
+        Raises:
+            CalibrationError: the metric has no statistics, or the data is malformed.
         """
         self._check_active("apply_pruning")
         s = self._check_sparsity(sparsity)
         if calibration_data is not None:
-            self.calibrate(calibration_data)
+            self.calibrate(calibration_data, loss_fn=loss_fn, progress=progress)
         self._prune(self.method.one_shot_target_fn(s), self.metric)
 
-    def calibrate(self, data: Iterable) -> None:
-        """Stream calibration batches through the model to gather metric statistics."""
+    def calibrate(
+        self,
+        data: Iterable,
+        *,
+        loss_fn: Optional[Callable[[Any, Any], Tensor]] = None,
+        progress: Optional[bool] = None,
+    ) -> int:
+        """Stream calibration batches through the model to gather metric statistics.
+
+        Statistics gathered before are replaced. See
+        :func:`artemis.calibration.run_calibration` for the batch formats, the loss used
+        by gradient metrics and the guarantees on errors. Returns the number of batches.
+        """
         from artemis.calibration import run_calibration
 
         self._check_active("calibrate")
-        run_calibration(self, data)
+        return run_calibration(self, data, loss_fn=loss_fn, progress=progress)
+
+    def close(self) -> None:
+        """Remove every hook the manager installed **without** making the pruning permanent:
+        weights stay as they are (pruned entries zero), masks are forgotten and nothing
+        enforces them any more. Use it to abandon a manager (``artemis.analysis`` does,
+        after restoring the dense weights). The manager cannot be used afterwards."""
+        if self._finalized:
+            return
+        self._remove_hooks()
+        self._finalized = True
+        self._closed = True
+        self.masks = {}
 
     def finalize(self) -> nn.Module:
         """Make the pruning permanent: fold masks into the weights, remove every hook the
