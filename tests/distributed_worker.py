@@ -118,10 +118,24 @@ def _record(manager) -> dict:
     }
 
 
+def make_gpt2(seed: int = 0):
+    from tests.fixtures import tiny_gpt2
+
+    model = tiny_gpt2(layers=2, seed=seed).double().train()
+    for m in model.modules():  # no dropout: the runs must be deterministic to compare masks
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    return model
+
+
+GPT2_CONFIG = {"pruning": dict(CONFIG["pruning"], importance_metric="activation", layer_sparsity={})}
+
+
 def _fsdp2(model):
     from torch.distributed.fsdp import fully_shard
 
-    for layer in model.model.layers:
+    layers = model.transformer.h if hasattr(model, "transformer") else model.model.layers
+    for layer in layers:
         fully_shard(layer)
     fully_shard(model)
     return model
@@ -155,6 +169,43 @@ def select_scenario(rank: int) -> dict:
         fns = [(lambda t=t: t) for t in local]
         out[s] = global_masks(fns, [f.numel() for f in full], s, collective=coll, replicated=replicated)
     return {"full": full, "replicated": replicated, "masks": out}
+
+
+def metric_config(metric: str) -> dict:
+    """CONFIG with another importance metric (activation: its default scope, row)."""
+    cfg = {"pruning": dict(CONFIG["pruning"], importance_metric=metric)}
+    if metric == "activation":
+        del cfg["pruning"]["scope"]
+    return cfg
+
+
+def run_metric(kind: str, metric: str) -> dict:
+    """A full training run under DDP or FSDP2 with the activation/gradient metrics."""
+    import torch.distributed as dist
+
+    from artemis import create_pruning_manager
+
+    rank = dist.get_rank()
+    model = _ddp(make_model()) if kind == "ddp" else _fsdp2(make_model())
+    manager = create_pruning_manager(metric_config(metric), model, total_steps=TOTAL_STEPS)
+    opt = make_optimizer(model)
+    train(model, manager, opt, lambda t: rank_batch(t, rank))
+    return _record(manager)
+
+
+def run_gpt2_activation() -> dict:
+    """GPT-2's Conv1D weights are (in, out): FSDP2 shards their input features, so each
+    rank scores its rows with its slice of the activation norms."""
+    import torch.distributed as dist
+
+    from artemis import create_pruning_manager
+
+    rank = dist.get_rank()
+    model = _fsdp2(make_gpt2())
+    manager = create_pruning_manager(GPT2_CONFIG, model, total_steps=TOTAL_STEPS)
+    opt = make_optimizer(model)
+    train(model, manager, opt, lambda t: rank_batch(t, rank))
+    return _record(manager)
 
 
 def run_ddp(stop: int = TOTAL_STEPS, checkpoint: Optional[str] = None) -> dict:
@@ -325,6 +376,10 @@ def main() -> None:
         results["accelerate"] = run_accelerate()
         results["fsdp2_layer"] = oneshot_fsdp2("layer")
         results["fsdp2_row"] = oneshot_fsdp2("row")
+        for kind in ("ddp", "fsdp2"):
+            for metric in ("activation", "gradient_sensitivity"):
+                results[f"{kind}_{metric}"] = run_metric(kind, metric)
+        results["fsdp2_gpt2_activation"] = run_gpt2_activation()
         results["fsdp1_error"] = fsdp1_error()
         results["errors"] = error_scenarios()
         results["ddp_partial"] = run_ddp(stop=STOP_AFTER + 1, checkpoint=str(outdir / "ckpt_ddp"))

@@ -166,6 +166,43 @@ def reference():
     return manager
 
 
+@pytest.fixture(scope="module")
+def metric_references():
+    out = {}
+    for metric in ("activation", "gradient_sensitivity"):
+        model = W.make_model()
+        manager = create_pruning_manager(W.metric_config(metric), model, total_steps=W.TOTAL_STEPS)
+        W.train(model, manager, W.make_optimizer(model), lambda t: W.full_batch(t, WORLD))
+        out[metric] = manager
+    return out
+
+
+@pytest.mark.parametrize("kind", ["ddp", "fsdp2"])
+@pytest.mark.parametrize("metric", ["activation", "gradient_sensitivity"])
+def test_data_dependent_metrics_give_single_process_masks(runs, metric_references, kind, metric):
+    """activation: per-rank statistics summed over the ranks (all_reduce_); gradient
+    sensitivity: the synchronised (averaged) gradients, local shards under FSDP2."""
+    ref = metric_references[metric]
+    assert ref.pruning_metrics["pruning_events"] == 4
+    for r in range(WORLD):
+        got = runs[r][f"{kind}_{metric}"]
+        assert list(got["masks"]) == list(ref.masks)
+        for key, m in ref.masks.items():
+            assert torch.equal(got["masks"][key], m), (kind, metric, r, key)
+        assert got["metrics"]["parameters_pruned"] == ref.pruning_metrics["parameters_pruned"]
+
+
+def test_fsdp2_activation_on_transposed_conv1d_weights(runs):
+    model = W.make_gpt2()
+    ref = create_pruning_manager(W.GPT2_CONFIG, model, total_steps=W.TOTAL_STEPS)
+    W.train(model, ref, W.make_optimizer(model), lambda t: W.full_batch(t, WORLD))
+    assert any(t.transposed for t in ref.method.targets)
+    for r in range(WORLD):
+        got = runs[r]["fsdp2_gpt2_activation"]
+        for key, m in ref.masks.items():
+            assert torch.equal(got["masks"][key], m), (r, key)
+
+
 def test_sharded_select_under_torchrun_equals_single_process(runs):
     sel = runs[0]["select"]
     numels = [f.numel() for f in sel["full"]]

@@ -52,6 +52,7 @@ __all__ = [
     "check_no_fsdp1",
     "all_reduce_sum_",
     "shard_like",
+    "local_slice",
 ]
 
 
@@ -247,6 +248,35 @@ def shard_like(full: Tensor, param: Tensor) -> Tensor:
     from torch.distributed.tensor import distribute_tensor
 
     return distribute_tensor(full.to(param.device), param.device_mesh, param.placements, src_data_rank=None).to_local()
+
+
+def local_slice(param: Tensor, dim: int) -> slice:
+    """The range of indices along ``dim`` of the whole ``param`` that this rank's local
+    shard holds (``slice(None)``: all of them, when ``param`` is not sharded along
+    ``dim``). For per-feature statistics that must be cut like the weight.
+
+    Example:
+        >>> import torch
+        >>> local_slice(torch.zeros(3, 4), 0)
+        slice(None, None, None)
+    """
+    if not is_dtensor(param):
+        return slice(None)
+    from torch.distributed.tensor import Shard
+
+    placement = param.placements[0]
+    if not (isinstance(placement, Shard) and placement.dim == dim % param.dim()):
+        return slice(None)
+    from torch.distributed.tensor import distribute_tensor
+
+    # An index vector sharded the same way (dim-d sharding chunks like a 1-D tensor).
+    n = int(param.shape[dim])
+    local = distribute_tensor(
+        torch.arange(n, device=param.device), param.device_mesh, [Shard(0)], src_data_rank=None
+    ).to_local()
+    if local.numel() == 0:
+        return slice(0, 0)
+    return slice(int(local[0]), int(local[-1]) + 1)
 
 
 def _all_equal(values: Sequence[int], group: Any = None) -> bool:

@@ -41,6 +41,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from artemis.distributed import all_reduce_sum_, is_dtensor, local_slice, local_tensor
 from artemis.errors import CalibrationError
 from artemis.metrics.base import METRICS, ImportanceMetric
 from artemis.targets import PrunableTarget
@@ -81,6 +82,7 @@ class ActivationMetric(ImportanceMetric):
         self._handles: list[Any] = []
         self._calibrating = False
         self._token_mask: Optional[Tensor] = None
+        self._reduced = False
 
     def attach(self, model: nn.Module, targets) -> None:
         super().attach(model, targets)
@@ -113,6 +115,7 @@ class ActivationMetric(ImportanceMetric):
                     self._sq[key] = sq
                 sq.add_(x.to(torch.float32).pow(2).sum(0).to(sq.device))
                 self._tokens[key] = self._tokens.get(key, 0) + x.shape[0]
+                self._reduced = False
 
         return hook
 
@@ -126,6 +129,23 @@ class ActivationMetric(ImportanceMetric):
         finally:
             self._calibrating = False
             self._token_mask = None
+
+    def all_reduce_(self, group: Any = None) -> None:
+        """Sum the per-feature sums of squares and the token counts over the ranks (each
+        rank streamed its own batches), once per batch of new statistics."""
+        if self._reduced:
+            return
+        sq = []
+        for t in self.targets:
+            if t.key not in self._sq:  # every rank must send the same shapes
+                n_in = t.param.shape[0] if t.transposed else t.param.shape[1]
+                self._sq[t.key] = torch.zeros(n_in, dtype=torch.float32, device=local_tensor(t.param).device)
+            sq.append(self._sq[t.key])
+        tokens = torch.tensor([self._tokens.get(t.key, 0) for t in self.targets], dtype=torch.int64)
+        all_reduce_sum_([*sq, tokens], group)
+        self._tokens = {t.key: int(n) for t, n in zip(self.targets, tokens.tolist()) if n > 0}
+        self._sq = {k: v for k, v in self._sq.items() if k in self._tokens}
+        self._reduced = True
 
     def tokens_seen(self, key: str) -> int:
         """Tokens seen by the layer of weight ``key`` since the last reset."""
@@ -152,11 +172,14 @@ class ActivationMetric(ImportanceMetric):
         if sq is None:
             self.check_ready()
             raise CalibrationError(f"no activation statistics for {target.key}")
-        return activation_scores(target.param, sq, target.transposed)
+        if is_dtensor(target.param):  # FSDP2: score the local shard with its features' norms
+            sq = sq[local_slice(target.param, 0 if target.transposed else 1)]
+        return activation_scores(local_tensor(target.param), sq, target.transposed)
 
     def reset(self) -> None:
         self._sq = {}
         self._tokens = {}
+        self._reduced = False
 
     def detach(self) -> None:
         for h in self._handles:

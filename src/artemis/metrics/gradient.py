@@ -42,6 +42,7 @@ import torch
 from pydantic import BaseModel, ConfigDict
 from torch import Tensor
 
+from artemis.distributed import local_tensor
 from artemis.errors import CalibrationError
 from artemis.metrics.base import METRICS, ImportanceMetric
 from artemis.targets import PrunableTarget
@@ -104,9 +105,10 @@ class GradientSensitivityMetric(ImportanceMetric):
             g = t.param.grad
             if g is None:
                 continue
+            g = local_tensor(g)  # FSDP2: the local shard of the reduce-scattered gradient
             acc = self._acc.get(t.key)
             if acc is None:
-                acc = torch.zeros(t.param.shape, dtype=self.dtype, device=g.device)
+                acc = torch.zeros(g.shape, dtype=self.dtype, device=g.device)
                 self._acc[t.key] = acc
             acc.add_(g.detach().abs().to(self.dtype))
             self._steps[t.key] = self._steps.get(t.key, 0) + 1
@@ -148,7 +150,7 @@ class GradientSensitivityMetric(ImportanceMetric):
         if acc is None:
             self.check_ready()
             raise CalibrationError(f"no gradient statistics for {target.key}")
-        return gradient_sensitivity_scores(target.param, acc, self._steps[target.key])
+        return gradient_sensitivity_scores(local_tensor(target.param), acc, self._steps[target.key])
 
     def reset(self) -> None:
         self._acc = {}
@@ -176,7 +178,7 @@ class GradientSensitivityMetric(ImportanceMetric):
             raise CalibrationError(f"gradient_sensitivity state does not match this model's targets: {bad[:3]}")
         new_acc: dict[str, Tensor] = {}
         for k, a in acc.items():
-            p = known[k].param
+            p = local_tensor(known[k].param)
             if tuple(a.shape) != tuple(p.shape):
                 raise CalibrationError(
                     f"gradient_sensitivity state for {k} has shape {tuple(a.shape)}, the weight has {tuple(p.shape)}"
