@@ -127,6 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--reference", help="dense reference model (default: the base model recorded in MODEL_DIR)")
     e.add_argument("--eval-texts", type=int, default=256, help="held-out texts/blocks (default: %(default)s)")
     e.add_argument("--eval-data", default=None, help="held-out text source (default: the built-in corpus, test split)")
+    e.add_argument("--max-length", type=int, default=128, help="tokens per text/block (default: %(default)s)")
     e.add_argument("--device", default="auto")
     e.add_argument("-o", "--output", help="write report.json/report.md here")
     _add_common(e)
@@ -561,7 +562,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def run_eval(model_dir: Path, reference: Optional[str], *, num_texts: int = 256, eval_data: Optional[str] = None,
-             device: str = "auto", output: Optional[Path] = None) -> dict:
+             max_length: int = 128, device: str = "auto", output: Optional[Path] = None) -> dict:
     """Evaluate a saved model against its dense reference; return (and optionally write) a report."""
     from artemis.data import load_texts
     from artemis.errors import ConfigError
@@ -585,7 +586,7 @@ def run_eval(model_dir: Path, reference: Optional[str], *, num_texts: int = 256,
     ref_loaded.model.to(dev).eval()
     ev = EvaluationSection(num_texts=num_texts)
     texts = load_texts(eval_data or "builtin", split="test")
-    evaluator = _Evaluator(task, ref_loaded.tokenizer, texts, ev, 128)
+    evaluator = _Evaluator(task, ref_loaded.tokenizer, texts, ev, max_length)
     dense = evaluator.measure_dense(ref_loaded.model)
     pruned = evaluator.measure(model)
     adapter = get_adapter(model)
@@ -611,7 +612,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     report = run_eval(Path(args.model_dir), args.reference, num_texts=args.eval_texts, eval_data=args.eval_data,
-                      device=args.device, output=Path(args.output) if args.output else None)
+                      max_length=args.max_length, device=args.device, output=Path(args.output) if args.output else None)
     _print_table(Console(), f"Artemis eval: {report['model']} vs {report['reference']}", _report_rows(report))
     return 0
 

@@ -57,10 +57,19 @@ __all__ = [
     "DEFAULT_MODEL",
     "FINE_TUNING_METHODS",
     "EMBEDDED_DEFAULT",
+    "LR_SCHEDULERS",
 ]
 
 #: ``model.base_model`` value that names the offline all-MiniLM-L6-v2 (the default).
 DEFAULT_MODEL = "builtin:all-MiniLM-L6-v2"
+
+#: ``transformers.get_scheduler`` names accepted by ``training.lr_scheduler`` (listed here:
+#: importing ``transformers.trainer_utils`` to validate a config costs seconds; a test
+#: checks the list against transformers' ``SchedulerType``; ``reduce_lr_on_plateau`` and
+#: ``greedy`` need a metric the loop does not feed them).
+LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+                 "inverse_sqrt", "cosine_with_min_lr", "cosine_warmup_with_min_lr",
+                 "warmup_stable_decay")
 
 #: Fine-tuning methods ``artemis prune`` knows, with whether this build implements them.
 FINE_TUNING_METHODS = {"full": True, "efficiency_transformer": False}
@@ -200,11 +209,8 @@ class TrainingSection(_Section):
     @field_validator("lr_scheduler")
     @classmethod
     def _check_sched(cls, v: str) -> str:
-        from transformers.trainer_utils import SchedulerType
-
-        valid = [s.value for s in SchedulerType]
-        if v not in valid:
-            raise ValueError(f"unknown lr_scheduler {v!r}; valid: {', '.join(map(repr, valid))}")
+        if v not in LR_SCHEDULERS:
+            raise ValueError(f"unknown lr_scheduler {v!r}; valid: {', '.join(map(repr, LR_SCHEDULERS))}")
         return v
 
 
