@@ -213,3 +213,11 @@ def test_export_needs_or_uses_the_exporter(models_dir, tmp_path, capsys):
     again = run_eval(tmp_path / "exp", str(models_dir / "llama"), num_texts=16, max_length=32, device="cpu")
     first = json.loads((out / "report.json").read_text())
     assert again["sparsity"] == pytest.approx(first["sparsity"], abs=1e-9)
+
+
+def test_low_resource_mode_runs_with_checkpointing_and_no_teacher(models_dir, tmp_path):
+    out = tmp_path / "low"
+    assert main(["prune", "--model", str(models_dir / "llama"), "--steps", "2", "--low-resource", "-o", str(out)] + FAST) == 0
+    r = json.loads((out / "report.json").read_text())["runtime"]
+    assert r["gradient_checkpointing"] is True and r["distillation"] is False
+    assert (r["batch_size"], r["gradient_accumulation_steps"]) == (1, 2)

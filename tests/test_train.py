@@ -210,3 +210,29 @@ def test_lr_scheduler_names_exist_in_transformers():
     from artemis.run_config import LR_SCHEDULERS
 
     assert set(LR_SCHEDULERS) <= {s.value for s in SchedulerType}
+
+
+def test_runtime_plan_low_resource_mode_and_auto_distillation(monkeypatch):
+    from artemis.train import loop
+    from artemis.train.loop import plan_runtime
+    from tests.fixtures import tiny_llama
+
+    model = tiny_llama()
+    cfg = load_run_config({"training": {"batch_size": 8, "gradient_accumulation_steps": 2, "device": "cpu"}})
+    plan = plan_runtime(cfg, model, "causal_lm")
+    assert (plan.batch_size, plan.gradient_accumulation_steps, plan.gradient_checkpointing) == (8, 2, False)
+    assert plan.distillation and plan.bf16 is False and plan.device == "cpu"
+    low = apply_overrides(cfg, {"efficiency.low_resource_mode": True})
+    plan = plan_runtime(low, model, "causal_lm")
+    assert (plan.batch_size, plan.gradient_accumulation_steps, plan.gradient_checkpointing) == (4, 4, True)
+    assert plan.distillation is False and "low_resource_mode" in plan.distillation_reason
+    with pytest.raises(ConfigError, match="training an encoder needs distillation.*low_resource_mode turned"):
+        plan_runtime(low, model, "encoder")
+    # auto turns the teacher off when it would not fit in half the free memory
+    monkeypatch.setattr(loop, "available_memory_bytes", lambda device: 1000)
+    plan = plan_runtime(cfg, model, "causal_lm")
+    assert plan.distillation is False and "exceeds half the free memory" in plan.distillation_reason
+    forced = apply_overrides(cfg, {"distillation.enabled": True})
+    assert plan_runtime(forced, model, "causal_lm").distillation is True
+    with pytest.raises(ConfigError, match="no CUDA device is visible") if not torch.cuda.is_available() else pytest.raises(ConfigError, match="not a device"):
+        plan_runtime(apply_overrides(cfg, {"training.device": "cuda:0" if not torch.cuda.is_available() else "gpu"}), model, "causal_lm")

@@ -387,13 +387,13 @@ def run_prune(cfg: Any, output: Path, *, resume: bool = False, stop_after: Optio
         manager.apply_pruning(cfg.pruning.final_sparsity, calibration_data=calib)
     timing["prune_and_train"] = time.perf_counter() - t1
 
-    summary = manager.get_pruning_summary()
+    summary = manager.get_pruning_summary()  # per-layer table before any structural surgery
     manager.finalize()
+    measured_sparsity = manager.get_pruning_summary()["measured_sparsity"]
     t2 = time.perf_counter()
     pruned = evaluator.measure(model)
     timing["pruned_eval"] = time.perf_counter() - t2
     sparse = manager.sparse_params()
-    prunable = [t.param for t in manager.method.targets]
     sizes = size_stats(model, sparse)
     sizes["dense"] = manager.baseline_model_size
     t3 = time.perf_counter()
@@ -414,7 +414,7 @@ def run_prune(cfg: Any, output: Path, *, resume: bool = False, stop_after: Optio
     report = {
         "model": cfg.model.base_model,
         "task": task,
-        "sparsity": parameter_stats(model, prunable)["sparsity"],
+        "sparsity": measured_sparsity,
         "target_sparsity": cfg.pruning.final_sparsity,
         "quality": quality,
         "size_mb": sizes,

@@ -212,11 +212,11 @@ def _loss(task: str, model: nn.Module, teacher: Optional[nn.Module], batch: dict
             with torch.no_grad():
                 tout = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=want_hidden)
             kd = causal_kd_loss(out.logits, tout.logits, temperature=d.temperature, attention_mask=batch["attention_mask"])
-            parts["kd"] = float(kd)
+            parts["kd"] = float(kd.detach())
             loss = d.alpha * kd + (1.0 - d.alpha) * loss
             if want_hidden:
                 h = hidden_state_loss(out.hidden_states[1:], tout.hidden_states[1:], batch["attention_mask"])
-                parts["hidden"] = float(h)
+                parts["hidden"] = float(h.detach())
                 loss = loss + d.hidden_weight * h
         return loss, parts
     assert teacher is not None  # plan_runtime guarantees it for encoders
@@ -225,11 +225,11 @@ def _loss(task: str, model: nn.Module, teacher: Optional[nn.Module], batch: dict
         tout = teacher(**batch, output_hidden_states=want_hidden)
     mask = batch["attention_mask"]
     emb = embedding_cosine_loss(mean_pool(out.last_hidden_state.float(), mask), mean_pool(tout.last_hidden_state.float(), mask))
-    parts["embedding"] = float(emb)
+    parts["embedding"] = float(emb.detach())
     loss = d.embedding_weight * emb
     if want_hidden:
         h = hidden_state_loss(out.hidden_states[1:], tout.hidden_states[1:], mask)
-        parts["hidden"] = float(h)
+        parts["hidden"] = float(h.detach())
         loss = loss + d.hidden_weight * h
     return loss, parts
 
@@ -339,6 +339,8 @@ def train_with_pruning(
         start = int(state["step"])
         result.resumed_from = start
         logger.info("resumed from step %d of %d (%s)", start, t.steps, ckpt_path)
+    elif resume:
+        logger.warning("--resume: no checkpoint at %s; starting from step 0", ckpt_path)
 
     def checkpoint(step: int) -> None:
         assert ckpt_path is not None
