@@ -23,9 +23,12 @@ and need it enabled. See :mod:`artemis.train.distillation` for the exact formula
 Data order is a pure function of ``(seed, micro-batch index)``, so a resumed run sees
 exactly the batches an uninterrupted run would have seen.
 
-Dropout is off during training (the model runs in eval mode while gradients flow):
-with distillation the student is asked to match the teacher exactly, and dropout noise
-only blurs that target. Set ``training.dropout: true`` to keep it.
+Dropout is off during training: the model runs in train mode (so gradient
+checkpointing and metrics that gather statistics in train mode work) with the ``p`` of
+every ``nn.Dropout`` and every float ``attention_dropout`` attribute set to 0 for the
+run and restored afterwards. With distillation the student is asked to match the
+teacher exactly, and dropout noise only blurs that target. Set
+``training.dropout: true`` to keep it.
 """
 
 from __future__ import annotations
@@ -234,6 +237,26 @@ def _loss(task: str, model: nn.Module, teacher: Optional[nn.Module], batch: dict
     return loss, parts
 
 
+@contextlib.contextmanager
+def _dropout_off(model: nn.Module, enabled: bool):
+    """Set every dropout probability of ``model`` to 0 inside the block (if ``enabled``)."""
+    saved: list[tuple[Any, str, float]] = []
+    if enabled:
+        for m in model.modules():
+            if isinstance(m, nn.Dropout) and m.p:
+                saved.append((m, "p", m.p))
+                m.p = 0.0
+            v = getattr(m, "attention_dropout", None)
+            if isinstance(v, float) and v:
+                saved.append((m, "attention_dropout", v))
+                m.attention_dropout = 0.0
+    try:
+        yield
+    finally:
+        for m, attr, v in saved:
+            setattr(m, attr, v)
+
+
 def _save_checkpoint(path: Path, state: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
@@ -360,9 +383,11 @@ def train_with_pruning(
     params = [p for p in model.parameters() if p.requires_grad]
     t0 = time.perf_counter()
     bar = tqdm(total=t.steps, initial=start, disable=not progress, desc="pruning", unit="step", dynamic_ncols=True)
+    no_dropout = _dropout_off(model, not t.dropout)
+    no_dropout.__enter__()
     try:
         for step in range(start, t.steps):
-            model.train(t.dropout)
+            model.train(True)
             total, parts_sum = 0.0, {}
             for a in range(plan.gradient_accumulation_steps):
                 batch = {k: v.to(device) for k, v in batches(step * plan.gradient_accumulation_steps + a).items()}
@@ -391,7 +416,11 @@ def train_with_pruning(
             if pruned:
                 entry["pruning_event"] = True
             if eval_fn is not None and t.eval_every and (done % t.eval_every == 0 or done == t.steps):
+                # held-out forwards must not feed a metric's statistics (activation norms):
+                # snapshot the metric state around the evaluation
+                metric_state = copy.deepcopy(manager.metric.state_dict())
                 entry["quality"] = float(eval_fn(model))
+                manager.metric.load_state_dict(metric_state)
             result.history.append(entry)
             bar.update(1)
             bar.set_postfix(loss=f"{total:.4f}", sparsity=f"{entry['sparsity']:.1%}")
@@ -403,6 +432,7 @@ def train_with_pruning(
                 result.stopped_early = True
                 break
     finally:
+        no_dropout.__exit__(None, None, None)
         bar.close()
         model.train(False)
     result.seconds = time.perf_counter() - t0
