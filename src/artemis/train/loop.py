@@ -318,9 +318,11 @@ def train_with_pruning(
         for p in teacher.parameters():
             p.requires_grad_(False)
     if plan.gradient_checkpointing:
-        if not hasattr(model, "gradient_checkpointing_enable"):
+        # transformers 5 renamed gradient_checkpointing_enable (deprecated) to activation_checkpointing_enable
+        enable = getattr(model, "activation_checkpointing_enable", None) or getattr(model, "gradient_checkpointing_enable", None)
+        if enable is None:
             raise ConfigError(f"gradient checkpointing needs a Hugging Face model; {type(model).__name__} has no gradient_checkpointing_enable()")
-        model.gradient_checkpointing_enable()
+        enable()
         if getattr(getattr(model, "config", None), "use_cache", None):
             model.config.use_cache = False
     manager = PruningManager(model, cfg.pruning, total_steps=t.steps)
