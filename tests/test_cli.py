@@ -221,3 +221,9 @@ def test_low_resource_mode_runs_with_checkpointing_and_no_teacher(models_dir, tm
     r = json.loads((out / "report.json").read_text())["runtime"]
     assert r["gradient_checkpointing"] is True and r["distillation"] is False
     assert (r["batch_size"], r["gradient_accumulation_steps"]) == (1, 2)
+
+
+def test_bad_flag_value_is_a_one_line_error(capsys):
+    assert main(["eval", "/nonexistent", "--reference", "x", "--eval-texts", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "eval.num_texts: Input should be greater than or equal to 2" in err and "Traceback" not in err

@@ -574,6 +574,7 @@ def run_eval(model_dir: Path, reference: Optional[str], *, num_texts: int = 256,
     from artemis.train.loading import load_model_and_tokenizer
     from artemis.train.loop import _resolve_device
 
+    ev = EvaluationSection(num_texts=num_texts)  # validate flags before loading anything
     meta = _read_meta(model_dir)
     ref = reference or meta.get("base_model")
     if ref is None:
@@ -584,7 +585,6 @@ def run_eval(model_dir: Path, reference: Optional[str], *, num_texts: int = 256,
     dev = _resolve_device(device)
     model.to(dev).eval()
     ref_loaded.model.to(dev).eval()
-    ev = EvaluationSection(num_texts=num_texts)
     texts = load_texts(eval_data or "builtin", split="test")
     evaluator = _Evaluator(task, ref_loaded.tokenizer, texts, ev, max_length)
     dense = evaluator.measure_dense(ref_loaded.model)
@@ -668,6 +668,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     import os
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from pydantic import ValidationError
+
     from artemis.errors import ArtemisError
 
     try:
@@ -677,6 +679,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise
         msg = " ".join(str(exc).split())
         print(f"artemis: error: {msg}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except ValidationError as exc:  # a typed value built from a command-line flag
+        if args.debug:
+            raise
+        from artemis.config import format_validation_error
+
+        print(f"artemis: error: {format_validation_error(exc, args.command)}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("artemis: interrupted", file=sys.stderr)
