@@ -98,6 +98,7 @@ class PruningManager:
         self._events = 0
         self._last_target = 0.0
         self._finalized = False
+        self._grads_masked = False
         self._closed = False
         self.total_steps: Optional[int] = None
         ts = total_steps if total_steps is not None else config.total_steps
@@ -154,7 +155,7 @@ class PruningManager:
             mask = self.masks.get(key)
             if mask is None:
                 continue
-            if p.grad is not None:
+            if p.grad is not None and not self._grads_masked:
                 p.grad.mul_(mask)
             if seen.get(key) == self._mask_version[key]:
                 continue
@@ -166,6 +167,7 @@ class PruningManager:
 
     @torch.no_grad()
     def _after_optimizer_step(self, opt: Optimizer) -> None:
+        self._grads_masked = False
         if not self.masks:
             return
         for key, p in self._optimizer_params(opt):
@@ -282,6 +284,7 @@ class PruningManager:
             g = self._params[key].grad
             if g is not None:
                 g.mul_(mask)
+        self._grads_masked = True  # the optimizer pre-hook need not do it again
 
     def _check_sparsity(self, sparsity: float) -> float:
         if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not (0.0 <= float(sparsity) < 1.0):
