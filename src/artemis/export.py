@@ -130,23 +130,24 @@ def bitmask_decompress(parts: dict[str, Tensor], *, name: str = "tensor", file: 
         True
     """
     where = f"tensor {name!r} in {file}"
+    prefix = name[: -len(".weight")] if name.endswith(".weight") else name
     missing = [k for k in _SPARSE_KEYS if k not in parts]
     if missing:
-        raise CheckpointError(f"{where}: missing {', '.join(f'{name}.{k}' for k in missing)}")
+        raise CheckpointError(f"{where}: missing {', '.join(f'{prefix}.{k}' for k in missing)}")
     shape_t, bits, values, offsets = parts["shape"], parts["bitmask"], parts["compressed"], parts["row_offsets"]
     if shape_t.dim() != 1 or shape_t.numel() != 2 or shape_t.dtype not in (torch.int64, torch.int32):
-        raise CheckpointError(f"{where}: {name}.shape must hold 2 integers, got {shape_t.tolist()!r}")
+        raise CheckpointError(f"{where}: {prefix}.shape must hold 2 integers, got {shape_t.tolist()!r}")
     rows, cols = (int(v) for v in shape_t.tolist())
     if rows < 0 or cols < 0:
-        raise CheckpointError(f"{where}: {name}.shape is negative: {[rows, cols]}")
+        raise CheckpointError(f"{where}: {prefix}.shape is negative: {[rows, cols]}")
     want = (rows, math.ceil(cols / 8))
     if bits.dtype != torch.uint8 or tuple(bits.shape) != want:
         raise CheckpointError(
-            f"{where}: bitmask {name}.bitmask has shape {tuple(bits.shape)}/{bits.dtype}; a {rows}x{cols} "
+            f"{where}: bitmask {prefix}.bitmask has shape {tuple(bits.shape)}/{bits.dtype}; a {rows}x{cols} "
             f"weight needs {want}/torch.uint8 (the bitmask does not match the shape)"
         )
     if values.dim() != 1:
-        raise CheckpointError(f"{where}: {name}.compressed must be 1-D, got shape {tuple(values.shape)}")
+        raise CheckpointError(f"{where}: {prefix}.compressed must be 1-D, got shape {tuple(values.shape)}")
     mask = torch.from_numpy(
         np.unpackbits(bits.numpy(), axis=-1, count=cols, bitorder="little").view(np.bool_)
     ).reshape(rows, cols)
@@ -154,11 +155,11 @@ def bitmask_decompress(parts: dict[str, Tensor], *, name: str = "tensor", file: 
     nnz = int(counts.sum())
     if nnz != values.numel():
         raise CheckpointError(
-            f"{where}: the bitmask marks {nnz} non-zero weights but {name}.compressed holds "
+            f"{where}: the bitmask marks {nnz} non-zero weights but {prefix}.compressed holds "
             f"{values.numel()} values"
         )
     if tuple(offsets.shape) != (rows,) or not torch.equal(offsets.to(torch.int64), torch.cumsum(counts, 0) - counts):
-        raise CheckpointError(f"{where}: {name}.row_offsets does not match the bitmask's row counts")
+        raise CheckpointError(f"{where}: {prefix}.row_offsets does not match the bitmask's row counts")
     dense = torch.zeros(rows, cols, dtype=values.dtype)
     dense.masked_scatter_(mask, values)
     return dense
