@@ -89,8 +89,32 @@ _DTYPES = {
 
 
 # ------------------------------------------------------------ tensor layout
-def bitmask_compress(t: Tensor) -> dict[str, Tensor]:
+_INT_VIEW = {1: np.int8, 2: np.int16, 4: np.int32, 8: np.int64}
+
+
+def _as_int_numpy(t: Tensor) -> np.ndarray:
+    """The raw bits of CPU tensor ``t`` as a numpy integer array (no copy)."""
+    if t.dtype == torch.int8:
+        return t.numpy()
+    size = t.element_size()
+    return t.view({1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[size]).numpy()
+
+
+def _nonzero_mask(t: Tensor) -> np.ndarray:
+    """``t != 0`` computed on its bits (``-0.0`` counts as zero), in numpy (fast on CPU)."""
+    bits = _as_int_numpy(t)
+    if t.is_floating_point():
+        sign = np.array(1, dtype=bits.dtype) << np.array(8 * t.element_size() - 1, dtype=bits.dtype)
+        return (bits & ~sign) != 0
+    return bits != 0
+
+
+def bitmask_compress(t: Tensor, mask: Optional[np.ndarray] = None) -> dict[str, Tensor]:
     """A 2-D tensor in the sparse-bitmask layout (CPU tensors).
+
+    Args:
+        t: the 2-D tensor; its zeros (``+0.0`` and ``-0.0``) are not stored.
+        mask: ``t != 0`` if already computed (a numpy bool array).
 
     Returns:
         ``{"compressed": values, "bitmask": uint8 (rows, ceil(cols/8)), "shape": int64 (2,),
@@ -102,22 +126,32 @@ def bitmask_compress(t: Tensor) -> dict[str, Tensor]:
         >>> d["compressed"].tolist(), d["bitmask"].tolist(), d["row_offsets"].tolist()
         ([2.0, 3.0, 4.0], [[2], [5]], [0, 1])
     """
-    t = t.detach().cpu()
-    mask = t != 0
-    counts = mask.sum(dim=1)
-    offsets = torch.cumsum(counts, 0) - counts
-    values = t[mask].contiguous()
-    bits = torch.from_numpy(np.packbits(mask.numpy(), axis=-1, bitorder="little"))
+    t = t.detach().cpu().contiguous()
+    if t.dim() != 2:
+        raise ValueError(f"bitmask_compress needs a 2-D tensor, got shape {tuple(t.shape)}")
+    if mask is None:
+        mask = _nonzero_mask(t)
+    bits = np.packbits(mask, axis=-1, bitorder="little")
+    counts = np.bitwise_count(bits).sum(axis=1, dtype=np.int64)
+    values = torch.from_numpy(np.take(_as_int_numpy(t).reshape(-1), np.flatnonzero(mask))).view(t.dtype)
     return {
         "compressed": values,
-        "bitmask": bits,
+        "bitmask": torch.from_numpy(bits),
         "shape": torch.tensor(list(t.shape), dtype=torch.int64),
-        "row_offsets": offsets.to(torch.int64),
+        "row_offsets": torch.from_numpy(np.cumsum(counts) - counts),
     }
 
 
 def bitmask_decompress(parts: dict[str, Tensor], *, name: str = "tensor", file: str = "?") -> Tensor:
     """Rebuild the dense tensor from :func:`bitmask_compress` parts, checking every part.
+
+    Args:
+        parts: ``compressed``, ``bitmask``, ``shape`` and ``row_offsets`` tensors.
+        name: the weight's name, for messages.
+        file: the file it came from, for messages.
+
+    Returns:
+        The dense tensor (``values.dtype``).
 
     Raises:
         CheckpointError: a part is missing or inconsistent (the message names ``name``
@@ -148,21 +182,25 @@ def bitmask_decompress(parts: dict[str, Tensor], *, name: str = "tensor", file: 
         )
     if values.dim() != 1:
         raise CheckpointError(f"{where}: {prefix}.compressed must be 1-D, got shape {tuple(values.shape)}")
-    mask = torch.from_numpy(
-        np.unpackbits(bits.numpy(), axis=-1, count=cols, bitorder="little").view(np.bool_)
-    ).reshape(rows, cols)
-    counts = mask.sum(dim=1)
+    bits_np = bits.contiguous().numpy()
+    if cols % 8 and rows and np.any(bits_np[:, -1] >> (cols % 8)):
+        raise CheckpointError(f"{where}: {prefix}.bitmask has bits set beyond column {cols}")
+    counts = np.bitwise_count(bits_np).sum(axis=1, dtype=np.int64)
     nnz = int(counts.sum())
     if nnz != values.numel():
         raise CheckpointError(
             f"{where}: the bitmask marks {nnz} non-zero weights but {prefix}.compressed holds "
             f"{values.numel()} values"
         )
-    if tuple(offsets.shape) != (rows,) or not torch.equal(offsets.to(torch.int64), torch.cumsum(counts, 0) - counts):
+    if tuple(offsets.shape) != (rows,) or not np.array_equal(
+        offsets.to(torch.int64).numpy(), np.cumsum(counts) - counts
+    ):
         raise CheckpointError(f"{where}: {prefix}.row_offsets does not match the bitmask's row counts")
-    dense = torch.zeros(rows, cols, dtype=values.dtype)
-    dense.masked_scatter_(mask, values)
-    return dense
+    mask = np.unpackbits(bits_np, axis=-1, count=cols, bitorder="little").view(np.bool_)
+    vals = _as_int_numpy(values.contiguous())
+    dense = np.zeros(rows * cols, dtype=vals.dtype)
+    dense[np.flatnonzero(mask)] = vals  # ~3x faster than boolean-mask assignment in numpy
+    return torch.from_numpy(dense.reshape(rows, cols)).view(values.dtype)
 
 
 def _crc(t: Tensor) -> int:
@@ -305,10 +343,12 @@ def save_pruned(
             transposed = conv is not None and isinstance(m, conv)
             q, s = quantize_weight_int8(t, transposed, m._buffers.get("int8_scale"))
             q, s = q.cpu(), s.cpu()
-            zeros += q.numel() - int(torch.count_nonzero(q))
+            qmask = _nonzero_mask(q)
+            qnnz = int(np.count_nonzero(qmask))
+            zeros += q.numel() - qnnz
             total += q.numel()
-            if stores_sparse(q):
-                for k, v in bitmask_compress(q).items():
+            if stores_sparse(q, nnz=qnnz):
+                for k, v in bitmask_compress(q, qmask).items():
                     tensors[f"{mname}.{k}"] = v
                 sparse_modules.append(mname)
             else:
@@ -322,11 +362,13 @@ def save_pruned(
             continue
         if id(t) in candidates and t.dim() == 2:
             mname = candidates[id(t)]
-            nnz = int(torch.count_nonzero(t))
+            tc = t.detach().cpu().contiguous()
+            mask = _nonzero_mask(tc)
+            nnz = int(np.count_nonzero(mask))
             zeros += t.numel() - nnz
             total += t.numel()
             if stores_sparse(t, nnz=nnz):
-                for k, v in bitmask_compress(t).items():
+                for k, v in bitmask_compress(tc, mask).items():
                     tensors[f"{mname}.{k}"] = v
                 sparse_modules.append(mname)
                 continue
