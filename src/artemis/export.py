@@ -89,7 +89,14 @@ _DTYPES = {
 
 
 # ------------------------------------------------------------ tensor layout
-_INT_VIEW = {1: np.int8, 2: np.int16, 4: np.int32, 8: np.int64}
+_POPCOUNT = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint8)
+
+
+def _row_counts(bits: np.ndarray) -> np.ndarray:
+    """Set bits per row of a packed uint8 bitmask (int64)."""
+    if hasattr(np, "bitwise_count"):  # numpy >= 2.0
+        return np.bitwise_count(bits).sum(axis=1, dtype=np.int64)
+    return _POPCOUNT[bits].sum(axis=1, dtype=np.int64)
 
 
 def _as_int_numpy(t: Tensor) -> np.ndarray:
@@ -132,7 +139,7 @@ def bitmask_compress(t: Tensor, mask: Optional[np.ndarray] = None) -> dict[str, 
     if mask is None:
         mask = _nonzero_mask(t)
     bits = np.packbits(mask, axis=-1, bitorder="little")
-    counts = np.bitwise_count(bits).sum(axis=1, dtype=np.int64)
+    counts = _row_counts(bits)
     values = torch.from_numpy(np.take(_as_int_numpy(t).reshape(-1), np.flatnonzero(mask))).view(t.dtype)
     return {
         "compressed": values,
@@ -185,7 +192,7 @@ def bitmask_decompress(parts: dict[str, Tensor], *, name: str = "tensor", file: 
     bits_np = bits.contiguous().numpy()
     if cols % 8 and rows and np.any(bits_np[:, -1] >> (cols % 8)):
         raise CheckpointError(f"{where}: {prefix}.bitmask has bits set beyond column {cols}")
-    counts = np.bitwise_count(bits_np).sum(axis=1, dtype=np.int64)
+    counts = _row_counts(bits_np)
     nnz = int(counts.sum())
     if nnz != values.numel():
         raise CheckpointError(
@@ -591,7 +598,7 @@ def load_pruned(
             raise CheckpointError(f"{meta_file}: int8 module {name!r} does not exist in {type(model).__name__}") from None
         new = Int8Linear(
             int(info["in_features"]), int(info["out_features"]), bool(info["bias"]),
-            bias_dtype=getattr(torch, info.get("bias_dtype", "float32")),
+            bias_dtype=getattr(torch, info.get("bias_dtype", "float32")), init=False,
         )
         del old
         _set_submodule(model, name, new)

@@ -286,15 +286,16 @@ class Int8Linear(nn.Module):
 
     def __init__(
         self, in_features: int, out_features: int, bias: bool = True, *, bias_dtype: torch.dtype = torch.float32,
-        device: Optional[torch.device] = None,
+        device: Optional[torch.device] = None, init: bool = True,
     ) -> None:
         super().__init__()
         self.in_features = in_features
         self.out_features = out_features
-        self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
+        new = torch.zeros if init else torch.empty  # init=False: the loader fills every tensor
+        self.register_buffer("weight", new(out_features, in_features, dtype=torch.int8, device=device))
         self.register_buffer("weight_scale", torch.ones(out_features, 1, dtype=torch.float32, device=device))
         if bias:
-            self.bias = nn.Parameter(torch.zeros(out_features, dtype=bias_dtype, device=device))
+            self.bias = nn.Parameter(new(out_features, dtype=bias_dtype, device=device))
         else:
             self.register_parameter("bias", None)
         self.backend = ""
