@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from artemis import ModelError, create_pruning_manager
 from artemis.quantization import (
+    INT8_KERNEL_MAX_ROWS,
     Int8Linear,
     dequantize_int8,
     enable_fake_quant,
@@ -62,6 +63,10 @@ def test_int8_linear_uses_aten_kernel_on_cpu(dtype):
     ref = F.linear(x.float(), q.dequantized_weight(), lin.bias.float())
     tol = 1e-5 if dtype == torch.float32 else 0.05
     assert (y.float() - ref).abs().max() < tol
+    big = torch.randn(INT8_KERNEL_MAX_ROWS + 1, 32, dtype=dtype)  # many rows: dequantize + F.linear
+    yb = q(big)
+    assert q.backend == "dequantize+F.linear"
+    assert (yb.float() - F.linear(big.float(), q.dequantized_weight(), lin.bias.float())).abs().max() < tol
     assert torch.equal(q.weight == 0, lin.weight == 0)
 
 
