@@ -515,7 +515,10 @@ def _build_hf_model(path: Path, meta: dict) -> nn.Module:
     except Exception as exc:
         raise CheckpointError(f"{path / 'config.json'}: cannot be read as a transformers config ({exc})") from None
     config.__dict__.pop("quantization_config", None)  # our layout is decoded here, not by transformers
-    from transformers.initialization import no_init_weights
+    try:
+        from transformers.initialization import no_init_weights  # transformers 5
+    except ImportError:  # pragma: no cover - transformers 4.x
+        from transformers.modeling_utils import no_init_weights
 
     dtype = getattr(torch, meta.get("dtype", "float32"), torch.float32)
     with no_init_weights(), _default_dtype(dtype):
