@@ -130,6 +130,7 @@ class PruningManager:
             self._set_total_steps(ts)
         self.baseline_model_size = model_dense_bytes(self.model) / MIB
         self._hooks: list[Any] = []
+        self._fake_quant: Any = None  # artemis.quantization.FakeQuantHandle while QAT is on
         self.pruning_metrics: dict[str, Any] = {}
         self._refresh_metrics()
         if config.enabled:
@@ -154,7 +155,33 @@ class PruningManager:
         self.metric.attach(self.model, self.method.targets)
         self.method.install()
 
+    def _enable_quantization_aware(self) -> None:
+        """From ``pruning_end`` on, run the masked layers with fake-quantized int8 weights."""
+        from artemis.quantization import enable_fake_quant
+
+        self._fake_quant = enable_fake_quant(self._quant_modules())
+
+    def _quant_modules(self) -> list[nn.Module]:
+        """The pruned ``Linear``/``Conv1D`` layers still in the model (QAT and int8 scales);
+        for a method whose units are not such layers, every one inside the blocks."""
+        from artemis.quantization import default_quant_targets
+        from artemis.targets import is_prunable_module
+
+        present = set(self.model.modules())
+        mods = [t.module for t in self.method.targets if t.module in present and is_prunable_module(t.module)]
+        if not mods:
+            mods = [self.model.get_submodule(n) for n in default_quant_targets(self.model)]
+        return mods
+
+    @property
+    def quantization_aware_active(self) -> bool:
+        """True while the masked layers run with fake-quantized int8 weights."""
+        return self._fake_quant is not None
+
     def _remove_hooks(self) -> None:
+        if self._fake_quant is not None:
+            self._fake_quant.remove()
+            self._fake_quant = None
         for h in self._hooks:
             h.remove()
         self._hooks.clear()
@@ -272,6 +299,8 @@ class PruningManager:
                     self.metric,
                 )
                 pruned = True
+            if self.config.quantization_aware and t >= t_e and self._fake_quant is None:
+                self._enable_quantization_aware()
         self._step += 1
         return pruned
 
@@ -419,12 +448,15 @@ class PruningManager:
         return self.model
 
     def prepare_for_quantization(self) -> nn.Module:
-        """``finalize()`` (if not done yet), then ready the model for 8-bit quantization."""
+        """``finalize()`` (if not done yet: every mask folded into its weight), then attach
+        per-channel int8 scales computed from the kept weights (buffer ``int8_scale``) to
+        every pruned layer; ``artemis.quantization.quantize_int8(model)`` converts exactly
+        those layers. Returns the model."""
         if not self._finalized:
             self.finalize()
         from artemis.quantization import prepare_model_for_quantization
 
-        return prepare_model_for_quantization(self.model)
+        return prepare_model_for_quantization(self.model, self._quant_modules())
 
     @property
     def finalized(self) -> bool:
@@ -587,6 +619,11 @@ class PruningManager:
             p.mul_(self.masks[key])
         self.metric.load_state_dict(state.get("metric", {}))
         self.method.load_state_dict(state.get("method", {}))
+        if (
+            self.config.enabled and self.config.quantization_aware and self.total_steps is not None
+            and self._fake_quant is None and self._step > self._window(self.total_steps)[1]
+        ):
+            self._enable_quantization_aware()  # resumed after pruning_end: QAT was on
         self._refresh_metrics()
 
     def _local_mask(self, key: str, mask: Tensor) -> Tensor:
