@@ -280,30 +280,13 @@ def _peak_rss_mib() -> float:
 
 
 def _save_model(model: Any, tokenizer: Any, path: Path, meta: dict) -> str:
-    """Save with ``artemis.export.save_pruned`` when present, else ``save_pretrained``.
+    """Save with :func:`artemis.export.save_pruned` (sparse weights compressed, the
+    tokenizer alongside). Returns the format written."""
+    from artemis.export import save_pruned
 
-    Returns the format written (``artemis.save_pruned`` or ``save_pretrained``).
-    """
     path.mkdir(parents=True, exist_ok=True)
-    try:
-        from artemis.export import save_pruned  # issue 4
-    except ImportError:
-        save_pruned = None
-    if save_pruned is not None:
-        import inspect
-
-        if "tokenizer" in inspect.signature(save_pruned).parameters:
-            save_pruned(model, path, tokenizer=tokenizer)
-        else:
-            save_pruned(model, path)
-            tokenizer.save_pretrained(path)
-        fmt = "artemis.save_pruned"
-    else:
-        # TODO(lead): remove this fallback once artemis.export (issue 4) is merged.
-        logger.warning("artemis.export is not available in this build: saving a dense save_pretrained checkpoint")
-        model.save_pretrained(path)
-        tokenizer.save_pretrained(path)
-        fmt = "save_pretrained"
+    save_pruned(model, path, tokenizer=tokenizer)
+    fmt = "artemis.save_pruned"
     from artemis.report import write_json
 
     write_json(path / "artemis_run.json", {**meta, "format": fmt})
