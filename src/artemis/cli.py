@@ -300,9 +300,9 @@ def _load_saved(model_dir: Path, task: Optional[str]) -> Any:
 
     if not model_dir.is_dir():
         raise ModelError(f"model folder {str(model_dir)!r} does not exist")
-    meta = _read_meta(model_dir)
-    if meta.get("format") == "artemis.save_pruned":
-        from artemis.export import load_pruned  # issue 4
+    if (model_dir / "artemis_export.json").is_file() or _read_meta(model_dir).get("format") == "artemis.save_pruned":
+        # A compressed checkpoint: stock from_pretrained would not decompress it.
+        from artemis.export import load_pruned
 
         return load_pruned(model_dir)
     cls = AutoModelForCausalLM if task == "causal_lm" else AutoModel
