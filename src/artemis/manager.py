@@ -86,8 +86,9 @@ class PruningManager:
         self.model = unwrap_model(model)
         self.config = config
         self.adapter = get_adapter(self.model)
-        self.metric: ImportanceMetric = METRICS.get(config.importance_metric)()
-        self.method: PruningMethod = METHODS.get(config.method)(self)
+        method_cls = METHODS.get(config.method)
+        self.metric: ImportanceMetric = method_cls.create_metric(config.importance_metric)
+        self.method: PruningMethod = method_cls(self)
         self.method.setup()
         self._params: dict[str, nn.Parameter] = self.method.masked_params()
         self._param_ids = {id(p): k for k, p in self._params.items()}
@@ -309,7 +310,11 @@ class PruningManager:
         from artemis.calibration import run_calibration
 
         self._check_active("calibrate")
-        run_calibration(self, data)
+        own = getattr(self.metric, "calibrate", None)  # a metric with its own calibration pass
+        if callable(own):
+            own(self, data)
+        else:
+            run_calibration(self, data)
 
     def finalize(self) -> nn.Module:
         """Make the pruning permanent: fold masks into the weights, remove every hook the
@@ -363,6 +368,7 @@ class PruningManager:
             "compressed_model_size_mb": compressed / MIB,
             "pruning_events": self._events,
         }
+        self.method.update_pruning_metrics(self.pruning_metrics)
 
     @torch.no_grad()
     def get_pruning_summary(self) -> dict[str, Any]:

@@ -18,6 +18,11 @@ Contract for a new method (subclass :class:`PruningMethod` and register it):
 * ``finalize()`` — make the pruning permanent (for structural methods: rebuild the
   model smaller); called once, after masks are folded and hooks removed.
 * ``summary()`` — extra JSON-able facts for ``get_pruning_summary()``.
+* ``supported_metrics`` / ``create_metric(name)`` — a method that scores its own units
+  (``layer_dropout`` scores whole layers) lists the metric names it accepts and builds
+  its own metric object; the default (``None``) accepts every registered metric.
+* ``update_pruning_metrics(metrics)`` — adjust ``manager.pruning_metrics`` in place
+  after the manager computed its parameter-level figures (optional).
 """
 
 from __future__ import annotations
@@ -45,6 +50,8 @@ class PruningMethod:
     name: ClassVar[str] = "base"
     #: True when finalize() changes the architecture (then export writes a dense model).
     structural: ClassVar[bool] = False
+    #: Metric names this method accepts; None means every registered metric.
+    supported_metrics: ClassVar[Optional[tuple[str, ...]]] = None
 
     def __init__(self, manager: "PruningManager") -> None:
         self.manager = manager
@@ -52,6 +59,16 @@ class PruningMethod:
         self.model: nn.Module = manager.model
         self.adapter = manager.adapter
         self.targets: list["PrunableTarget"] = []
+
+    @classmethod
+    def create_metric(cls, name: str) -> "ImportanceMetric":
+        """The metric object the manager drives for this method (default: the registered one)."""
+        from artemis.metrics import METRICS
+
+        return METRICS.get(name)()
+
+    def update_pruning_metrics(self, metrics: dict[str, Any]) -> None:
+        """Adjust the manager's ``pruning_metrics`` in place (default: nothing)."""
 
     def setup(self) -> None:  # pragma: no cover - abstract
         raise NotImplementedError
