@@ -31,9 +31,10 @@ gate that returns the block's input hidden states, in the block's own return str
 ``layer_dropout.fade_steps: N`` the output is instead ``x + α·(f(x) − x)`` with ``α``
 falling linearly from ``(N−1)/N`` to 0 over the next N steps. A dropped layer's
 parameters are not masked (``masked_params()`` is empty): the gate never uses them, so
-they get no gradient; they are deleted by ``finalize()``. While a KV cache is passed
-(generation before ``finalize()``), a dropped block still runs, output discarded, so the
-cache stays consistent; ``finalize()`` removes that cost.
+they get no gradient; they are deleted by ``finalize()``. In eval mode with a KV cache
+(generation before ``finalize()``; note HF models make a cache whenever
+``config.use_cache`` is true) a dropped block still runs, output discarded, so the cache
+stays consistent; in training mode it never runs. ``finalize()`` removes that cost.
 
 ``finalize()`` deletes the dropped blocks (:func:`artemis.arch.layers.remove_blocks`):
 it renumbers each kept attention's ``layer_idx``, filters ``config.layer_types`` and sets
@@ -195,8 +196,16 @@ class BlockGate:
             self._signature: Optional[inspect.Signature] = inspect.signature(self._inner)
         except (TypeError, ValueError):  # pragma: no cover - builtins
             self._signature = None
-        self._tuple_len: Optional[int] = None  # None: unknown; 0: returns a tensor
+        # None: unknown (learnt from the first real call); 0: returns a tensor.
+        self._tuple_len: Optional[int] = 0 if self._returns_tensor() else None
         self.installed = False
+
+    def _returns_tensor(self) -> bool:
+        """True when the block's forward is annotated to return a tensor (HF 5.x blocks)."""
+        if self._signature is None:
+            return False
+        ann = self._signature.return_annotation
+        return ann is Tensor or ann in ("torch.Tensor", "Tensor")
 
     def install(self) -> None:
         self.block.forward = self._forward  # instance attribute: state_dict keys unchanged
@@ -240,9 +249,10 @@ class BlockGate:
             self._record(out)
             h = out[0] if isinstance(out, tuple) else out
             return self._with_hidden(out, x + self.alpha * (h - x))
-        has_cache = any(arguments.get(k) is not None for k in _CACHE_ARGS)
+        # In eval mode, keep a KV cache consistent for generation (training-mode caches are
+        # thrown away by the model), and learn the return structure once if unknown.
+        has_cache = not self.block.training and any(arguments.get(k) is not None for k in _CACHE_ARGS)
         if has_cache or self._tuple_len is None:
-            # Keep a KV cache consistent (and learn the return structure once).
             with torch.no_grad():
                 out = self._inner(*args, **kwargs)
             self._record(out)
