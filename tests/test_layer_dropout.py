@@ -465,3 +465,15 @@ def test_summary_lists_each_layer():
     assert [layer["status"] for layer in s["layers"]].count("dropped") == 1
     assert s["layers"][0]["name"] == "model.layers.0"
     assert s["measured_sparsity"] == 0.25
+
+
+def test_apply_pruning_works_with_pruning_disabled():
+    model = tiny_llama(layers=4)
+    mgr = create_pruning_manager(_cfg(enabled=False), model)
+    assert mgr.step(total_steps=4) is False and mgr.method.drop_order == []
+    mgr.apply_pruning(0.5)
+    assert len(mgr.method.drop_order) == 2
+    assert all("forward" in model.model.layers[i].__dict__ for i in mgr.method.drop_order)
+    mgr.finalize()
+    assert len(model.model.layers) == 2
+    assert all("forward" not in b.__dict__ for b in model.model.layers)

@@ -492,7 +492,6 @@ class LayerDropoutMethod(PruningMethod):
         self.fade_age: dict[int, int] = {}
         self.gates: dict[int, BlockGate] = {}
         self.last_scores: dict[int, float] = {}
-        self._installed = False
         self._finalized = False
         metric = self.manager.metric
         if isinstance(metric, LayerImportance):
@@ -552,8 +551,7 @@ class LayerDropoutMethod(PruningMethod):
             self.fade_age[index] = 1
         gate = BlockGate(self.blocks[index], self._alpha(index))
         self.gates[index] = gate
-        if self._installed:
-            gate.install()
+        gate.install()  # also with pruning disabled: apply_pruning() must take effect
 
     def advance_fades(self) -> None:
         """One step of every fade-out in progress (called by the metric's ``on_step``)."""
@@ -565,13 +563,11 @@ class LayerDropoutMethod(PruningMethod):
                 del self.fade_age[index]
 
     def install(self) -> None:
-        self._installed = True
         for gate in self.gates.values():
             if not gate.installed:
                 gate.install()
 
     def remove(self) -> None:
-        self._installed = False
         for gate in self.gates.values():
             gate.remove()
 
