@@ -217,6 +217,9 @@ def part_latency(args) -> None:
     }
     print(f"Llama {n_params / 1e6:.1f}M params, input {args.batch}x{args.seq} tokens, {args.reps} interleaved reps, median")
     times = {(mode, name): [] for mode in modes for name in models}
+    # CPU time of this process (all its threads): far less sensitive than wall time to other
+    # jobs sharing the cores, though not immune (caches, frequency).
+    cpu = {(mode, name): [] for mode in modes for name in models}
     with torch.no_grad():
         for mode, fn in modes.items():
             for m in models.values():
@@ -225,17 +228,22 @@ def part_latency(args) -> None:
                 order = list(models.items())
                 order = order[r % len(order):] + order[: r % len(order)]
                 for name, m in order:
-                    t = time.perf_counter()
+                    t, c = time.perf_counter(), time.process_time()
                     fn(m)
                     times[(mode, name)].append(time.perf_counter() - t)
-    print("\n| forward | model | median latency (ms) | speedup | ideal (layer ratio) | speedup / ideal |")
-    print("|---|---|---|---|---|---|")
+                    cpu[(mode, name)].append(time.process_time() - c)
+    print("\n| forward | model | median wall (ms) | wall speedup / ideal | median CPU time (ms) | "
+          "CPU-time speedup | ideal (layer ratio) | CPU-time speedup / ideal |")
+    print("|---|---|---|---|---|---|---|---|")
     for mode in modes:
         base = statistics.median(times[(mode, "dense (12 layers)")])
+        base_cpu = statistics.median(cpu[(mode, "dense (12 layers)")])
         for name, m in models.items():
             t = statistics.median(times[(mode, name)])
+            c = statistics.median(cpu[(mode, name)])
             ideal = 12 / m.config.num_hidden_layers
-            print(f"| {mode} | {name} | {t * 1000:.0f} | {base / t:.3f}x | {ideal:.3f}x | {base / t / ideal:.3f} |")
+            print(f"| {mode} | {name} | {t * 1000:.0f} | {base / t / ideal:.3f} | {c * 1000:.0f} | "
+                  f"{base_cpu / c:.3f}x | {ideal:.3f}x | {base_cpu / c / ideal:.3f} |")
 
 
 # ------------------------------------------------------------------ fade
