@@ -38,6 +38,7 @@ from artemis.errors import ConfigError
 
 __all__ = [
     "PruningConfig",
+    "LayerDropoutOptions",
     "load_pruning_config",
     "read_yaml",
     "format_validation_error",
@@ -73,6 +74,33 @@ def _sparsity(name: str, value: float) -> float:
     return value
 
 
+class LayerDropoutOptions(BaseModel):
+    """The ``layer_dropout:`` sub-section (only valid with ``method: layer_dropout``).
+
+    Attributes:
+        fade_steps: a dropped layer's contribution to the residual stream is scaled down
+            linearly to zero over this many ``step()`` calls before it becomes the identity
+            (0 or 1: cut at once).
+    """
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    fade_steps: int = 0
+
+    @model_validator(mode="before")
+    @classmethod
+    def _unknown_keys(cls, data: Any) -> Any:
+        _check_unknown_keys(cls, data)
+        return data
+
+    @field_validator("fade_steps")
+    @classmethod
+    def _check_fade(cls, v: int) -> int:
+        if v < 0:
+            raise ValueError(f"fade_steps must be >= 0 steps, got {v!r}")
+        return v
+
+
 class PruningConfig(BaseModel):
     """The ``pruning:`` section.
 
@@ -105,6 +133,7 @@ class PruningConfig(BaseModel):
         exclude: patterns removed from the targets.
         layer_sparsity: pattern → final sparsity overrides for matching modules.
         total_steps: optional; may instead be passed to ``step()`` or the manager.
+        layer_dropout: options of ``method: layer_dropout`` (:class:`LayerDropoutOptions`).
     """
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True, validate_assignment=True)
@@ -125,6 +154,7 @@ class PruningConfig(BaseModel):
     exclude: list[str] = Field(default_factory=list)
     layer_sparsity: dict[str, float] = Field(default_factory=dict)
     total_steps: Optional[int] = None
+    layer_dropout: Optional[LayerDropoutOptions] = None
 
     @model_validator(mode="before")
     @classmethod
@@ -175,9 +205,19 @@ class PruningConfig(BaseModel):
 
     @field_validator("importance_metric")
     @classmethod
-    def _check_metric(cls, v: str) -> str:
+    def _check_metric(cls, v: str, info) -> str:
+        from artemis.methods import METHODS
         from artemis.metrics import METRICS
 
+        method = info.data.get("method")
+        supported = getattr(METHODS.get(method), "supported_metrics", None) if method in METHODS else None
+        if supported is not None:  # the method scores its own units (e.g. whole layers)
+            if v not in supported:
+                raise ValueError(
+                    f"unknown importance_metric {v!r} for method {method!r}; valid: "
+                    + ", ".join(map(repr, supported))
+                )
+            return v
         if v not in METRICS:
             raise ValueError(METRICS.unknown_message(v))
         return v
@@ -220,6 +260,11 @@ class PruningConfig(BaseModel):
             raise ValueError(
                 f"pruning_start ({self.pruning_start}) is after pruning_end ({self.pruning_end}); "
                 "pruning_start must be <= pruning_end"
+            )
+        if self.layer_dropout is not None and self.method != "layer_dropout":
+            raise ValueError(
+                f"the layer_dropout section is only used by method 'layer_dropout' (method is "
+                f"{self.method!r}); remove it or set method: layer_dropout"
             )
         if self.initial_sparsity > self.final_sparsity:
             raise ValueError(

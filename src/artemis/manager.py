@@ -101,8 +101,9 @@ class PruningManager:
         self.model = unwrap_model(model)
         self.config = config
         self.adapter = get_adapter(self.model)
-        self.metric: ImportanceMetric = METRICS.get(config.importance_metric)(**config.metric_options)
-        self.method: PruningMethod = METHODS.get(config.method)(self)
+        method_cls = METHODS.get(config.method)
+        self.metric: ImportanceMetric = method_cls.create_metric(config.importance_metric, **config.metric_options)
+        self.method: PruningMethod = method_cls(self)
         self.method.setup()
         self._params: dict[str, nn.Parameter] = self.method.masked_params()
         self._param_ids = {id(p): k for k, p in self._params.items()}
@@ -418,6 +419,14 @@ class PruningManager:
         from artemis.calibration import run_calibration
 
         self._check_active("calibrate")
+        own = getattr(self.metric, "calibrate", None)  # a metric with its own calibration pass
+        if callable(own):
+            if loss_fn is not None:
+                raise ConfigError(
+                    f"calibrate(loss_fn=...) is not supported by the {self.config.method!r} method's "
+                    "layer-level metric; it uses the model's own loss"
+                )
+            return own(self, data)
         return run_calibration(self, data, loss_fn=loss_fn, progress=progress)
 
     def close(self) -> None:
@@ -498,6 +507,7 @@ class PruningManager:
             "compressed_model_size_mb": compressed / MIB,
             "pruning_events": self._events,
         }
+        self.method.update_pruning_metrics(self.pruning_metrics)
 
     @torch.no_grad()
     def get_pruning_summary(self) -> dict[str, Any]:
