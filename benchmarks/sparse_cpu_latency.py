@@ -14,12 +14,17 @@ process:
 
 Run from the repository root::
 
-    PYTHONPATH=src python benchmarks/sparse_cpu_latency.py [--threads 1] [--tokens 16]
+    PYTHONPATH=src python benchmarks/sparse_cpu_latency.py [--threads 1] [--tokens 16] [--clock cpu|wall]
+
+``--clock cpu`` (the default) times the main thread's CPU time, which with one torch
+thread is the work done and does not count time spent waiting for a core on a shared
+machine; use ``--clock wall`` on a quiet machine.
 """
 
 from __future__ import annotations
 
 import argparse
+import warnings
 import copy
 import json
 import os
@@ -31,7 +36,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch
 
 from artemis import create_pruning_manager
-from artemis.sparse_inference import sparsify_for_inference
+from artemis.sparse_inference import CLOCKS, sparsify_for_inference
 
 
 def build(seed: int = 0):
@@ -47,25 +52,29 @@ def build(seed: int = 0):
 
 
 @torch.no_grad()
-def decode_ms(model, batch: int, tokens: int, prefix: int = 16) -> float:
-    """Median milliseconds per decode step (one new token for each of ``batch`` sequences)."""
+def decode_ms(models: list, batch: int, tokens: int, clock: str, prefix: int = 16) -> list[float]:
+    """Median milliseconds per decode step (one new token for each of ``batch`` sequences)
+    of each model; the models take turns at every step, so load changes hit all alike."""
     from transformers import DynamicCache
 
+    now = CLOCKS[clock]
     g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, model.config.vocab_size, (batch, prefix), generator=g)
-    times = []
-    for rep in range(2):  # first round warms up
-        cache = DynamicCache()
-        out = model(input_ids=ids, past_key_values=cache, use_cache=True)
-        nxt = out.logits[:, -1:].argmax(-1)
+    ids = torch.randint(0, models[0].config.vocab_size, (batch, prefix), generator=g)
+    times: list[list[float]] = [[] for _ in models]
+    for rep in range(2):  # the first round warms up
+        caches = [DynamicCache() for _ in models]
+        nxt = []
+        for m, c in zip(models, caches):
+            out = m(input_ids=ids, past_key_values=c, use_cache=True)
+            nxt.append(out.logits[:, -1:].argmax(-1))
         for _ in range(tokens):
-            t0 = time.perf_counter()
-            out = model(input_ids=nxt, past_key_values=cache, use_cache=True)
-            if rep:
-                times.append(time.perf_counter() - t0)
-            nxt = out.logits[:, -1:].argmax(-1)
-    times.sort()
-    return 1e3 * times[len(times) // 2]
+            for i, (m, c) in enumerate(zip(models, caches)):
+                t0 = now()
+                out = m(input_ids=nxt[i], past_key_values=c, use_cache=True)
+                if rep:
+                    times[i].append(now() - t0)
+                nxt[i] = out.logits[:, -1:].argmax(-1)
+    return [1e3 * sorted(t)[len(t) // 2] for t in times]
 
 
 def main() -> None:
@@ -75,12 +84,15 @@ def main() -> None:
     ap.add_argument("--batches", default="1,8,64")
     ap.add_argument("--sparsities", default="0.6,0.7")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--clock", default="cpu", choices=sorted(CLOCKS),
+                    help="cpu: the main thread's CPU time (robust on a shared machine, with 1 thread); wall: elapsed")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore", category=FutureWarning)  # transformers: past_key_values renamed
     base = build()
     n_params = sum(p.numel() for p in base.parameters())
     print(f"Llama {n_params / 1e6:.1f}M parameters, torch {torch.__version__}, {args.threads} thread(s), "
-          f"MKL {torch.backends.mkl.is_available()}", flush=True)
+          f"MKL {torch.backends.mkl.is_available()}, clock {args.clock}", flush=True)
     rows = []
     for s in [float(v) for v in args.sparsities.split(",")]:
         pruned = copy.deepcopy(base)
@@ -88,17 +100,14 @@ def main() -> None:
         mgr.apply_magnitude_pruning(s)
         mgr.finalize()
         for b in [int(v) for v in args.batches.split(",")]:
-            dense = decode_ms(pruned, b, args.tokens)
             auto_model = copy.deepcopy(pruned)
             t0 = time.perf_counter()
-            report = sparsify_for_inference(auto_model, batch_size=b, min_sparsity=0.5, repeats=10)
+            report = sparsify_for_inference(auto_model, batch_size=b, min_sparsity=0.5, repeats=15, clock=args.clock)
             pick_s = time.perf_counter() - t0
-            auto = decode_ms(auto_model, b, args.tokens)
-            del auto_model
             forced_model = copy.deepcopy(pruned)
             sparsify_for_inference(forced_model, batch_size=b, min_sparsity=0.5, min_speedup=0.0, repeats=1)
-            forced = decode_ms(forced_model, b, args.tokens)
-            del forced_model
+            dense, auto, forced = decode_ms([pruned, auto_model, forced_model], b, args.tokens, args.clock)
+            del auto_model, forced_model
             measured = [e for e in report.values() if "speedup" in e]
             n_sparse = sum(e["choice"] == "sparse" for e in measured)
             layer_dense = sum(e["dense_us"] for e in measured)

@@ -90,6 +90,9 @@ def main() -> None:
     ap.add_argument("--eval", type=int, default=256, help="held-out test sentences")
     ap.add_argument("--calib", type=int, default=128, help="calibration sentences")
     ap.add_argument("--quick", action="store_true", help="only the 50%% unstructured rows")
+    ap.add_argument("--sections", default="50,24,70", help="comma list of: 50 (50%% unstructured), 24 (2:4), 70 (OWL vs uniform)")
+    ap.add_argument("--skip-slow", action="store_true", help="leave out the rows whose result is implied by others "
+                    "(magnitude-mask reconstruction at 2:4, SparseGPT at 70%%)")
     ap.add_argument("--json", default=None, help="also write the results here")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -134,29 +137,31 @@ def main() -> None:
     mag = {"importance_metric": "magnitude"}
     wan = {"importance_metric": act}
     sg = {"reconstruction": "sparsegpt"}
-    # --- 50% unstructured
-    run("50% magnitude (global)", 0.5, **mag, scope="global")
-    run("50% magnitude (layer)", 0.5, **mag, scope="layer")
-    run("50% activation/Wanda (row)", 0.5, **wan, scope="row")
-    run("50% magnitude mask + SparseGPT update", 0.5, **mag, scope="layer", **sg)
-    run("50% Wanda mask + SparseGPT update", 0.5, **wan, scope="row", **sg)
-    run("50% SparseGPT (OBS-chosen mask, layer)", 0.5, **mag, scope="layer", **sg, sparsegpt_mask="obs")
-    if not args.quick:
-        # --- 2:4
+    sections = {"50"} if args.quick else set(args.sections.split(","))
+    if "50" in sections:
+        run("50% magnitude (global)", 0.5, **mag, scope="global")
+        run("50% magnitude (layer)", 0.5, **mag, scope="layer")
+        run("50% activation/Wanda (row)", 0.5, **wan, scope="row")
+        run("50% magnitude mask + SparseGPT update", 0.5, **mag, scope="layer", **sg)
+        run("50% Wanda mask + SparseGPT update", 0.5, **wan, scope="row", **sg)
+        run("50% SparseGPT (OBS-chosen mask, layer)", 0.5, **mag, scope="layer", **sg, sparsegpt_mask="obs")
+    if "24" in sections:
         p = {"pattern": "2:4"}
         run("2:4 magnitude", 0.5, **mag, **p)
         run("2:4 Wanda", 0.5, **wan, **p)
-        run("2:4 magnitude + SparseGPT update", 0.5, **mag, **p, **sg)
+        if not args.skip_slow:
+            run("2:4 magnitude + SparseGPT update", 0.5, **mag, **p, **sg)
         run("2:4 Wanda + SparseGPT update", 0.5, **wan, **p, **sg)
         run("2:4 SparseGPT (OBS-chosen)", 0.5, **mag, **p, **sg, sparsegpt_mask="obs")
-        # --- 70%: OWL vs uniform
+    if "70" in sections:
         run("70% magnitude uniform (layer)", 0.7, **mag, scope="layer")
         run("70% magnitude OWL", 0.7, **mag, scope="owl")
         run("70% Wanda uniform (row)", 0.7, **wan, scope="row")
         run("70% Wanda uniform (layer)", 0.7, **wan, scope="layer")
         run("70% Wanda OWL", 0.7, **wan, scope="owl")
-        run("70% SparseGPT uniform (layer)", 0.7, **mag, scope="layer", **sg, sparsegpt_mask="obs")
-        run("70% SparseGPT OWL", 0.7, **wan, scope="owl", **sg, sparsegpt_mask="obs")
+        if not args.skip_slow:
+            run("70% SparseGPT uniform (layer)", 0.7, **mag, scope="layer", **sg, sparsegpt_mask="obs")
+            run("70% SparseGPT OWL", 0.7, **wan, scope="owl", **sg, sparsegpt_mask="obs")
 
     print()
     print(f"MiniLM, calibration {args.calib} train sentences, evaluation {args.eval} test sentences, "

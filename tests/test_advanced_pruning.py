@@ -308,6 +308,8 @@ def test_sparse_linear_matches_dense_linear_and_conv1d():
     sp = SparseLinear.from_linear(lin)
     x = torch.randn(2, 5, 32)
     torch.testing.assert_close(sp(x), lin(x), rtol=1e-5, atol=1e-5)
+    one = torch.randn(1, 1, 32)  # a single token takes the matrix-vector path
+    torch.testing.assert_close(sp(one), lin(one), rtol=1e-5, atol=1e-5)
     assert sp.nnz == int(torch.count_nonzero(lin.weight))
     assert sp.weight.col_indices().dtype == torch.int32
     from transformers.pytorch_utils import Conv1D
@@ -352,6 +354,8 @@ def test_sparsify_for_inference_measures_swaps_and_falls_back():
     assert {e["choice"] for n, e in report2.items() if n != "lm_head"} == {"dense"}
     with pytest.raises(ValueError, match="unknown sparse backend"):
         sparsify_for_inference(other, backend="x")
+    with pytest.raises(ValueError, match="unknown clock 'gpu'; valid: 'wall', 'cpu'"):
+        sparsify_for_inference(other, clock="gpu")
 
 
 @pytest.mark.gpu

@@ -4,8 +4,8 @@ is faster, chosen per layer by measurement.
 Unstructured sparsity only saves time when a kernel skips the zeros. On CPU,
 :class:`SparseLinear` stores the weight in PyTorch's CSR layout with **int32** indices
 (8 bytes per kept weight instead of 4 per weight dense, so the bytes read fall below
-dense once more than half the weights are zero) and multiplies with
-``torch.sparse.mm`` (MKL's sparse BLAS in the x86 builds). Decode-time products are
+dense once more than half the weights are zero) and multiplies with ``torch.mv`` for a
+single token and ``torch.sparse.mm`` otherwise (MKL's sparse BLAS in the x86 builds). Decode-time products are
 matrix × few-vectors and memory-bound, which is where this can pay off; at large batches
 the dense GEMM wins. :func:`sparsify_for_inference` therefore times dense and sparse on
 each layer, at the batch size you will run, when the model is loaded, and replaces a
@@ -46,7 +46,7 @@ from torch import Tensor
 
 from artemis.targets import conv1d_class, match_pattern
 
-__all__ = ["SparseLinear", "sparsify_for_inference", "time_call", "BACKENDS"]
+__all__ = ["SparseLinear", "sparsify_for_inference", "time_call", "time_pair", "BACKENDS", "CLOCKS"]
 
 logger = logging.getLogger(__name__)
 
@@ -133,8 +133,11 @@ class SparseLinear(nn.Module):
         if self.backend == "semi_structured":
             return F.linear(x, self.weight, self.bias)
         lead = x.shape[:-1]
-        x2 = x.reshape(-1, self.in_features)  # (tokens, in)
-        y = torch.sparse.mm(self.weight, x2.t().to(self.weight.dtype)).t()  # (tokens, out)
+        x2 = x.reshape(-1, self.in_features).to(self.weight.dtype)  # (tokens, in)
+        if x2.shape[0] == 1:  # one token: sparse matrix × vector (much faster than mm on a 1-column matrix)
+            y = torch.mv(self.weight, x2[0]).unsqueeze(0)  # (1, out)
+        else:
+            y = torch.sparse.mm(self.weight, x2.t()).t()  # (tokens, out)
         if self.bias is not None:
             y = y + self.bias
         return y.to(x.dtype).reshape(*lead, self.out_features)
@@ -146,22 +149,51 @@ class SparseLinear(nn.Module):
         )
 
 
-def time_call(fn: Callable[[], Any], *, repeats: int = 20, warmup: int = 3) -> float:
+CLOCKS = {"wall": time.perf_counter, "cpu": time.thread_time}
+
+
+def time_call(fn: Callable[[], Any], *, repeats: int = 20, warmup: int = 3, clock: str = "wall") -> float:
     """Median seconds of ``fn()`` over ``repeats`` calls after ``warmup`` calls.
+
+    ``clock="cpu"`` measures the calling thread's CPU time (``time.thread_time``): with
+    one torch thread it is the work done, robust to other processes sharing the cores.
 
     Example:
         >>> time_call(lambda: sum(range(10)), repeats=3, warmup=1) >= 0
         True
     """
+    return time_pair(fn, fn, repeats=repeats, warmup=warmup, clock=clock)[0]
+
+
+def time_pair(
+    a: Callable[[], Any], b: Callable[[], Any], *, repeats: int = 20, warmup: int = 3, clock: str = "wall"
+) -> tuple[float, float]:
+    """Median seconds of ``a()`` and of ``b()``, timed alternately (so that a load change
+    on a shared machine hits both alike).
+
+    Example:
+        >>> ta, tb = time_pair(lambda: None, lambda: sum(range(100)), repeats=3)
+        >>> ta >= 0 and tb >= 0
+        True
+    """
+    if clock not in CLOCKS:
+        raise ValueError(f"unknown clock {clock!r}; valid: {', '.join(map(repr, CLOCKS))}")
+    now = CLOCKS[clock]
     for _ in range(warmup):
-        fn()
-    times = []
+        a()
+        b()
+    ta, tb = [], []
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    times.sort()
-    return times[len(times) // 2]
+        t0 = now()
+        a()
+        t1 = now()
+        b()
+        t2 = now()
+        ta.append(t1 - t0)
+        tb.append(t2 - t1)
+    ta.sort()
+    tb.sort()
+    return ta[len(ta) // 2], tb[len(tb) // 2]
 
 
 def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
@@ -182,6 +214,7 @@ def sparsify_for_inference(
     min_speedup: float = 1.1,
     patterns: Optional[Sequence[str]] = None,
     repeats: int = 20,
+    clock: str = "wall",
 ) -> dict[str, dict[str, Any]]:
     """Replace each sufficiently sparse linear layer by :class:`SparseLinear` where measured faster.
 
@@ -198,7 +231,9 @@ def sparsify_for_inference(
         min_sparsity: layers less sparse than this are not measured (stay dense).
         min_speedup: required dense/sparse time ratio to switch (0 forces every measured layer sparse).
         patterns: module-name globs (or ``re:`` regexes) to consider; default all.
-        repeats: timed calls per measurement (median).
+        repeats: timed calls per measurement (median; dense and sparse alternate).
+        clock: ``wall`` (default) or ``cpu`` (the thread's CPU time; use it with one torch
+            thread on a machine shared with other jobs).
 
     Returns:
         ``{module name: {"sparsity", "dense_us", "sparse_us", "speedup", "choice"}}`` with
@@ -209,6 +244,8 @@ def sparsify_for_inference(
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown sparse backend {backend!r}; valid: {', '.join(map(repr, BACKENDS))}")
+    if clock not in CLOCKS:
+        raise ValueError(f"unknown clock {clock!r}; valid: {', '.join(map(repr, CLOCKS))}")
     if batch_size < 1 or repeats < 1 or not (0.0 <= min_sparsity < 1.0) or min_speedup < 0:
         raise ValueError(
             f"need batch_size >= 1, repeats >= 1, 0 <= min_sparsity < 1, min_speedup >= 0; got "
@@ -247,8 +284,7 @@ def sparsify_for_inference(
             sparse(x)
             sync()
 
-        dense_t = time_call(dense_call, repeats=repeats)
-        sparse_t = time_call(sparse_call, repeats=repeats)
+        dense_t, sparse_t = time_pair(dense_call, sparse_call, repeats=repeats, clock=clock)
         entry.update(
             dense_us=round(dense_t * 1e6, 1),
             sparse_us=round(sparse_t * 1e6, 1),
