@@ -281,6 +281,16 @@ def test_outlier_ratio_hand_computed():
     assert outlier_ratio(w, norms, 0.9) == (2, 4)
 
 
+def test_rows_count_mask_spreads_exact_count_over_rows():
+    from artemis.methods.unstructured import rows_count_mask
+
+    scores = torch.tensor([[0.5, 0.1, 0.9, 0.3], [0.2, 0.8, 0.4, 0.6], [1.0, 0.0, 0.7, 0.7]])
+    mask = rows_count_mask(scores, 5)  # rows prune 2, 2, 1
+    assert mask.int().tolist() == [[1, 0, 1, 0], [0, 1, 0, 1], [1, 0, 1, 1]]
+    with pytest.raises(ValueError, match="cannot prune 13 of 12 weights"):
+        rows_count_mask(scores, 13)
+
+
 def test_owl_manager_exact_total_and_nonuniform_blocks():
     model = tiny_llama(layers=4)
     mgr = create_pruning_manager({"pruning": {"scope": "owl", "final_sparsity": 0.7}}, model)

@@ -30,7 +30,28 @@ from artemis.methods.base import METHODS, PruningMethod, TargetFn
 from artemis.metrics.base import ImportanceMetric
 from artemis.targets import PrunableTarget, find_targets
 
-__all__ = ["UnstructuredMethod"]
+__all__ = ["UnstructuredMethod", "rows_count_mask"]
+
+
+def rows_count_mask(scores: Tensor, count: int) -> Tensor:
+    """Keep-mask pruning exactly ``count`` weights of a 2-D ``(out, in)`` score matrix, spread
+    over the rows as evenly as possible (the first ``count % out`` rows prune one more);
+    inside a row the lowest scores go first (ties: lower column index).
+
+    Example:
+        >>> import torch
+        >>> rows_count_mask(torch.tensor([[3.0, 1.0, 2.0], [1.0, 2.0, 3.0]]), 3).int().tolist()
+        [[1, 0, 0], [0, 1, 1]]
+    """
+    rows, cols = scores.shape
+    if not (0 <= count <= rows * cols):
+        raise ValueError(f"cannot prune {count} of {rows * cols} weights")
+    per_row = torch.full((rows, 1), count // rows, dtype=torch.int64, device=scores.device)
+    per_row[: count % rows] += 1
+    order = torch.sort(scores.detach().to(torch.float32), dim=1, stable=True).indices  # (out, in)
+    rank = torch.empty_like(order)
+    rank.scatter_(1, order, torch.arange(cols, device=scores.device).expand(rows, cols).contiguous())
+    return rank >= per_row
 
 
 @METHODS.register("magnitude_progressive")
@@ -158,7 +179,8 @@ class UnstructuredMethod(PruningMethod):
     @torch.no_grad()
     def _owl_masks(self, sparsity: float, metric: ImportanceMetric) -> dict[str, Tensor]:
         """OWL: per-block sparsities from outlier ratios (exact total count), then each
-        layer's lowest metric scores pruned. Weights pruned earlier stay pruned (in a
+        layer's lowest metric scores pruned (spread evenly over its rows for metrics whose
+        default scope is ``row``, as OWL does with Wanda). Weights pruned earlier stay pruned (in a
         progressive run a layer's count is at least its earlier count)."""
         from artemis.errors import CalibrationError
         from artemis.owl import allocate_counts, collect_input_norms, outlier_ratio, owl_sparsities
@@ -191,7 +213,11 @@ class UnstructuredMethod(PruningMethod):
             old = self.manager.masks.get(t.key)
             if old is not None:
                 c = max(c, int((~old).sum()))
-            masks[t.key] = layer_mask(self._score_fn(t, metric)(), c / t.numel)
+            scores = self._score_fn(t, metric)()
+            if metric.default_scope == "row" and scores.dim() == 2:  # Wanda-like metrics: per row
+                masks[t.key] = t.rows_view(rows_count_mask(t.rows_view(scores), c)).contiguous()
+            else:
+                masks[t.key] = layer_mask(scores, c / t.numel)
             self.last_layer_sparsity[t.key] = c / t.numel
         self.owl_ratios = {str(u[1]): r for u, r in zip(units, ratios)}
         return masks
