@@ -227,6 +227,9 @@ def test_sparsegpt_needs_calibration_data():
     mgr = create_pruning_manager({"pruning": {"reconstruction": "sparsegpt"}}, tiny_llama())
     with pytest.raises(CalibrationError, match=r"reconstruction: sparsegpt needs calibration batches.*set_calibration_data"):
         mgr.apply_pruning(0.5)
+    with pytest.raises(CalibrationError, match=r"reconstruction: sparsegpt needs calibration batches"):
+        mgr.apply_magnitude_pruning(0.5)
+    assert not mgr.masks  # nothing changed
     mgr2 = create_pruning_manager({"pruning": {"reconstruction": "sparsegpt"}}, tiny_llama(), total_steps=10)
     with pytest.raises(CalibrationError, match="needs calibration batches at every pruning event"):
         mgr2.step()

@@ -307,6 +307,7 @@ class PruningManager:
         metric), with the configured method and scope."""
         self._check_active("apply_magnitude_pruning")
         s = self._check_sparsity(sparsity)
+        self._check_calibration_data()  # issue 9: reconstruction / OWL need batches
         self._prune(self.method.one_shot_target_fn(s), METRICS.get("magnitude")())
 
     def apply_pruning(self, sparsity: float, calibration_data: Optional[Iterable] = None) -> None:
@@ -372,6 +373,7 @@ class PruningManager:
         self._finalized = True
         self._refresh_metrics()
         self.masks = {}
+        self.calibration_data = None  # issue 9: release the kept batches
         return self.model
 
     def prepare_for_quantization(self) -> nn.Module:
