@@ -117,23 +117,31 @@ class HessianAccumulator:
 
 def _inverse_hessian_factor(h: Tensor, dampening: float) -> Tensor:
     """Upper Cholesky factor of ``(H + λI)⁻¹`` with ``λ = dampening · mean(diag H)``;
-    dead inputs (zero diagonal) get a unit diagonal. Retries with 10× and 100× damping."""
+    dead inputs (zero diagonal) get a unit diagonal. Retries with 10× and 100× damping.
+
+    Works on one private copy of ``H`` and frees each intermediate as soon as the next
+    exists, so at most two ``in × in`` matrices live here at once (plus the caller's ``H``).
+    """
     h = h.clone()
-    dead = torch.diag(h) == 0
-    h[dead, dead] = 1.0
-    mean_diag = float(torch.mean(torch.diag(h)))
-    idx = torch.arange(h.shape[0], device=h.device)
+    diag = h.diagonal()  # a view: edits go into h
+    diag[diag == 0] = 1.0
+    mean_diag = float(diag.mean())
+    applied = 0.0
     last: Optional[Exception] = None
     for factor in (1.0, 10.0, 100.0):
-        damped = h.clone()
-        damped[idx, idx] += dampening * factor * mean_diag
+        damp = dampening * factor * mean_diag
+        diag += damp - applied
+        applied = damp
         try:
-            chol = torch.linalg.cholesky(damped)
-            hinv = torch.cholesky_inverse(chol)
-            return torch.linalg.cholesky(hinv, upper=True)
+            chol = torch.linalg.cholesky(h)
         except torch.linalg.LinAlgError as exc:  # not positive definite: damp more
             last = exc
             logger.warning("Hessian not positive definite with dampening %g; retrying with more", dampening * factor)
+            continue
+        del h, diag
+        hinv = torch.cholesky_inverse(chol)
+        del chol
+        return torch.linalg.cholesky(hinv, upper=True)
     raise CalibrationError(
         f"the layer's input Hessian is not positive definite even with dampening {dampening * 100:g} "
         f"× its mean diagonal ({last}); use more calibration data or raise sparsegpt_dampening"
@@ -390,7 +398,7 @@ def reconstruct_layers(
                 )
             tokens = acc.count
             h = acc.hessian()
-            del acc
+            del acc, hook  # the hook's default argument holds the running sum: free it now
             mask = t.rows_view(masks[t.key].to(weight.device))
             if select == "metric":
                 new_w, _ = sparsegpt_prune(weight, h, mask=mask, blocksize=blocksize, dampening=dampening)
