@@ -133,11 +133,12 @@ class SparseLinear(nn.Module):
         if self.backend == "semi_structured":
             return F.linear(x, self.weight, self.bias)
         lead = x.shape[:-1]
+        if x.numel() == self.in_features:  # one token: sparse matrix × vector, few Python steps
+            v = x.reshape(-1).to(self.weight.dtype)
+            y = torch.mv(self.weight, v) if self.bias is None else torch.addmv(self.bias, self.weight, v)
+            return y.to(x.dtype).reshape(*lead, self.out_features)
         x2 = x.reshape(-1, self.in_features).to(self.weight.dtype)  # (tokens, in)
-        if x2.shape[0] == 1:  # one token: sparse matrix × vector (much faster than mm on a 1-column matrix)
-            y = torch.mv(self.weight, x2[0]).unsqueeze(0)  # (1, out)
-        else:
-            y = torch.sparse.mm(self.weight, x2.t()).t()  # (tokens, out)
+        y = torch.sparse.mm(self.weight, x2.t()).t()  # (tokens, out)
         if self.bias is not None:
             y = y + self.bias
         return y.to(x.dtype).reshape(*lead, self.out_features)
