@@ -91,6 +91,7 @@ def main() -> None:
     ap.add_argument("--calib", type=int, default=128, help="calibration sentences")
     ap.add_argument("--quick", action="store_true", help="only the 50%% unstructured rows")
     ap.add_argument("--sections", default="50,24,70", help="comma list of: 50 (50%% unstructured), 24 (2:4), 70 (OWL vs uniform)")
+    ap.add_argument("--only", default=None, help="run only the rows whose label contains this text")
     ap.add_argument("--skip-slow", action="store_true", help="leave out the rows whose result is implied by others "
                     "(magnitude-mask reconstruction at 2:4, SparseGPT at 70%%)")
     ap.add_argument("--json", default=None, help="also write the results here")
@@ -111,6 +112,8 @@ def main() -> None:
     rows = []
 
     def run(label: str, sparsity: float, **cfg) -> None:
+        if args.only and args.only not in label:
+            return
         model = copy.deepcopy(dense)
         rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         t0 = time.perf_counter()
