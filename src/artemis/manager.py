@@ -50,7 +50,7 @@ from artemis.distributed import (
     local_tensor,
     shard_like,
 )
-from artemis.errors import CheckpointError, ConfigError, PruningStateError
+from artemis.errors import CalibrationError, CheckpointError, ConfigError, PruningStateError
 from artemis.methods import METHODS, PruningMethod
 from artemis.metrics import METRICS, ImportanceMetric
 from artemis.schedule import is_pruning_event, pruning_window, sparsity_at
@@ -132,6 +132,9 @@ class PruningManager:
         self.baseline_model_size = model_dense_bytes(self.model) / MIB
         self._hooks: list[Any] = []
         self._fake_quant: Any = None  # artemis.quantization.FakeQuantHandle while QAT is on
+        # issue 9: batches kept for reconstruction / OWL (set_calibration_data, apply_pruning)
+        self.calibration_data: Optional[list] = None
+        self.last_reconstruction: Optional[dict[str, Any]] = None
         self.pruning_metrics: dict[str, Any] = {}
         self._refresh_metrics()
         if config.enabled:
@@ -290,6 +293,7 @@ class PruningManager:
         t = self._step
         pruned = False
         if self.config.enabled:
+            self._check_calibration_data()  # issue 9: fail at the first step, not at the first event
             t_s, t_e = self._window(total)
             if t <= t_e:  # statistics are only gathered while a pruning event is still to come
                 self.metric.on_step()
@@ -336,12 +340,27 @@ class PruningManager:
                     "statistics are not the same on every rank; a metric that gathers per-rank statistics must "
                     "sum them in ImportanceMetric.all_reduce_()"
                 )
+        old_masks = dict(self.masks)  # issue 9: earlier masks, kept pruned by the reconstruction
         for key, mask in new_masks.items():
             p = local_tensor(self._params[key])
             mask = mask.to(p.device)
             self.masks[key] = mask
             self._mask_version[key] = self._mask_version.get(key, 0) + 1
-            p.mul_(mask)
+            if self.config.reconstruction == "none":  # the reconstruction needs the unmasked weights
+                p.mul_(mask)
+        if self.config.reconstruction == "sparsegpt":  # issue 9: OBS update of the kept weights
+            from artemis.reconstruction import reconstruct_layers
+
+            c = self.config
+            chosen = {k: self.masks[k] for k in new_masks}
+            self.last_reconstruction = reconstruct_layers(
+                self.model, self.method.targets, chosen, self.calibration_data,
+                blocksize=c.sparsegpt_blocksize, dampening=c.sparsegpt_dampening,
+                select=c.sparsegpt_mask, priors=old_masks, pattern=self.method.event_pattern(chosen),
+            )
+            for key, mask in chosen.items():  # select 'obs' may have moved the pruned weights
+                self.masks[key] = mask
+                self._params[key].mul_(mask)
         metric.reset()
         self._events += 1
         self._last_target = target_fn(self.config.final_sparsity)
@@ -373,6 +392,7 @@ class PruningManager:
         metric), with the configured method and scope."""
         self._check_active("apply_magnitude_pruning")
         s = self._check_sparsity(sparsity)
+        self._check_calibration_data()  # issue 9: reconstruction / OWL need batches
         self._prune(self.method.one_shot_target_fn(s), METRICS.get("magnitude")())
 
     def apply_pruning(
@@ -399,9 +419,38 @@ class PruningManager:
         """
         self._check_active("apply_pruning")
         s = self._check_sparsity(sparsity)
+        if calibration_data is not None and self._needs_calibration_data():
+            calibration_data = self.set_calibration_data(calibration_data)  # issue 9
+        self._check_calibration_data()
         if calibration_data is not None:
             self.calibrate(calibration_data, loss_fn=loss_fn, progress=progress)
         self._prune(self.method.one_shot_target_fn(s), self.metric)
+
+    # ------------------------------------------------- issue 9: calibration data kept
+    def _needs_calibration_data(self) -> bool:
+        c = self.config
+        return c.reconstruction != "none" or (c.scope == "owl" and c.pattern is None)
+
+    def _check_calibration_data(self) -> None:
+        if self._needs_calibration_data() and self.calibration_data is None:
+            need = "reconstruction: sparsegpt" if self.config.reconstruction != "none" else "scope: owl"
+            raise CalibrationError(
+                f"{need} needs calibration batches at every pruning event: pass "
+                "apply_pruning(s, calibration_data=batches) for one-shot pruning, or call "
+                "manager.set_calibration_data(batches) before training"
+            )
+
+    def set_calibration_data(self, data: Iterable) -> list:
+        """Keep calibration batches for the reconstruction and OWL at every pruning event.
+
+        The batches (dicts of tensors or tensors, as for :meth:`calibrate`) are stored as
+        a list, since they are iterated once per layer; keep the set small (SparseGPT
+        uses 128 sequences). Returns the list.
+        """
+        from artemis.reconstruction import check_calibration_batches
+
+        self.calibration_data = check_calibration_batches(data)
+        return self.calibration_data
 
     def calibrate(
         self,
@@ -454,6 +503,7 @@ class PruningManager:
         self._finalized = True
         self._refresh_metrics()
         self.masks = {}
+        self.calibration_data = None  # issue 9: release the kept batches
         return self.model
 
     def prepare_for_quantization(self) -> nn.Module:
