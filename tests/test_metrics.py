@@ -43,9 +43,12 @@ def test_activation_wanda_hand_computed_1x8():
     mgr = _mgr(net, "activation")
     x = torch.arange(8.0, 0.0, -1.0).unsqueeze(0)  # one token (1, 8)
     assert mgr.calibrate([x], progress=False) == 1
+    sq = mgr.metric.state_dict()["sq"]["0.weight"]
+    assert sq.dtype == torch.float32 and sq.shape == (8,)  # one float per input feature
     assert mgr.metric.score(mgr.method.targets[0]).tolist() == [[8.0, 14.0, 18.0, 20.0, 20.0, 18.0, 14.0, 8.0]]
     mgr.apply_pruning(0.5)
     assert (net[0].weight != 0).int().tolist() == [[0, 0, 1, 1, 1, 1, 0, 0]]
+    assert mgr.metric.state_dict() == {"sq": {}, "tokens": {}}  # statistics freed at the event
     # plain magnitude keeps the four largest instead
     net2 = _linear(w)
     create_pruning_manager({"pruning": {"targets": ["*"]}}, net2).apply_magnitude_pruning(0.5)

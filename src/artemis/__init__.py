@@ -15,6 +15,7 @@ from artemis.errors import (
     ModelError,
     PruningStateError,
 )
+from artemis.export import load_pruned, save_pruned
 from artemis.manager import PruningManager
 from artemis.pruning import create_pruning_manager
 
@@ -26,6 +27,8 @@ __all__ = [
     "PruningManager",
     "PruningConfig",
     "load_pruning_config",
+    "save_pruned",
+    "load_pruned",
     "ArtemisError",
     "ConfigError",
     "ModelError",

@@ -17,14 +17,15 @@ Example:
     >>> torch.manual_seed(0) and None
     >>> net = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
     >>> x = torch.randn(32, 16); y = net(x).detach()
-    >>> def evaluate(model):
+    >>> @torch.no_grad()
+    ... def evaluate(model):
     ...     return {"cosine": float(nn.functional.cosine_similarity(model(x), y).mean())}
     >>> table = sparsity_sweep(net, {"pruning": {"targets": ["*"]}}, [0.25, 0.5, 0.9], evaluate)
-    >>> [row["sparsity"] for row in table]
-    [0.25, 0.5, 0.9]
+    >>> [(row["sparsity"], round(row["metrics"]["cosine"], 2)) for row in table]
+    [(0.25, 0.99), (0.5, 0.89), (0.9, 0.76)]
     >>> torch.equal(net(x), y)  # the dense weights are back
     True
-    >>> best_sparsity(table, "cosine", 0.5)
+    >>> best_sparsity(table, "cosine", 0.85)
     0.5
 """
 

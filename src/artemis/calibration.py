@@ -68,7 +68,7 @@ def describe_batch(batch: Any) -> str:
     Example:
         >>> import torch
         >>> describe_batch({"input_ids": torch.zeros(2, 3, dtype=torch.long), "flag": True})
-        "dict{input_ids: int64(2, 3), flag: bool}"
+        'dict{input_ids: int64(2, 3), flag: bool}'
     """
     def one(v: Any) -> str:
         if isinstance(v, Tensor):

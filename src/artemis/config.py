@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal, Mapping, Optional, Union
 
@@ -38,15 +39,39 @@ from artemis.errors import ConfigError
 
 __all__ = [
     "PruningConfig",
+    "LayerDropoutOptions",
     "load_pruning_config",
     "read_yaml",
     "format_validation_error",
     "SCHEDULES",
     "SCOPES",
+    "RECONSTRUCTIONS",
+    "parse_nm_pattern",
 ]
 
 SCHEDULES = ("cubic", "cubic_decay", "linear")
-SCOPES = ("global", "layer", "row")
+SCOPES = ("global", "layer", "row", "owl")
+RECONSTRUCTIONS = ("none", "sparsegpt")
+
+
+def parse_nm_pattern(pattern: str) -> tuple[int, int]:
+    """``"N:M"`` → ``(N, M)``: keep N weights in every group of M consecutive input weights.
+
+    Example:
+        >>> parse_nm_pattern("2:4")
+        (2, 4)
+        >>> parse_nm_pattern("4:4")
+        Traceback (most recent call last):
+        ...
+        ValueError: pattern is not valid: ...
+    """
+    m = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", str(pattern))
+    if m is None or not (0 < int(m.group(1)) < int(m.group(2)) <= 128):
+        raise ValueError(
+            "pattern is not valid: write 'N:M' with 0 < N < M <= 128 (N kept in every group of M "
+            f"consecutive input weights), for example '2:4' or '4:8'; got {pattern!r}"
+        )
+    return int(m.group(1)), int(m.group(2))
 
 
 def _check_unknown_keys(model_cls: type[BaseModel], data: Any) -> None:
@@ -73,6 +98,33 @@ def _sparsity(name: str, value: float) -> float:
     return value
 
 
+class LayerDropoutOptions(BaseModel):
+    """The ``layer_dropout:`` sub-section (only valid with ``method: layer_dropout``).
+
+    Attributes:
+        fade_steps: a dropped layer's contribution to the residual stream is scaled down
+            linearly to zero over this many ``step()`` calls before it becomes the identity
+            (0 or 1: cut at once).
+    """
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    fade_steps: int = 0
+
+    @model_validator(mode="before")
+    @classmethod
+    def _unknown_keys(cls, data: Any) -> Any:
+        _check_unknown_keys(cls, data)
+        return data
+
+    @field_validator("fade_steps")
+    @classmethod
+    def _check_fade(cls, v: int) -> int:
+        if v < 0:
+            raise ValueError(f"fade_steps must be >= 0 steps, got {v!r}")
+        return v
+
+
 class PruningConfig(BaseModel):
     """The ``pruning:`` section.
 
@@ -96,15 +148,38 @@ class PruningConfig(BaseModel):
         schedule: ``cubic`` (the seed's formula, gentle at the start), ``cubic_decay``
             (Zhu & Gupta, aggressive at the start) or ``linear``.
         scope: ``global`` (one threshold across all prunable weights), ``layer`` (each
-            weight matrix to the target on its own) or ``row`` (each output row on its own,
-            as Wanda does). ``None`` means the metric's default (``row`` for ``activation``,
-            ``global`` otherwise).
+            weight matrix to the target on its own), ``row`` (each output row on its own,
+            as Wanda does) or ``owl`` (outlier-weighted layer-wise sparsity: each block gets
+            a sparsity from its share of activation outliers, the sizes-weighted average
+            being exactly the target; needs calibration data). ``None`` means the metric's
+            default (``row`` for ``activation``, ``global`` otherwise).
+        owl_lambda: OWL's spread λ: per-block sparsities lie within target ± 2λ (the
+            outlier ratios are scaled to a range of 2λ). In (0, 0.5]; default 0.08.
+        owl_m: OWL's outlier threshold M: a weight is an outlier when its score
+            ``|W_ij|·‖X_j‖`` exceeds M times its layer's mean score. Default 5.
+        pattern: ``"N:M"`` semi-structured sparsity (``"2:4"``, ``"4:8"``): in every group of
+            M consecutive input weights of a row exactly N are kept (chosen by the metric).
+            Fixes the final sparsity at 1 − N/M (set ``final_sparsity`` to it or omit it);
+            progressive runs prune round(s(t)·M) weights per group at each event.
+        reconstruction: ``none`` (default) or ``sparsegpt``: after the masks are chosen,
+            update the kept weights of each layer (one layer at a time) to minimise the
+            layer's output error on calibration data (the OBS update with the inverse
+            Hessian of the layer inputs). Needs calibration data (``apply_pruning(s,
+            calibration_data)`` or ``manager.set_calibration_data(batches)``).
+        sparsegpt_blocksize: columns updated together by the reconstruction (default 128).
+        sparsegpt_dampening: fraction of the mean Hessian diagonal added to its diagonal
+            before inversion (default 0.01).
+        sparsegpt_mask: ``metric`` (default): the reconstruction keeps the masks the
+            metric, scope and pattern chose; ``obs``: it keeps only each layer's pruned count
+            (or the N:M pattern) and chooses the weights itself by the OBS saliency
+            ``w²/[H⁻¹]ᵢᵢ²`` while it updates, as the SparseGPT paper does.
         targets: module-name patterns selecting the prunable modules (``fnmatch`` globs
             such as ``"*.mlp.*"``, or regular expressions prefixed with ``re:``). Default:
             every ``nn.Linear`` / HF ``Conv1D`` inside the transformer blocks.
         exclude: patterns removed from the targets.
         layer_sparsity: pattern → final sparsity overrides for matching modules.
         total_steps: optional; may instead be passed to ``step()`` or the manager.
+        layer_dropout: options of ``method: layer_dropout`` (:class:`LayerDropoutOptions`).
     """
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True, validate_assignment=True)
@@ -125,11 +200,31 @@ class PruningConfig(BaseModel):
     exclude: list[str] = Field(default_factory=list)
     layer_sparsity: dict[str, float] = Field(default_factory=dict)
     total_steps: Optional[int] = None
+    layer_dropout: Optional[LayerDropoutOptions] = None
+    # --- issue 9: reconstruction, N:M patterns and OWL (see docs/advanced_pruning.md)
+    reconstruction: str = "none"
+    pattern: Optional[str] = None
+    owl_lambda: float = 0.08
+    owl_m: float = 5.0
+    sparsegpt_blocksize: int = 128
+    sparsegpt_dampening: float = 0.01
+    sparsegpt_mask: Literal["metric", "obs"] = "metric"
 
     @model_validator(mode="before")
     @classmethod
     def _unknown_keys(cls, data: Any) -> Any:
         _check_unknown_keys(cls, data)
+        if (
+            isinstance(data, Mapping)
+            and data.get("pattern") is not None
+            and "final_sparsity" not in data
+            and "sparsity_target" not in data
+        ):
+            try:  # an N:M pattern fixes the final sparsity; a bad pattern fails in its validator
+                n, m = parse_nm_pattern(data["pattern"])
+                data = {**data, "final_sparsity": 1.0 - n / m}
+            except ValueError:
+                pass
         if isinstance(data, Mapping) and "sparsity_target" in data and "final_sparsity" in data:
             raise ValueError(
                 "both 'sparsity_target' and 'final_sparsity' are set "
@@ -175,9 +270,19 @@ class PruningConfig(BaseModel):
 
     @field_validator("importance_metric")
     @classmethod
-    def _check_metric(cls, v: str) -> str:
+    def _check_metric(cls, v: str, info) -> str:
+        from artemis.methods import METHODS
         from artemis.metrics import METRICS
 
+        method = info.data.get("method")
+        supported = getattr(METHODS.get(method), "supported_metrics", None) if method in METHODS else None
+        if supported is not None:  # the method scores its own units (e.g. whole layers)
+            if v not in supported:
+                raise ValueError(
+                    f"unknown importance_metric {v!r} for method {method!r}; valid: "
+                    + ", ".join(map(repr, supported))
+                )
+            return v
         if v not in METRICS:
             raise ValueError(METRICS.unknown_message(v))
         return v
@@ -194,6 +299,49 @@ class PruningConfig(BaseModel):
     def _check_scope(cls, v: Optional[str]) -> Optional[str]:
         if v is not None and v not in SCOPES:
             raise ValueError(f"unknown scope {v!r}; valid: {', '.join(map(repr, SCOPES))}")
+        return v
+
+    @field_validator("reconstruction")
+    @classmethod
+    def _check_reconstruction(cls, v: str) -> str:
+        if v not in RECONSTRUCTIONS:
+            raise ValueError(f"unknown reconstruction {v!r}; valid: {', '.join(map(repr, RECONSTRUCTIONS))}")
+        return v
+
+    @field_validator("pattern")
+    @classmethod
+    def _check_pattern(cls, v: Optional[str]) -> Optional[str]:
+        if v is not None:
+            n, m = parse_nm_pattern(v)
+            return f"{n}:{m}"
+        return v
+
+    @field_validator("owl_lambda")
+    @classmethod
+    def _check_owl_lambda(cls, v: float) -> float:
+        if not (0.0 < v <= 0.5):
+            raise ValueError(f"owl_lambda must be in (0, 0.5], got {v!r}")
+        return v
+
+    @field_validator("owl_m")
+    @classmethod
+    def _check_owl_m(cls, v: float) -> float:
+        if not (v > 0.0):
+            raise ValueError(f"owl_m must be > 0 (outlier = score above owl_m × the layer mean), got {v!r}")
+        return v
+
+    @field_validator("sparsegpt_blocksize")
+    @classmethod
+    def _check_blocksize(cls, v: int) -> int:
+        if v < 1:
+            raise ValueError(f"sparsegpt_blocksize must be at least 1 column, got {v!r}")
+        return v
+
+    @field_validator("sparsegpt_dampening")
+    @classmethod
+    def _check_damp(cls, v: float) -> float:
+        if not (0.0 < v <= 1.0):
+            raise ValueError(f"sparsegpt_dampening must be in (0, 1], got {v!r}")
         return v
 
     @field_validator("layer_sparsity")
@@ -221,10 +369,51 @@ class PruningConfig(BaseModel):
                 f"pruning_start ({self.pruning_start}) is after pruning_end ({self.pruning_end}); "
                 "pruning_start must be <= pruning_end"
             )
+        if self.layer_dropout is not None and self.method != "layer_dropout":
+            raise ValueError(
+                f"the layer_dropout section is only used by method 'layer_dropout' (method is "
+                f"{self.method!r}); remove it or set method: layer_dropout"
+            )
         if self.initial_sparsity > self.final_sparsity:
             raise ValueError(
                 f"initial_sparsity ({self.initial_sparsity}) is above final_sparsity "
                 f"({self.final_sparsity}); sparsity can only grow during pruning"
+            )
+        if self.pattern is not None:
+            n, m = parse_nm_pattern(self.pattern)
+            if abs(self.final_sparsity - (1.0 - n / m)) > 1e-9:
+                raise ValueError(
+                    f"pattern {self.pattern!r} prunes exactly {1.0 - n / m:g} of every group, but "
+                    f"final_sparsity is {self.final_sparsity}; set final_sparsity: {1.0 - n / m:g} or omit it"
+                )
+            if self.scope is not None:
+                raise ValueError(
+                    f"scope {self.scope!r} does not apply with pattern {self.pattern!r}: N:M chooses "
+                    "within each group of M weights; remove scope"
+                )
+            if self.layer_sparsity:
+                raise ValueError(
+                    f"layer_sparsity does not apply with pattern {self.pattern!r}: every layer is "
+                    f"{self.pattern}; remove layer_sparsity or pattern"
+                )
+        extras = [
+            name
+            for name, on in (
+                (f"reconstruction: {self.reconstruction}", self.reconstruction != "none"),
+                (f"pattern: {self.pattern}", self.pattern is not None),
+                ("scope: owl", self.scope == "owl"),
+            )
+            if on
+        ]
+        if extras and self.method != "magnitude_progressive":
+            raise ValueError(
+                f"{', '.join(extras)} applies to unstructured pruning only (method "
+                f"'magnitude_progressive'), not to method {self.method!r}"
+            )
+        if self.scope == "owl" and self.layer_sparsity:
+            raise ValueError(
+                "layer_sparsity does not apply with scope 'owl': OWL chooses every layer's sparsity; "
+                "remove one of them"
             )
         return self
 

@@ -50,7 +50,7 @@ from artemis.distributed import (
     local_tensor,
     shard_like,
 )
-from artemis.errors import CheckpointError, ConfigError, PruningStateError
+from artemis.errors import CalibrationError, CheckpointError, ConfigError, PruningStateError
 from artemis.methods import METHODS, PruningMethod
 from artemis.metrics import METRICS, ImportanceMetric
 from artemis.schedule import is_pruning_event, pruning_window, sparsity_at
@@ -101,8 +101,9 @@ class PruningManager:
         self.model = unwrap_model(model)
         self.config = config
         self.adapter = get_adapter(self.model)
-        self.metric: ImportanceMetric = METRICS.get(config.importance_metric)(**config.metric_options)
-        self.method: PruningMethod = METHODS.get(config.method)(self)
+        method_cls = METHODS.get(config.method)
+        self.metric: ImportanceMetric = method_cls.create_metric(config.importance_metric, **config.metric_options)
+        self.method: PruningMethod = method_cls(self)
         self.method.setup()
         self._params: dict[str, nn.Parameter] = self.method.masked_params()
         self._param_ids = {id(p): k for k, p in self._params.items()}
@@ -130,6 +131,10 @@ class PruningManager:
             self._set_total_steps(ts)
         self.baseline_model_size = model_dense_bytes(self.model) / MIB
         self._hooks: list[Any] = []
+        self._fake_quant: Any = None  # artemis.quantization.FakeQuantHandle while QAT is on
+        # issue 9: batches kept for reconstruction / OWL (set_calibration_data, apply_pruning)
+        self.calibration_data: Optional[list] = None
+        self.last_reconstruction: Optional[dict[str, Any]] = None
         self.pruning_metrics: dict[str, Any] = {}
         self._refresh_metrics()
         if config.enabled:
@@ -154,7 +159,33 @@ class PruningManager:
         self.metric.attach(self.model, self.method.targets)
         self.method.install()
 
+    def _enable_quantization_aware(self) -> None:
+        """From ``pruning_end`` on, run the masked layers with fake-quantized int8 weights."""
+        from artemis.quantization import enable_fake_quant
+
+        self._fake_quant = enable_fake_quant(self._quant_modules())
+
+    def _quant_modules(self) -> list[nn.Module]:
+        """The pruned ``Linear``/``Conv1D`` layers still in the model (QAT and int8 scales);
+        for a method whose units are not such layers, every one inside the blocks."""
+        from artemis.quantization import default_quant_targets
+        from artemis.targets import is_prunable_module
+
+        present = set(self.model.modules())
+        mods = [t.module for t in self.method.targets if t.module in present and is_prunable_module(t.module)]
+        if not mods:
+            mods = [self.model.get_submodule(n) for n in default_quant_targets(self.model)]
+        return mods
+
+    @property
+    def quantization_aware_active(self) -> bool:
+        """True while the masked layers run with fake-quantized int8 weights."""
+        return self._fake_quant is not None
+
     def _remove_hooks(self) -> None:
+        if self._fake_quant is not None:
+            self._fake_quant.remove()
+            self._fake_quant = None
         for h in self._hooks:
             h.remove()
         self._hooks.clear()
@@ -262,6 +293,7 @@ class PruningManager:
         t = self._step
         pruned = False
         if self.config.enabled:
+            self._check_calibration_data()  # issue 9: fail at the first step, not at the first event
             t_s, t_e = self._window(total)
             if t <= t_e:  # statistics are only gathered while a pruning event is still to come
                 self.metric.on_step()
@@ -272,6 +304,8 @@ class PruningManager:
                     self.metric,
                 )
                 pruned = True
+            if self.config.quantization_aware and t >= t_e and self._fake_quant is None:
+                self._enable_quantization_aware()
         self._step += 1
         return pruned
 
@@ -306,12 +340,27 @@ class PruningManager:
                     "statistics are not the same on every rank; a metric that gathers per-rank statistics must "
                     "sum them in ImportanceMetric.all_reduce_()"
                 )
+        old_masks = dict(self.masks)  # issue 9: earlier masks, kept pruned by the reconstruction
         for key, mask in new_masks.items():
             p = local_tensor(self._params[key])
             mask = mask.to(p.device)
             self.masks[key] = mask
             self._mask_version[key] = self._mask_version.get(key, 0) + 1
-            p.mul_(mask)
+            if self.config.reconstruction == "none":  # the reconstruction needs the unmasked weights
+                p.mul_(mask)
+        if self.config.reconstruction == "sparsegpt":  # issue 9: OBS update of the kept weights
+            from artemis.reconstruction import reconstruct_layers
+
+            c = self.config
+            chosen = {k: self.masks[k] for k in new_masks}
+            self.last_reconstruction = reconstruct_layers(
+                self.model, self.method.targets, chosen, self.calibration_data,
+                blocksize=c.sparsegpt_blocksize, dampening=c.sparsegpt_dampening,
+                select=c.sparsegpt_mask, priors=old_masks, pattern=self.method.event_pattern(chosen),
+            )
+            for key, mask in chosen.items():  # select 'obs' may have moved the pruned weights
+                self.masks[key] = mask
+                self._params[key].mul_(mask)
         metric.reset()
         self._events += 1
         self._last_target = target_fn(self.config.final_sparsity)
@@ -343,6 +392,7 @@ class PruningManager:
         metric), with the configured method and scope."""
         self._check_active("apply_magnitude_pruning")
         s = self._check_sparsity(sparsity)
+        self._check_calibration_data()  # issue 9: reconstruction / OWL need batches
         self._prune(self.method.one_shot_target_fn(s), METRICS.get("magnitude")())
 
     def apply_pruning(
@@ -369,9 +419,38 @@ class PruningManager:
         """
         self._check_active("apply_pruning")
         s = self._check_sparsity(sparsity)
+        if calibration_data is not None and self._needs_calibration_data():
+            calibration_data = self.set_calibration_data(calibration_data)  # issue 9
+        self._check_calibration_data()
         if calibration_data is not None:
             self.calibrate(calibration_data, loss_fn=loss_fn, progress=progress)
         self._prune(self.method.one_shot_target_fn(s), self.metric)
+
+    # ------------------------------------------------- issue 9: calibration data kept
+    def _needs_calibration_data(self) -> bool:
+        c = self.config
+        return c.reconstruction != "none" or (c.scope == "owl" and c.pattern is None)
+
+    def _check_calibration_data(self) -> None:
+        if self._needs_calibration_data() and self.calibration_data is None:
+            need = "reconstruction: sparsegpt" if self.config.reconstruction != "none" else "scope: owl"
+            raise CalibrationError(
+                f"{need} needs calibration batches at every pruning event: pass "
+                "apply_pruning(s, calibration_data=batches) for one-shot pruning, or call "
+                "manager.set_calibration_data(batches) before training"
+            )
+
+    def set_calibration_data(self, data: Iterable) -> list:
+        """Keep calibration batches for the reconstruction and OWL at every pruning event.
+
+        The batches (dicts of tensors or tensors, as for :meth:`calibrate`) are stored as
+        a list, since they are iterated once per layer; keep the set small (SparseGPT
+        uses 128 sequences). Returns the list.
+        """
+        from artemis.reconstruction import check_calibration_batches
+
+        self.calibration_data = check_calibration_batches(data)
+        return self.calibration_data
 
     def calibrate(
         self,
@@ -389,6 +468,14 @@ class PruningManager:
         from artemis.calibration import run_calibration
 
         self._check_active("calibrate")
+        own = getattr(self.metric, "calibrate", None)  # a metric with its own calibration pass
+        if callable(own):
+            if loss_fn is not None:
+                raise ConfigError(
+                    f"calibrate(loss_fn=...) is not supported by the {self.config.method!r} method's "
+                    "layer-level metric; it uses the model's own loss"
+                )
+            return own(self, data)
         return run_calibration(self, data, loss_fn=loss_fn, progress=progress)
 
     def close(self) -> None:
@@ -416,15 +503,19 @@ class PruningManager:
         self._finalized = True
         self._refresh_metrics()
         self.masks = {}
+        self.calibration_data = None  # issue 9: release the kept batches
         return self.model
 
     def prepare_for_quantization(self) -> nn.Module:
-        """``finalize()`` (if not done yet), then ready the model for 8-bit quantization."""
+        """``finalize()`` (if not done yet: every mask folded into its weight), then attach
+        per-channel int8 scales computed from the kept weights (buffer ``int8_scale``) to
+        every pruned layer; ``artemis.quantization.quantize_int8(model)`` converts exactly
+        those layers. Returns the model."""
         if not self._finalized:
             self.finalize()
         from artemis.quantization import prepare_model_for_quantization
 
-        return prepare_model_for_quantization(self.model)
+        return prepare_model_for_quantization(self.model, self._quant_modules())
 
     @property
     def finalized(self) -> bool:
@@ -466,6 +557,7 @@ class PruningManager:
             "compressed_model_size_mb": compressed / MIB,
             "pruning_events": self._events,
         }
+        self.method.update_pruning_metrics(self.pruning_metrics)
 
     @torch.no_grad()
     def get_pruning_summary(self) -> dict[str, Any]:
@@ -587,6 +679,11 @@ class PruningManager:
             p.mul_(self.masks[key])
         self.metric.load_state_dict(state.get("metric", {}))
         self.method.load_state_dict(state.get("method", {}))
+        if (
+            self.config.enabled and self.config.quantization_aware and self.total_steps is not None
+            and self._fake_quant is None and self._step > self._window(self.total_steps)[1]
+        ):
+            self._enable_quantization_aware()  # resumed after pruning_end: QAT was on
         self._refresh_metrics()
 
     def _local_mask(self, key: str, mask: Tensor) -> Tensor:

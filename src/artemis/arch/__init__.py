@@ -1,6 +1,7 @@
 """Architecture adapters (see :mod:`artemis.arch.base`)."""
 
 from artemis.arch.base import ADAPTERS, ArchitectureAdapter, GenericAdapter, get_adapter, unwrap_model
+from artemis.arch.layers import check_block_removal, remove_blocks
 from artemis.arch.families import BertAdapter, GPT2Adapter, LlamaAdapter
 
 __all__ = [
@@ -12,4 +13,6 @@ __all__ = [
     "LlamaAdapter",
     "GPT2Adapter",
     "BertAdapter",
+    "check_block_removal",
+    "remove_blocks",
 ]

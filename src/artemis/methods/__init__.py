@@ -1,6 +1,7 @@
 """Pruning methods: registry and built-in methods."""
 
 from artemis.methods.base import METHODS, PruningMethod, TargetFn
+from artemis.methods.layer_dropout import LayerDropoutMethod
 from artemis.methods.unstructured import UnstructuredMethod
 
-__all__ = ["METHODS", "PruningMethod", "TargetFn", "UnstructuredMethod"]
+__all__ = ["METHODS", "PruningMethod", "TargetFn", "UnstructuredMethod", "LayerDropoutMethod"]

@@ -22,6 +22,11 @@ Contract for a new method (subclass :class:`PruningMethod` and register it):
   of each rank's local shard (``param.to_local()``) and finds any threshold that spans
   shards with collectives (see :mod:`artemis.distributed`); otherwise the manager
   refuses sharded models. ``check_sharding(layout)`` may refuse particular layouts.
+* ``supported_metrics`` / ``create_metric(name)`` — a method that scores its own units
+  (``layer_dropout`` scores whole layers) lists the metric names it accepts and builds
+  its own metric object; the default (``None``) accepts every registered metric.
+* ``update_pruning_metrics(metrics)`` — adjust ``manager.pruning_metrics`` in place
+  after the manager computed its parameter-level figures (optional).
 """
 
 from __future__ import annotations
@@ -52,6 +57,8 @@ class PruningMethod:
     #: True when the method handles FSDP2-sharded (DTensor) weights: scores and masks of
     #: each rank's local shard, collectives for anything that spans shards.
     supports_sharded_params: ClassVar[bool] = False
+    #: Metric names this method accepts; None means every registered metric.
+    supported_metrics: ClassVar[Optional[tuple[str, ...]]] = None
 
     def __init__(self, manager: "PruningManager") -> None:
         self.manager = manager
@@ -59,6 +66,17 @@ class PruningMethod:
         self.model: nn.Module = manager.model
         self.adapter = manager.adapter
         self.targets: list["PrunableTarget"] = []
+
+    @classmethod
+    def create_metric(cls, name: str, **options: Any) -> "ImportanceMetric":
+        """The metric object the manager drives for this method (default: the registered
+        one, built with the config's ``metric_options``)."""
+        from artemis.metrics import METRICS
+
+        return METRICS.get(name)(**options)
+
+    def update_pruning_metrics(self, metrics: dict[str, Any]) -> None:
+        """Adjust the manager's ``pruning_metrics`` in place (default: nothing)."""
 
     def setup(self) -> None:  # pragma: no cover - abstract
         raise NotImplementedError

@@ -6,7 +6,12 @@ Each target weight gets a keep-mask from the configured metric's scores:
   (the targets sharing a final sparsity; ``layer_sparsity`` overrides form their own
   groups), found exactly without concatenating scores (:func:`artemis.masks.global_masks`);
 * ``scope: layer`` — each weight matrix pruned to the target on its own;
-* ``scope: row`` — each output row pruned to the target on its own (Wanda's choice).
+* ``scope: row`` — each output row pruned to the target on its own (Wanda's choice);
+* ``scope: owl`` — outlier-weighted layer-wise sparsity (:mod:`artemis.owl`): each block
+  gets its own sparsity from its share of activation outliers, exactly averaging to the
+  target; inside a layer the metric's lowest scores are pruned;
+* ``pattern: "N:M"`` — in every group of M consecutive input weights of a row the
+  metric's N highest are kept (whatever the scope, which must be unset).
 
 Under FSDP2 each rank scores and masks its local shards; ``global`` and ``layer``
 thresholds are found with collectives over the shards (only histograms travel), and
@@ -25,12 +30,33 @@ import torch
 from torch import Tensor
 
 from artemis.distributed import local_tensor
-from artemis.masks import global_masks, layer_mask, row_masks
+from artemis.masks import count_to_prune, global_masks, layer_mask, nm_masks, row_masks
 from artemis.methods.base import METHODS, PruningMethod, TargetFn
 from artemis.metrics.base import ImportanceMetric
 from artemis.targets import PrunableTarget, find_targets
 
-__all__ = ["UnstructuredMethod"]
+__all__ = ["UnstructuredMethod", "rows_count_mask"]
+
+
+def rows_count_mask(scores: Tensor, count: int) -> Tensor:
+    """Keep-mask pruning exactly ``count`` weights of a 2-D ``(out, in)`` score matrix, spread
+    over the rows as evenly as possible (the first ``count % out`` rows prune one more);
+    inside a row the lowest scores go first (ties: lower column index).
+
+    Example:
+        >>> import torch
+        >>> rows_count_mask(torch.tensor([[3.0, 1.0, 2.0], [1.0, 2.0, 3.0]]), 3).int().tolist()
+        [[1, 0, 0], [0, 1, 1]]
+    """
+    rows, cols = scores.shape
+    if not (0 <= count <= rows * cols):
+        raise ValueError(f"cannot prune {count} of {rows * cols} weights")
+    per_row = torch.full((rows, 1), count // rows, dtype=torch.int64, device=scores.device)
+    per_row[: count % rows] += 1
+    order = torch.sort(scores.detach().to(torch.float32), dim=1, stable=True).indices  # (out, in)
+    rank = torch.empty_like(order)
+    rank.scatter_(1, order, torch.arange(cols, device=scores.device).expand(rows, cols).contiguous())
+    return rank >= per_row
 
 
 @METHODS.register("magnitude_progressive")
@@ -59,10 +85,47 @@ class UnstructuredMethod(PruningMethod):
                     f"pruning.layer_sparsity: pattern {pattern!r} matches none of the "
                     f"{len(self.targets)} prunable modules (for example {self.targets[0].name!r})"
                 )
+        if cfg.pattern is not None:  # issue 9: N:M needs in_features divisible by M
+            from artemis.config import parse_nm_pattern
+            from artemis.errors import ModelError
+
+            _, m = parse_nm_pattern(cfg.pattern)
+            for t in self.targets:
+                shape = tuple(t.rows_view(t.param).shape)
+                if len(shape) != 2 or shape[1] % m:
+                    raise ModelError(
+                        f"pruning.pattern {cfg.pattern!r}: layer {t.name} has weight (out, in) = {shape}; "
+                        f"its in_features must divide by {m}. Exclude it (pruning.exclude) or use another pattern"
+                    )
+
+    def one_shot_target_fn(self, sparsity: float) -> TargetFn:
+        """As the base class; with an N:M pattern the sparsity must be k/M for k <= M-N."""
+        if self.config.pattern is not None:
+            from artemis.config import parse_nm_pattern
+            from artemis.errors import ConfigError
+
+            n, m = parse_nm_pattern(self.config.pattern)
+            k = count_to_prune(m, sparsity)
+            if k > m - n or abs(k / m - sparsity) > 1e-9:
+                valid = ", ".join(f"{j / m:g}" for j in range(0, m - n + 1))
+                raise ConfigError(
+                    f"sparsity {sparsity!r} is not reachable with pattern {self.config.pattern!r}; "
+                    f"prune k of every {m} weights: valid sparsities are {valid}"
+                )
+        return super().one_shot_target_fn(sparsity)
 
     def check_sharding(self, layout) -> None:
         from artemis.errors import ModelError
 
+        cfg = self.config
+        if any(layout.is_sharded(t.key) for t in self.targets) and (
+            cfg.pattern is not None or cfg.reconstruction != "none" or cfg.scope == "owl"
+        ):
+            raise ModelError(
+                "pattern, reconstruction and scope 'owl' are not supported on FSDP2-sharded weights yet "
+                f"(got pattern={cfg.pattern!r}, reconstruction={cfg.reconstruction!r}, scope={cfg.scope!r}); "
+                "prune one-shot on an unsharded model, or use scope 'global'/'layer' under FSDP2"
+            )
         if self.scope(self.manager.metric) != "row":
             return
         for t in self.targets:
@@ -99,6 +162,10 @@ class UnstructuredMethod(PruningMethod):
 
     def compute_masks(self, target_fn: TargetFn, metric: ImportanceMetric) -> dict[str, Tensor]:
         scope = self.scope(metric)
+        if self.config.pattern is not None:  # issue 9: N:M
+            return self._nm_masks(target_fn(self.config.final_sparsity), metric)
+        if scope == "owl":  # issue 9: OWL
+            return self._owl_masks(target_fn(self.config.final_sparsity), metric)
         groups: "OrderedDict[float, list[PrunableTarget]]" = OrderedDict()
         for t in self.targets:
             final = self.finals[t.key]
@@ -132,5 +199,92 @@ class UnstructuredMethod(PruningMethod):
                             raise ValueError(f"scope 'row' needs 2-D weights; {t.key} is {tuple(scores.shape)}")
                         masks[t.key] = t.rows_view(row_masks(t.rows_view(scores), sparsity)).contiguous()
                 else:  # validated by the config; kept for custom configs
-                    raise ValueError(f"unknown scope {scope!r}; valid: 'global', 'layer', 'row'")
+                    raise ValueError(f"unknown scope {scope!r}; valid: 'global', 'layer', 'row', 'owl'")
         return masks
+
+    # ------------------------------------------------------------ issue 9: N:M and OWL
+    @torch.no_grad()
+    def _nm_masks(self, sparsity: float, metric: ImportanceMetric) -> dict[str, Tensor]:
+        """N:M masks: prune ``round_half_up(sparsity·M)`` (at most M−N) of every group of M."""
+        from artemis.config import parse_nm_pattern
+
+        n, m = parse_nm_pattern(self.config.pattern)
+        k = min(count_to_prune(m, sparsity), m - n)
+        masks: dict[str, Tensor] = {}
+        for t in self.targets:
+            scores = self._score_fn(t, metric)()
+            if k == 0:
+                masks[t.key] = torch.ones(scores.shape, dtype=torch.bool, device=scores.device)
+                continue
+            masks[t.key] = t.rows_view(nm_masks(t.rows_view(scores), m - k, m)).contiguous()
+        self.last_layer_sparsity = {t.key: k / m for t in self.targets}
+        return masks
+
+    @torch.no_grad()
+    def _owl_masks(self, sparsity: float, metric: ImportanceMetric) -> dict[str, Tensor]:
+        """OWL: per-block sparsities from outlier ratios (exact total count), then each
+        layer's lowest metric scores pruned (spread evenly over its rows for metrics whose
+        default scope is ``row``, as OWL does with Wanda). Weights pruned earlier stay pruned (in a
+        progressive run a layer's count is at least its earlier count)."""
+        from artemis.errors import CalibrationError
+        from artemis.owl import allocate_counts, collect_input_norms, outlier_ratio, owl_sparsities
+
+        data = getattr(self.manager, "calibration_data", None)
+        if data is None:
+            raise CalibrationError(
+                "scope 'owl' needs calibration data for the activation outliers: pass "
+                "apply_pruning(s, calibration_data=batches) or call manager.set_calibration_data(batches)"
+            )
+        norms = collect_input_norms(self.model, self.targets, data)
+        units: "OrderedDict[object, list[PrunableTarget]]" = OrderedDict()
+        for t in self.targets:
+            units.setdefault(("block", t.block_index) if t.block_index is not None else ("layer", t.key), []).append(t)
+        ratios, sizes = [], []
+        for members in units.values():
+            out = tot = 0
+            for t in members:
+                o, n = outlier_ratio(t.rows_view(t.param), norms[t.key], self.config.owl_m)
+                out, tot = out + o, tot + n
+            ratios.append(out / tot)
+            sizes.append(tot)
+        unit_s = owl_sparsities(ratios, sizes, sparsity, self.config.owl_lambda)
+        per_target = [(t, s) for members, s in zip(units.values(), unit_s) for t in members]
+        total = count_to_prune(sum(t.numel for t, _ in per_target), sparsity)
+        counts = allocate_counts([s for _, s in per_target], [t.numel for t, _ in per_target], total)
+        masks: dict[str, Tensor] = {}
+        self.last_layer_sparsity = {}
+        for (t, _), c in zip(per_target, counts):
+            old = self.manager.masks.get(t.key)
+            if old is not None:
+                c = max(c, int((~old).sum()))
+            scores = self._score_fn(t, metric)()
+            if metric.default_scope == "row" and scores.dim() == 2:  # Wanda-like metrics: per row
+                masks[t.key] = t.rows_view(rows_count_mask(t.rows_view(scores), c)).contiguous()
+            else:
+                masks[t.key] = layer_mask(scores, c / t.numel)
+            self.last_layer_sparsity[t.key] = c / t.numel
+        self.owl_ratios = {str(u[1]): r for u, r in zip(units, ratios)}
+        return masks
+
+    def event_pattern(self, masks: dict[str, Tensor]) -> "tuple[int, int] | None":
+        """``(kept, M)`` per group at this event for an N:M pattern (None without one)."""
+        if self.config.pattern is None:
+            return None
+        from artemis.config import parse_nm_pattern
+
+        _, m = parse_nm_pattern(self.config.pattern)
+        k = round(getattr(self, "last_layer_sparsity", {}).get(next(iter(masks)), 0.0) * m) if masks else 0
+        return (m - k, m) if k > 0 else None
+
+    def summary(self) -> dict:
+        out: dict = {}
+        if self.config.pattern is not None:
+            out["pattern"] = self.config.pattern
+        if self.config.scope == "owl" and getattr(self, "last_layer_sparsity", None):
+            out["owl_layer_sparsity"] = dict(self.last_layer_sparsity)
+            out["owl_outlier_ratios"] = dict(getattr(self, "owl_ratios", {}))
+        if self.config.reconstruction != "none":
+            out["reconstruction"] = self.config.reconstruction
+            if getattr(self.manager, "last_reconstruction", None):
+                out["last_reconstruction"] = dict(self.manager.last_reconstruction)
+        return out

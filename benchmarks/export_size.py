@@ -1,0 +1,160 @@
+"""Checkpoint size and load time of ``artemis.save_pruned`` vs a dense ``save_pretrained``.
+
+Model: a Llama-shaped model of ~100M parameters in bfloat16 (random weights; sizes do
+not depend on the values), its prunable weights (every Linear in the blocks) pruned to
+60% by global magnitude with the Artemis manager. Compared side by side, same process:
+
+* dense ``model.save_pretrained`` (what every tool writes today);
+* ``save_pruned`` (sparse-bitmask, bf16 values) and ``save_pruned(quantize="int8")``;
+* the bitmask bound of the issue: 40% of the pruned layers' value bytes + 1 bit per
+  pruned-layer weight + everything else dense (int8: one byte per kept value);
+* compressed-tensors' own sparse-bitmask compressor, when the installed version has it.
+
+Then the load time of the compressed checkpoint (``load_pruned``) vs the dense one
+(``from_pretrained``), best of 3 each.
+
+Run: ``PYTHONPATH=src python benchmarks/export_size.py`` (about 2–4 minutes on 2 cores).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+import torch
+
+torch.set_num_threads(2)
+
+from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+from transformers.initialization import no_init_weights  # noqa: E402
+
+import artemis  # noqa: E402
+from artemis import create_pruning_manager, load_pruned, save_pruned  # noqa: E402
+
+
+def folder_bytes(path: Path, names=None) -> int:
+    return sum(f.stat().st_size for f in path.iterdir() if f.is_file() and (names is None or f.name in names))
+
+
+def build(seed: int = 0) -> LlamaForCausalLM:
+    cfg = LlamaConfig(
+        vocab_size=8000, hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
+        num_attention_heads=12, num_key_value_heads=12, max_position_embeddings=512,
+        tie_word_embeddings=False,
+    )
+    with no_init_weights():
+        model = LlamaForCausalLM(cfg)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.02 if p.dim() > 1 else torch.ones(p.shape))
+    return model.to(torch.bfloat16).eval()
+
+
+def best_of(fn, n=3) -> float:
+    times = []
+    for _ in range(n):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return min(times)
+
+
+def main() -> dict:
+    out: dict = {"torch": torch.__version__, "threads": torch.get_num_threads()}
+    model = build()
+    n_params = sum(p.numel() for p in model.parameters())
+    out["parameters"] = n_params
+    mgr = create_pruning_manager({"pruning": {"final_sparsity": 0.6}}, model)
+    t = time.perf_counter()
+    mgr.apply_magnitude_pruning(0.6)
+    out["prune_s"] = time.perf_counter() - t
+    mgr.finalize()
+    targets = [tg.param for tg in mgr.method.targets]
+    n_pruned_layers = sum(p.numel() for p in targets)
+    out["prunable_fraction"] = n_pruned_layers / n_params
+    summary = mgr.get_pruning_summary()["pruning_metrics"]
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        t = time.perf_counter()
+        model.save_pretrained(tmp / "dense")
+        out["save_dense_s"] = time.perf_counter() - t
+        dense = folder_bytes(tmp / "dense")
+        t = time.perf_counter()
+        info = save_pruned(model, tmp / "sparse", manager=mgr)
+        out["save_sparse_s"] = time.perf_counter() - t
+        info8 = save_pruned(model, tmp / "int8", manager=mgr, quantize="int8")
+        rest = info["dense_bytes"] - sum(p.numel() * p.element_size() for p in targets)
+        bound = 0.4 * n_pruned_layers * 2 + n_pruned_layers / 8 + rest
+        bound8 = 0.4 * n_pruned_layers * 1 + n_pruned_layers / 8 + rest
+        out.update(
+            dense_save_pretrained_bytes=dense,
+            dense_tensor_bytes=info["dense_bytes"],
+            artemis_bytes=info["bytes_on_disk"],
+            artemis_int8_bytes=info8["bytes_on_disk"],
+            bitmask_bound_bytes=int(bound),
+            bitmask_bound_int8_bytes=int(bound8),
+            summary_model_size_reduction=summary["model_size_reduction"],
+            disk_model_size_reduction=1 - info["bytes_on_disk"] / info["dense_bytes"],
+        )
+        out["ratio_artemis_vs_dense"] = info["bytes_on_disk"] / dense
+        out["ratio_int8_vs_dense"] = info8["bytes_on_disk"] / dense
+        out["ratio_bound_vs_dense"] = bound / dense
+        out["ratio_bound_int8_vs_dense"] = bound8 / dense
+        out["excess_over_bound_pct_of_dense"] = 100 * (info["bytes_on_disk"] - bound) / dense
+        out["excess_over_int8_bound_pct_of_dense"] = 100 * (info8["bytes_on_disk"] - bound8) / dense
+        try:
+            from compressed_tensors.compressors import sparse_compressors  # noqa: F401
+
+            out["compressed_tensors"] = "sparse compressor present (not benchmarked)"
+        except Exception as exc:
+            import compressed_tensors
+
+            out["compressed_tensors"] = (
+                f"compressed-tensors {compressed_tensors.__version__}: no sparse-bitmask compressor "
+                f"({type(exc).__name__}); nothing to compare"
+            )
+
+        # load time, best of 3, after one warm-up each (file cache warm for both)
+        load_dense = lambda: LlamaForCausalLM.from_pretrained(tmp / "dense", dtype=torch.bfloat16)  # noqa: E731
+        load_sparse = lambda: load_pruned(tmp / "sparse")  # noqa: E731
+        load_sparse_noverify = lambda: load_pruned(tmp / "sparse", verify=False)  # noqa: E731
+        load_int8 = lambda: load_pruned(tmp / "int8")  # noqa: E731
+        def touched(fn):
+            def run():
+                m = fn()
+                # read one byte of every 4 KiB page of every tensor: the cheapest way to make a
+                # lazy (mmap) load bring its data in, as the first forward pass would
+                for t in m.state_dict().values():
+                    int(t.detach().contiguous().reshape(-1).view(torch.uint8).numpy()[::4096].sum())
+                return m
+            return run
+
+        for fn in (load_dense, load_sparse, load_int8):
+            fn()
+        out["load_dense_touched_s"] = best_of(touched(load_dense))
+        out["load_artemis_touched_s"] = best_of(touched(load_sparse))
+        out["load_ratio_touched"] = out["load_artemis_touched_s"] / out["load_dense_touched_s"]
+        out["load_dense_s"] = best_of(load_dense)
+        out["load_artemis_s"] = best_of(load_sparse)
+        out["load_artemis_noverify_s"] = best_of(load_sparse_noverify)
+        out["load_artemis_int8_s"] = best_of(load_int8)
+        out["load_ratio"] = out["load_artemis_s"] / out["load_dense_s"]
+        back = load_sparse()
+        out["bit_identical"] = all(
+            torch.equal(a, b) for a, b in zip(model.state_dict().values(), back.state_dict().values())
+        )
+    return out
+
+
+if __name__ == "__main__":
+    res = main()
+    print(json.dumps(res, indent=1))
+    if len(sys.argv) > 1:
+        Path(sys.argv[1]).write_text(json.dumps(res, indent=1))

@@ -1,0 +1,673 @@
+"""``layer_dropout``: drop whole transformer layers, then remove them from the model.
+
+The prunable unit is a whole block (a decoder/encoder layer). ``final_sparsity`` is the
+**fraction of layers removed**; the number of layers is ``round_half_up(s · L)`` (0.4 of
+32 layers removes 13, 0.5 of 8 removes 4; see :func:`layers_for_sparsity`). A sparsity
+that would remove every layer is refused, and so is one > 0 that removes none.
+
+Layer importance (higher = more important; the least important layer goes first):
+
+* ``magnitude`` — the L2 norm of all of the layer's parameters together. Free, needs
+  no data; a weak proxy (see ``docs/benchmarks/layer_dropout.md``).
+* ``gradient_sensitivity`` — ``Σ_steps Σ_{w in layer} |w · ∂L/∂w|`` (first-order Taylor
+  estimate of the loss change when the layer's weights are zeroed), accumulated at every
+  ``step()`` after ``backward()``, or over calibration batches that carry labels
+  (``apply_pruning(s, calibration_data)``).
+* ``activation`` — Block Influence (ShortGPT, Men et al. 2024): the mean over tokens of
+  ``1 − cos(x_in, x_out)`` between the residual stream entering and leaving the layer,
+  gathered by forward hooks on the blocks during training or calibration.
+
+Progressive use (``step()``): at each pruning event the schedule's sparsity ``s(t)`` gives
+the number of layers due; the missing ones are dropped, least important first, scored on
+the layers that remain with the statistics gathered since the previous event (so the
+scores of later events see the network with earlier layers already gone). With a
+reasonable ``pruning_interval`` one layer becomes due per event; when several become due
+at one event they are dropped together by the same scores.
+
+A dropped layer is the identity on the residual stream: its block's ``forward`` is
+replaced (on the instance, so parameter names and ``state_dict`` keys do not change) by a
+gate that returns the block's input hidden states, in the block's own return structure
+(a tensor in transformers 5.x, a tuple in older or custom blocks). With
+``layer_dropout.fade_steps: N`` the output is instead ``x + α·(f(x) − x)`` with ``α``
+falling linearly from ``(N−1)/N`` to 0 over the next N steps. A dropped layer's
+parameters are not masked (``masked_params()`` is empty): the gate never uses them, so
+they get no gradient; they are deleted by ``finalize()``. In eval mode with a KV cache
+(generation before ``finalize()``; note HF models make a cache whenever
+``config.use_cache`` is true) a dropped block still runs, output discarded, so the cache
+stays consistent; in training mode it never runs. ``finalize()`` removes that cost.
+
+``finalize()`` deletes the dropped blocks (:func:`artemis.arch.layers.remove_blocks`):
+it renumbers each kept attention's ``layer_idx``, filters ``config.layer_types`` and sets
+``config.num_hidden_layers``, so ``save_pretrained``/``from_pretrained`` and
+``generate(use_cache=True)`` work with stock transformers.
+
+Example:
+    >>> from transformers import LlamaConfig, LlamaForCausalLM
+    >>> from artemis import create_pruning_manager
+    >>> cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+    ...                   num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2)
+    >>> model = LlamaForCausalLM(cfg)
+    >>> mgr = create_pruning_manager(
+    ...     {"pruning": {"method": "layer_dropout", "final_sparsity": 0.5}}, model)
+    >>> mgr.apply_pruning(0.5)
+    >>> mgr.get_pruning_summary()["layers_dropped"] == sorted(mgr.method.drop_order)
+    True
+    >>> _ = mgr.finalize()
+    >>> model.config.num_hidden_layers, len(model.model.layers)
+    (2, 2)
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import math
+from contextlib import nullcontext
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterable, Optional, Sequence
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from artemis.arch.layers import check_block_removal, remove_blocks
+from artemis.errors import CalibrationError, CheckpointError, ConfigError, ModelError
+from artemis.methods.base import METHODS, PruningMethod, TargetFn
+from artemis.metrics.base import ImportanceMetric
+from artemis.schedule import round_half_up
+from artemis.sizing import dense_tensor_bytes
+
+if TYPE_CHECKING:  # pragma: no cover
+    from artemis.manager import PruningManager
+    from artemis.targets import PrunableTarget
+
+__all__ = [
+    "LAYER_METRICS",
+    "layers_for_sparsity",
+    "block_influence",
+    "layer_magnitude",
+    "layer_gradient_sensitivity",
+    "choose_layers_to_drop",
+    "BlockGate",
+    "LayerImportance",
+    "LayerDropoutMethod",
+]
+
+logger = logging.getLogger(__name__)
+
+#: Importance metrics at the level of whole layers.
+LAYER_METRICS = ("magnitude", "gradient_sensitivity", "activation")
+# Block-forward arguments that carry a KV cache (transformers 5.x and 4.x names).
+_CACHE_ARGS = ("cache", "past_key_values", "past_key_value", "layer_past")
+
+
+# ------------------------------------------------------------------ pure functions
+def layers_for_sparsity(sparsity: float, num_layers: int) -> int:
+    """Number of layers removed at ``sparsity``: ``round_half_up(sparsity · num_layers)``.
+
+    Example:
+        >>> layers_for_sparsity(0.4, 32), layers_for_sparsity(0.5, 8), layers_for_sparsity(0.25, 6)
+        (13, 4, 2)
+    """
+    return round_half_up(sparsity * num_layers + 1e-9)
+
+
+def block_influence(x_in: Tensor, x_out: Tensor) -> tuple[float, int]:
+    """Sum over tokens of ``1 − cos(x_in, x_out)`` and the token count.
+
+    Args:
+        x_in: hidden states entering the block, ``(..., hidden)``.
+        x_out: hidden states leaving it, same shape.
+
+    Returns:
+        ``(sum, count)``; the Block Influence is ``sum / count``.
+
+    Example:
+        >>> import torch
+        >>> x = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+        >>> block_influence(x, x)
+        (0.0, 2)
+        >>> block_influence(x, torch.tensor([[0.0, 1.0], [0.0, 2.0]]))
+        (1.0, 2)
+    """
+    a = x_in.detach().reshape(-1, x_in.shape[-1]).float()
+    b = x_out.detach().reshape(-1, x_out.shape[-1]).float()
+    cos = torch.nn.functional.cosine_similarity(a, b, dim=-1, eps=1e-8)  # (tokens,)
+    return float((1.0 - cos).sum()), int(cos.numel())
+
+
+def layer_magnitude(params: Iterable[Tensor]) -> float:
+    """L2 norm of all ``params`` taken together.
+
+    Example:
+        >>> import torch
+        >>> layer_magnitude([torch.tensor([3.0]), torch.tensor([[4.0]])])
+        5.0
+    """
+    total = 0.0
+    for p in params:
+        total += float(p.detach().float().pow(2).sum())
+    return math.sqrt(total)
+
+
+def layer_gradient_sensitivity(params: Iterable[Tensor]) -> float:
+    """``Σ |w · g|`` over ``params`` that have a gradient (0 for those without).
+
+    Example:
+        >>> import torch
+        >>> w = torch.nn.Parameter(torch.tensor([2.0, -1.0])); w.grad = torch.tensor([0.5, 3.0])
+        >>> layer_gradient_sensitivity([w])
+        4.0
+    """
+    total = 0.0
+    for p in params:
+        if p.grad is not None:
+            total += float((p.detach().float() * p.grad.detach().float()).abs().sum())
+    return total
+
+
+def choose_layers_to_drop(scores: dict[int, float], n: int) -> list[int]:
+    """The ``n`` layers with the lowest scores, least important first (ties: lower index).
+
+    Example:
+        >>> choose_layers_to_drop({0: 5.0, 1: 0.5, 2: 0.5, 3: 1.0}, 3)
+        [1, 2, 3]
+    """
+    if n > len(scores):
+        raise ValueError(f"cannot drop {n} layers out of {len(scores)} candidates")
+    return [i for i, _ in sorted(scores.items(), key=lambda kv: (kv[1], kv[0]))[:n]]
+
+
+# --------------------------------------------------------------------- the gate
+class BlockGate:
+    """Replaces one block's ``forward`` (on the instance) by a gate.
+
+    ``alpha`` is the block's remaining contribution: the output is
+    ``x + alpha·(f(x) − x)``; at ``alpha == 0`` the block is not run at all (unless a KV
+    cache is passed) and its input is returned in the block's return structure.
+    """
+
+    def __init__(self, block: nn.Module, alpha: float = 0.0) -> None:
+        self.block = block
+        self.alpha = float(alpha)
+        self._had_instance_forward = "forward" in block.__dict__
+        self._previous = block.__dict__.get("forward")
+        self._inner: Callable[..., Any] = block.forward
+        try:
+            self._signature: Optional[inspect.Signature] = inspect.signature(self._inner)
+        except (TypeError, ValueError):  # pragma: no cover - builtins
+            self._signature = None
+        # None: unknown (learnt from the first real call); 0: returns a tensor.
+        self._tuple_len: Optional[int] = 0 if self._returns_tensor() else None
+        self.installed = False
+
+    def _returns_tensor(self) -> bool:
+        """True when the block's forward is annotated to return a tensor (HF 5.x blocks)."""
+        if self._signature is None:
+            return False
+        ann = self._signature.return_annotation
+        return ann is Tensor or ann in ("torch.Tensor", "Tensor")
+
+    def install(self) -> None:
+        self.block.forward = self._forward  # instance attribute: state_dict keys unchanged
+        self.installed = True
+
+    def remove(self) -> None:
+        if not self.installed:
+            return
+        if self._had_instance_forward:
+            self.block.forward = self._previous
+        else:
+            del self.block.__dict__["forward"]
+        self.installed = False
+
+    def _arguments(self, args: tuple, kwargs: dict) -> dict[str, Any]:
+        if self._signature is None:
+            return dict(kwargs)
+        try:
+            return dict(self._signature.bind_partial(*args, **kwargs).arguments)
+        except TypeError:
+            return dict(kwargs)
+
+    def _record(self, out: Any) -> None:
+        self._tuple_len = len(out) if isinstance(out, tuple) else 0
+
+    def _with_hidden(self, out: Any, hidden: Tensor) -> Any:
+        if isinstance(out, tuple):
+            return (hidden,) + tuple(out[1:])
+        return hidden
+
+    def _forward(self, *args: Any, **kwargs: Any) -> Any:
+        arguments = self._arguments(args, kwargs)
+        if args:
+            x = args[0]
+        elif "hidden_states" in kwargs:
+            x = kwargs["hidden_states"]
+        else:
+            x = next(iter(arguments.values()))
+        if self.alpha > 0.0:  # fading: run the block, scale its update of the residual stream
+            out = self._inner(*args, **kwargs)
+            self._record(out)
+            h = out[0] if isinstance(out, tuple) else out
+            return self._with_hidden(out, x + self.alpha * (h - x))
+        # In eval mode, keep a KV cache consistent for generation (training-mode caches are
+        # thrown away by the model), and learn the return structure once if unknown.
+        has_cache = not self.block.training and any(arguments.get(k) is not None for k in _CACHE_ARGS)
+        if has_cache or self._tuple_len is None:
+            with torch.no_grad():
+                out = self._inner(*args, **kwargs)
+            self._record(out)
+            return self._with_hidden(out, x)
+        if self._tuple_len:
+            return (x,) + (None,) * (self._tuple_len - 1)
+        return x
+
+
+# ------------------------------------------------------------------- the metric
+class LayerImportance(ImportanceMetric):
+    """Layer-level importance (see the module docstring); driven by the manager like any
+    metric, but it scores whole blocks of its :class:`LayerDropoutMethod`.
+
+    ``on_step()`` also advances the method's fade-outs.
+    """
+
+    default_scope = "layer"
+
+    def __init__(self, name: str = "magnitude", **options: Any) -> None:
+        super().__init__(**options)
+        if name not in LAYER_METRICS:
+            raise ConfigError(
+                f"unknown layer importance metric {name!r}; valid: {', '.join(map(repr, LAYER_METRICS))}"
+            )
+        self.name = name  # type: ignore[misc]
+        self.needs_gradients = name == "gradient_sensitivity"  # type: ignore[misc]
+        self.needs_activations = name == "activation"  # type: ignore[misc]
+        self.method: Optional["LayerDropoutMethod"] = None
+        self._hooks: list[Any] = []
+        self.sums: dict[int, float] = {}
+        self.counts: dict[int, int] = {}
+
+    def bind(self, method: "LayerDropoutMethod") -> None:
+        self.method = method
+
+    def _require_method(self) -> "LayerDropoutMethod":
+        if self.method is None:
+            raise RuntimeError("LayerImportance is not bound to a LayerDropoutMethod; call bind(method)")
+        return self.method
+
+    # lifecycle
+    def attach(self, model: nn.Module, targets: Sequence["PrunableTarget"]) -> None:
+        super().attach(model, targets)
+        method = self._require_method()
+        if not self.needs_activations:
+            return
+        for index, block in enumerate(method.blocks):
+            self._hooks.append(block.register_forward_hook(self._make_hook(index), with_kwargs=True))
+
+    def _make_hook(self, index: int) -> Callable[..., None]:
+        def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+            method = self.method
+            if method is None or index in method.dropped:
+                return
+            x_in = args[0] if args else kwargs.get("hidden_states")
+            x_out = output[0] if isinstance(output, tuple) else output
+            if not isinstance(x_in, Tensor) or not isinstance(x_out, Tensor) or x_in.shape != x_out.shape:
+                return
+            with torch.no_grad():
+                s, n = block_influence(x_in, x_out)
+            self.sums[index] = self.sums.get(index, 0.0) + s
+            self.counts[index] = self.counts.get(index, 0) + n
+
+        return hook
+
+    def detach(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()
+
+    def accumulate_gradients(self) -> None:
+        """Add ``Σ|w·g|`` of every remaining layer from the current ``.grad``s."""
+        method = self._require_method()
+        for index in method.active_layers():
+            value = layer_gradient_sensitivity(method.block_params[index])
+            self.sums[index] = self.sums.get(index, 0.0) + value
+            self.counts[index] = self.counts.get(index, 0) + 1
+
+    def on_step(self) -> None:
+        method = self._require_method()
+        if self.needs_gradients:
+            self.accumulate_gradients()
+        method.advance_fades()
+
+    def check_ready(self) -> None:
+        """Readiness is checked when layers are actually due (in :meth:`layer_scores`)."""
+
+    def layer_scores(self, layers: Sequence[int]) -> dict[int, float]:
+        """Scores of ``layers`` (original block indices).
+
+        Raises:
+            CalibrationError: ``activation``/``gradient_sensitivity`` has no statistics for
+                one of them yet.
+        """
+        method = self._require_method()
+        if self.name == "magnitude":
+            return {i: layer_magnitude(method.block_params[i]) for i in layers}
+        missing = [i for i in layers if self.counts.get(i, 0) == 0]
+        if missing:
+            if self.needs_gradients:
+                how = ("call manager.step() after loss.backward() during training, or pass "
+                       "calibration batches with labels (the model must return a loss)")
+            else:
+                how = ("run training forward passes, or pass calibration batches "
+                       "(apply_pruning(s, calibration_data) or manager.calibrate(data))")
+            raise CalibrationError(
+                f"layer importance {self.name!r} has no statistics for layers {missing} since the last "
+                f"pruning event; {how}"
+            )
+        if self.needs_gradients:
+            return {i: self.sums[i] for i in layers}
+        return {i: self.sums[i] / self.counts[i] for i in layers}
+
+    def score(self, target: "PrunableTarget") -> Tensor:
+        raise TypeError(
+            f"layer importance {self.name!r} scores whole layers (layer_scores), not individual weights; "
+            f"it is used by method 'layer_dropout' only"
+        )
+
+    def reset(self) -> None:
+        self.sums.clear()
+        self.counts.clear()
+
+    def calibrate(self, manager: "PruningManager", data: Iterable) -> None:
+        """Stream calibration batches: forward only for ``activation`` (and ``magnitude``,
+        which ignores them); forward and backward of the model's loss for
+        ``gradient_sensitivity`` (existing ``.grad``s are restored afterwards)."""
+        from artemis.calibration import forward_batch, run_calibration
+
+        if not self.needs_gradients:
+            run_calibration(manager, data)
+            return
+        if isinstance(data, (dict, Tensor)):
+            raise CalibrationError(
+                "calibration data must be an iterable of batches (a list of dicts or tensors), got a "
+                f"single {type(data).__name__}; wrap it in a list"
+            )
+        model = manager.model
+        device = next(model.parameters()).device
+        params = [p for p in model.parameters() if p.requires_grad]
+        saved = {id(p): p.grad for p in params}
+        was_training = model.training
+        model.eval()
+        n = 0
+        try:
+            for batch in data:
+                for p in params:
+                    p.grad = None
+                with torch.enable_grad():
+                    out = forward_batch(model, batch, device)
+                    loss = getattr(out, "loss", None)
+                    if loss is None and isinstance(out, dict):
+                        loss = out.get("loss")
+                    if loss is None:
+                        raise CalibrationError(
+                            "importance_metric 'gradient_sensitivity' calibrates on the model's loss, but "
+                            f"{type(model).__name__} returned none for a calibration batch; pass batches "
+                            "with labels (for a causal LM: input_ids and labels)"
+                        )
+                    loss.backward()
+                self.accumulate_gradients()
+                n += 1
+        finally:
+            for p in params:
+                p.grad = saved[id(p)]
+            model.train(was_training)
+        if n == 0:
+            raise CalibrationError("calibration data is empty; pass at least one batch")
+
+    def state_dict(self) -> dict:
+        return {"name": self.name, "sums": dict(self.sums), "counts": dict(self.counts)}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state and state.get("name", self.name) != self.name:
+            raise CheckpointError(
+                f"pruning state holds statistics of layer metric {state.get('name')!r}, this manager uses {self.name!r}"
+            )
+        self.sums = {int(k): float(v) for k, v in state.get("sums", {}).items()}
+        self.counts = {int(k): int(v) for k, v in state.get("counts", {}).items()}
+
+
+# ------------------------------------------------------------------- the method
+@METHODS.register("layer_dropout")
+class LayerDropoutMethod(PruningMethod):
+    """Whole-layer dropout, then removal at ``finalize()``; see the module docstring.
+
+    Lifecycle: ``setup`` (checks the model can lose layers; nothing changed) →
+    ``compute_masks`` at each pruning event (gates the newly dropped layers; returns no
+    masks) → ``remove`` (gates off) → ``finalize`` (blocks deleted, config updated).
+    """
+
+    name = "layer_dropout"
+    structural = True
+    supported_metrics = LAYER_METRICS
+
+    @classmethod
+    def create_metric(cls, name: str, **options: Any) -> ImportanceMetric:
+        if options:
+            raise ConfigError(
+                f"pruning.metric_options {sorted(options)} are not used by method 'layer_dropout' "
+                "(it scores whole layers with its own statistics); remove them"
+            )
+        return LayerImportance(name)
+
+    def setup(self) -> None:
+        cfg = self.config
+        for key in ("targets", "scope"):
+            if getattr(cfg, key) is not None:
+                raise ConfigError(f"pruning.{key} is not used by method 'layer_dropout' (it removes whole layers); remove it")
+        for key in ("exclude", "layer_sparsity"):
+            if getattr(cfg, key):
+                raise ConfigError(f"pruning.{key} is not used by method 'layer_dropout' (it removes whole layers); remove it")
+        check_block_removal(self.adapter)
+        assert self.adapter.blocks is not None
+        self.blocks: list[nn.Module] = list(self.adapter.blocks)
+        self.num_layers = len(self.blocks)
+        self.prefixes = self.adapter.block_prefixes()
+        n_final = layers_for_sparsity(cfg.final_sparsity, self.num_layers)
+        self._check_count(n_final, cfg.final_sparsity, "pruning.final_sparsity")
+        if cfg.final_sparsity > 0 and n_final == 0:
+            raise ConfigError(
+                f"pruning.final_sparsity {cfg.final_sparsity} of {self.num_layers} layers rounds to 0 layers "
+                f"removed; with layer_dropout it is the fraction of layers removed, use at least "
+                f"{0.5 / self.num_layers:.4g} to remove one"
+            )
+        self.fade_steps = cfg.layer_dropout.fade_steps if cfg.layer_dropout is not None else 0
+        self.block_params: list[list[nn.Parameter]] = []
+        self.block_numel: list[int] = []
+        self.block_bytes: list[int] = []
+        seen: set[int] = set()
+        for block in self.blocks:
+            params = [p for p in block.parameters() if id(p) not in seen]
+            seen.update(id(p) for p in params)
+            self.block_params.append(params)
+            self.block_numel.append(sum(p.numel() for p in params))
+            self.block_bytes.append(sum(dense_tensor_bytes(p) for p in params)
+                                    + sum(dense_tensor_bytes(b) for _, b in block.named_buffers()
+                                          if _is_persistent(block, _)))
+        self.drop_order: list[int] = []
+        self.dropped: set[int] = set()
+        self.fade_age: dict[int, int] = {}
+        self.gates: dict[int, BlockGate] = {}
+        self.last_scores: dict[int, float] = {}
+        self._finalized = False
+        metric = self.manager.metric
+        if isinstance(metric, LayerImportance):
+            metric.bind(self)
+
+    def _check_count(self, n: int, sparsity: float, field: str) -> None:
+        if n >= self.num_layers:
+            raise ConfigError(
+                f"{field} {sparsity} of {self.num_layers} layers removes {n} layers, leaving none; "
+                f"layer_dropout keeps at least one layer (use below {(self.num_layers - 0.5) / self.num_layers:.4g})"
+            )
+
+    def masked_params(self) -> dict[str, nn.Parameter]:
+        return {}
+
+    def active_layers(self) -> list[int]:
+        """Original indices of the layers not dropped."""
+        return [i for i in range(self.num_layers) if i not in self.dropped]
+
+    def _scorer(self, metric: ImportanceMetric) -> LayerImportance:
+        if isinstance(metric, LayerImportance):
+            return metric
+        scorer = LayerImportance(getattr(metric, "name", "?"))
+        scorer.bind(self)
+        return scorer
+
+    def compute_masks(self, target_fn: TargetFn, metric: ImportanceMetric) -> dict[str, Tensor]:
+        sparsity = target_fn(self.config.final_sparsity)
+        due = layers_for_sparsity(sparsity, self.num_layers)
+        self._check_count(due, sparsity, "sparsity")
+        new = due - len(self.dropped)
+        if new <= 0:
+            return {}
+        active = self.active_layers()
+        scores = self._scorer(metric).layer_scores(active)  # may raise; nothing changed yet
+        chosen = choose_layers_to_drop(scores, new)
+        self.last_scores = scores
+        if new > 1:
+            logger.info("layer_dropout: %d layers due at once (%s)", new, chosen)
+        for index in chosen:
+            self._drop(index)
+        logger.info(
+            "layer_dropout: dropped layers %s (scores %s); %d of %d dropped",
+            chosen, [round(scores[i], 6) for i in chosen], len(self.dropped), self.num_layers,
+        )
+        return {}
+
+    def _alpha(self, index: int) -> float:
+        if self.fade_steps <= 1:
+            return 0.0
+        return max(0.0, 1.0 - self.fade_age.get(index, self.fade_steps) / self.fade_steps)
+
+    def _drop(self, index: int) -> None:
+        self.drop_order.append(index)
+        self.dropped.add(index)
+        if self.fade_steps > 1:
+            self.fade_age[index] = 1
+        gate = BlockGate(self.blocks[index], self._alpha(index))
+        self.gates[index] = gate
+        gate.install()  # also with pruning disabled: apply_pruning() must take effect
+
+    def advance_fades(self) -> None:
+        """One step of every fade-out in progress (called by the metric's ``on_step``)."""
+        for index in list(self.fade_age):
+            if self.fade_age[index] < self.fade_steps:
+                self.fade_age[index] += 1
+            self.gates[index].alpha = self._alpha(index)
+            if self.gates[index].alpha == 0.0:
+                del self.fade_age[index]
+
+    def install(self) -> None:
+        for gate in self.gates.values():
+            if not gate.installed:
+                gate.install()
+
+    def remove(self) -> None:
+        for gate in self.gates.values():
+            gate.remove()
+
+    def finalize(self) -> None:
+        if self._finalized:
+            raise ModelError("layer_dropout: finalize() was already called")
+        for gate in self.gates.values():
+            gate.remove()
+        if self.fade_age:
+            logger.warning("layer_dropout: finalize() while layers %s are still fading out", sorted(self.fade_age))
+        keep = self.active_layers()
+        if len(keep) < self.num_layers:
+            remove_blocks(self.adapter, keep)
+        self._finalized = True
+        self.gates = {}
+        self.blocks = [self.blocks[i] for i in keep]
+        self.block_params = [[] for _ in range(self.num_layers)]
+
+    # ---------------------------------------------------------------- reporting
+    def update_pruning_metrics(self, metrics: dict[str, Any]) -> None:
+        from artemis.sizing import MIB
+
+        total_numel = sum(self.block_numel)
+        pruned_numel = sum(self.block_numel[i] for i in self.dropped)
+        baseline = metrics["baseline_model_size_mb"] * MIB
+        size = baseline - sum(self.block_bytes[i] for i in self.dropped)
+        metrics.update(
+            {
+                "current_sparsity": len(self.dropped) / self.num_layers,
+                "parameters_pruned": pruned_numel,
+                "parameters_prunable": total_numel,
+                "model_size_reduction": 1.0 - size / baseline if baseline else 0.0,
+                "compressed_model_size_mb": size / MIB,
+                "layers_total": self.num_layers,
+                "layers_dropped": len(self.dropped),
+            }
+        )
+
+    def summary(self) -> dict[str, Any]:
+        layers = []
+        for i in range(self.num_layers):
+            status = "kept"
+            if i in self.dropped:
+                status = "fading" if i in self.fade_age else "dropped"
+            layers.append(
+                {
+                    "index": i,
+                    "name": self.prefixes[i],
+                    "numel": self.block_numel[i],
+                    "status": status,
+                    "score": self.last_scores.get(i),
+                }
+            )
+        return {
+            "scope": "layer",
+            "layers": layers,
+            "layers_total": self.num_layers,
+            "layers_dropped": sorted(self.dropped),
+            "drop_order": list(self.drop_order),
+            "layers_remaining": self.num_layers - len(self.dropped),
+            "fade_steps": self.fade_steps,
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "num_layers": self.num_layers,
+            "drop_order": list(self.drop_order),
+            "fade_age": dict(self.fade_age),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if not state:
+            return
+        if int(state.get("num_layers", -1)) != self.num_layers:
+            raise CheckpointError(
+                f"pruning state is for a model with {state.get('num_layers')} layers; this model has {self.num_layers}"
+            )
+        order = [int(i) for i in state.get("drop_order", [])]
+        if len(set(order)) != len(order) or any(not 0 <= i < self.num_layers for i in order) or len(order) >= self.num_layers:
+            raise CheckpointError(f"pruning state has an invalid drop_order {order} for {self.num_layers} layers")
+        for gate in self.gates.values():
+            gate.remove()
+        self.gates, self.drop_order, self.dropped, self.fade_age = {}, [], set(), {}
+        fade = {int(k): int(v) for k, v in state.get("fade_age", {}).items()}
+        for index in order:
+            self._drop(index)
+            if index in fade:
+                self.fade_age[index] = fade[index]
+            else:
+                self.fade_age.pop(index, None)
+            self.gates[index].alpha = self._alpha(index)
+        self.last_scores = {}
+
+
+def _is_persistent(module: nn.Module, name: str) -> bool:
+    owner_name, _, buf = name.rpartition(".")
+    owner = module.get_submodule(owner_name) if owner_name else module
+    return buf not in getattr(owner, "_non_persistent_buffers_set", set())

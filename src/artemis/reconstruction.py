@@ -1,0 +1,424 @@
+"""SparseGPT-style weight reconstruction: the OBS update of the kept weights, layer by layer.
+
+After a pruning mask is chosen, the weights that are kept can be changed to make up for
+the ones removed. For a linear layer ``y = W x`` and calibration inputs ``X`` the layer's
+output error ``‖W X − Ŵ X‖²`` is a quadratic in each output row, with Hessian
+``H = 2 X Xᵀ / n`` shared by all rows. The Optimal Brain Surgeon (OBS) update removes
+one input column at a time and spreads its error over the not-yet-processed columns
+with the inverse Hessian; SparseGPT (Frantar & Alistarh, 2023) does this for all rows at
+once with one Cholesky factor of ``H⁻¹``, in blocks of columns, which is what
+:func:`sparsegpt_prune` implements. It can either keep a given mask (Artemis's default:
+the mask comes from the configured metric, scope and N:M pattern) or choose the mask
+itself with the OBS saliency ``w² / [H⁻¹]ᵢᵢ²`` (``sparsity=`` or ``pattern=``, as the paper).
+
+:func:`reconstruct_layers` drives it over a model **one layer at a time**: for each target,
+in module order, the calibration batches are run through the model until that layer's
+input has been seen (a forward pre-hook adds ``xᵀx`` to a running sum and stops the
+forward pass there), the layer is updated, and its Hessian is freed before the next layer.
+So the inputs of every layer come from the already pruned and updated layers before it
+(sequential, as SparseGPT), and the extra memory at any time is one layer's Hessian and
+a few float32 copies of its weight (see :func:`reconstruction_extra_bytes`). The cost is
+one partial forward pass of the calibration data per target layer.
+
+Example:
+    >>> import torch
+    >>> from artemis.reconstruction import sparsegpt_prune
+    >>> g = torch.Generator().manual_seed(0)
+    >>> x = torch.randn(256, 16, generator=g)            # (samples, in_features)
+    >>> w = torch.randn(8, 16, generator=g)              # (out_features, in_features)
+    >>> mask = torch.rand(8, 16, generator=g) > 0.5
+    >>> new_w, keep = sparsegpt_prune(w, 2 * x.T @ x / 256, mask=mask)
+    >>> bool((new_w[~mask] == 0).all()), bool(torch.equal(keep, mask))
+    (True, True)
+    >>> err = lambda v: float(((x @ (w - v).T) ** 2).mean())
+    >>> err(new_w) < err(w * mask)
+    True
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Iterable, Optional, Sequence
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from artemis.errors import CalibrationError
+from artemis.masks import count_to_prune
+
+__all__ = [
+    "HessianAccumulator",
+    "sparsegpt_prune",
+    "reconstruct_layers",
+    "reconstruction_extra_bytes",
+    "layer_inputs_2d",
+    "check_calibration_batches",
+]
+
+logger = logging.getLogger(__name__)
+
+
+class _StopForward(Exception):
+    """Raised by a hook to end a forward pass once the wanted layer's input was seen."""
+
+
+def layer_inputs_2d(x: Tensor, token_mask: Optional[Tensor] = None) -> Tensor:
+    """The input of a linear layer as ``(tokens, in_features)`` float32, padding removed.
+
+    Args:
+        x: the layer input ``(..., in_features)``.
+        token_mask: optional ``(batch, seq)`` attention mask; when ``x`` is
+            ``(batch, seq, in)`` the positions where it is 0 are dropped.
+
+    Example:
+        >>> import torch
+        >>> x = torch.ones(2, 3, 4)
+        >>> layer_inputs_2d(x, torch.tensor([[1, 1, 0], [1, 0, 0]])).shape
+        torch.Size([3, 4])
+    """
+    if token_mask is not None and x.dim() == 3 and tuple(x.shape[:2]) == tuple(token_mask.shape):
+        x = x[token_mask.to(device=x.device, dtype=torch.bool)]
+    return x.detach().reshape(-1, x.shape[-1]).to(torch.float32)
+
+
+class HessianAccumulator:
+    """Running ``H = 2 XᵀX / n`` of one layer's inputs (``X``: tokens × in_features).
+
+    Keeps a float32 sum ``XᵀX`` and the token count; :meth:`hessian` returns the mean.
+
+    Example:
+        >>> import torch
+        >>> acc = HessianAccumulator(2)
+        >>> acc.add(torch.tensor([[1.0, 0.0], [1.0, 2.0]]))
+        >>> acc.hessian().tolist()
+        [[2.0, 2.0], [2.0, 4.0]]
+    """
+
+    def __init__(self, in_features: int, device: Optional[torch.device] = None) -> None:
+        self.sum = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
+        self.count = 0
+
+    def add(self, x2d: Tensor) -> None:
+        """Add the rows of ``x2d`` ``(tokens, in_features)``."""
+        if x2d.shape[-1] != self.sum.shape[0]:
+            raise ValueError(f"input has {x2d.shape[-1]} features, the Hessian is {self.sum.shape[0]} wide")
+        x2d = x2d.to(device=self.sum.device, dtype=torch.float32)
+        self.sum.addmm_(x2d.T, x2d)
+        self.count += x2d.shape[0]
+
+    def hessian(self) -> Tensor:
+        """``2 XᵀX / n`` (float32, ``(in, in)``)."""
+        if self.count == 0:
+            raise CalibrationError("the layer saw no calibration tokens; its Hessian is undefined")
+        return self.sum * (2.0 / self.count)
+
+
+def _inverse_hessian_factor(h: Tensor, dampening: float) -> Tensor:
+    """Upper Cholesky factor of ``(H + λI)⁻¹`` with ``λ = dampening · mean(diag H)``;
+    dead inputs (zero diagonal) get a unit diagonal. Retries with 10× and 100× damping.
+
+    Works on one private copy of ``H`` and frees each intermediate as soon as the next
+    exists, so at most two ``in × in`` matrices live here at once (plus the caller's ``H``).
+    """
+    h = h.clone()
+    diag = h.diagonal()  # a view: edits go into h
+    diag[diag == 0] = 1.0
+    mean_diag = float(diag.mean())
+    applied = 0.0
+    last: Optional[Exception] = None
+    for factor in (1.0, 10.0, 100.0):
+        damp = dampening * factor * mean_diag
+        diag += damp - applied
+        applied = damp
+        try:
+            chol = torch.linalg.cholesky(h)
+        except torch.linalg.LinAlgError as exc:  # not positive definite: damp more
+            last = exc
+            logger.warning("Hessian not positive definite with dampening %g; retrying with more", dampening * factor)
+            continue
+        del h, diag
+        hinv = torch.cholesky_inverse(chol)
+        del chol
+        return torch.linalg.cholesky(hinv, upper=True)
+    raise CalibrationError(
+        f"the layer's input Hessian is not positive definite even with dampening {dampening * 100:g} "
+        f"× its mean diagonal ({last}); use more calibration data or raise sparsegpt_dampening"
+    )
+
+
+def sparsegpt_prune(
+    weight: Tensor,
+    hessian: Tensor,
+    *,
+    mask: Optional[Tensor] = None,
+    sparsity: Optional[float] = None,
+    pattern: Optional[tuple[int, int]] = None,
+    prior: Optional[Tensor] = None,
+    blocksize: int = 128,
+    dampening: float = 0.01,
+) -> tuple[Tensor, Tensor]:
+    """Prune ``weight`` and update its kept entries to minimise the output error (OBS).
+
+    Give exactly one of ``mask`` (keep that mask; only the kept weights change) or
+    ``sparsity``/``pattern`` (choose the mask as SparseGPT does, by the OBS saliency
+    ``w² / [H⁻¹]ᵢᵢ²`` inside each block of columns: ``sparsity`` prunes exactly
+    ``round_half_up(sparsity · numel)`` weights; ``pattern=(N, M)`` keeps N of every M
+    consecutive inputs of each row).
+
+    Args:
+        weight: ``(out_features, in_features)``; not modified.
+        hessian: ``(in_features, in_features)`` Hessian of the inputs (``2XᵀX/n``).
+        mask: bool keep-mask shaped like ``weight``.
+        sparsity: fraction to prune when the mask is chosen here.
+        pattern: ``(N, M)`` when the mask is chosen here with an N:M pattern.
+        prior: bool keep-mask of an earlier pruning event when the mask is chosen here:
+            the weights it prunes are pruned again first (masks only shrink). A block
+            whose earlier-pruned weights exceed its share prunes them all, so the count
+            can then exceed the target by those weights.
+        blocksize: columns processed together (the lazy batch update of SparseGPT).
+        dampening: fraction of the mean Hessian diagonal added to the diagonal.
+
+    Returns:
+        ``(new_weight, keep_mask)``: the updated weight (``weight``'s dtype, exactly zero
+        where ``keep_mask`` is False) and the mask.
+
+    Raises:
+        ValueError: bad shapes or arguments.
+        CalibrationError: the Hessian cannot be inverted even with more damping.
+    """
+    if weight.dim() != 2:
+        raise ValueError(f"sparsegpt_prune needs a 2-D weight (out, in), got shape {tuple(weight.shape)}")
+    rows, cols = weight.shape
+    if tuple(hessian.shape) != (cols, cols):
+        raise ValueError(f"Hessian has shape {tuple(hessian.shape)}; expected ({cols}, {cols}) for weight {tuple(weight.shape)}")
+    if (mask is None) == (sparsity is None and pattern is None):
+        raise ValueError("give either mask= or sparsity=/pattern= to sparsegpt_prune, not both or neither")
+    if mask is not None and (tuple(mask.shape) != tuple(weight.shape) or mask.dtype != torch.bool):
+        raise ValueError(f"mask must be a bool tensor of shape {tuple(weight.shape)}, got {tuple(mask.shape)}/{mask.dtype}")
+    if pattern is not None:
+        n_keep, m = pattern
+        if not (0 < n_keep < m) or cols % m:
+            raise ValueError(f"pattern {n_keep}:{m} needs 0 < N < M and in_features ({cols}) divisible by M")
+        if blocksize % m:
+            blocksize = max(m, blocksize - blocksize % m)
+    if prior is not None and (mask is not None or tuple(prior.shape) != tuple(weight.shape)):
+        raise ValueError("prior= is only used when the mask is chosen here, and must be shaped like the weight")
+    if sparsity is not None and not (0.0 <= sparsity < 1.0):
+        raise ValueError(f"sparsity must be in [0, 1), got {sparsity!r}")
+    if blocksize < 1:
+        raise ValueError(f"blocksize must be at least 1, got {blocksize}")
+
+    w = weight.detach().to(torch.float32).clone()  # (out, in), updated in place
+    hinv = _inverse_hessian_factor(hessian.detach().to(device=w.device, dtype=torch.float32), dampening)
+    pruned = torch.zeros(rows, cols, dtype=torch.bool, device=w.device)
+    total_prune = count_to_prune(rows * cols, sparsity) if sparsity is not None and pattern is None else 0
+
+    for i1 in range(0, cols, blocksize):
+        i2 = min(i1 + blocksize, cols)
+        count = i2 - i1
+        w1 = w[:, i1:i2].clone()  # (out, count)
+        err1 = torch.zeros_like(w1)
+        hinv1 = hinv[i1:i2, i1:i2]
+        diag1 = torch.diag(hinv1)
+        forced1 = ~prior[:, i1:i2].to(w.device) if prior is not None else None
+        if mask is not None:
+            prune1 = ~mask[:, i1:i2].to(w.device)
+        elif pattern is None:
+            # exact overall count: this block prunes its share of round_half_up(s · numel)
+            k = count_to_prune(rows * cols, sparsity * i2 / cols) - count_to_prune(rows * cols, sparsity * i1 / cols)
+            k = min(max(k, 0), rows * count) if i2 < cols else max(total_prune - int(pruned.sum()), 0)
+            saliency = w1**2 / diag1.unsqueeze(0) ** 2
+            if forced1 is not None:
+                saliency[forced1] = -1.0
+                k = max(k, int(forced1.sum()))
+            saliency = saliency.reshape(-1)
+            prune1 = torch.zeros(rows * count, dtype=torch.bool, device=w.device)
+            if k > 0:
+                prune1[torch.argsort(saliency, stable=True)[:k]] = True
+            prune1 = prune1.view(rows, count)
+        else:
+            prune1 = torch.zeros(rows, count, dtype=torch.bool, device=w.device)
+        for i in range(count):
+            if pattern is not None and mask is None and i % pattern[1] == 0:
+                m = pattern[1]
+                sal = w1[:, i : i + m] ** 2 / diag1[i : i + m].unsqueeze(0) ** 2
+                if forced1 is not None:
+                    sal[forced1[:, i : i + m]] = -1.0
+                lowest = torch.argsort(sal, dim=1, stable=True)[:, : m - pattern[0]]
+                prune1[:, i : i + m].scatter_(1, lowest, True)
+            col = w1[:, i]
+            q = torch.where(prune1[:, i], torch.zeros_like(col), col)
+            e = (col - q) / hinv1[i, i]
+            w1[:, i:] -= e.unsqueeze(1) * hinv1[i, i:].unsqueeze(0)
+            w1[:, i] = q
+            err1[:, i] = e
+        w[:, i1:i2] = w1
+        pruned[:, i1:i2] = prune1
+        if i2 < cols:
+            w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+    keep = ~pruned
+    w[pruned] = 0.0
+    return w.to(weight.dtype), keep.to(weight.device) if mask is None else mask
+
+
+def reconstruction_extra_bytes(out_features: int, in_features: int, blocksize: int = 128) -> int:
+    """Peak extra bytes of :func:`sparsegpt_prune` on one layer (float32): the Hessian sum
+    and its factor work (about 3 ``in²`` matrices), the float32 weight copy and the result,
+    the block buffers and the pruned mask.
+
+    Example:
+        >>> reconstruction_extra_bytes(4, 2, blocksize=2)
+        184
+    """
+    b = min(blocksize, in_features)
+    return 4 * (3 * in_features * in_features + 2 * out_features * in_features + 2 * out_features * b) + (
+        out_features * in_features
+    )
+
+
+def check_calibration_batches(batches: Any) -> list:
+    """Materialise calibration ``batches`` (reiterated once per layer) as a list and check them.
+
+    Raises:
+        CalibrationError: not an iterable of dict/tensor batches, or empty.
+    """
+    if isinstance(batches, (dict, Tensor)):
+        raise CalibrationError(
+            "calibration data must be an iterable of batches (a list of dicts or tensors), got a single "
+            f"{type(batches).__name__}; wrap it in a list"
+        )
+    try:
+        out = list(batches)
+    except TypeError:
+        raise CalibrationError(
+            f"calibration data must be an iterable of batches, got {type(batches).__name__}"
+        ) from None
+    if not out:
+        raise CalibrationError("calibration data is empty; pass at least one batch")
+    for i, b in enumerate(out):
+        if not isinstance(b, (dict, Tensor)):
+            raise CalibrationError(
+                f"calibration batch {i} is a {type(b).__name__}; each batch must be a dict of tensors "
+                "(passed as model(**batch)) or a tensor (passed as model(batch))"
+            )
+    return out
+
+
+def _run_until(model: nn.Module, batches: Sequence, device: torch.device, state: dict) -> None:
+    """Run every batch through ``model`` (no grad), stopping each at ``_StopForward``."""
+    from artemis.calibration import forward_batch
+
+    for batch in batches:
+        state["token_mask"] = batch.get("attention_mask") if isinstance(batch, dict) else None
+        try:
+            forward_batch(model, batch, device)
+        except _StopForward:
+            pass
+
+
+@torch.no_grad()
+def reconstruct_layers(
+    model: nn.Module,
+    targets: Sequence[Any],
+    masks: dict[str, Tensor],
+    batches: Iterable,
+    *,
+    blocksize: int = 128,
+    dampening: float = 0.01,
+    select: str = "metric",
+    priors: Optional[dict[str, Tensor]] = None,
+    pattern: Optional[tuple[int, int]] = None,
+) -> dict[str, Any]:
+    """Update the kept weights of each target (SparseGPT's OBS update), one layer at a time.
+
+    For each target of ``targets`` whose key is in ``masks`` (in the given order, which
+    should be the forward order), the calibration ``batches`` are run through ``model``
+    until the layer's input is seen (the pass stops there), the input Hessian is built,
+    the layer's weight is replaced by :func:`sparsegpt_prune` with its mask, and the
+    Hessian is freed. Later layers therefore see the outputs of the updated ones.
+
+    Args:
+        model: the model, called as ``model(**batch)`` / ``model(batch)``.
+        targets: :class:`~artemis.targets.PrunableTarget` objects (``key``, ``module``,
+            ``param``, ``rows_view``).
+        masks: ``{key: bool keep-mask shaped like the parameter}``.
+        batches: calibration batches (iterated once per layer; materialised as a list).
+        blocksize, dampening: see :func:`sparsegpt_prune`.
+        select: ``metric`` keeps each mask of ``masks``; ``obs`` keeps only its pruned
+            *count* per layer (or, with ``pattern``, the N:M pattern) and lets the OBS
+            saliency choose which weights, as SparseGPT does. The chosen masks are
+            written back into ``masks``.
+        priors: ``{key: keep-mask of the previous event}`` for ``select='obs'``
+            (earlier-pruned weights stay pruned).
+        pattern: ``(N, M)`` kept per group, for ``select='obs'`` with an N:M pattern.
+
+    Returns:
+        ``{"layers": n, "seconds": t, "peak_extra_bytes": b, "tokens": tokens per layer,
+        "select": select}`` where ``peak_extra_bytes`` is
+        :func:`reconstruction_extra_bytes` of the largest layer.
+
+    Raises:
+        CalibrationError: bad or empty calibration data, or a layer that no batch reaches.
+    """
+    if select not in ("metric", "obs"):
+        raise ValueError(f"select must be 'metric' or 'obs', got {select!r}")
+    data = check_calibration_batches(batches)
+    chosen = [t for t in targets if t.key in masks]
+    try:
+        device = next(model.parameters()).device
+    except StopIteration:  # pragma: no cover
+        device = torch.device("cpu")
+    was_training = model.training
+    model.eval()
+    start = time.perf_counter()
+    peak = 0
+    tokens = 0
+    try:
+        for t in chosen:
+            weight = t.rows_view(t.param)  # (out, in)
+            acc = HessianAccumulator(weight.shape[1], device=weight.device)
+            state: dict[str, Any] = {"token_mask": None}
+
+            def hook(module: nn.Module, args: tuple, acc=acc, state=state) -> None:
+                if not args or not isinstance(args[0], Tensor):
+                    raise CalibrationError(f"layer {t.name} was called without a tensor input")
+                acc.add(layer_inputs_2d(args[0], state["token_mask"]))
+                raise _StopForward
+
+            handle = t.module.register_forward_pre_hook(hook)
+            try:
+                _run_until(model, data, device, state)
+            finally:
+                handle.remove()
+            if acc.count == 0:
+                raise CalibrationError(
+                    f"no calibration batch reached layer {t.name}; the model never called it"
+                )
+            tokens = acc.count
+            h = acc.hessian()
+            del acc, hook  # the hook's default argument holds the running sum: free it now
+            mask = t.rows_view(masks[t.key].to(weight.device))
+            if select == "metric":
+                new_w, _ = sparsegpt_prune(weight, h, mask=mask, blocksize=blocksize, dampening=dampening)
+            else:
+                prior = priors.get(t.key) if priors else None
+                new_w, keep = sparsegpt_prune(
+                    weight,
+                    h,
+                    sparsity=None if pattern is not None else int((~mask).sum()) / mask.numel(),
+                    pattern=pattern,
+                    prior=t.rows_view(prior.to(weight.device)) if prior is not None else None,
+                    blocksize=blocksize,
+                    dampening=dampening,
+                )
+                masks[t.key] = t.rows_view(keep).contiguous()
+            del h
+            t.param.copy_(t.rows_view(new_w))
+            peak = max(peak, reconstruction_extra_bytes(weight.shape[0], weight.shape[1], blocksize))
+    finally:
+        model.train(was_training)
+    seconds = time.perf_counter() - start
+    logger.info("SparseGPT reconstruction of %d layers took %.1fs", len(chosen), seconds)
+    return {"layers": len(chosen), "seconds": seconds, "peak_extra_bytes": peak, "tokens": tokens, "select": select}

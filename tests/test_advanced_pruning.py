@@ -1,0 +1,386 @@
+"""Issue 9: SparseGPT reconstruction, N:M patterns, OWL layer-wise sparsity, sparse inference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+from artemis import create_pruning_manager
+from artemis.config import load_pruning_config, parse_nm_pattern
+from artemis.errors import CalibrationError, ConfigError, ModelError
+from artemis.masks import count_to_prune
+from artemis.owl import allocate_counts, outlier_ratio, owl_sparsities
+from artemis.reconstruction import HessianAccumulator, reconstruct_layers, reconstruction_extra_bytes, sparsegpt_prune
+from artemis.sparse_inference import SparseLinear, sparsify_for_inference
+from tests.fixtures import lm_batch, tiny_gpt2, tiny_llama
+
+
+def _calib(n: int = 3, seq: int = 16) -> list[dict]:
+    return [{"input_ids": lm_batch(seed=i, seq=seq)["input_ids"]} for i in range(n)]
+
+
+def _one_linear(weight: torch.Tensor) -> nn.Sequential:
+    net = nn.Sequential(nn.Linear(weight.shape[1], weight.shape[0], bias=False))
+    with torch.no_grad():
+        net[0].weight.copy_(weight)
+    return net
+
+
+# ----------------------------------------------------------------------------- config
+def test_pattern_config_sets_final_sparsity_and_normalises():
+    cfg = load_pruning_config({"pruning": {"pattern": " 2 : 4 "}})
+    assert cfg.pattern == "2:4" and cfg.final_sparsity == 0.5
+    assert load_pruning_config({"pruning": {"pattern": "4:8", "final_sparsity": 0.5}}).final_sparsity == 0.5
+    assert parse_nm_pattern("1:8") == (1, 8)
+
+
+@pytest.mark.parametrize(
+    "section, match",
+    [
+        ({"pattern": "4:2"}, r"pruning.pattern: pattern is not valid: write 'N:M'.*got '4:2'"),
+        ({"pattern": "2-4"}, r"pattern is not valid.*got '2-4'"),
+        ({"pattern": "2:4", "final_sparsity": 0.6}, r"prunes exactly 0.5 of every group, but final_sparsity is 0.6"),
+        ({"pattern": "2:4", "scope": "row"}, r"scope 'row' does not apply with pattern '2:4'"),
+        ({"pattern": "2:4", "layer_sparsity": {"*": 0.5}}, r"layer_sparsity does not apply with pattern"),
+        ({"scope": "owl", "layer_sparsity": {"*": 0.5}}, r"layer_sparsity does not apply with scope 'owl'"),
+        ({"scope": "owl", "owl_lambda": 0.0}, r"owl_lambda must be in \(0, 0.5\], got 0.0"),
+        ({"owl_m": -1}, r"owl_m must be > 0"),
+        ({"reconstruction": "obs"}, r"unknown reconstruction 'obs'; valid: 'none', 'sparsegpt'"),
+        ({"sparsegpt_dampening": 0}, r"sparsegpt_dampening must be in \(0, 1\]"),
+        ({"sparsegpt_blocksize": 0}, r"sparsegpt_blocksize must be at least 1"),
+        ({"scope": "owls"}, r"unknown scope 'owls'; valid: 'global', 'layer', 'row', 'owl'"),
+    ],
+)
+def test_config_errors(section, match):
+    with pytest.raises(ConfigError, match=match):
+        load_pruning_config({"pruning": section})
+
+
+# ----------------------------------------------------------------------------- N:M
+def test_nm_2_4_hand_computed_mask():
+    w = torch.tensor(
+        [
+            [0.1, -0.9, 0.3, 0.2, 5.0, 4.0, -3.0, 0.0],
+            [1.0, 1.0, 1.0, 1.0, -0.5, 0.6, -0.7, 0.8],
+        ]
+    )
+    net = _one_linear(w)
+    mgr = create_pruning_manager({"pruning": {"targets": ["*"], "pattern": "2:4"}}, net)
+    mgr.apply_magnitude_pruning(0.5)
+    expected = [[0, 1, 1, 0, 1, 1, 0, 0], [0, 0, 1, 1, 0, 0, 1, 1]]  # ties: lower index pruned first
+    assert mgr.masks["0.weight"].int().tolist() == expected
+    assert torch.equal(net[0].weight, w * torch.tensor(expected, dtype=torch.float32))
+
+
+def test_nm_4_8_and_intermediate_sparsity_hand_computed():
+    w = torch.arange(1.0, 17.0).reshape(2, 8) * torch.tensor([1, -1, 1, -1, 1, -1, 1, -1.0])
+    net = _one_linear(w.flip(1))
+    mgr = create_pruning_manager({"pruning": {"targets": ["*"], "pattern": "4:8"}}, net)
+    mgr.apply_magnitude_pruning(0.25)  # 2 of every 8 pruned: the two smallest |w| (last two columns)
+    assert mgr.masks["0.weight"].int().tolist() == [[1, 1, 1, 1, 1, 1, 0, 0]] * 2
+    with pytest.raises(ConfigError, match=r"sparsity 0.3 is not reachable with pattern '4:8'.*0, 0.125, 0.25, 0.375, 0.5"):
+        mgr.apply_magnitude_pruning(0.3)
+    mgr.apply_magnitude_pruning(0.5)
+    assert mgr.masks["0.weight"].int().tolist() == [[1, 1, 1, 1, 0, 0, 0, 0]] * 2
+
+
+@pytest.mark.parametrize("metric_pattern", ["2:4", "4:8"])
+def test_nm_exact_counts_on_llama_and_gpt2(metric_pattern):
+    n, m = parse_nm_pattern(metric_pattern)
+    for model in (tiny_llama(), tiny_gpt2()):
+        mgr = create_pruning_manager({"pruning": {"pattern": metric_pattern}}, model)
+        mgr.apply_magnitude_pruning(1 - n / m)
+        for t in mgr.method.targets:
+            rows = t.rows_view(mgr.masks[t.key])  # (out, in): groups run along the inputs
+            kept = rows.reshape(rows.shape[0], -1, m).sum(-1)
+            assert bool((kept == n).all()), t.key
+            assert int(torch.count_nonzero(t.param)) <= rows.numel() * n // m
+        assert mgr.get_pruning_summary()["pattern"] == metric_pattern
+
+
+def test_nm_progressive_prunes_round_s_m_per_group():
+    model = tiny_llama()
+    mgr = create_pruning_manager(
+        {"pruning": {"pattern": "4:8", "pruning_start": 0.0, "pruning_end": 1.0, "pruning_interval": 1,
+                     "schedule": "linear", "initial_sparsity": 0.0}},
+        model, total_steps=4,
+    )
+    seen = []
+    for _ in range(4):
+        mgr.step()
+        t = mgr.method.targets[0]
+        rows = t.rows_view(mgr.masks[t.key])
+        pruned = (~rows).reshape(rows.shape[0], -1, 8).sum(-1)
+        assert pruned.unique().numel() == 1
+        seen.append(int(pruned[0, 0]))
+    assert seen == [count_to_prune(8, mgr.target_sparsity_at(i)) for i in range(4)]
+    assert seen[-1] == 4
+
+
+def test_nm_rejects_indivisible_layer():
+    net = nn.Sequential(nn.Linear(6, 4))
+    with pytest.raises(ModelError, match=r"pattern '2:4': layer 0 has weight \(out, in\) = \(4, 6\); its in_features must divide by 4"):
+        create_pruning_manager({"pruning": {"targets": ["*"], "pattern": "2:4"}}, net)
+
+
+# ----------------------------------------------------------------------------- SparseGPT (pure)
+def _layer_problem(seed=0, out=24, inp=32, n=400):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, inp, generator=g) @ torch.randn(inp, inp, generator=g)  # correlated inputs
+    w = torch.randn(out, inp, generator=g)
+    return x, w, 2 * x.T @ x / n
+
+
+def test_hessian_accumulator_matches_formula():
+    x, _, h = _layer_problem()
+    acc = HessianAccumulator(x.shape[1])
+    acc.add(x[:150])
+    acc.add(x[150:])
+    assert acc.count == x.shape[0]
+    torch.testing.assert_close(acc.hessian(), h, rtol=1e-4, atol=1e-3)
+    with pytest.raises(CalibrationError, match="saw no calibration tokens"):
+        HessianAccumulator(3).hessian()
+
+
+@pytest.mark.parametrize("blocksize", [8, 128])
+def test_sparsegpt_fixed_mask_reduces_output_error(blocksize):
+    x, w, h = _layer_problem()
+    mask = w.abs() > w.abs().flatten().kthvalue(w.numel() // 2).values
+    new_w, keep = sparsegpt_prune(w, h, mask=mask, blocksize=blocksize)
+    assert torch.equal(keep, mask)
+    assert bool((new_w[~mask] == 0).all())
+    assert not torch.equal(new_w[mask], w[mask])  # kept weights were updated
+    err = lambda v: float(((x @ (w - v).T) ** 2).mean())  # noqa: E731
+    assert err(new_w) < 0.9 * err(w * mask)
+
+
+def test_sparsegpt_chooses_mask_with_exact_counts_and_prior():
+    x, w, h = _layer_problem(seed=1)
+    new_w, keep = sparsegpt_prune(w, h, sparsity=0.6, blocksize=8)
+    assert int((~keep).sum()) == count_to_prune(w.numel(), 0.6)
+    assert bool((new_w[~keep] == 0).all())
+    err = lambda v: float(((x @ (w - v).T) ** 2).mean())  # noqa: E731
+    mag = w.abs() > w.abs().flatten().kthvalue(count_to_prune(w.numel(), 0.6)).values
+    assert err(new_w) < err(w * mag)
+    _, keep24 = sparsegpt_prune(w, h, pattern=(2, 4))
+    assert bool((keep24.reshape(w.shape[0], -1, 4).sum(-1) == 2).all())
+    prior = torch.ones_like(keep)
+    prior[:, :3] = False  # pruned at an earlier event: must stay pruned
+    _, keep_p = sparsegpt_prune(w, h, sparsity=0.5, prior=prior, blocksize=8)
+    assert not bool(keep_p[:, :3].any())
+    assert int((~keep_p).sum()) == count_to_prune(w.numel(), 0.5)
+
+
+def test_sparsegpt_errors():
+    _, w, h = _layer_problem()
+    with pytest.raises(ValueError, match="give either mask= or sparsity=/pattern="):
+        sparsegpt_prune(w, h)
+    with pytest.raises(ValueError, match=r"Hessian has shape \(3, 3\); expected \(32, 32\)"):
+        sparsegpt_prune(w, torch.eye(3), sparsity=0.5)
+    with pytest.raises(ValueError, match="pattern 2:5 needs"):
+        sparsegpt_prune(w, h, pattern=(2, 5))
+
+
+def test_extra_bytes_formula():
+    assert reconstruction_extra_bytes(8, 16, blocksize=4) == 4 * (3 * 256 + 2 * 128 + 2 * 32) + 128
+
+
+# ----------------------------------------------------------------------------- SparseGPT (manager)
+def _logit_err(model, ref_model, batches):
+    with torch.no_grad():
+        return sum(float(((model(**b).logits - ref_model(**b).logits) ** 2).mean()) for b in batches)
+
+
+def test_manager_sparsegpt_keeps_masks_and_lowers_error():
+    dense = tiny_llama()
+    calib = _calib()
+    plain = tiny_llama()
+    m1 = create_pruning_manager({"pruning": {"scope": "layer"}}, plain)
+    m1.apply_pruning(0.6)
+    rec = tiny_llama()
+    m2 = create_pruning_manager({"pruning": {"scope": "layer", "reconstruction": "sparsegpt"}}, rec)
+    m2.apply_pruning(0.6, calibration_data=calib)
+    assert m2.last_reconstruction["layers"] == len(m2.method.targets) == 14
+    assert m2.last_reconstruction["tokens"] == 3 * 2 * 16  # batches × rows × tokens
+    assert m2.last_reconstruction["peak_extra_bytes"] == max(
+        reconstruction_extra_bytes(128, 64), reconstruction_extra_bytes(64, 128)
+    )  # the largest layer: down_proj (64 out, 128 in)
+    for key in m1.masks:
+        assert torch.equal(m1.masks[key], m2.masks[key])
+        assert bool((m2._params[key][~m2.masks[key]] == 0).all())
+    assert _logit_err(rec, dense, calib) < _logit_err(plain, dense, calib)
+    assert m2.get_pruning_summary()["last_reconstruction"]["select"] == "metric"
+
+
+def test_manager_sparsegpt_obs_mode_with_2_4():
+    model = tiny_llama()
+    mgr = create_pruning_manager({"pruning": {"pattern": "2:4", "reconstruction": "sparsegpt", "sparsegpt_mask": "obs"}}, model)
+    mgr.apply_pruning(0.5, calibration_data=_calib(2))
+    for t in mgr.method.targets:
+        rows = t.rows_view(mgr.masks[t.key])
+        assert bool((rows.reshape(rows.shape[0], -1, 4).sum(-1) == 2).all())
+        assert bool((t.param[~mgr.masks[t.key]] == 0).all())
+
+
+def test_sparsegpt_needs_calibration_data():
+    mgr = create_pruning_manager({"pruning": {"reconstruction": "sparsegpt"}}, tiny_llama())
+    with pytest.raises(CalibrationError, match=r"reconstruction: sparsegpt needs calibration batches.*set_calibration_data"):
+        mgr.apply_pruning(0.5)
+    with pytest.raises(CalibrationError, match=r"reconstruction: sparsegpt needs calibration batches"):
+        mgr.apply_magnitude_pruning(0.5)
+    assert not mgr.masks  # nothing changed
+    mgr2 = create_pruning_manager({"pruning": {"reconstruction": "sparsegpt"}}, tiny_llama(), total_steps=10)
+    with pytest.raises(CalibrationError, match="needs calibration batches at every pruning event"):
+        mgr2.step()
+    with pytest.raises(CalibrationError, match="calibration data is empty"):
+        mgr2.set_calibration_data([])
+    with pytest.raises(CalibrationError, match="calibration batch 0 is a str"):
+        mgr2.set_calibration_data(["text"])
+
+
+def test_sparsegpt_progressive_runs_at_each_event_and_masks_shrink():
+    model = tiny_llama()
+    mgr = create_pruning_manager(
+        {"pruning": {"reconstruction": "sparsegpt", "pruning_start": 0.0, "pruning_end": 1.0,
+                     "pruning_interval": 2, "final_sparsity": 0.5, "sparsegpt_mask": "obs"}},
+        model, total_steps=5,
+    )
+    mgr.set_calibration_data(_calib(2))
+    prev = None
+    events = 0
+    for _ in range(5):
+        if mgr.step():
+            events += 1
+            assert mgr.last_reconstruction["layers"] == 14
+            cur = {k: m.clone() for k, m in mgr.masks.items()}
+            if prev is not None:
+                for k in cur:
+                    assert not bool((cur[k] & ~prev[k]).any())  # nothing pruned earlier comes back
+            prev = cur
+    assert events == 3
+    assert mgr.get_pruning_summary()["measured_sparsity"] == pytest.approx(0.5, abs=1e-3)
+
+
+# ----------------------------------------------------------------------------- OWL
+def test_owl_sparsities_weighted_mean_and_counts_exact():
+    sizes = [300, 100, 700, 50]
+    s = owl_sparsities([0.02, 0.10, 0.05, 0.01], sizes, target=0.7, lam=0.08)
+    assert sum(v * n for v, n in zip(s, sizes)) / sum(sizes) == pytest.approx(0.7, abs=1e-12)
+    assert max(s) - min(s) == pytest.approx(0.16)
+    assert s[1] == min(s)  # most outliers -> least pruned
+    counts = allocate_counts(s, sizes, count_to_prune(sum(sizes), 0.7))
+    assert sum(counts) == count_to_prune(sum(sizes), 0.7)
+    assert all(abs(c - v * n) < 1 for c, v, n in zip(counts, s, sizes))
+    with pytest.raises(ValueError, match=r"OWL gives unit 0 a sparsity of 1.2000 \(target 0.8, owl_lambda 0.4\).*lower owl_lambda"):
+        owl_sparsities([0.0, 1.0], [1, 1], target=0.8, lam=0.4)
+    assert owl_sparsities([0.3, 0.3], [5, 9], 0.6, 0.1) == [0.6, 0.6]
+
+
+def test_outlier_ratio_hand_computed():
+    w = torch.tensor([[1.0, 2.0], [0.5, 8.0]])
+    norms = torch.tensor([4.0, 1.0])  # scores [[4, 2], [2, 8]], mean 4
+    assert outlier_ratio(w, norms, 1.5) == (1, 4)
+    assert outlier_ratio(w, norms, 0.9) == (2, 4)
+
+
+def test_rows_count_mask_spreads_exact_count_over_rows():
+    from artemis.methods.unstructured import rows_count_mask
+
+    scores = torch.tensor([[0.5, 0.1, 0.9, 0.3], [0.2, 0.8, 0.4, 0.6], [1.0, 0.0, 0.7, 0.7]])
+    mask = rows_count_mask(scores, 5)  # rows prune 2, 2, 1
+    assert mask.int().tolist() == [[1, 0, 1, 0], [0, 1, 0, 1], [1, 0, 1, 1]]
+    with pytest.raises(ValueError, match="cannot prune 13 of 12 weights"):
+        rows_count_mask(scores, 13)
+
+
+def test_owl_manager_exact_total_and_nonuniform_blocks():
+    model = tiny_llama(layers=4)
+    mgr = create_pruning_manager({"pruning": {"scope": "owl", "final_sparsity": 0.7}}, model)
+    with pytest.raises(CalibrationError, match="scope: owl needs calibration batches"):
+        mgr.apply_pruning(0.7)
+    mgr.apply_pruning(0.7, calibration_data=_calib(2))
+    m = mgr.pruning_metrics
+    assert m["parameters_pruned"] == count_to_prune(m["parameters_prunable"], 0.7)
+    per = mgr.get_pruning_summary()["owl_layer_sparsity"]
+    by_block = {}
+    for key, s in per.items():
+        by_block.setdefault(key.split(".")[2], []).append(s)
+    means = [sum(v) / len(v) for v in by_block.values()]
+    assert max(means) - min(means) == pytest.approx(0.16, abs=2e-3)  # 2·owl_lambda spread
+    for t in mgr.method.targets:  # each layer gets its allocated count exactly
+        assert int((~mgr.masks[t.key]).sum()) == round(per[t.key] * t.numel)
+
+
+# ----------------------------------------------------------------------------- sparse inference
+def test_sparse_linear_matches_dense_linear_and_conv1d():
+    torch.manual_seed(0)
+    lin = nn.Linear(32, 16)
+    with torch.no_grad():
+        lin.weight[torch.rand(16, 32) < 0.7] = 0
+    sp = SparseLinear.from_linear(lin)
+    x = torch.randn(2, 5, 32)
+    torch.testing.assert_close(sp(x), lin(x), rtol=1e-5, atol=1e-5)
+    one = torch.randn(1, 1, 32)  # a single token takes the matrix-vector path
+    torch.testing.assert_close(sp(one), lin(one), rtol=1e-5, atol=1e-5)
+    assert sp.nnz == int(torch.count_nonzero(lin.weight))
+    assert sp.weight.col_indices().dtype == torch.int32
+    from transformers.pytorch_utils import Conv1D
+
+    conv = Conv1D(16, 32)  # weight (in, out)
+    with torch.no_grad():
+        conv.weight.normal_()
+        conv.weight[torch.rand(32, 16) < 0.6] = 0
+    torch.testing.assert_close(SparseLinear.from_linear(conv)(x), conv(x), rtol=1e-5, atol=1e-5)
+
+
+def test_sparse_linear_errors():
+    with pytest.raises(ValueError, match=r"backend 'csr' runs on CPU with float32/float64 weights; got torch.float16"):
+        SparseLinear(torch.zeros(4, 4, dtype=torch.float16))
+    with pytest.raises(ValueError, match="unknown sparse backend 'mkl'"):
+        SparseLinear(torch.zeros(4, 4), backend="mkl")
+    with pytest.raises(ValueError, match="needs a CUDA float16/bfloat16 weight"):
+        SparseLinear(torch.zeros(4, 4), backend="semi_structured")
+    with pytest.raises(ValueError, match="expects 4 input features"):
+        SparseLinear(torch.eye(4))(torch.ones(2, 3))
+
+
+def test_sparsify_for_inference_measures_swaps_and_falls_back():
+    model = tiny_llama()
+    mgr = create_pruning_manager({"pruning": {"scope": "layer"}}, model)
+    mgr.apply_magnitude_pruning(0.7)
+    mgr.finalize()
+    batch = lm_batch()
+    with torch.no_grad():
+        ref = model(input_ids=batch["input_ids"]).logits
+    report = sparsify_for_inference(model, min_sparsity=0.5, min_speedup=0.0, repeats=2)
+    swapped = [n for n, e in report.items() if e["choice"] == "sparse"]
+    assert len(swapped) == 14 and all(isinstance(model.get_submodule(n), SparseLinear) for n in swapped)
+    assert report["lm_head"]["choice"] == "dense (sparsity below 0.5)"
+    assert all(e["dense_us"] > 0 and e["sparse_us"] > 0 for n, e in report.items() if n in swapped)
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=batch["input_ids"]).logits, ref, rtol=1e-4, atol=1e-4)
+    other = tiny_llama()
+    create_pruning_manager({"pruning": {"scope": "layer"}}, other).apply_magnitude_pruning(0.7)
+    report2 = sparsify_for_inference(other, min_speedup=1e9, repeats=2)
+    assert not any(isinstance(m, SparseLinear) for m in other.modules())
+    assert {e["choice"] for n, e in report2.items() if n != "lm_head"} == {"dense"}
+    with pytest.raises(ValueError, match="unknown sparse backend"):
+        sparsify_for_inference(other, backend="x")
+    with pytest.raises(ValueError, match="unknown clock 'gpu'; valid: 'wall', 'cpu'"):
+        sparsify_for_inference(other, clock="gpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="to_sparse_semi_structured (2:4) needs a CUDA GPU; none here")
+def test_semi_structured_cuda_matches_dense():  # pragma: no cover - needs a GPU
+    torch.manual_seed(0)
+    lin = nn.Linear(128, 128).half().cuda()
+    net = _one_linear(lin.weight.detach().float().cpu())
+    mgr = create_pruning_manager({"pruning": {"targets": ["*"], "pattern": "2:4"}}, net)
+    mgr.apply_magnitude_pruning(0.5)
+    with torch.no_grad():
+        lin.weight.copy_(net[0].weight.half().cuda())
+    sp = SparseLinear.from_linear(lin, backend="semi_structured")
+    x = torch.randn(64, 128, dtype=torch.float16, device="cuda")
+    torch.testing.assert_close(sp(x), lin(x), rtol=1e-2, atol=1e-2)
