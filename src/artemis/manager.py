@@ -297,6 +297,7 @@ class PruningManager:
             t_s, t_e = self._window(total)
             if t <= t_e:  # statistics are only gathered while a pruning event is still to come
                 self.metric.on_step()
+            self.method.on_step()
             if is_pruning_event(t, t_s, t_e, self.config.pruning_interval):
                 c = self.config
                 self._prune(

@@ -14,6 +14,7 @@ Contract for a new method (subclass :class:`PruningMethod` and register it):
 * ``compute_masks(target_fn, metric)`` — return ``{key: bool mask}`` for the current
   pruning event; ``target_fn(final)`` maps a final sparsity to the sparsity due now
   (the schedule). Must not modify the model.
+* ``on_step()`` — called at every ``step()``, for per-step state of the method (optional).
 * ``install()`` / ``remove()`` — add and remove any forward hooks (optional).
 * ``finalize()`` — make the pruning permanent (for structural methods: rebuild the
   model smaller); called once, after masks are folded and hooks removed.
@@ -95,6 +96,9 @@ class PruningMethod:
 
     def install(self) -> None:
         pass
+
+    def on_step(self) -> None:
+        """Called by every ``PruningManager.step()`` (after the metric's); default: nothing."""
 
     def remove(self) -> None:
         pass
