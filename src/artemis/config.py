@@ -43,10 +43,14 @@ __all__ = [
     "format_validation_error",
     "SCHEDULES",
     "SCOPES",
+    "STRUCTURED_UNITS",
+    "STRUCTURED_WIDTHS",
 ]
 
 SCHEDULES = ("cubic", "cubic_decay", "linear")
 SCOPES = ("global", "layer", "row")
+STRUCTURED_UNITS = ("attention_heads", "mlp_neurons")
+STRUCTURED_WIDTHS = ("uniform", "per_layer")
 
 
 def _check_unknown_keys(model_cls: type[BaseModel], data: Any) -> None:
@@ -102,6 +106,13 @@ class PruningConfig(BaseModel):
         exclude: patterns removed from the targets.
         layer_sparsity: pattern → final sparsity overrides for matching modules.
         total_steps: optional; may instead be passed to ``step()`` or the manager.
+        structured_units: ``structured_sparsity`` only: which structures are pruned,
+            any of ``attention_heads`` (KV head groups with their query heads) and
+            ``mlp_neurons``; default both.
+        structured_widths: ``structured_sparsity`` only: ``uniform`` (default; every
+            block keeps the same number of heads and neurons, so the saved model is a
+            plain Hugging Face model) or ``per_layer`` (units ranked across blocks; load
+            the result with ``artemis.methods.structured.load_pruned_model``).
     """
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True, validate_assignment=True)
@@ -121,6 +132,8 @@ class PruningConfig(BaseModel):
     exclude: list[str] = Field(default_factory=list)
     layer_sparsity: dict[str, float] = Field(default_factory=dict)
     total_steps: Optional[int] = None
+    structured_units: list[str] = Field(default_factory=lambda: list(STRUCTURED_UNITS))
+    structured_widths: str = "uniform"
 
     @model_validator(mode="before")
     @classmethod
@@ -206,8 +219,33 @@ class PruningConfig(BaseModel):
             raise ValueError("targets is an empty list; omit it to use the default targets")
         return v
 
+    @field_validator("structured_units")
+    @classmethod
+    def _check_structured_units(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError(f"structured_units is empty; use one or both of {', '.join(map(repr, STRUCTURED_UNITS))}")
+        for u in v:
+            if u not in STRUCTURED_UNITS:
+                raise ValueError(f"unknown structured unit {u!r}; valid: {', '.join(map(repr, STRUCTURED_UNITS))}")
+        if len(set(v)) != len(v):
+            raise ValueError(f"structured_units lists a unit twice: {v!r}")
+        return v
+
+    @field_validator("structured_widths")
+    @classmethod
+    def _check_structured_widths(cls, v: str) -> str:
+        if v not in STRUCTURED_WIDTHS:
+            raise ValueError(f"unknown structured_widths {v!r}; valid: {', '.join(map(repr, STRUCTURED_WIDTHS))}")
+        return v
+
     @model_validator(mode="after")
     def _cross_field(self) -> "PruningConfig":
+        structured_keys = {"structured_units", "structured_widths"} & self.model_fields_set
+        if structured_keys and self.method != "structured_sparsity":
+            raise ValueError(
+                f"{', '.join(sorted(structured_keys))} only apply to method 'structured_sparsity' "
+                f"(method is {self.method!r}); remove them or change the method"
+            )
         if self.pruning_start > self.pruning_end:
             raise ValueError(
                 f"pruning_start ({self.pruning_start}) is after pruning_end ({self.pruning_end}); "

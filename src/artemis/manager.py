@@ -348,9 +348,14 @@ class PruningManager:
     @torch.no_grad()
     def _refresh_metrics(self) -> None:
         params = [t.param for t in self.method.targets]
-        prunable = sum(p.numel() for p in params)
-        nnz = {id(p): int(torch.count_nonzero(p)) for p in params}
-        pruned = prunable - sum(nnz.values())
+        counts = self.method.parameter_counts()
+        nnz: Optional[dict[int, int]] = None
+        if counts is None:
+            prunable = sum(p.numel() for p in params)
+            nnz = {id(p): int(torch.count_nonzero(p)) for p in params}
+            pruned = prunable - sum(nnz.values())
+        else:
+            pruned, prunable = counts
         compressed = model_compressed_bytes(self.model, self.sparse_params(), nnz=nnz)
         dense = self.baseline_model_size * MIB
         self.pruning_metrics = {

@@ -2,5 +2,6 @@
 
 from artemis.methods.base import METHODS, PruningMethod, TargetFn
 from artemis.methods.unstructured import UnstructuredMethod
+from artemis.methods.structured import StructuredMethod
 
-__all__ = ["METHODS", "PruningMethod", "TargetFn", "UnstructuredMethod"]
+__all__ = ["METHODS", "PruningMethod", "TargetFn", "UnstructuredMethod", "StructuredMethod"]

@@ -18,6 +18,7 @@ Contract for a new method (subclass :class:`PruningMethod` and register it):
 * ``finalize()`` — make the pruning permanent (for structural methods: rebuild the
   model smaller); called once, after masks are folded and hooks removed.
 * ``summary()`` — extra JSON-able facts for ``get_pruning_summary()``.
+* ``parameter_counts()`` — optional ``(pruned, prunable)`` override of the counts.
 """
 
 from __future__ import annotations
@@ -75,6 +76,12 @@ class PruningMethod:
 
     def summary(self) -> dict[str, Any]:
         return {}
+
+    def parameter_counts(self) -> Optional[tuple[int, int]]:
+        """``(pruned, prunable)`` parameter counts for the summary, or None to count the
+        zeros of the targets (structural methods override this: after ``finalize()``
+        their pruned parameters are gone, not zero)."""
+        return None
 
     def state_dict(self) -> dict[str, Any]:
         return {}
