@@ -264,23 +264,26 @@ class StructuredMethod(PruningMethod):
     def unit_scores(self, metric: ImportanceMetric) -> list[Tensor]:
         """Score of every unit of every group (float64, summed metric scores)."""
         cache: dict[str, Tensor] = {}
+        lines: dict[tuple[str, str], Tensor] = {}
         by_name = {t.name: t for t in self.targets}
         out: list[Tensor] = []
         for g in self.groups:
             total = torch.zeros(g.num_units, dtype=torch.float64)
             for s in g.slices:
-                if s.name not in cache:
-                    t = by_name[s.name]
-                    scores = metric.score(t)
-                    if scores.shape != t.param.shape:
-                        raise ValueError(
-                            f"metric {metric.name!r} returned scores of shape {tuple(scores.shape)} for "
-                            f"{t.key} of shape {tuple(t.param.shape)}; scores must match the weight"
-                        )
-                    cache[s.name] = t.rows_view(scores.detach()).to(torch.float64)  # (out, in)
-                rows = cache[s.name]
-                line = rows.sum(dim=1) if s.axis == "out" else rows.sum(dim=0)
-                seg = line[s.offset : s.offset + g.num_units * s.unit_size].cpu()
+                if (s.name, s.axis) not in lines:
+                    if s.name not in cache:
+                        t = by_name[s.name]
+                        scores = metric.score(t)
+                        if scores.shape != t.param.shape:
+                            raise ValueError(
+                                f"metric {metric.name!r} returned scores of shape {tuple(scores.shape)} for "
+                                f"{t.key} of shape {tuple(t.param.shape)}; scores must match the weight"
+                            )
+                        cache[s.name] = t.rows_view(scores.detach())  # (out, in)
+                    rows = cache[s.name]
+                    lines[(s.name, s.axis)] = rows.sum(dim=1 if s.axis == "out" else 0, dtype=torch.float64).cpu()
+                line = lines[(s.name, s.axis)]
+                seg = line[s.offset : s.offset + g.num_units * s.unit_size]
                 total += seg.view(g.num_units, s.unit_size).sum(dim=1)
             out.append(total)
         return out
@@ -329,14 +332,14 @@ class StructuredMethod(PruningMethod):
                 w = masks[f"{s.name}.weight"]
                 rows = w.t() if s.transposed else w  # a view: (out, in)
                 bias = masks.get(f"{s.name}.bias") if s.axis == "out" else None
-                for u in units:
-                    r = s.indices(u)
-                    if s.axis == "out":
-                        rows[r.start : r.stop, :] = False
-                        if bias is not None:
-                            bias[r.start : r.stop] = False
-                    else:
-                        rows[:, r.start : r.stop] = False
+                starts = torch.tensor(sorted(units), dtype=torch.long) * s.unit_size + s.offset
+                idx = (starts.unsqueeze(1) + torch.arange(s.unit_size)).flatten().to(w.device)
+                if s.axis == "out":
+                    rows[idx, :] = False
+                    if bias is not None:
+                        bias[idx] = False
+                else:
+                    rows[:, idx] = False
         return masks
 
     # -------------------------------------------------------------- finalize
