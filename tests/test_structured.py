@@ -342,6 +342,16 @@ def test_unrecognised_model_lists_supported():
         create_pruning_manager(structured(), net)
 
 
+def test_llama_family_member_with_fused_projections_is_rejected():
+    from transformers import Phi3Config, Phi3ForCausalLM
+
+    cfg = Phi3Config(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                     num_attention_heads=4, num_key_value_heads=2, pad_token_id=0)
+    model = Phi3ForCausalLM(cfg)
+    with pytest.raises(ModelError, match=r"does not support Phi3ForCausalLM \(architecture 'llama', model_type 'phi3'\)"):
+        create_pruning_manager(structured(), model)
+
+
 def test_config_keys_are_checked():
     with pytest.raises(ConfigError, match="structured_widths only apply to method 'structured_sparsity'"):
         create_pruning_manager({"pruning": {"structured_widths": "per_layer"}}, tiny_llama())
