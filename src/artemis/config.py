@@ -92,6 +92,9 @@ class PruningConfig(BaseModel):
         pruning_end: fraction of training at which the final sparsity is reached.
         pruning_interval: steps between pruning events (masks recomputed), at least 1.
         importance_metric: ``magnitude``, ``gradient_sensitivity`` or ``activation``.
+        metric_options: options of the importance metric, checked against the metric's
+            ``options_model`` (``gradient_sensitivity``: ``accumulator_dtype``, one of
+            ``float32`` (default), ``bfloat16``, ``float16``). Empty by default.
         quantization_aware: fake-quantize pruned weights to int8 after the final sparsity
             is reached so the model adapts to quantization noise.
         schedule: ``cubic`` (the seed's formula, gentle at the start), ``cubic_decay``
@@ -125,6 +128,7 @@ class PruningConfig(BaseModel):
     pruning_end: float = 0.8
     pruning_interval: int = 50
     importance_metric: str = "magnitude"
+    metric_options: dict[str, Any] = Field(default_factory=dict)
     quantization_aware: bool = False
     schedule: str = "cubic"
     scope: Optional[str] = None
@@ -246,6 +250,10 @@ class PruningConfig(BaseModel):
                 f"{', '.join(sorted(structured_keys))} only apply to method 'structured_sparsity' "
                 f"(method is {self.method!r}); remove them or change the method"
             )
+        from artemis.metrics import METRICS
+
+        if self.importance_metric in METRICS:
+            METRICS.get(self.importance_metric).validate_options(self.metric_options)
         if self.pruning_start > self.pruning_end:
             raise ValueError(
                 f"pruning_start ({self.pruning_start}) is after pruning_end ({self.pruning_end}); "

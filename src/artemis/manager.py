@@ -20,6 +20,11 @@ after a mask changed and zeroes the gradients of pruned weights before every ste
 mask after every ``optimizer.step()``. Only optimizers that subclass
 ``torch.optim.Optimizer`` are seen by these hooks; with any other optimizer call
 ``manager.apply_masks()`` after each of its steps.
+
+Several processes (DDP, FSDP2 ``fully_shard``, ``accelerate``): create the manager on
+every rank after wrapping the model, and call every method on every rank; see
+:mod:`artemis.distributed` and ``docs/distributed.md``. Under FSDP2 masks are kept
+for each rank's local shard only.
 """
 
 from __future__ import annotations
@@ -36,6 +41,15 @@ from torch.optim.optimizer import register_optimizer_step_post_hook, register_op
 
 from artemis.arch import get_adapter, unwrap_model
 from artemis.config import PruningConfig
+from artemis.distributed import (
+    _all_equal,
+    check_no_fsdp1,
+    inspect_sharding,
+    is_distributed,
+    is_dtensor,
+    local_tensor,
+    shard_like,
+)
 from artemis.errors import CheckpointError, ConfigError, PruningStateError
 from artemis.methods import METHODS, PruningMethod
 from artemis.metrics import METRICS, ImportanceMetric
@@ -82,15 +96,25 @@ class PruningManager:
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if not isinstance(config, PruningConfig):
             raise TypeError(f"config must be a PruningConfig, got {type(config).__name__}")
+        check_no_fsdp1(model)
         self.wrapped_model = model
         self.model = unwrap_model(model)
         self.config = config
         self.adapter = get_adapter(self.model)
-        self.metric: ImportanceMetric = METRICS.get(config.importance_metric)()
+        self.metric: ImportanceMetric = METRICS.get(config.importance_metric)(**config.metric_options)
         self.method: PruningMethod = METHODS.get(config.method)(self)
         self.method.setup()
         self._params: dict[str, nn.Parameter] = self.method.masked_params()
         self._param_ids = {id(p): k for k, p in self._params.items()}
+        #: FSDP2 layout of the prunable weights (None unless some are sharded DTensors).
+        self.sharding = inspect_sharding(self._params)
+        if self.sharding is not None and not self.method.supports_sharded_params:
+            raise ConfigError(
+                f"method {config.method!r} does not support parameters sharded by FSDP2 (fully_shard); "
+                "use DDP, or a method that supports sharding (magnitude_progressive)"
+            )
+        if self.sharding is not None:
+            self.method.check_sharding(self.sharding)
         self.masks: dict[str, Tensor] = {}
         self._mask_version: dict[str, int] = {}
         self._opt_seen: "weakref.WeakKeyDictionary[Optimizer, dict[str, int]]" = weakref.WeakKeyDictionary()
@@ -98,6 +122,8 @@ class PruningManager:
         self._events = 0
         self._last_target = 0.0
         self._finalized = False
+        self._grads_masked = False
+        self._closed = False
         self.total_steps: Optional[int] = None
         ts = total_steps if total_steps is not None else config.total_steps
         if ts is not None:
@@ -153,24 +179,25 @@ class PruningManager:
             mask = self.masks.get(key)
             if mask is None:
                 continue
-            if p.grad is not None:
-                p.grad.mul_(mask)
+            if p.grad is not None and not self._grads_masked:
+                local_tensor(p.grad).mul_(mask)
             if seen.get(key) == self._mask_version[key]:
                 continue
             state = opt.state.get(p, {})
             for value in state.values():
                 if isinstance(value, Tensor) and value.shape == p.shape:
-                    value.mul_(mask)
+                    local_tensor(value).mul_(mask)
             seen[key] = self._mask_version[key]
 
     @torch.no_grad()
     def _after_optimizer_step(self, opt: Optimizer) -> None:
+        self._grads_masked = False
         if not self.masks:
             return
         for key, p in self._optimizer_params(opt):
             mask = self.masks.get(key)
             if mask is not None:
-                p.mul_(mask)
+                local_tensor(p).mul_(mask)
 
     # --------------------------------------------------------------- schedule
     def _set_total_steps(self, total_steps: int) -> None:
@@ -217,7 +244,10 @@ class PruningManager:
     # -------------------------------------------------------------- lifecycle
     def _check_active(self, what: str) -> None:
         if self._finalized:
-            raise PruningStateError(f"{what}() called after finalize(); the pruning is already permanent")
+            raise PruningStateError(
+                f"{what}() called after finalize(); the pruning is already permanent"
+                + (" (the manager was closed with close())" if self._closed else "")
+            )
 
     def step(self, total_steps: Optional[int] = None) -> bool:
         """Advance the schedule by one training step; prune if this step is an event.
@@ -232,8 +262,9 @@ class PruningManager:
         t = self._step
         pruned = False
         if self.config.enabled:
-            self.metric.on_step()
             t_s, t_e = self._window(total)
+            if t <= t_e:  # statistics are only gathered while a pruning event is still to come
+                self.metric.on_step()
             if is_pruning_event(t, t_s, t_e, self.config.pruning_interval):
                 c = self.config
                 self._prune(
@@ -244,16 +275,39 @@ class PruningManager:
         self._step += 1
         return pruned
 
+    def _check_params_current(self) -> None:
+        """Under several processes: the model's weights must still be the parameters the
+        manager was created with (FSDP2 and ``Accelerator.prepare`` replace them)."""
+        for t in self.method.targets:
+            if t.param is not self._params[t.key]:
+                raise PruningStateError(
+                    f"the weight {t.key} is no longer the parameter the pruning manager was created with; "
+                    "create the manager after fully_shard()/Accelerator.prepare(), and call step() after "
+                    "backward() (FSDP2 swaps in unsharded parameters between forward and backward)"
+                )
+
     @torch.no_grad()
     def _prune(self, target_fn: Callable[[float], float], metric: ImportanceMetric) -> None:
+        distributed = is_distributed()
+        if distributed:
+            self._check_params_current()
+            metric.all_reduce_(None)
         metric.check_ready()
         new_masks = self.method.compute_masks(target_fn, metric)  # nothing changed yet
         for key, mask in new_masks.items():
-            p = self._params[key]
+            p = local_tensor(self._params[key])
             if mask.shape != p.shape or mask.dtype != torch.bool:
                 raise ValueError(f"mask for {key} has shape {tuple(mask.shape)}/{mask.dtype}; expected {tuple(p.shape)}/bool")
+        if distributed:
+            replicated = [k for k in new_masks if self.sharding is None or not self.sharding.is_sharded(k)]
+            if replicated and not _all_equal([int(new_masks[k].sum()) for k in replicated]):
+                raise PruningStateError(
+                    "the masks differ between ranks (kept-weight counts differ): the weights or the metric's "
+                    "statistics are not the same on every rank; a metric that gathers per-rank statistics must "
+                    "sum them in ImportanceMetric.all_reduce_()"
+                )
         for key, mask in new_masks.items():
-            p = self._params[key]
+            p = local_tensor(self._params[key])
             mask = mask.to(p.device)
             self.masks[key] = mask
             self._mask_version[key] = self._mask_version.get(key, 0) + 1
@@ -268,7 +322,7 @@ class PruningManager:
         """Multiply every masked parameter by its mask (the optimizer hook does this for
         ``torch.optim`` optimizers; call it yourself after any other optimizer's step)."""
         for key, mask in self.masks.items():
-            self._params[key].mul_(mask)
+            local_tensor(self._params[key]).mul_(mask)
 
     @torch.no_grad()
     def apply_mask_to_gradients(self) -> None:
@@ -276,7 +330,8 @@ class PruningManager:
         for key, mask in self.masks.items():
             g = self._params[key].grad
             if g is not None:
-                g.mul_(mask)
+                local_tensor(g).mul_(mask)
+        self._grads_masked = True  # the optimizer pre-hook need not do it again
 
     def _check_sparsity(self, sparsity: float) -> float:
         if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not (0.0 <= float(sparsity) < 1.0):
@@ -290,26 +345,63 @@ class PruningManager:
         s = self._check_sparsity(sparsity)
         self._prune(self.method.one_shot_target_fn(s), METRICS.get("magnitude")())
 
-    def apply_pruning(self, sparsity: float, calibration_data: Optional[Iterable] = None) -> None:
+    def apply_pruning(
+        self,
+        sparsity: float,
+        calibration_data: Optional[Iterable] = None,
+        *,
+        loss_fn: Optional[Callable[[Any, Any], Tensor]] = None,
+        progress: Optional[bool] = None,
+    ) -> None:
         """Prune now, one-shot, to ``sparsity`` with the configured method and metric.
 
         Args:
             sparsity: fraction of the method's units to prune, in [0, 1).
             calibration_data: batches streamed through the model first (see
-                :meth:`calibrate`) for metrics that need statistics.
+                :meth:`calibrate`) for metrics that need statistics; without it the
+                statistics gathered so far (training steps, an earlier ``calibrate``) are used.
+            loss_fn: for ``gradient_sensitivity``: ``loss_fn(outputs, batch) -> scalar``
+                when the model's output has no ``loss``.
+            progress: show a progress bar while calibrating (default: when on a terminal).
+
+        Raises:
+            CalibrationError: the metric has no statistics, or the data is malformed.
         """
         self._check_active("apply_pruning")
         s = self._check_sparsity(sparsity)
         if calibration_data is not None:
-            self.calibrate(calibration_data)
+            self.calibrate(calibration_data, loss_fn=loss_fn, progress=progress)
         self._prune(self.method.one_shot_target_fn(s), self.metric)
 
-    def calibrate(self, data: Iterable) -> None:
-        """Stream calibration batches through the model to gather metric statistics."""
+    def calibrate(
+        self,
+        data: Iterable,
+        *,
+        loss_fn: Optional[Callable[[Any, Any], Tensor]] = None,
+        progress: Optional[bool] = None,
+    ) -> int:
+        """Stream calibration batches through the model to gather metric statistics.
+
+        Statistics gathered before are replaced. See
+        :func:`artemis.calibration.run_calibration` for the batch formats, the loss used
+        by gradient metrics and the guarantees on errors. Returns the number of batches.
+        """
         from artemis.calibration import run_calibration
 
         self._check_active("calibrate")
-        run_calibration(self, data)
+        return run_calibration(self, data, loss_fn=loss_fn, progress=progress)
+
+    def close(self) -> None:
+        """Remove every hook the manager installed **without** making the pruning permanent:
+        weights stay as they are (pruned entries zero), masks are forgotten and nothing
+        enforces them any more. Use it to abandon a manager (``artemis.analysis`` does,
+        after restoring the dense weights). The manager cannot be used afterwards."""
+        if self._finalized:
+            return
+        self._remove_hooks()
+        self._finalized = True
+        self._closed = True
+        self.masks = {}
 
     def finalize(self) -> nn.Module:
         """Make the pruning permanent: fold masks into the weights, remove every hook the
@@ -346,16 +438,27 @@ class PruningManager:
         return [t.param for t in self.method.targets]
 
     @torch.no_grad()
+    def _nonzero_counts(self) -> dict[str, int]:
+        """Non-zero count of every target weight (whole weight; summed over shards)."""
+        counts = {t.key: int(torch.count_nonzero(local_tensor(t.param))) for t in self.method.targets}
+        if self.sharding is not None:
+            keys = [k for k in counts if self.sharding.is_sharded(k)]
+            summed = self.sharding.collective.all_reduce_sum(torch.tensor([counts[k] for k in keys], dtype=torch.int64))
+            counts.update({k: int(v) for k, v in zip(keys, summed.tolist())})
+        return counts
+
+    @torch.no_grad()
     def _refresh_metrics(self) -> None:
         params = [t.param for t in self.method.targets]
-        counts = self.method.parameter_counts()
+        method_counts = self.method.parameter_counts()
         nnz: Optional[dict[int, int]] = None
-        if counts is None:
+        if method_counts is None:
             prunable = sum(p.numel() for p in params)
-            nnz = {id(p): int(torch.count_nonzero(p)) for p in params}
+            counts = self._nonzero_counts()
+            nnz = {id(t.param): counts[t.key] for t in self.method.targets}
             pruned = prunable - sum(nnz.values())
         else:
-            pruned, prunable = counts
+            pruned, prunable = method_counts
         compressed = model_compressed_bytes(self.model, self.sparse_params(), nnz=nnz)
         dense = self.baseline_model_size * MIB
         self.pruning_metrics = {
@@ -374,10 +477,11 @@ class PruningManager:
         """Plain JSON-able summary: configuration, step, target and measured sparsity,
         ``pruning_metrics`` and a per-layer table (name, shape, sparsity)."""
         self._refresh_metrics()
+        counts = self._nonzero_counts()
         layers = []
         for t in self.method.targets:
             p = t.param
-            zeros = p.numel() - int(torch.count_nonzero(p))
+            zeros = p.numel() - counts[t.key]
             layers.append(
                 {
                     "name": t.name,
@@ -408,8 +512,35 @@ class PruningManager:
         return summary
 
     # ----------------------------------------------------------- checkpoints
+    def _masks_state(self) -> dict[str, Tensor]:
+        if self.sharding is None and not is_distributed():
+            return {k: m.detach().cpu().clone() for k, m in self.masks.items()}
+        # Several processes: one entry per prunable weight (all True where nothing is pruned
+        # yet) so that a fresh manager's state_dict() is a complete template for
+        # torch.distributed.checkpoint.load; FSDP2 masks stay sharded, as DTensors.
+        from torch.distributed.tensor import DTensor
+
+        out: dict[str, Tensor] = {}
+        for key, p in self._params.items():
+            lp = local_tensor(p)
+            m = self.masks.get(key)
+            m = m.detach().clone() if m is not None else torch.ones(lp.shape, dtype=torch.bool, device=lp.device)
+            if is_dtensor(p):
+                out[key] = DTensor.from_local(m, p.device_mesh, p.placements, shape=p.shape, stride=p.stride())
+            else:
+                out[key] = m.cpu()
+        return out
+
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to resume: schedule position, masks, metric and method state."""
+        """Everything needed to resume: schedule position, masks, metric and method state.
+
+        Under several processes the masks hold one entry per prunable weight, and under
+        FSDP2 they are ``DTensor`` s sharded like the weights: save the dict with
+        ``torch.distributed.checkpoint.save`` (each rank writes its shards) and load
+        it with ``torch.distributed.checkpoint.load({"pruning": manager})`` (the
+        manager is a ``Stateful``); see ``docs/distributed.md``. Under DDP the masks are
+        the same on every rank and ``torch.save`` on one rank is enough.
+        """
         return {
             "format_version": STATE_FORMAT_VERSION,
             "config": self.config.model_dump(),
@@ -418,7 +549,7 @@ class PruningManager:
             "events": self._events,
             "last_target": self._last_target,
             "finalized": self._finalized,
-            "masks": {k: m.detach().cpu().clone() for k, m in self.masks.items()},
+            "masks": self._masks_state(),
             "metric": self.metric.state_dict(),
             "method": self.method.state_dict(),
         }
@@ -446,6 +577,7 @@ class PruningManager:
                 )
         if state.get("finalized"):
             raise CheckpointError("pruning state was saved after finalize(); there is nothing to resume")
+        local_masks = {key: self._local_mask(key, mask) for key, mask in masks.items()}
         if state.get("total_steps") is not None:
             self.total_steps = None
             self._set_total_steps(int(state["total_steps"]))
@@ -453,14 +585,32 @@ class PruningManager:
         self._events = int(state.get("events", 0))
         self._last_target = float(state.get("last_target", 0.0))
         self.masks = {}
-        for key, mask in masks.items():
-            p = self._params[key]
+        for key, mask in local_masks.items():
+            p = local_tensor(self._params[key])
             self.masks[key] = mask.to(device=p.device, dtype=torch.bool)
             self._mask_version[key] = self._mask_version.get(key, 0) + 1
             p.mul_(self.masks[key])
         self.metric.load_state_dict(state.get("metric", {}))
         self.method.load_state_dict(state.get("method", {}))
         self._refresh_metrics()
+
+    def _local_mask(self, key: str, mask: Tensor) -> Tensor:
+        """The part of a saved (whole or sharded) mask that this rank's weight holds."""
+        p = self._params[key]
+        if is_dtensor(mask):
+            if not is_dtensor(p):
+                return mask.full_tensor()
+            if mask.device_mesh != p.device_mesh or tuple(mask.placements) != tuple(p.placements):
+                mask = mask.redistribute(p.device_mesh, p.placements)
+            local = mask.to_local()
+        else:
+            local = shard_like(mask, p)
+        if tuple(local.shape) != tuple(local_tensor(p).shape):
+            raise CheckpointError(
+                f"pruning state mask for {key} has a local shard of shape {tuple(local.shape)}, this rank's "
+                f"weight shard has {tuple(local_tensor(p).shape)}"
+            )
+        return local
 
     def __repr__(self) -> str:
         return (

@@ -14,6 +14,15 @@ times the weights' bytes): an exact three-pass radix select over the float32 bit
 patterns of the scores. Each pass computes one layer's scores at a time, so the extra
 memory is of the order of the largest single layer, whatever the model size.
 
+Sharded scores (FSDP2, several processes): pass a ``collective`` (see
+:class:`ShardCollective`; :class:`artemis.distributed.ProcessGroupCollective` wraps a
+process group). Each rank then scores only its local shards, the radix histograms
+(a few KiB) are summed across ranks, and the per-layer tie counts are gathered, so
+no rank ever holds more than its own shards. Ties are broken in the order (layer,
+rank, local row-major index), which for shards cut contiguously along dim 0 in rank
+order (FSDP2's ``Shard(0)``) is exactly the single-process order, so sharded and
+single-process runs produce the same masks bit for bit.
+
 Example:
     >>> import torch
     >>> from artemis.masks import global_masks, row_masks
@@ -27,7 +36,7 @@ Example:
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Callable, Optional, Protocol, Sequence
 
 import torch
 from torch import Tensor
@@ -35,6 +44,7 @@ from torch import Tensor
 from artemis.schedule import round_half_up
 
 __all__ = [
+    "ShardCollective",
     "count_to_prune",
     "score_keys",
     "kth_smallest_key",
@@ -45,6 +55,24 @@ __all__ = [
 ]
 
 ScoreFn = Callable[[], Tensor]
+
+
+class ShardCollective(Protocol):
+    """The two collective operations the sharded global threshold needs.
+
+    Attributes:
+        rank: this process's index in the group (ranks hold shards in rank order).
+    """
+
+    rank: int
+
+    def all_reduce_sum(self, t: Tensor) -> Tensor:
+        """Element-wise sum of ``t`` (int64, CPU) over all ranks; returns a CPU tensor."""
+        ...
+
+    def all_gather(self, t: Tensor) -> list[Tensor]:
+        """``t`` (int64, CPU, same shape on every rank) of every rank, in rank order."""
+        ...
 
 # Radix passes over the 31 significant bits of a non-negative float32: 11 + 10 + 10 bits.
 _PASSES = ((20, 2048), (10, 1024), (0, 1024))
@@ -78,18 +106,30 @@ def score_keys(scores: Tensor) -> Tensor:
     return keys
 
 
-def kth_smallest_key(score_fns: Sequence[ScoreFn], k: int) -> tuple[int, int]:
+def kth_smallest_key(
+    score_fns: Sequence[ScoreFn],
+    k: int,
+    *,
+    reduce_fn: Optional[Callable[[Tensor], Tensor]] = None,
+    layer_counts: Optional[list[int]] = None,
+) -> tuple[int, int]:
     """Find the ``k``-th smallest score (1-indexed) across all layers.
 
     Args:
         score_fns: one zero-argument callable per layer returning that layer's scores.
             Each is called once per radix pass (three times), one layer at a time.
         k: rank, ``1 <= k <= total number of scores``.
+        reduce_fn: for scores sharded across processes: sums each pass's histogram
+            over the ranks (for example ``ShardCollective.all_reduce_sum``); then
+            ``score_fns`` return the local shards and ``k`` counts over all ranks.
+        layer_counts: if given, an empty list that receives, per layer, the number
+            of *local* scores equal to the returned key (for tie-breaking).
 
     Returns:
         ``(key, n_below)``: the int32 key of the k-th smallest score and the number of
         scores strictly smaller than it.
     """
+    last_hists: list[Tensor] = []
     prefix = 0
     below = 0  # scores whose key is below the current prefix range
     remaining = k
@@ -103,14 +143,21 @@ def kth_smallest_key(score_fns: Sequence[ScoreFn], k: int) -> tuple[int, int]:
             digits = (keys >> shift) & (bins - 1) if depth > 0 else keys >> shift
             h = torch.bincount(digits.to(torch.int64), minlength=bins).cpu()
             hist = h if hist is None else hist + h
+            if layer_counts is not None and depth == len(_PASSES) - 1:
+                last_hists.append(h)
             del keys, digits
-        assert hist is not None
+        if hist is None:  # no layer scored on this rank
+            hist = torch.zeros(bins, dtype=torch.int64)
+        if reduce_fn is not None:
+            hist = reduce_fn(hist)
         cum = torch.cumsum(hist, 0)
         digit = int(torch.searchsorted(cum, torch.tensor(remaining, dtype=cum.dtype)))
         before = int(cum[digit - 1]) if digit > 0 else 0
         below += before
         remaining -= before
         prefix = (prefix << (_PASSES[depth - 1][0] - shift) if depth > 0 else 0) | digit
+    if layer_counts is not None:
+        layer_counts.extend(int(h[digit]) for h in last_hists)
     return prefix, below
 
 
@@ -132,17 +179,30 @@ def _tie_masks(keys: Tensor, key: int, ties_left: int) -> tuple[Tensor, int]:
     return keep, 0
 
 
-def global_masks(score_fns: Sequence[ScoreFn], numels: Sequence[int], sparsity: float) -> list[Tensor]:
+def global_masks(
+    score_fns: Sequence[ScoreFn],
+    numels: Sequence[int],
+    sparsity: float,
+    *,
+    collective: Optional[ShardCollective] = None,
+    replicated: Optional[Sequence[bool]] = None,
+) -> list[Tensor]:
     """Keep-masks pruning exactly ``round_half_up(sparsity·N)`` of the ``N`` scores overall.
 
     Args:
         score_fns: one callable per layer returning its scores (any shape). Called four
             times per layer (three radix passes and the mask pass), never all at once.
-        numels: number of scores of each layer, in the same order.
+        numels: number of scores of each layer, in the same order (with ``collective``:
+            the full, unsharded sizes).
         sparsity: fraction to prune, in [0, 1].
+        collective: scores are sharded across the ranks of this group; every rank
+            calls ``global_masks`` with the same layers and gets the masks of its own
+            shards (see the module docstring).
+        replicated: with ``collective``, marks layers whose scores every rank holds in
+            full (identical on all ranks): they are counted once (rank 0's copy).
 
     Returns:
-        One bool mask per layer, shaped like that layer's scores.
+        One bool mask per layer, shaped like that layer's (local) scores.
     """
     if len(score_fns) != len(numels):
         raise ValueError(f"got {len(score_fns)} score functions but {len(numels)} sizes")
@@ -154,6 +214,8 @@ def global_masks(score_fns: Sequence[ScoreFn], numels: Sequence[int], sparsity: 
             s = fn()
             masks.append(torch.ones(s.shape, dtype=torch.bool, device=s.device))
         return masks
+    if collective is not None:
+        return _sharded_global_masks(score_fns, k, collective, replicated)
     key, below = kth_smallest_key(score_fns, k)
     ties_left = k - below
     for fn in score_fns:
@@ -161,6 +223,40 @@ def global_masks(score_fns: Sequence[ScoreFn], numels: Sequence[int], sparsity: 
         keys = score_keys(s)
         keep, ties_left = _tie_masks(keys, key, ties_left)
         masks.append(keep.view(s.shape))
+    return masks
+
+
+def _sharded_global_masks(
+    score_fns: Sequence[ScoreFn],
+    k: int,
+    collective: ShardCollective,
+    replicated: Optional[Sequence[bool]],
+) -> list[Tensor]:
+    """The collective version of the radix select and the tie-breaking mask pass."""
+    rep = [False] * len(score_fns) if replicated is None else [bool(r) for r in replicated]
+    if len(rep) != len(score_fns):
+        raise ValueError(f"got {len(score_fns)} score functions but {len(rep)} replicated flags")
+    # Replicated layers are counted once, from rank 0's copy.
+    counted = [i for i, r in enumerate(rep) if not r or collective.rank == 0]
+    local_counts: list[int] = []
+    key, below = kth_smallest_key(
+        [score_fns[i] for i in counted], k, reduce_fn=collective.all_reduce_sum, layer_counts=local_counts
+    )
+    eq_local = torch.zeros(len(score_fns), dtype=torch.int64)
+    for i, c in zip(counted, local_counts):
+        eq_local[i] = c
+    eq = torch.stack(collective.all_gather(eq_local))  # (ranks, layers)
+    layer_eq = eq.sum(0)
+    ties_left = k - below  # ties pruned, in (layer, rank, local index) order
+    masks: list[Tensor] = []
+    before = 0  # ties in earlier layers, all ranks
+    for i, fn in enumerate(score_fns):
+        s = fn()
+        keys = score_keys(s)
+        offset = before + (0 if rep[i] else int(eq[: collective.rank, i].sum()))
+        keep, _ = _tie_masks(keys, key, min(max(ties_left - offset, 0), int(keys.numel())))
+        masks.append(keep.view(s.shape))
+        before += int(layer_eq[i])
     return masks
 
 

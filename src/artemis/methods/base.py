@@ -19,6 +19,10 @@ Contract for a new method (subclass :class:`PruningMethod` and register it):
   model smaller); called once, after masks are folded and hooks removed.
 * ``summary()`` — extra JSON-able facts for ``get_pruning_summary()``.
 * ``parameter_counts()`` — optional ``(pruned, prunable)`` override of the counts.
+* FSDP2: set ``supports_sharded_params = True`` only if ``compute_masks`` returns masks
+  of each rank's local shard (``param.to_local()``) and finds any threshold that spans
+  shards with collectives (see :mod:`artemis.distributed`); otherwise the manager
+  refuses sharded models. ``check_sharding(layout)`` may refuse particular layouts.
 """
 
 from __future__ import annotations
@@ -46,6 +50,9 @@ class PruningMethod:
     name: ClassVar[str] = "base"
     #: True when finalize() changes the architecture (then export writes a dense model).
     structural: ClassVar[bool] = False
+    #: True when the method handles FSDP2-sharded (DTensor) weights: scores and masks of
+    #: each rank's local shard, collectives for anything that spans shards.
+    supports_sharded_params: ClassVar[bool] = False
 
     def __init__(self, manager: "PruningManager") -> None:
         self.manager = manager
@@ -64,6 +71,10 @@ class PruningMethod:
         self, target_fn: TargetFn, metric: "ImportanceMetric"
     ) -> dict[str, Tensor]:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def check_sharding(self, layout: Any) -> None:
+        """Raise :class:`~artemis.errors.ModelError` at manager creation when this
+        method cannot prune the FSDP2 layout (an :class:`artemis.distributed.ShardLayout`)."""
 
     def install(self) -> None:
         pass

@@ -1,6 +1,23 @@
-"""Importance metrics: registry and built-in metrics."""
+"""Importance metrics: registry and built-in metrics (``magnitude``, ``gradient_sensitivity``,
+``activation``)."""
 
+from artemis.metrics.activation import ActivationMetric, activation_scores
 from artemis.metrics.base import METRICS, ImportanceMetric
+from artemis.metrics.gradient import (
+    GradientSensitivityMetric,
+    GradientSensitivityOptions,
+    gradient_sensitivity_scores,
+)
 from artemis.metrics.magnitude import MagnitudeMetric, magnitude_scores
 
-__all__ = ["METRICS", "ImportanceMetric", "MagnitudeMetric", "magnitude_scores"]
+__all__ = [
+    "METRICS",
+    "ImportanceMetric",
+    "MagnitudeMetric",
+    "magnitude_scores",
+    "GradientSensitivityMetric",
+    "GradientSensitivityOptions",
+    "gradient_sensitivity_scores",
+    "ActivationMetric",
+    "activation_scores",
+]

@@ -1,0 +1,77 @@
+"""Overhead of the pruning manager on a small training run.
+
+Trains the same small randomly initialised Llama (AdamW, batch 8 × 128 tokens) for
+``--steps`` steps without and with a ``magnitude_progressive`` manager
+(``pruning_interval=50``, the seed's loop: ``step()``, ``apply_mask_to_gradients()``,
+then ``optimizer.step()``), alternating A/B/A/B runs in one process, and reports
+steps/s of each and the overhead ratio.
+
+    python benchmarks/training_overhead.py [--steps 200] [--repeats 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+from _common import llama_config, machine, random_llama  # noqa: E402
+
+
+def run(with_manager: bool, steps: int, batch: dict) -> tuple[float, float]:
+    model = random_llama(llama_config(hidden=256, layers=4, intermediate=768, vocab=8000, heads=8, kv_heads=8))
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01)
+    mgr = None
+    if with_manager:
+        from artemis import create_pruning_manager
+
+        mgr = create_pruning_manager(
+            {"pruning": {"final_sparsity": 0.6, "pruning_interval": 50}}, model, total_steps=steps
+        )
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        loss = model(**batch).loss
+        loss.backward()
+        if mgr is not None:
+            mgr.step()
+            mgr.apply_mask_to_gradients()
+        opt.step()
+        opt.zero_grad()
+    elapsed = time.perf_counter() - t0
+    sparsity = mgr.get_pruning_summary()["measured_sparsity"] if mgr else 0.0
+    return steps / elapsed, sparsity
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 8000, (8, 128), generator=g)
+    batch = {"input_ids": ids, "labels": ids}
+    base, pruned = [], []
+    for _ in range(args.repeats):
+        base.append(run(False, args.steps, batch)[0])
+        sps, sparsity = run(True, args.steps, batch)
+        pruned.append(sps)
+    b, p = max(base), max(pruned)
+    print(f"machine: {machine()}")
+    print(f"{args.steps} steps, batch 8x128, best of {args.repeats} alternating runs")
+    print("| run | steps/s | final sparsity |")
+    print("|---|---|---|")
+    print(f"| dense training, no manager | {b:.2f} | 0 |")
+    print(f"| with PruningManager (interval 50) | {p:.2f} | {sparsity:.4f} |")
+    print(f"| **overhead** | **{(b / p - 1) * 100:.1f}%** | |")
+
+
+if __name__ == "__main__":
+    main()

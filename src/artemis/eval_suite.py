@@ -1,0 +1,215 @@
+"""Measurements for reports: perplexity, embedding fidelity, latency, parameters, size.
+
+Everything here measures; nothing changes the model (each function restores the
+model's train/eval mode). Quality metrics:
+
+* causal LMs — :func:`perplexity`: ``exp`` of the mean next-token cross-entropy over
+  every predicted token of held-out blocks (token-weighted, not block-weighted);
+* encoders / sentence-transformers — :func:`embedding_fidelity`: the mean (and minimum)
+  cosine similarity between each held-out sentence's pruned and dense embedding, and
+  the nearest-neighbour agreement: the fraction of sentences whose nearest other
+  sentence (by cosine, among the held-out set) is the same under both models.
+
+Sentence embeddings are mean-pooled over the attention mask, then L2-normalised
+(the all-MiniLM-L6-v2 recipe).
+
+Example:
+    >>> import torch
+    >>> from artemis.eval_suite import embedding_fidelity
+    >>> dense = torch.nn.functional.normalize(torch.eye(3) + 0.1, dim=-1)
+    >>> r = embedding_fidelity(dense, dense)
+    >>> round(r["cosine_mean"], 6), r["nn_agreement"]
+    (1.0, 1.0)
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import statistics
+import time
+from typing import Any, Iterable, Optional, Sequence
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from artemis.sizing import MIB, model_compressed_bytes, model_dense_bytes
+
+__all__ = [
+    "mean_pool",
+    "encode_sentences",
+    "embedding_fidelity",
+    "perplexity",
+    "forward_latency_ms",
+    "parameter_stats",
+    "size_stats",
+    "model_device",
+]
+
+logger = logging.getLogger(__name__)
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter (CPU for a parameterless module)."""
+    try:
+        return next(model.parameters()).device
+    except StopIteration:
+        return torch.device("cpu")
+
+
+def mean_pool(hidden: Tensor, attention_mask: Tensor) -> Tensor:
+    """Mean of ``hidden`` (batch, tokens, dim) over the tokens where ``attention_mask`` is 1.
+
+    Example:
+        >>> import torch
+        >>> h = torch.tensor([[[1.0, 0.0], [3.0, 2.0], [9.0, 9.0]]])
+        >>> mean_pool(h, torch.tensor([[1, 1, 0]])).tolist()
+        [[2.0, 1.0]]
+    """
+    m = attention_mask.to(hidden.dtype).unsqueeze(-1)  # (batch, tokens, 1)
+    return (hidden * m).sum(1) / m.sum(1).clamp_min(1e-9)
+
+
+@torch.no_grad()
+def encode_sentences(
+    model: nn.Module, tokenizer: Any, texts: Sequence[str], *, batch_size: int = 32, max_length: int = 128
+) -> Tensor:
+    """L2-normalised mean-pooled sentence embeddings (float32, on CPU), one row per text.
+
+    Uses ``artemis.evaluate.sentence_embeddings`` when that module is present (same recipe).
+    """
+    try:  # the shared implementation, when the evaluation module has landed
+        from artemis.evaluate import sentence_embeddings  # type: ignore[attr-defined]
+    except ImportError:
+        sentence_embeddings = None
+    if sentence_embeddings is not None:
+        try:
+            return sentence_embeddings(model, tokenizer, list(texts), batch_size=batch_size, max_length=max_length).float().cpu()
+        except TypeError:  # a different keyword set: fall back to our own (same recipe)
+            pass
+    device = model_device(model)
+    was_training = model.training
+    model.eval()
+    out = []
+    try:
+        for i in range(0, len(texts), batch_size):
+            enc = tokenizer(list(texts[i : i + batch_size]), padding=True, truncation=True,
+                            max_length=max_length, return_tensors="pt")
+            enc = {k: v.to(device) for k, v in enc.items()}
+            hidden = model(**enc).last_hidden_state  # (batch, tokens, dim)
+            out.append(torch.nn.functional.normalize(mean_pool(hidden.float(), enc["attention_mask"]), dim=-1).cpu())
+    finally:
+        model.train(was_training)
+    return torch.cat(out)
+
+
+def embedding_fidelity(dense: Tensor, pruned: Tensor) -> dict[str, float]:
+    """Compare two sets of L2-normalised embeddings of the same texts (rows).
+
+    Returns:
+        ``cosine_mean``, ``cosine_min`` (per-text cosine pruned vs dense) and
+        ``nn_agreement`` (fraction of texts whose nearest *other* text is the same under
+        both embeddings; needs at least 2 texts).
+
+    Raises:
+        ValueError: the shapes differ or there are fewer than 2 texts.
+    """
+    if dense.shape != pruned.shape or dense.dim() != 2:
+        raise ValueError(f"embeddings must be two (texts, dim) tensors of one shape, got {tuple(dense.shape)} and {tuple(pruned.shape)}")
+    if dense.shape[0] < 2:
+        raise ValueError("nearest-neighbour agreement needs at least 2 texts")
+    d = torch.nn.functional.normalize(dense.float(), dim=-1)
+    p = torch.nn.functional.normalize(pruned.float(), dim=-1)
+    cos = (d * p).sum(-1)
+    eye = torch.eye(d.shape[0], dtype=torch.bool)
+    nn_d = (d @ d.T).masked_fill(eye, -2.0).argmax(-1)
+    nn_p = (p @ p.T).masked_fill(eye, -2.0).argmax(-1)
+    return {
+        "cosine_mean": float(cos.mean()),
+        "cosine_min": float(cos.min()),
+        "nn_agreement": float((nn_d == nn_p).float().mean()),
+    }
+
+
+@torch.no_grad()
+def perplexity(model: nn.Module, blocks: Iterable[dict]) -> float:
+    """Token-weighted perplexity of a causal LM over batches with ``input_ids`` (and
+    optional ``attention_mask``/``labels``; labels default to the inputs, -100 ignored)."""
+    device = model_device(model)
+    was_training = model.training
+    model.eval()
+    total_nll, total_tokens = 0.0, 0
+    try:
+        for batch in blocks:
+            ids = batch["input_ids"].to(device)
+            labels = batch.get("labels", ids).to(device)
+            kwargs = {"input_ids": ids}
+            if "attention_mask" in batch:
+                kwargs["attention_mask"] = batch["attention_mask"].to(device)
+            logits = model(**kwargs).logits.float()  # (batch, tokens, vocab)
+            shift_logits = logits[:, :-1].reshape(-1, logits.shape[-1])
+            shift_labels = labels[:, 1:].reshape(-1)
+            nll = torch.nn.functional.cross_entropy(shift_logits, shift_labels, ignore_index=-100, reduction="sum")
+            total_nll += float(nll)
+            total_tokens += int((shift_labels != -100).sum())
+    finally:
+        model.train(was_training)
+    if total_tokens == 0:
+        raise ValueError("perplexity: the evaluation batches hold no predicted tokens")
+    return math.exp(total_nll / total_tokens)
+
+
+@torch.no_grad()
+def forward_latency_ms(model: nn.Module, batch: dict, *, repeats: int = 20, warmup: int = 3) -> float:
+    """Median wall-clock milliseconds of one forward pass of ``model(**batch)`` on the
+    model's device (CUDA is synchronised around each pass)."""
+    device = model_device(model)
+    batch = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
+    batch.pop("labels", None)
+    was_training = model.training
+    model.eval()
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    times = []
+    try:
+        for i in range(warmup + repeats):
+            sync()
+            t0 = time.perf_counter()
+            model(**batch)
+            sync()
+            if i >= warmup:
+                times.append((time.perf_counter() - t0) * 1000.0)
+    finally:
+        model.train(was_training)
+    return statistics.median(times)
+
+
+@torch.no_grad()
+def parameter_stats(model: nn.Module, prunable: Optional[Sequence[Tensor]] = None) -> dict[str, Any]:
+    """Parameter counts: ``parameters`` (unique), ``nonzero_parameters``, and over the
+    ``prunable`` tensors (if given): ``prunable_parameters`` and ``sparsity`` (their
+    fraction of exact zeros)."""
+    seen: set[int] = set()
+    total = nonzero = 0
+    for p in model.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        total += p.numel()
+        nonzero += int(torch.count_nonzero(p))
+    out: dict[str, Any] = {"parameters": total, "nonzero_parameters": nonzero}
+    if prunable is not None:
+        n = sum(t.numel() for t in prunable)
+        z = n - sum(int(torch.count_nonzero(t)) for t in prunable)
+        out.update({"prunable_parameters": n, "sparsity": z / n if n else 0.0})
+    return out
+
+
+def size_stats(model: nn.Module, sparse_params: Sequence[Tensor]) -> dict[str, float]:
+    """``dense`` and ``compressed`` size in MiB from the shared size accounting
+    (:mod:`artemis.sizing`; the compressed size stores ``sparse_params`` as
+    values + bitmask)."""
+    return {
+        "dense": model_dense_bytes(model) / MIB,
+        "compressed": model_compressed_bytes(model, list(sparse_params)) / MIB,
+    }

@@ -1,0 +1,101 @@
+"""``PruningCallback``: progressive pruning inside a Hugging Face ``transformers.Trainer``.
+
+Attaching the callback is the only change a ``Trainer`` user makes::
+
+    from artemis.integrations import PruningCallback
+
+    trainer = Trainer(model=model, args=args, train_dataset=ds,
+                      callbacks=[PruningCallback({"pruning": {"final_sparsity": 0.6}})])
+    trainer.train()
+    callback.manager.finalize()          # make the pruning permanent when done
+
+What it does:
+
+* ``on_train_begin`` — creates the :class:`~artemis.manager.PruningManager` for the
+  Trainer's model (or uses the one you passed) with ``total_steps = state.max_steps``;
+  when the Trainer resumes from ``checkpoint-N`` it reloads the manager state saved
+  there, so masks and the schedule position are exactly those of the interrupted run.
+* ``on_pre_optimizer_step`` — ``manager.step()`` (after ``backward()`` and gradient
+  clipping, before ``optimizer.step()``), then zeroes the gradients of pruned weights;
+  the manager's optimizer hooks keep pruned weights and optimizer state at zero.
+* ``on_save`` — writes ``manager.state_dict()`` to
+  ``OUTPUT/checkpoint-N/artemis_pruning_state.pt`` next to the Trainer's own files.
+
+Example:
+    >>> from artemis.integrations import PruningCallback, STATE_FILE
+    >>> cb = PruningCallback({"pruning": {"final_sparsity": 0.5}})
+    >>> cb.manager is None, STATE_FILE
+    (True, 'artemis_pruning_state.pt')
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any, Mapping, Optional, Union
+
+import torch
+from transformers import TrainerCallback
+
+from artemis.config import PruningConfig, load_pruning_config
+from artemis.errors import CheckpointError, PruningStateError
+from artemis.manager import PruningManager
+
+__all__ = ["PruningCallback", "STATE_FILE"]
+
+logger = logging.getLogger(__name__)
+
+STATE_FILE = "artemis_pruning_state.pt"
+
+
+class PruningCallback(TrainerCallback):
+    """Drive a :class:`PruningManager` from ``transformers.Trainer`` (see the module docstring).
+
+    Args:
+        pruning: a manager already created for the Trainer's model, or a pruning
+            config (anything :func:`~artemis.config.load_pruning_config` accepts) from
+            which the manager is created at the start of training.
+
+    Attributes:
+        manager: the manager (None until training starts when a config was given).
+    """
+
+    def __init__(self, pruning: Union[PruningManager, PruningConfig, Mapping, str, os.PathLike]) -> None:
+        if isinstance(pruning, PruningManager):
+            self.manager: Optional[PruningManager] = pruning
+            self.config = pruning.config
+        else:
+            self.manager = None
+            self.config = load_pruning_config(pruning)  # fail at construction on a bad config
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
+        if self.manager is None:
+            if model is None:
+                raise PruningStateError("PruningCallback: the Trainer passed no model to on_train_begin")
+            self.manager = PruningManager(model, self.config, total_steps=state.max_steps)
+        elif self.manager.total_steps is None:
+            self.manager._set_total_steps(state.max_steps)
+        if state.global_step > 0:
+            path = Path(args.output_dir) / f"checkpoint-{state.global_step}" / STATE_FILE
+            if not path.is_file():
+                raise CheckpointError(
+                    f"resuming at step {state.global_step} but {str(path)!r} is missing; the checkpoint was not "
+                    "written with PruningCallback attached, so the pruning masks cannot be restored"
+                )
+            self.manager.load_state_dict(torch.load(path, map_location="cpu", weights_only=False))
+            logger.info("restored pruning state from %s (step %d)", path, state.global_step)
+
+    def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        assert self.manager is not None
+        self.manager.step()
+        self.manager.apply_mask_to_gradients()
+
+    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.manager is None:
+            return
+        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = folder / (STATE_FILE + ".tmp")
+        torch.save(self.manager.state_dict(), tmp)
+        os.replace(tmp, folder / STATE_FILE)
