@@ -390,3 +390,23 @@ def test_minilm_half_structured(minilm_dir, tmp_path):
     model.save_pretrained(tmp_path)
     loaded = load_pruned_model(tmp_path, AutoModel)
     assert torch.equal(embed(loaded), final)
+
+
+@pytest.mark.parametrize("metric", ["activation", "gradient_sensitivity"])
+def test_data_driven_metrics_score_units(metric):
+    model = tiny_llama()
+    cfg = structured(0.5, importance_metric=metric, pruning_start=0.0, pruning_end=0.5, pruning_interval=1)
+    mgr = create_pruning_manager(cfg, model, total_steps=4)
+    if metric == "activation":
+        mgr.apply_pruning(0.5, calibration_data=[lm_batch()])
+    else:
+        model.train()
+        for _ in range(4):
+            model(**lm_batch()).loss.backward()
+            mgr.step()
+        model.eval()
+    ids = lm_batch()["input_ids"]
+    masked = _out(model, ids)
+    mgr.finalize()
+    assert torch.allclose(_out(model, ids), masked, atol=1e-5, rtol=0)
+    assert model.config.num_key_value_heads == 1 and model.config.intermediate_size == 64
