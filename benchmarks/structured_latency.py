@@ -10,7 +10,8 @@ transformer backbone (``model.model``, what structured pruning shrinks) and the
 unpruned 32000-way ``lm_head`` separately; the causal LM figure is their sum.
 
 Part 2 (quality): all-MiniLM-L6-v2 (real weights) pruned one-shot by magnitude to the
-same parameter budget with structured (heads + neurons, then finalize) and
+same parameter budget with structured (heads + neurons, then finalize; magnitude
+scores, and activation scores calibrated on 64 training sentences) and
 unstructured (``magnitude_progressive``) pruning; sentence-embedding cosine vs the
 dense model on held-out sentences of the built-in corpus; then optionally after a
 short recovery (distillation to the dense embeddings, same steps and data for both).
@@ -168,6 +169,7 @@ def quality(args) -> dict:
     dense = AutoModel.from_pretrained(path).eval()
     evals = tokenize_batches(builtin_corpus("validation", limit=args.eval_sentences), tok, batch_size=32, max_length=64)
     ref = embed(dense, evals)
+    calib = tokenize_batches(builtin_corpus("train", limit=args.calibration_sentences), tok, batch_size=16, max_length=64)
     trains, teacher = [], []
     if args.recovery_steps:
         trains = tokenize_batches(builtin_corpus("train", limit=args.train_sentences), tok, batch_size=16, max_length=64)
@@ -179,6 +181,12 @@ def quality(args) -> dict:
         mgr_s.apply_pruning(s)
         mgr_s.finalize()
         removed = mgr_s.pruning_metrics["parameters_pruned"]
+        m_act = copy.deepcopy(dense)
+        mgr_a = create_pruning_manager(
+            {"pruning": {"method": "structured_sparsity", "final_sparsity": s, "importance_metric": "activation"}}, m_act
+        )
+        mgr_a.apply_pruning(s, calibration_data=calib)
+        mgr_a.finalize()
         m_unst = copy.deepcopy(dense)
         mgr_u = create_pruning_manager({"pruning": {"method": "magnitude_progressive", "final_sparsity": s}}, m_unst)
         s_u = removed / mgr_u.pruning_metrics["parameters_prunable"]  # same number of weights removed
@@ -190,6 +198,8 @@ def quality(args) -> dict:
             / mgr_s.get_pruning_summary()["structured"]["block_parameters_before"],
             "structured_cos": float((embed(m_struct, evals) * ref).sum(-1).mean()),
             "unstructured_cos": float((embed(m_unst, evals) * ref).sum(-1).mean()),
+            "structured_activation_removed": mgr_a.pruning_metrics["parameters_pruned"],
+            "structured_activation_cos": float((embed(m_act, evals) * ref).sum(-1).mean()),
         }
         if args.recovery_steps:
             recover(m_struct, None, lambda i: teacher[i % len(teacher)], trains, args.recovery_steps)
@@ -210,6 +220,7 @@ def main() -> None:
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--eval-sentences", type=int, default=128)
     ap.add_argument("--train-sentences", type=int, default=128)
+    ap.add_argument("--calibration-sentences", type=int, default=64)
     ap.add_argument("--recovery-steps", type=int, default=0)
     ap.add_argument("--skip-latency", action="store_true")
     ap.add_argument("--skip-quality", action="store_true")

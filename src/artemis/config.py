@@ -244,7 +244,8 @@ class PruningConfig(BaseModel):
 
     @model_validator(mode="after")
     def _cross_field(self) -> "PruningConfig":
-        structured_keys = {"structured_units", "structured_widths"} & self.model_fields_set
+        defaults = {"structured_units": list(STRUCTURED_UNITS), "structured_widths": "uniform"}
+        structured_keys = {k for k, d in defaults.items() if getattr(self, k) != d}
         if structured_keys and self.method != "structured_sparsity":
             raise ValueError(
                 f"{', '.join(sorted(structured_keys))} only apply to method 'structured_sparsity' "
