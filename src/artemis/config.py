@@ -47,11 +47,15 @@ __all__ = [
     "SCOPES",
     "RECONSTRUCTIONS",
     "parse_nm_pattern",
+    "STRUCTURED_UNITS",
+    "STRUCTURED_WIDTHS",
 ]
 
 SCHEDULES = ("cubic", "cubic_decay", "linear")
 SCOPES = ("global", "layer", "row", "owl")
 RECONSTRUCTIONS = ("none", "sparsegpt")
+STRUCTURED_UNITS = ("attention_heads", "mlp_neurons")
+STRUCTURED_WIDTHS = ("uniform", "per_layer")
 
 
 def parse_nm_pattern(pattern: str) -> tuple[int, int]:
@@ -180,6 +184,13 @@ class PruningConfig(BaseModel):
         layer_sparsity: pattern → final sparsity overrides for matching modules.
         total_steps: optional; may instead be passed to ``step()`` or the manager.
         layer_dropout: options of ``method: layer_dropout`` (:class:`LayerDropoutOptions`).
+        structured_units: ``structured_sparsity`` only: which structures are pruned,
+            any of ``attention_heads`` (KV head groups with their query heads) and
+            ``mlp_neurons``; default both.
+        structured_widths: ``structured_sparsity`` only: ``uniform`` (default; every
+            block keeps the same number of heads and neurons, so the saved model is a
+            plain Hugging Face model) or ``per_layer`` (units ranked across blocks; load
+            the result with ``artemis.methods.structured.load_pruned_model``).
     """
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True, validate_assignment=True)
@@ -209,6 +220,8 @@ class PruningConfig(BaseModel):
     sparsegpt_blocksize: int = 128
     sparsegpt_dampening: float = 0.01
     sparsegpt_mask: Literal["metric", "obs"] = "metric"
+    structured_units: list[str] = Field(default_factory=lambda: list(STRUCTURED_UNITS))
+    structured_widths: str = "uniform"
 
     @model_validator(mode="before")
     @classmethod
@@ -358,8 +371,34 @@ class PruningConfig(BaseModel):
             raise ValueError("targets is an empty list; omit it to use the default targets")
         return v
 
+    @field_validator("structured_units")
+    @classmethod
+    def _check_structured_units(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError(f"structured_units is empty; use one or both of {', '.join(map(repr, STRUCTURED_UNITS))}")
+        for u in v:
+            if u not in STRUCTURED_UNITS:
+                raise ValueError(f"unknown structured unit {u!r}; valid: {', '.join(map(repr, STRUCTURED_UNITS))}")
+        if len(set(v)) != len(v):
+            raise ValueError(f"structured_units lists a unit twice: {v!r}")
+        return v
+
+    @field_validator("structured_widths")
+    @classmethod
+    def _check_structured_widths(cls, v: str) -> str:
+        if v not in STRUCTURED_WIDTHS:
+            raise ValueError(f"unknown structured_widths {v!r}; valid: {', '.join(map(repr, STRUCTURED_WIDTHS))}")
+        return v
+
     @model_validator(mode="after")
     def _cross_field(self) -> "PruningConfig":
+        defaults = {"structured_units": list(STRUCTURED_UNITS), "structured_widths": "uniform"}
+        structured_keys = {k for k, d in defaults.items() if getattr(self, k) != d}
+        if structured_keys and self.method != "structured_sparsity":
+            raise ValueError(
+                f"{', '.join(sorted(structured_keys))} only apply to method 'structured_sparsity' "
+                f"(method is {self.method!r}); remove them or change the method"
+            )
         from artemis.metrics import METRICS
 
         if self.importance_metric in METRICS:

@@ -297,6 +297,7 @@ class PruningManager:
             t_s, t_e = self._window(total)
             if t <= t_e:  # statistics are only gathered while a pruning event is still to come
                 self.metric.on_step()
+            self.method.on_step()
             if is_pruning_event(t, t_s, t_e, self.config.pruning_interval):
                 c = self.config
                 self._prune(
@@ -541,10 +542,15 @@ class PruningManager:
     @torch.no_grad()
     def _refresh_metrics(self) -> None:
         params = [t.param for t in self.method.targets]
-        prunable = sum(p.numel() for p in params)
-        counts = self._nonzero_counts()
-        nnz = {id(t.param): counts[t.key] for t in self.method.targets}
-        pruned = prunable - sum(nnz.values())
+        method_counts = self.method.parameter_counts()
+        nnz: Optional[dict[int, int]] = None
+        if method_counts is None:
+            prunable = sum(p.numel() for p in params)
+            counts = self._nonzero_counts()
+            nnz = {id(t.param): counts[t.key] for t in self.method.targets}
+            pruned = prunable - sum(nnz.values())
+        else:
+            pruned, prunable = method_counts
         compressed = model_compressed_bytes(self.model, self.sparse_params(), nnz=nnz)
         dense = self.baseline_model_size * MIB
         self.pruning_metrics = {

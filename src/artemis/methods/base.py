@@ -14,10 +14,12 @@ Contract for a new method (subclass :class:`PruningMethod` and register it):
 * ``compute_masks(target_fn, metric)`` — return ``{key: bool mask}`` for the current
   pruning event; ``target_fn(final)`` maps a final sparsity to the sparsity due now
   (the schedule). Must not modify the model.
+* ``on_step()`` — called at every ``step()``, for per-step state of the method (optional).
 * ``install()`` / ``remove()`` — add and remove any forward hooks (optional).
 * ``finalize()`` — make the pruning permanent (for structural methods: rebuild the
   model smaller); called once, after masks are folded and hooks removed.
 * ``summary()`` — extra JSON-able facts for ``get_pruning_summary()``.
+* ``parameter_counts()`` — optional ``(pruned, prunable)`` override of the counts.
 * FSDP2: set ``supports_sharded_params = True`` only if ``compute_masks`` returns masks
   of each rank's local shard (``param.to_local()``) and finds any threshold that spans
   shards with collectives (see :mod:`artemis.distributed`); otherwise the manager
@@ -96,6 +98,9 @@ class PruningMethod:
     def install(self) -> None:
         pass
 
+    def on_step(self) -> None:
+        """Called by every ``PruningManager.step()`` (after the metric's); default: nothing."""
+
     def remove(self) -> None:
         pass
 
@@ -104,6 +109,12 @@ class PruningMethod:
 
     def summary(self) -> dict[str, Any]:
         return {}
+
+    def parameter_counts(self) -> Optional[tuple[int, int]]:
+        """``(pruned, prunable)`` parameter counts for the summary, or None to count the
+        zeros of the targets (structural methods override this: after ``finalize()``
+        their pruned parameters are gone, not zero)."""
+        return None
 
     def state_dict(self) -> dict[str, Any]:
         return {}

@@ -267,7 +267,7 @@ class LayerImportance(ImportanceMetric):
     """Layer-level importance (see the module docstring); driven by the manager like any
     metric, but it scores whole blocks of its :class:`LayerDropoutMethod`.
 
-    ``on_step()`` also advances the method's fade-outs.
+    the method's own ``on_step()`` advances its fade-outs.
     """
 
     default_scope = "layer"
@@ -333,10 +333,9 @@ class LayerImportance(ImportanceMetric):
             self.counts[index] = self.counts.get(index, 0) + 1
 
     def on_step(self) -> None:
-        method = self._require_method()
+        self._require_method()
         if self.needs_gradients:
             self.accumulate_gradients()
-        method.advance_fades()
 
     def check_ready(self) -> None:
         """Readiness is checked when layers are actually due (in :meth:`layer_scores`)."""
@@ -558,8 +557,12 @@ class LayerDropoutMethod(PruningMethod):
         self.gates[index] = gate
         gate.install()  # also with pruning disabled: apply_pruning() must take effect
 
+    def on_step(self) -> None:
+        """Called by every ``PruningManager.step()``: advance the fade-outs."""
+        self.advance_fades()
+
     def advance_fades(self) -> None:
-        """One step of every fade-out in progress (called by the metric's ``on_step``)."""
+        """One step of every fade-out in progress."""
         for index in list(self.fade_age):
             if self.fade_age[index] < self.fade_steps:
                 self.fade_age[index] += 1
