@@ -173,7 +173,10 @@ def test_help_everywhere(sub, capsys):
         (["prune", "--model", "/nonexistent/model"], r"model.base_model '/nonexistent/model': cannot load"),
         (["prune", "--set", "training.stepz=3"], r"unknown key 'stepz' \(did you mean 'steps'\?\)"),
         (["prune", "--set", "fine_tuning.method=magic"], r"unknown fine_tuning.method 'magic'; valid: 'full'"),
-        (["prune", "--set", "model.hybrid_lora_adapter=true"], r"hybrid_lora_adapter: true is not supported"),
+        (["prune", "--set", "model.hybrid_lora_adapter=true", "--steps", "0"],
+         r"training.steps: 0 is one-shot pruning and trains nothing, but model.hybrid_lora_adapter: true needs training"),
+        (["prune", "--set", "fine_tuning.efficiency_transformer.adaptive_layer_selection=true"],
+         r"efficiency_transformer options are set but method is 'full'"),
         (["prune", "--set", "model.load_in_8bit=true"], r"load_in_8bit: true needs"),
         (["eval", "/nonexistent/dir"], r"records no base model"),
     ],
@@ -229,3 +232,49 @@ def test_bad_flag_value_is_a_one_line_error(capsys):
     assert main(["eval", "/nonexistent", "--reference", "x", "--eval-texts", "1"]) == 2
     err = capsys.readouterr().err
     assert "eval.num_texts: Input should be greater than or equal to 2" in err and "Traceback" not in err
+
+
+def test_prune_runs_the_seed_combined_config(tmp_path):
+    """The seed's combined form (pruning + Hybrid LoRA-Adapter + Efficiency-Transformer) end to end
+    on a 4-block tiny Llama (``load_in_8bit: false``: no 8-bit backend on a CPU machine)."""
+    import yaml
+
+    from artemis import load_pruned
+    from tests.fixtures import tiny_llama
+
+    tok = _tokenizer()
+    model_path = tmp_path / "llama4"
+    tiny_llama(layers=4, vocab_size=len(tok)).save_pretrained(model_path)
+    tok.save_pretrained(model_path)
+    cfg = {
+        "model": {"base_model": str(model_path), "tokenizer": str(model_path), "load_in_8bit": False,
+                  "hybrid_lora_adapter": True,
+                  "pruning": {"enabled": True, "sparsity_target": 0.6, "method": "magnitude_progressive"}},
+        "fine_tuning": {"method": "efficiency_transformer",
+                        "efficiency_transformer": {"adaptive_layer_selection": True,
+                                                   "cross_layer_parameter_sharing": True}},
+    }
+    path = tmp_path / "combined.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    out = tmp_path / "run"
+    assert main(["prune", str(path), "--steps", "4", "-o", str(out)] + FAST + ["--pruning-interval", "1"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["sparsity"] == pytest.approx(0.6, abs=1e-3)
+    assert report["history"][-1]["sparsity"] == pytest.approx(0.6, abs=1e-3)
+    ft = report["fine_tuning"]
+    assert ft["hybrid_lora"] is True and ft["method"] == "efficiency_transformer"
+    assert len(ft["shared_pairs"]) == 1 and len(ft["trainable_layers"]) == 2
+    assert 0 < ft["trainable"] < ft["total"] // 10  # only adapters train
+    merge = report["lora_merge"]
+    assert merge["layers_merged"] > 0 and merge["masked_layers"] == merge["layers_merged"]
+    assert merge["sparsity_after"] >= merge["sparsity_before"] - 1e-9  # the merge never fills pruned weights
+    assert merge["output_cosine"] is not None and merge["loss_merged"] is not None
+    # the saved model is plain (no peft wrappers), every block has its own storage, and it keeps the sparsity
+    saved = load_pruned(out / "model")
+    names = [n for n, _ in saved.named_parameters()]
+    assert not any("lora_" in n or "base_layer" in n for n in names)
+    i, j = ft["shared_pairs"][0]
+    wi = saved.model.layers[i].mlp.up_proj.weight
+    wj = saved.model.layers[j].mlp.up_proj.weight
+    assert wi.data_ptr() != wj.data_ptr() and torch.equal(wi, wj)
+    assert _zeros_over_targets(saved) == pytest.approx(0.6, abs=1e-2)

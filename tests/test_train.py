@@ -134,10 +134,36 @@ def test_unsupported_options_name_the_fix():
     from artemis.run_config import ModelSection
     from artemis.train.loading import check_supported
 
-    with pytest.raises(ConfigError, match="efficiency_transformer' is not supported .* use method: full"):
-        check_supported(ModelSection(), "efficiency_transformer")
+    check_supported(ModelSection(), "efficiency_transformer")  # implemented (artemis.finetune)
+    check_supported(ModelSection(hybrid_lora_adapter=True), "efficiency_transformer")  # peft is installed here
     with pytest.raises(ConfigError, match="load_in_8bit: true needs"):
         check_supported(ModelSection(load_in_8bit=True), "full")
+
+
+def test_hybrid_lora_without_peft_names_the_package(monkeypatch):
+    import sys
+
+    from artemis.run_config import ModelSection
+    from artemis.train.loading import check_supported
+
+    monkeypatch.setitem(sys.modules, "peft", None)  # import peft -> ImportError
+    with pytest.raises(ConfigError, match=r"hybrid_lora_adapter: true needs the 'peft' package.*pip install"):
+        check_supported(ModelSection(hybrid_lora_adapter=True), "full")
+
+
+def test_fine_tuning_section_takes_the_finetune_options():
+    cfg = load_run_config({"fine_tuning": {"method": "efficiency_transformer",
+                                           "efficiency_transformer": {"cross_layer_parameter_sharing": True,
+                                                                      "shared_layer_pairs": 2},
+                                           "lora": {"r": 4}}})
+    assert cfg.fine_tuning.efficiency_transformer.shared_layer_pairs == 2 and cfg.fine_tuning.lora.r == 4
+    with pytest.raises(ConfigError, match=r"fine_tuning.lora.r: .*r must be a positive rank, got 0"):
+        load_run_config({"fine_tuning": {"lora": {"r": 0}}})
+    with pytest.raises(ConfigError, match=r"efficiency_transformer options are set but method is 'full'"):
+        load_run_config({"fine_tuning": {"efficiency_transformer": {"adaptive_layer_selection": True}}})
+    with pytest.raises(ConfigError, match=r"unknown key 'shared_pairs' \(did you mean 'shared_layer_pairs'\?\)"):
+        load_run_config({"fine_tuning": {"method": "efficiency_transformer",
+                                         "efficiency_transformer": {"shared_pairs": 1}}})
 
 
 # ----------------------------------------------------------------- Trainer callback

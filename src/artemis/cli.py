@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import logging
 import resource
@@ -340,6 +341,15 @@ def run_prune(cfg: Any, output: Path, *, resume: bool = False, stop_after: Optio
     timing: dict[str, float] = {}
     t0 = time.perf_counter()
     check_supported(cfg.model, cfg.fine_tuning.method)
+    if cfg.training.steps == 0 and (cfg.model.hybrid_lora_adapter or cfg.fine_tuning.method != "full"):
+        from artemis.errors import ConfigError
+
+        needs = [n for n, on in (("model.hybrid_lora_adapter: true", cfg.model.hybrid_lora_adapter),
+                                 (f"fine_tuning.method: {cfg.fine_tuning.method}", cfg.fine_tuning.method != "full")) if on]
+        raise ConfigError(
+            f"training.steps: 0 is one-shot pruning and trains nothing, but {' and '.join(needs)} needs training; "
+            "set training.steps >= 1"
+        )
     loaded = load_model_and_tokenizer(cfg.model)
     model, tok, task = loaded.model, loaded.tokenizer, loaded.task
     train_texts, eval_texts = _texts(cfg)
@@ -352,12 +362,14 @@ def run_prune(cfg: Any, output: Path, *, resume: bool = False, stop_after: Optio
     t1 = time.perf_counter()
     history: list[dict] = []
     resumed_from = None
+    finetune = None
     if cfg.training.steps > 0:
         res = train_with_pruning(
             model, tok, cfg, task, train_texts=train_texts, output_dir=output, resume=resume,
             eval_fn=evaluator.quick if cfg.training.eval_every else None, stop_after=stop_after, progress=progress,
         )
         manager, history, resumed_from, plan = res.manager, res.history, res.resumed_from, res.plan
+        finetune = res.finetune
         if res.stopped_early:
             timing["train"] = time.perf_counter() - t1
             return {"stopped_early": True, "step": history[-1]["step"] if history else 0,
@@ -371,6 +383,19 @@ def run_prune(cfg: Any, output: Path, *, resume: bool = False, stop_after: Optio
     timing["prune_and_train"] = time.perf_counter() - t1
 
     summary = manager.get_pruning_summary()  # per-layer table before any structural surgery
+    lora_merge = None
+    ft_summary = None
+    if finetune is not None:
+        ft_summary = finetune.summary()  # trainable counts before the merge
+        ft_summary["distillation"] = plan.distillation  # the loop owns the teacher, not the session
+    if finetune is not None and finetune.hybrid_lora:
+        # fold the adapters in and re-apply the masks (W ← (W + ΔW) ⊙ M) while the manager still holds them
+        merge_batches = [{k: v.to(plan.device) for k, v in b.items()}
+                         for b in _calibration_batches(task, tok, eval_texts, cfg.training.max_length, n=16)]
+        if task == "causal_lm":
+            merge_batches = [{**b, "labels": b["input_ids"]} for b in merge_batches]
+        model, merge_report = finetune.merge(merge_batches)
+        lora_merge = dataclasses.asdict(merge_report)
     manager.finalize()
     measured_sparsity = manager.get_pruning_summary()["measured_sparsity"]
     t2 = time.perf_counter()
@@ -381,6 +406,11 @@ def run_prune(cfg: Any, output: Path, *, resume: bool = False, stop_after: Optio
     sizes["dense"] = manager.baseline_model_size
     t3 = time.perf_counter()
     model_dir = output / "model"
+    if finetune is not None and finetune.shared_pairs:
+        # safetensors keeps one copy of a shared tensor; give each block its own storage (values unchanged)
+        from artemis.finetune.efficiency import untie_shared_layers
+
+        untie_shared_layers(model, finetune.shared_pairs)
     fmt = _save_model(model.cpu(), tok, model_dir, {"base_model": cfg.model.base_model, "task": task,
                                                      "tokenizer": cfg.model.tokenizer})
     sizes["on_disk"] = _disk_mib(model_dir)
@@ -414,6 +444,10 @@ def run_prune(cfg: Any, output: Path, *, resume: bool = False, stop_after: Optio
         "pruning_summary": {k: v for k, v in summary.items() if k != "layers"},
         "config": cfg.to_dict(),
     }
+    if ft_summary is not None:
+        report["fine_tuning"] = ft_summary
+    if lora_merge is not None:
+        report["lora_merge"] = lora_merge
     return write_report(output, report, plots=plots)
 
 

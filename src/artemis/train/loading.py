@@ -82,19 +82,12 @@ def check_supported(section: ModelSection, fine_tuning_method: str) -> None:
             raise ConfigError("model.load_in_8bit: true needs a CUDA GPU (bitsandbytes 8-bit kernels); none is visible")
         raise ConfigError(
             "model.load_in_8bit: true: training a pruned 8-bit base is not supported by `artemis prune` in this "
-            "build (it comes with hybrid_lora_adapter); set load_in_8bit: false"
+            "build; set load_in_8bit: false (LoRA on the pruned base works with hybrid_lora_adapter: true)"
         )
     if section.hybrid_lora_adapter:
-        try:
-            import peft  # noqa: F401
-        except ImportError:
-            raise ConfigError(
-                "model.hybrid_lora_adapter: true needs the peft package: pip install 'artemis-prune[lora]'"
-            ) from None
-        raise ConfigError(
-            "model.hybrid_lora_adapter: true is not supported by `artemis prune` in this build yet; "
-            "set hybrid_lora_adapter: false to fine-tune every weight"
-        )
+        from artemis.finetune.config import require_peft
+
+        require_peft()
     if not FINE_TUNING_METHODS.get(fine_tuning_method, False):
         raise ConfigError(
             f"fine_tuning.method {fine_tuning_method!r} is not supported by `artemis prune` in this build yet; "

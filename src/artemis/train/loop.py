@@ -95,6 +95,9 @@ class TrainResult:
     resumed_from: Optional[int] = None
     seconds: float = 0.0
     stopped_early: bool = False
+    #: the :class:`~artemis.finetune.session.FinetuneSession` when ``model.hybrid_lora_adapter``
+    #: or ``fine_tuning.method: efficiency_transformer`` is on (adapters still unmerged)
+    finetune: Optional[Any] = None
 
 
 def available_memory_bytes(device: torch.device) -> Optional[int]:
@@ -281,7 +284,11 @@ def train_with_pruning(
 
     The dense teacher (for distillation) is copied before the manager is created; the
     manager is created here (its ``total_steps`` is ``training.steps``) and returned,
-    not finalized, in the result.
+    not finalized, in the result. With ``model.hybrid_lora_adapter`` or
+    ``fine_tuning.method: efficiency_transformer`` the setup goes through
+    :func:`artemis.finetune.session.apply_finetuning` (layer scores on the first
+    training batches, sharing, then the manager, then peft adapters injected into
+    ``model``); the session is ``result.finetune`` and its adapters are not merged yet.
 
     Args:
         model: the model to prune (moved to the planned device).
@@ -325,7 +332,30 @@ def train_with_pruning(
         enable()
         if getattr(getattr(model, "config", None), "use_cache", None):
             model.config.use_cache = False
-    manager = PruningManager(model, cfg.pruning, total_steps=t.steps)
+    batches = _Batches(task, train_texts, tokenizer, plan.batch_size, t.max_length, t.seed)
+    finetune = None
+    ft = cfg.fine_tuning
+    if cfg.model.hybrid_lora_adapter or ft.method != "full":
+        # layer scores / sharing on the dense model, the manager on the (shared) plain
+        # model, then adapters injected into ``model`` itself (or unselected blocks frozen)
+        from artemis.finetune.session import apply_finetuning
+
+        section: dict[str, Any] = {"method": ft.method}
+        if ft.efficiency_transformer is not None:
+            section["efficiency_transformer"] = ft.efficiency_transformer.model_dump()
+        if ft.lora is not None:
+            section["lora"] = ft.lora.model_dump()
+        n_calib = ft.efficiency_transformer.calibration_batches if ft.efficiency_transformer is not None else 4
+        calib = [{k: v.to(device) for k, v in batches(i).items()} for i in range(n_calib)]
+        finetune = apply_finetuning(
+            model, section, hybrid_lora_adapter=cfg.model.hybrid_lora_adapter, calibration_data=calib,
+            create_manager=lambda m: PruningManager(m, cfg.pruning, total_steps=t.steps),
+        )
+        manager = finetune.manager
+        if cfg.model.hybrid_lora_adapter and plan.gradient_checkpointing and hasattr(model, "enable_input_require_grads"):
+            model.enable_input_require_grads()  # frozen embeddings: checkpointed blocks still need an input grad
+    else:
+        manager = PruningManager(model, cfg.pruning, total_steps=t.steps)
 
     decay, no_decay = [], []
     for p in model.parameters():
@@ -337,9 +367,8 @@ def train_with_pruning(
         foreach=False if cfg.efficiency.low_resource_mode else None,
     )
     scheduler = get_scheduler(t.lr_scheduler, optimizer, num_warmup_steps=t.warmup_steps, num_training_steps=t.steps)
-    batches = _Batches(task, train_texts, tokenizer, plan.batch_size, t.max_length, t.seed)
 
-    result = TrainResult(manager=manager, plan=plan)
+    result = TrainResult(manager=manager, plan=plan, finetune=finetune)
     ckpt_path = Path(output_dir) / CHECKPOINT_FILE if output_dir is not None else None
     fingerprint = _fingerprint(cfg)
     start = 0
