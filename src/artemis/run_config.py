@@ -83,7 +83,8 @@ EMBEDDED_DEFAULT: dict[str, Any] = {
     "model": {"base_model": DEFAULT_MODEL},
     "pruning": {
         "method": "magnitude_progressive",
-        "importance_metric": "magnitude",
+        "importance_metric": "activation",
+        "scope": "row",
         "initial_sparsity": 0.0,
         "final_sparsity": 0.6,
         "pruning_start": 0.0,
