@@ -101,7 +101,7 @@ EMBEDDED_DEFAULT: dict[str, Any] = {
         "max_length": 128,
         "eval_every": 50,
     },
-    "distillation": {"enabled": "auto", "hidden_weight": 1.0, "embedding_weight": 1.0},
+    "distillation": {"enabled": "auto", "hidden_weight": 3.0, "embedding_weight": 1.0},
     "evaluation": {"num_texts": 256},
 }
 
