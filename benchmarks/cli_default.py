@@ -10,7 +10,10 @@ Usage (from the repository root):
     PYTHONPATH=src python benchmarks/cli_default.py                # the full default
     PYTHONPATH=src python benchmarks/cli_default.py --steps 40 --batch-size 16   # a shorter run
 
-Extra arguments are passed to `artemis prune` unchanged. Results are printed as a
+Extra arguments are passed to `artemis prune` unchanged. The runs use
+``OMP_NUM_THREADS`` from the environment (default 2); on a machine shared with other
+jobs, ``OMP_NUM_THREADS=1`` is much faster (two OpenMP threads spin-wait for each other
+when the scheduler gives them less than two cores; see docs/benchmarks/cli_default.md). Results are printed as a
 Markdown table and written to benchmarks/results/cli_default.json.
 """
 
@@ -29,7 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def run(args: list[str], out: Path) -> dict:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT / "src"), OMP_NUM_THREADS="2")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT / "src"), OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
     cmd = [sys.executable, "-c", "import sys; from artemis.cli import main; sys.exit(main())", "prune", *args,
            "-o", str(out), "-q", "--no-plots"]
     r0 = resource.getrusage(resource.RUSAGE_CHILDREN)

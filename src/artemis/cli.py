@@ -501,36 +501,34 @@ def _cmd_prune(args: argparse.Namespace) -> int:
 
 def run_sweep(cfg: Any, sparsities: Sequence[float], threshold: Optional[float], output: Optional[Path],
               plots: bool = True) -> dict:
-    """One-shot prune a fresh copy of the model at each sparsity (the dense model is never
-    touched, so every level starts from the same weights), evaluate, recommend."""
-    from artemis.eval_suite import size_stats
-    from artemis.manager import PruningManager
+    """One-shot prune the model at each sparsity with :func:`artemis.analysis.sparsity_sweep`
+    (statistics for activation/gradient metrics are gathered once, on the dense model; after
+    each level the dense weights are restored bit for bit, so every level starts from the
+    same weights and no per-level copy of the model is made), evaluate, recommend."""
+    from artemis.analysis import sparsity_sweep
+    from artemis.metrics import METRICS
     from artemis.report import plot_sweep, write_json
     from artemis.train.loading import check_supported, load_model_and_tokenizer
     from artemis.train.loop import _resolve_device
 
     check_supported(cfg.model, cfg.fine_tuning.method)
     loaded = load_model_and_tokenizer(cfg.model)
-    dense_model, tok, task = loaded.model, loaded.tokenizer, loaded.task
-    dense_model.to(_resolve_device(cfg.training.device)).eval()
+    model, tok, task = loaded.model, loaded.tokenizer, loaded.task
+    model.to(_resolve_device(cfg.training.device)).eval()
     train_texts, eval_texts = _texts(cfg)
     evaluator = _Evaluator(task, tok, eval_texts, cfg.evaluation, cfg.training.max_length)
-    dense = evaluator.measure_dense(dense_model)
+    dense = evaluator.measure_dense(model)
+    metric_cls = METRICS.get(cfg.pruning.importance_metric)
     calib = None
+    if metric_cls.needs_activations or metric_cls.needs_gradients:
+        calib = _calibration_batches(task, tok, train_texts, cfg.training.max_length)
+    swept = sparsity_sweep(model, cfg.pruning, sparsities, evaluator.measure, calibration_data=calib, progress=False)
     rows = []
-    for s in sparsities:
-        model = copy.deepcopy(dense_model)
-        mgr = PruningManager(model, cfg.pruning)
-        if calib is None and (mgr.metric.needs_activations or mgr.metric.needs_gradients):
-            calib = _calibration_batches(task, tok, train_texts, cfg.training.max_length)
-        mgr.apply_pruning(s, calibration_data=calib if (mgr.metric.needs_activations or mgr.metric.needs_gradients) else None)
-        measured = mgr.pruning_metrics["current_sparsity"]
-        mgr.finalize()
-        m = evaluator.measure(model)
-        rows.append({"sparsity": s, "measured_sparsity": measured, "quality": m["quality"],
-                     "size_mb": size_stats(model, mgr.sparse_params())["compressed"], "latency_ms": m["latency_ms"],
+    for r in swept:
+        m = r["metrics"]
+        rows.append({"sparsity": r["sparsity"], "measured_sparsity": r["measured_sparsity"], "quality": m["quality"],
+                     "size_mb": r["model_size_mb"], "latency_ms": m["latency_ms"],
                      **({"nn_agreement": m["nn_agreement"]} if "nn_agreement" in m else {})})
-        del model, mgr
     higher_better = task == "encoder"
     if threshold is None:
         threshold = cfg.evaluation.quality_threshold
