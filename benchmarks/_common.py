@@ -24,7 +24,8 @@ def machine() -> str:
         pass
     return (
         f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), "
-        f"transformers {transformers.__version__}, Python {platform.python_version()}"
+        f"transformers {transformers.__version__}, Python {platform.python_version()}, "
+        f"load average {os.getloadavg()[0]:.1f}"
     )
 
 

@@ -20,7 +20,6 @@ import argparse
 import copy
 import itertools
 import os
-import platform
 import statistics
 import sys
 import time
@@ -34,21 +33,8 @@ import torch.nn.functional as F
 from artemis import create_pruning_manager
 from artemis.data import builtin_corpus, tokenize_batches
 
-
-def machine() -> str:
-    import transformers
-
-    cpu = platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), "
-            f"transformers {transformers.__version__}, load average {os.getloadavg()[0]:.1f}")
+sys.path.insert(0, os.path.dirname(__file__))
+from _common import machine  # noqa: E402
 
 
 # ------------------------------------------------------------------ MiniLM helpers

@@ -268,6 +268,18 @@ class StructureAdapter:
         the model (plain ``from_pretrained`` loads it)."""
         raise NotImplementedError
 
+    def _update_config_mlp_only(self, config: Any, widths: list[dict[str, int]], attr: str) -> bool:
+        """``update_config`` of a family whose config can express only the MLP width
+        (``attr``), not a smaller head count: plain loading works only without pruned heads."""
+        plain = not any("heads" in w for w in widths)
+        if any("intermediate" in w for w in widths):
+            inter = self._uniform(widths, "intermediate")
+            if inter is None:
+                plain = False
+                inter = max(w["intermediate"] for w in widths)
+            setattr(config, attr, inter)
+        return plain
+
     @staticmethod
     def _uniform(widths: list[dict[str, int]], key: str) -> Optional[int]:
         values = {w[key] for w in widths if key in w}
@@ -422,14 +434,7 @@ class GPT2Structures(StructureAdapter):
         return StructureGroup(MLP, index, prefix, n, slices)
 
     def update_config(self, config, widths):
-        plain = not any("heads" in w for w in widths)
-        if any("intermediate" in w for w in widths):
-            inter = self._uniform(widths, "intermediate")
-            if inter is None:
-                plain = False
-                inter = max(w["intermediate"] for w in widths)
-            config.n_inner = inter
-        return plain
+        return self._update_config_mlp_only(config, widths, "n_inner")
 
 
 @STRUCTURES.register("bert")
@@ -478,14 +483,7 @@ class BertStructures(StructureAdapter):
         return StructureGroup(MLP, index, prefix, n, slices)
 
     def update_config(self, config, widths):
-        plain = not any("heads" in w for w in widths)
-        if any("intermediate" in w for w in widths):
-            inter = self._uniform(widths, "intermediate")
-            if inter is None:
-                plain = False
-                inter = max(w["intermediate"] for w in widths)
-            config.intermediate_size = inter
-        return plain
+        return self._update_config_mlp_only(config, widths, "intermediate_size")
 
 
 def supported_structures() -> str:
