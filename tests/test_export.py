@@ -350,3 +350,42 @@ def test_codec_without_numpy_bitwise_count(monkeypatch):
     d = bitmask_compress(w)
     assert all(torch.equal(d[k], ref[k]) for k in d)
     assert torch.equal(bitmask_decompress(d), w)
+
+
+@pytest.mark.parametrize("workers", [1, 3])
+def test_parallel_decode_matches_serial(saved, workers):
+    ref = load_pruned(saved, workers=1)
+    _assert_bit_identical(ref, load_pruned(saved, workers=workers))
+    with pytest.raises(ValueError, match="workers must be at least 1, got 0"):
+        load_pruned(saved, workers=0)
+
+
+def test_first_corrupted_tensor_is_reported_with_parallel_workers(saved):
+    def corrupt(t):
+        t[f"{P}.compressed"][0] += 1
+        t["model.norm.weight"][0] += 1
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(saved / WEIGHTS_NAME))
+    corrupt(tensors)
+    save_file(tensors, str(saved / WEIGHTS_NAME))  # checksums left stale: both tensors fail
+    first = next(k for k in tensors if k in (f"{P}.compressed", "model.norm.weight"))
+    with pytest.raises(CheckpointError, match=rf"tensor '{first}' is corrupted"):
+        load_pruned(saved, workers=4)
+
+
+def test_bad_int8_checkpoint_leaves_a_passed_model_untouched(tmp_path):
+    model, mgr = _pruned("llama", sparsity=0.5)
+    save_pruned(model, tmp_path, manager=mgr, quantize="int8")
+
+    def grow(t):
+        t["model.norm.weight"] = torch.ones(65)
+    _rewrite(tmp_path, grow)
+    target = BUILDERS["llama"]()
+    before = {k: v.clone() for k, v in target.state_dict().items()}
+    kinds = {n: type(m) for n, m in target.named_modules()}
+    with pytest.raises(CheckpointError, match=r"'model\.norm\.weight' has shape \(65,\)"):
+        load_pruned(tmp_path, model=target)
+    assert {n: type(m) for n, m in target.named_modules()} == kinds  # no Int8Linear swapped in
+    after = target.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)

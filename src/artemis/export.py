@@ -53,9 +53,10 @@ import math
 import os
 import struct
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Optional, Union
+from typing import Any, Callable, Iterator, Optional, Union
 
 import numpy as np
 import torch
@@ -533,6 +534,7 @@ def load_pruned(
     model: Optional[nn.Module] = None,
     device: Optional[Union[str, torch.device]] = None,
     verify: bool = True,
+    workers: Optional[int] = None,
 ) -> nn.Module:
     """Load a folder written by :func:`save_pruned`; the weights are bit-identical to the
     saved ones (zeros as ``+0.0``), int8 layers come back as
@@ -545,6 +547,8 @@ def load_pruned(
             ``config.json``). Its tensors are replaced, dtypes included.
         device: move the model there after loading.
         verify: check every tensor's CRC-32 (a corrupted byte raises instead of loading).
+        workers: threads that check and decode tensors in parallel (numpy and zlib release
+            the GIL); default ``torch.get_num_threads()``. ``1`` decodes in this thread.
 
     Returns:
         The model, in eval mode.
@@ -556,8 +560,6 @@ def load_pruned(
     """
     from safetensors import SafetensorError
     from safetensors.torch import load_file
-
-    from artemis.quantization import Int8Linear, _set_submodule
 
     root = Path(path)
     if not root.is_dir():
@@ -578,15 +580,44 @@ def load_pruned(
     missing = sorted(set(checksums) - set(stored))
     if missing:
         raise CheckpointError(f"{wfile}: tensor {missing[0]!r} is missing ({len(missing)} missing in all)")
+    if workers is None:
+        workers = torch.get_num_threads()
+    if workers < 1:
+        raise ValueError(f"load_pruned: workers must be at least 1, got {workers!r}")
+    pool = ThreadPoolExecutor(workers) if workers > 1 else None
+    run = pool.map if pool is not None else map
+    try:
+        return _load_into(root, meta, meta_file, wfile, stored, checksums, model, device, verify, run)
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _load_into(
+    root: Path, meta: dict, meta_file: Path, wfile: Path, stored: dict[str, Tensor], checksums: dict,
+    model: Optional[nn.Module], device: Any, verify: bool, run: Callable,
+) -> nn.Module:
+    from artemis.quantization import Int8Linear, _set_submodule
+
     if verify:
-        for k, v in stored.items():
-            want = checksums.get(k)
-            if want is None:
-                raise CheckpointError(f"{wfile}: tensor {k!r} is not listed in {META_NAME}")
-            if _crc(v) != want:
+        unlisted = [k for k in stored if k not in checksums]
+        if unlisted:
+            raise CheckpointError(f"{wfile}: tensor {unlisted[0]!r} is not listed in {META_NAME}")
+        names = list(stored)
+        # in file order, so the first corrupted tensor is the one reported
+        for k, got in zip(names, run(lambda k: _crc(stored[k]), names)):
+            want = checksums[k]
+            if got != want:
                 raise CheckpointError(
-                    f"{wfile}: tensor {k!r} is corrupted (CRC-32 {_crc(v):#010x}, expected {want:#010x})"
+                    f"{wfile}: tensor {k!r} is corrupted (CRC-32 {got:#010x}, expected {want:#010x})"
                 )
+    # decoding starts now, in the pool, and overlaps with building the model
+    sparse = list(dict.fromkeys(meta.get("sparse_modules", [])))
+    jobs = [
+        (mname, {k: stored.pop(f"{mname}.{k}") for k in _SPARSE_KEYS if f"{mname}.{k}" in stored})
+        for mname in sparse
+    ]
+    decoded = run(lambda job: bitmask_decompress(job[1], name=f"{job[0]}.weight", file=str(wfile)), jobs)
     if model is None:
         if meta.get("library") != "transformers":
             raise CheckpointError(
@@ -594,35 +625,37 @@ def load_pruned(
                 "pass model= (an instance of the same architecture) to load_pruned"
             )
         model = _build_hf_model(root, meta)
-    for name, info in meta.get("int8_modules", {}).items():
-        try:
-            old = model.get_submodule(name)
-        except AttributeError:
-            raise CheckpointError(f"{meta_file}: int8 module {name!r} does not exist in {type(model).__name__}") from None
-        new = Int8Linear(
-            int(info["in_features"]), int(info["out_features"]), bool(info["bias"]),
-            bias_dtype=getattr(torch, info.get("bias_dtype", "float32")), init=False,
-        )
-        del old
-        _set_submodule(model, name, new)
-
     state: dict[str, Tensor] = {}
-    sparse = set(meta.get("sparse_modules", []))
-    for mname in sparse:
-        parts = {k: stored.pop(f"{mname}.{k}") for k in _SPARSE_KEYS if f"{mname}.{k}" in stored}
-        state[f"{mname}.weight"] = bitmask_decompress(parts, name=f"{mname}.weight", file=str(wfile))
+    for (mname, _), dense in zip(jobs, decoded):
+        state[f"{mname}.weight"] = dense
     state.update(stored)
     for alias, target in meta.get("aliases", {}).items():
         if target not in state:
             raise CheckpointError(f"{wfile}: tensor {target!r} (shared with {alias!r}) is missing")
         state[alias] = state[target]
-    expected = model.state_dict()
+
+    # every check runs before the model is touched: a bad checkpoint leaves a passed-in model as it was
+    int8_new: dict[str, nn.Module] = {}
+    for name, info in meta.get("int8_modules", {}).items():
+        try:
+            model.get_submodule(name)
+        except AttributeError:
+            raise CheckpointError(f"{meta_file}: int8 module {name!r} does not exist in {type(model).__name__}") from None
+        int8_new[name] = Int8Linear(
+            int(info["in_features"]), int(info["out_features"]), bool(info["bias"]),
+            bias_dtype=getattr(torch, info.get("bias_dtype", "float32")), init=False,
+        )
+    expected = {
+        k: tuple(v.shape)
+        for k, v in model.state_dict().items()
+        if not any(k.startswith(f"{name}.") for name in int8_new)
+    }
+    for name, mod in int8_new.items():
+        expected.update({f"{name}.{k}": tuple(v.shape) for k, v in mod.state_dict().items()})
     for k, v in state.items():
         e = expected.get(k)
-        if e is not None and tuple(e.shape) != tuple(v.shape):
-            raise CheckpointError(
-                f"{wfile}: tensor {k!r} has shape {tuple(v.shape)}; the model expects {tuple(e.shape)}"
-            )
+        if e is not None and e != tuple(v.shape):
+            raise CheckpointError(f"{wfile}: tensor {k!r} has shape {tuple(v.shape)}; the model expects {e}")
     missing_keys = sorted(set(expected) - set(state))
     if missing_keys:
         raise CheckpointError(f"{wfile}: tensor {missing_keys[0]!r} is missing ({len(missing_keys)} missing in all)")
@@ -631,6 +664,8 @@ def load_pruned(
         raise CheckpointError(
             f"{wfile}: tensor {unexpected[0]!r} is not part of {type(model).__name__} ({len(unexpected)} unexpected)"
         )
+    for name, mod in int8_new.items():
+        _set_submodule(model, name, mod)
     model.load_state_dict(state, strict=True, assign=True)
     tie = getattr(model, "tie_weights", None)
     if meta.get("aliases") and callable(tie):
