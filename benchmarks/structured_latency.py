@@ -7,7 +7,9 @@ pruned one-shot with ``method: structured_sparsity`` to 30% and 50% and finalize
 8, sequence 128, is measured for the dense and both pruned models in the same
 process, interleaved round by round, median of the rounds. Each forward times the
 transformer backbone (``model.model``, what structured pruning shrinks) and the
-unpruned 32000-way ``lm_head`` separately; the causal LM figure is their sum.
+unpruned 32000-way ``lm_head`` separately; the causal LM figure is their sum, and the
+"prompt" figure is the backbone plus the ``lm_head`` on the last position only, which
+is the forward ``generate()`` runs on a prompt (``logits_to_keep=1``).
 
 Part 2 (quality): all-MiniLM-L6-v2 (real weights) pruned one-shot by magnitude to the
 same parameter budget with structured (heads + neurons, then finalize; magnitude
@@ -96,7 +98,9 @@ def latency(args) -> dict:
         rounds = args.rounds_b1 if batch == 1 else args.rounds_b8
         # per round and model: the backbone (what structured pruning shrinks) and the
         # unpruned lm_head on its output, timed separately; causal LM = their sum
-        times: dict[str, dict[str, list[float]]] = {k: {"backbone": [], "lm_head": []} for k in models}
+        times: dict[str, dict[str, list[float]]] = {
+            k: {"backbone": [], "lm_head": [], "lm_head_last": []} for k in models
+        }
         with torch.no_grad():
             if batch == args.batches[0]:
                 for m in models.values():  # warm-up
@@ -108,13 +112,17 @@ def latency(args) -> dict:
                     t1 = time.perf_counter()
                     m.lm_head(h)
                     t2 = time.perf_counter()
+                    m.lm_head(h[:, -1:])  # what generate() computes for a prompt
+                    t3 = time.perf_counter()
                     times[name]["backbone"].append(t1 - t0)
                     times[name]["lm_head"].append(t2 - t1)
-        for part in ("backbone", "causal_lm"):
+                    times[name]["lm_head_last"].append(t3 - t2)
+        for part in ("backbone", "causal_lm", "prompt_last_logits"):
             if part == "backbone":
                 per = {k: v["backbone"] for k, v in times.items()}
             else:
-                per = {k: [a + b for a, b in zip(v["backbone"], v["lm_head"])] for k, v in times.items()}
+                head = "lm_head" if part == "causal_lm" else "lm_head_last"
+                per = {k: [a + b for a, b in zip(v["backbone"], v[head])] for k, v in times.items()}
             med = {k: statistics.median(v) for k, v in per.items()}
             results[f"b{batch}_{part}"] = {
                 k: {"median_ms": med[k] * 1e3, "min_ms": min(per[k]) * 1e3, "speedup": med["dense"] / med[k],
@@ -202,9 +210,12 @@ def quality(args) -> dict:
             "structured_activation_cos": float((embed(m_act, evals) * ref).sum(-1).mean()),
         }
         if args.recovery_steps:
-            recover(m_struct, None, lambda i: teacher[i % len(teacher)], trains, args.recovery_steps)
-            recover(m_unst, mgr_u, lambda i: teacher[i % len(teacher)], trains, args.recovery_steps)
+            lr = args.recovery_lr
+            recover(m_struct, None, lambda i: teacher[i % len(teacher)], trains, args.recovery_steps, lr)
+            recover(m_act, None, lambda i: teacher[i % len(teacher)], trains, args.recovery_steps, lr)
+            recover(m_unst, mgr_u, lambda i: teacher[i % len(teacher)], trains, args.recovery_steps, lr)
             row["structured_cos_recovered"] = float((embed(m_struct, evals) * ref).sum(-1).mean())
+            row["structured_activation_cos_recovered"] = float((embed(m_act, evals) * ref).sum(-1).mean())
             row["unstructured_cos_recovered"] = float((embed(m_unst, evals) * ref).sum(-1).mean())
             row["unstructured_zeros_kept"] = mgr_u.get_pruning_summary()["pruning_metrics"]["parameters_pruned"]
         out[f"{int(s * 100)}%"] = row
@@ -222,6 +233,7 @@ def main() -> None:
     ap.add_argument("--train-sentences", type=int, default=128)
     ap.add_argument("--calibration-sentences", type=int, default=64)
     ap.add_argument("--recovery-steps", type=int, default=0)
+    ap.add_argument("--recovery-lr", type=float, default=5e-5)
     ap.add_argument("--skip-latency", action="store_true")
     ap.add_argument("--skip-quality", action="store_true")
     ap.add_argument("--json", help="write the results to this file")

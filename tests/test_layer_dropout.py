@@ -56,6 +56,11 @@ def test_block_influence_hand_computed():
     x = torch.tensor([[[1.0, 0.0], [1.0, 1.0]]])
     y = torch.tensor([[[-2.0, 0.0], [1.0, 1.0]]])  # cos = -1 and 1
     assert block_influence(x, y) == (2.0, 2)
+    # padding (weight 0) counts for nothing: the shared measure of layer dropout and finetune
+    assert block_influence(x, y, torch.tensor([[0.0, 1.0]])) == (0.0, 1.0)
+    assert block_influence(x, y, torch.tensor([[1.0, 0.0]])) == (2.0, 1.0)
+    with pytest.raises(ValueError, match="token_weights has 3 entries for 2 tokens"):
+        block_influence(x, y, torch.ones(3))
 
 
 def test_layer_magnitude_and_gradient_sensitivity():

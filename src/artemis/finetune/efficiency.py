@@ -41,6 +41,7 @@ from torch import Tensor
 
 from artemis.arch import ArchitectureAdapter, get_adapter, unwrap_model
 from artemis.errors import CalibrationError, ConfigError, ModelError
+from artemis.methods.layer_dropout import block_influence as block_influence_sum
 
 __all__ = [
     "block_influence",
@@ -109,7 +110,9 @@ def block_influence(
     adapter: Optional[ArchitectureAdapter] = None,
     max_batches: Optional[int] = None,
 ) -> Tensor:
-    """Block Influence ``1 − cos(input, output)`` of every block, averaged over tokens.
+    """Block Influence ``1 − cos(input, output)`` of every block, averaged over the real
+    (non-padding) tokens; the per-batch measure is
+    :func:`artemis.methods.layer_dropout.block_influence`, the one layer dropout ranks with.
 
     Args:
         model: the model (not modified; put in eval mode by the caller for determinism).
@@ -139,12 +142,10 @@ def block_influence(
 
     def post(i: int):
         def hook(mod: nn.Module, args: tuple, out: Any) -> None:
-            x = inputs.pop(i).float()  # (batch, tokens, hidden)
-            y = _first_tensor(out).float()
-            cos = torch.nn.functional.cosine_similarity(x, y, dim=-1)  # (batch, tokens)
-            w = _token_weights(current_mask[0], cos)
-            sums[i] += float(((1.0 - cos) * w).sum())
-            counts[i] += float(w.sum())
+            x = inputs.pop(i)  # (batch, tokens, hidden)
+            s, n = block_influence_sum(x, _first_tensor(out), _token_weights(current_mask[0], x))
+            sums[i] += s
+            counts[i] += n
 
         return hook
 

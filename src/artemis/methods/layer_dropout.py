@@ -111,28 +111,43 @@ def layers_for_sparsity(sparsity: float, num_layers: int) -> int:
     return round_half_up(sparsity * num_layers + 1e-9)
 
 
-def block_influence(x_in: Tensor, x_out: Tensor) -> tuple[float, int]:
+def block_influence(
+    x_in: Tensor, x_out: Tensor, token_weights: Optional[Tensor] = None
+) -> tuple[float, float]:
     """Sum over tokens of ``1 − cos(x_in, x_out)`` and the token count.
 
     Args:
         x_in: hidden states entering the block, ``(..., hidden)``.
         x_out: hidden states leaving it, same shape.
+        token_weights: optional weight per token, shape ``x_in.shape[:-1]`` (an attention
+            mask: 1 on real tokens, 0 on padding, which then counts for nothing).
 
     Returns:
-        ``(sum, count)``; the Block Influence is ``sum / count``.
+        ``(sum, count)``; the Block Influence is ``sum / count`` (``count`` is the sum of
+        the weights when given).
 
     Example:
         >>> import torch
         >>> x = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
         >>> block_influence(x, x)
-        (0.0, 2)
+        (0.0, 2.0)
         >>> block_influence(x, torch.tensor([[0.0, 1.0], [0.0, 2.0]]))
-        (1.0, 2)
+        (1.0, 2.0)
+        >>> block_influence(x, torch.tensor([[0.0, 1.0], [0.0, 2.0]]), torch.tensor([0.0, 1.0]))
+        (0.0, 1.0)
     """
     a = x_in.detach().reshape(-1, x_in.shape[-1]).float()
     b = x_out.detach().reshape(-1, x_out.shape[-1]).float()
     cos = torch.nn.functional.cosine_similarity(a, b, dim=-1, eps=1e-8)  # (tokens,)
-    return float((1.0 - cos).sum()), int(cos.numel())
+    if token_weights is None:
+        return float((1.0 - cos).sum()), float(cos.numel())
+    w = token_weights.detach().reshape(-1).to(cos.dtype)
+    if w.numel() != cos.numel():
+        raise ValueError(
+            f"block_influence: token_weights has {w.numel()} entries for {cos.numel()} tokens "
+            f"(hidden states of shape {tuple(x_in.shape)})"
+        )
+    return float(((1.0 - cos) * w).sum()), float(w.sum())
 
 
 def layer_magnitude(params: Iterable[Tensor]) -> float:
@@ -284,7 +299,7 @@ class LayerImportance(ImportanceMetric):
         self.method: Optional["LayerDropoutMethod"] = None
         self._hooks: list[Any] = []
         self.sums: dict[int, float] = {}
-        self.counts: dict[int, int] = {}
+        self.counts: dict[int, float] = {}
 
     def bind(self, method: "LayerDropoutMethod") -> None:
         self.method = method
@@ -431,7 +446,7 @@ class LayerImportance(ImportanceMetric):
                 f"pruning state holds statistics of layer metric {state.get('name')!r}, this manager uses {self.name!r}"
             )
         self.sums = {int(k): float(v) for k, v in state.get("sums", {}).items()}
-        self.counts = {int(k): int(v) for k, v in state.get("counts", {}).items()}
+        self.counts = {int(k): float(v) for k, v in state.get("counts", {}).items()}
 
 
 # ------------------------------------------------------------------- the method
