@@ -39,6 +39,7 @@ from artemis.errors import ConfigError
 
 __all__ = [
     "PruningConfig",
+    "ConfigSection",
     "LayerDropoutOptions",
     "load_pruning_config",
     "read_yaml",
@@ -96,13 +97,27 @@ def _check_unknown_keys(model_cls: type[BaseModel], data: Any) -> None:
             raise ValueError(f"unknown key {key!r}{hint}. Valid keys: {', '.join(sorted(known))}")
 
 
+class ConfigSection(BaseModel):
+    """Base of every config section (here, in :mod:`artemis.run_config` and
+    :mod:`artemis.finetune.config`): unknown keys fail with a "did you mean" hint and the
+    list of valid keys, and assignments after construction are validated too."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, validate_assignment=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _unknown_keys(cls, data: Any) -> Any:
+        _check_unknown_keys(cls, data)
+        return data
+
+
 def _sparsity(name: str, value: float) -> float:
     if not (0.0 <= value < 1.0):
         raise ValueError(f"{name} must be in [0, 1), got {value!r}")
     return value
 
 
-class LayerDropoutOptions(BaseModel):
+class LayerDropoutOptions(ConfigSection):
     """The ``layer_dropout:`` sub-section (only valid with ``method: layer_dropout``).
 
     Attributes:
@@ -111,15 +126,7 @@ class LayerDropoutOptions(BaseModel):
             (0 or 1: cut at once).
     """
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
     fade_steps: int = 0
-
-    @model_validator(mode="before")
-    @classmethod
-    def _unknown_keys(cls, data: Any) -> Any:
-        _check_unknown_keys(cls, data)
-        return data
 
     @field_validator("fade_steps")
     @classmethod
@@ -129,7 +136,7 @@ class LayerDropoutOptions(BaseModel):
         return v
 
 
-class PruningConfig(BaseModel):
+class PruningConfig(ConfigSection):
     """The ``pruning:`` section.
 
     Attributes:
@@ -193,8 +200,6 @@ class PruningConfig(BaseModel):
             the result with ``artemis.methods.structured.load_pruned_model``).
     """
 
-    model_config = ConfigDict(extra="forbid", populate_by_name=True, validate_assignment=True)
-
     enabled: bool = True
     method: str = "magnitude_progressive"
     initial_sparsity: float = 0.0
@@ -225,8 +230,7 @@ class PruningConfig(BaseModel):
 
     @model_validator(mode="before")
     @classmethod
-    def _unknown_keys(cls, data: Any) -> Any:
-        _check_unknown_keys(cls, data)
+    def _aliases_and_pattern(cls, data: Any) -> Any:
         if (
             isinstance(data, Mapping)
             and data.get("pattern") is not None

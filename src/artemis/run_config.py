@@ -38,9 +38,9 @@ from __future__ import annotations
 import os
 from typing import Any, Literal, Mapping, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
-from artemis.config import PruningConfig, _check_unknown_keys, format_validation_error, read_yaml
+from artemis.config import ConfigSection, PruningConfig, format_validation_error, read_yaml
 from artemis.errors import ConfigError
 from artemis.finetune.config import EfficiencyTransformerConfig, LoRAConfig
 
@@ -108,17 +108,9 @@ EMBEDDED_DEFAULT: dict[str, Any] = {
 }
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", populate_by_name=True, validate_assignment=True)
-
-    @model_validator(mode="before")
-    @classmethod
-    def _unknown_keys(cls, data: Any) -> Any:
-        _check_unknown_keys(cls, data)
-        return data
 
 
-class ModelSection(_Section):
+class ModelSection(ConfigSection):
     """``model:`` — what to load.
 
     Attributes:
@@ -150,7 +142,7 @@ class EfficiencyTransformerSection(EfficiencyTransformerConfig):
     see :class:`artemis.finetune.config.EfficiencyTransformerConfig` and ``docs/finetune.md``."""
 
 
-class FineTuningSection(_Section):
+class FineTuningSection(ConfigSection):
     """``fine_tuning:`` — ``method: full`` trains every weight (the default);
     ``efficiency_transformer`` applies the ``efficiency_transformer`` options (adaptive
     layer selection, cross-layer sharing); ``lora`` sets the adapters used when
@@ -181,7 +173,7 @@ class FineTuningSection(_Section):
         return self
 
 
-class TrainingSection(_Section):
+class TrainingSection(ConfigSection):
     """``training:`` — the built-in loop.
 
     Attributes:
@@ -231,7 +223,7 @@ class TrainingSection(_Section):
         return v
 
 
-class DistillationSection(_Section):
+class DistillationSection(ConfigSection):
     """``distillation:`` — learn from the dense model while pruning.
 
     Attributes:
@@ -251,7 +243,7 @@ class DistillationSection(_Section):
     embedding_weight: float = Field(1.0, ge=0)
 
 
-class DataSection(_Section):
+class DataSection(ConfigSection):
     """``data:`` — ``train``/``eval`` sources for :func:`artemis.data.load_texts`
     (``builtin``, a ``.txt``/``.jsonl`` path, ``hf:NAME[:CONFIG]``)."""
 
@@ -263,7 +255,7 @@ class DataSection(_Section):
     train_limit: Optional[int] = Field(None, ge=1)
 
 
-class EvaluationSection(_Section):
+class EvaluationSection(ConfigSection):
     """``evaluation:`` — ``num_texts`` held-out texts (sentences for encoders, a
     token budget of ``num_texts`` blocks for causal LMs), ``latency_repeats`` timed
     forwards after ``latency_warmup`` untimed ones, ``latency_batch_size`` texts each."""
@@ -275,7 +267,7 @@ class EvaluationSection(_Section):
     quality_threshold: Optional[float] = None
 
 
-class EfficiencySection(_Section):
+class EfficiencySection(ConfigSection):
     """``efficiency:`` — ``low_resource_mode`` turns on gradient checkpointing, turns
     ``distillation: auto`` off (no teacher copy), and halves the micro-batch while
     doubling gradient accumulation (same effective batch)."""
@@ -283,7 +275,7 @@ class EfficiencySection(_Section):
     low_resource_mode: bool = False
 
 
-class RunConfig(_Section):
+class RunConfig(ConfigSection):
     """A whole ``artemis prune`` run (see the module docstring)."""
 
     model: ModelSection = Field(default_factory=ModelSection)

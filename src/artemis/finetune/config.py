@@ -35,9 +35,9 @@ import importlib
 import importlib.util
 from typing import Any, Mapping, Optional
 
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
+from pydantic import ValidationError, field_validator, model_validator
 
-from artemis.config import _check_unknown_keys, format_validation_error
+from artemis.config import ConfigSection, format_validation_error
 from artemis.errors import ConfigError
 
 __all__ = [
@@ -59,17 +59,9 @@ FINETUNE_METHODS = ("full", "efficiency_transformer")
 LAYER_IMPORTANCE_METRICS = ("activation", "magnitude")
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-    @model_validator(mode="before")
-    @classmethod
-    def _unknown_keys(cls, data: Any) -> Any:
-        _check_unknown_keys(cls, data)
-        return data
 
 
-class LoRAConfig(_Strict):
+class LoRAConfig(ConfigSection):
     """``fine_tuning.lora``: the Hybrid LoRA-Adapter (used when ``model.hybrid_lora_adapter``).
 
     Attributes:
@@ -101,7 +93,7 @@ class LoRAConfig(_Strict):
         return v
 
 
-class EfficiencyTransformerConfig(_Strict):
+class EfficiencyTransformerConfig(ConfigSection):
     """``fine_tuning.efficiency_transformer``.
 
     Attributes:
@@ -150,7 +142,7 @@ class EfficiencyTransformerConfig(_Strict):
         return v
 
 
-class DistillationConfig(_Strict):
+class DistillationConfig(ConfigSection):
     """Distillation from the dense model, for :func:`~artemis.finetune.session.prepare_finetuning`.
 
     Attributes:
@@ -179,7 +171,7 @@ class DistillationConfig(_Strict):
         return v
 
 
-class FineTuningConfig(_Strict):
+class FineTuningConfig(ConfigSection):
     """The ``fine_tuning`` section.
 
     Attributes:
