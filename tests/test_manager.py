@@ -267,3 +267,90 @@ def test_pruning_config_object_and_yaml(tmp_path, llama):
 def test_dataparallel_wrapper_unwrapped(llama):
     mgr = create_pruning_manager({"pruning": SEED_CONFIG}, nn.DataParallel(llama))
     assert mgr.model is llama
+
+
+def _train(packed, steps=30, resume=None, stop_at=None, reconstruction=False):
+    inputs = lm_batch()
+    model = tiny_llama()
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.01)
+    cfg = {**SEED_CONFIG, "pruning_interval": 4, "packed_masks": packed}
+    mgr = create_pruning_manager({"pruning": cfg}, model, total_steps=steps)
+    start = 0
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+        opt.load_state_dict(resume["opt"])
+        mgr.load_state_dict(resume["mgr"])
+        start = mgr.current_step
+    for step in range(start, steps):
+        if step == stop_at:
+            return {"model": {k: v.clone() for k, v in model.state_dict().items()},
+                    "opt": opt.state_dict(), "mgr": mgr.state_dict()}
+        model(**inputs).loss.backward()
+        mgr.step()
+        opt.step(); opt.zero_grad()
+    return mgr, model
+
+
+def test_packed_masks_train_bit_identical_to_bool_masks_in_an_eighth_of_the_memory():
+    mgr_b, model_b = _train(packed=False)
+    mgr_p, model_p = _train(packed=True)
+    assert not mgr_b.masks.packed and mgr_p.masks.packed
+    for k in mgr_b.masks:
+        assert torch.equal(mgr_b.masks[k], mgr_p.masks[k]), k
+    for (n, a), (_, b) in zip(model_b.state_dict().items(), model_p.state_dict().items()):
+        assert torch.equal(a, b), n
+    n_masked = sum(m.numel() for m in mgr_b.masks.values())
+    assert mgr_b.masks.nbytes() == n_masked
+    assert mgr_p.masks.nbytes() == sum((m.numel() + 7) // 8 for m in mgr_b.masks.values())
+    mb = mgr_p.get_pruning_summary()["pruning_metrics"]["mask_memory_mb"]
+    assert mb == pytest.approx(mgr_p.masks.nbytes() / 2**20)
+
+
+def test_packed_masks_resume_and_state_dict_are_interchangeable():
+    full, _ = _train(packed=True)
+    ckpt = _train(packed=True, stop_at=15)
+    assert all(v.dtype == torch.bool for v in ckpt["mgr"]["masks"].values())  # checkpoints hold plain masks
+    resumed, _ = _train(packed=True, resume=ckpt)
+    ckpt_bool = _train(packed=False, stop_at=15)
+    resumed_from_bool, _ = _train(packed=True, resume=ckpt_bool)  # a bool-mask checkpoint resumes packed
+    for k in full.masks:
+        assert torch.equal(full.masks[k], resumed.masks[k]), k
+        assert torch.equal(full.masks[k], resumed_from_bool.masks[k]), k
+
+
+def test_mask_store_rejects_non_bool_and_bad_packed_sizes():
+    from artemis.masks import MaskStore, unpack_mask
+
+    store = MaskStore(packed=True)
+    with pytest.raises(ValueError, match="mask for 'w' must be bool, got torch.float32"):
+        store["w"] = torch.ones(3)
+    with pytest.raises(ValueError, match=r"shape \(3, 5\) needs 2 uint8 bytes, got \(1,\)/torch.uint8"):
+        unpack_mask(torch.zeros(1, dtype=torch.uint8), (3, 5))
+    m = torch.rand(7, 9) > 0.5
+    store["w"] = m
+    copy = store.copy()
+    store["w"] = ~m
+    assert torch.equal(copy["w"], m) and torch.equal(store["w"], ~m)  # a copy is independent
+
+
+def test_packed_masks_with_progressive_sparsegpt_match_bool_masks():
+    calib = [lm_batch(seed=s) for s in range(2)]
+    out = {}
+    for packed in (False, True):
+        model = tiny_llama()
+        mgr = create_pruning_manager(
+            {"pruning": {"reconstruction": "sparsegpt", "pruning_start": 0.0, "pruning_end": 1.0,
+                         "pruning_interval": 2, "final_sparsity": 0.5, "sparsegpt_mask": "obs",
+                         "packed_masks": packed}},
+            model, total_steps=5,
+        )
+        mgr.set_calibration_data(calib)
+        for _ in range(5):
+            mgr.step()  # events at 0, 2, 4: each one keeps the earlier masks (priors) pruned
+        out[packed] = (mgr, model)
+    (mb, model_b), (mp, model_p) = out[False], out[True]
+    for k in mb.masks:
+        assert torch.equal(mb.masks[k], mp.masks[k]), k
+    for (n, a), (_, b) in zip(model_b.state_dict().items(), model_p.state_dict().items()):
+        assert torch.equal(a, b), n

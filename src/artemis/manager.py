@@ -51,6 +51,7 @@ from artemis.distributed import (
     shard_like,
 )
 from artemis.errors import CalibrationError, CheckpointError, ConfigError, PruningStateError
+from artemis.masks import MaskStore
 from artemis.methods import METHODS, PruningMethod
 from artemis.metrics import METRICS, ImportanceMetric
 from artemis.schedule import is_pruning_event, pruning_window, sparsity_at
@@ -116,7 +117,7 @@ class PruningManager:
             )
         if self.sharding is not None:
             self.method.check_sharding(self.sharding)
-        self.masks: dict[str, Tensor] = {}
+        self.masks: MaskStore = MaskStore(packed=config.packed_masks)
         self._mask_version: dict[str, int] = {}
         self._opt_seen: "weakref.WeakKeyDictionary[Optimizer, dict[str, int]]" = weakref.WeakKeyDictionary()
         self._step = 0
@@ -341,7 +342,7 @@ class PruningManager:
                     "statistics are not the same on every rank; a metric that gathers per-rank statistics must "
                     "sum them in ImportanceMetric.all_reduce_()"
                 )
-        old_masks = dict(self.masks)  # issue 9: earlier masks, kept pruned by the reconstruction
+        old_masks = self.masks.copy()  # issue 9: earlier masks, kept pruned by the reconstruction
         for key, mask in new_masks.items():
             p = local_tensor(self._params[key])
             mask = mask.to(p.device)
@@ -489,7 +490,7 @@ class PruningManager:
         self._remove_hooks()
         self._finalized = True
         self._closed = True
-        self.masks = {}
+        self.masks = MaskStore(packed=self.config.packed_masks)
 
     def finalize(self) -> nn.Module:
         """Make the pruning permanent: fold masks into the weights, remove every hook the
@@ -503,7 +504,7 @@ class PruningManager:
         self.method.finalize()
         self._finalized = True
         self._refresh_metrics()
-        self.masks = {}
+        self.masks = MaskStore(packed=self.config.packed_masks)
         self.calibration_data = None  # issue 9: release the kept batches
         return self.model
 
@@ -562,6 +563,7 @@ class PruningManager:
             "baseline_model_size_mb": self.baseline_model_size,
             "compressed_model_size_mb": compressed / MIB,
             "pruning_events": self._events,
+            "mask_memory_mb": self.masks.nbytes() / MIB,
         }
         self.method.update_pruning_metrics(self.pruning_metrics)
 
@@ -677,7 +679,7 @@ class PruningManager:
         self._step = int(state["step"])
         self._events = int(state.get("events", 0))
         self._last_target = float(state.get("last_target", 0.0))
-        self.masks = {}
+        self.masks = MaskStore(packed=self.config.packed_masks)
         for key, mask in local_masks.items():
             p = local_tensor(self._params[key])
             self.masks[key] = mask.to(device=p.device, dtype=torch.bool)
