@@ -23,7 +23,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from _common import llama_config, machine, random_llama  # noqa: E402
 
 
-def run(with_manager: bool, steps: int, batch: dict) -> tuple[float, float]:
+def run(with_manager: bool, steps: int, batch: dict, packed: bool = False) -> tuple[float, float]:
     model = random_llama(llama_config(hidden=256, layers=4, intermediate=768, vocab=8000, heads=8, kv_heads=8))
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01)
@@ -32,7 +32,8 @@ def run(with_manager: bool, steps: int, batch: dict) -> tuple[float, float]:
         from artemis import create_pruning_manager
 
         mgr = create_pruning_manager(
-            {"pruning": {"final_sparsity": 0.6, "pruning_interval": 50}}, model, total_steps=steps
+            {"pruning": {"final_sparsity": 0.6, "pruning_interval": 50, "packed_masks": packed}}, model,
+            total_steps=steps,
         )
     t0 = time.perf_counter()
     for _ in range(steps):
@@ -53,16 +54,19 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--packed-masks", action="store_true", help="also time packed_masks: true")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, 8000, (8, 128), generator=g)
     batch = {"input_ids": ids, "labels": ids}
-    base, pruned = [], []
+    base, pruned, packed = [], [], []
     for _ in range(args.repeats):
         base.append(run(False, args.steps, batch)[0])
         sps, sparsity = run(True, args.steps, batch)
         pruned.append(sps)
+        if args.packed_masks:
+            packed.append(run(True, args.steps, batch, packed=True)[0])
     b, p = max(base), max(pruned)
     print(f"machine: {machine()}")
     print(f"{args.steps} steps, batch 8x128, best of {args.repeats} alternating runs")
@@ -71,6 +75,10 @@ def main() -> None:
     print(f"| dense training, no manager | {b:.2f} | 0 |")
     print(f"| with PruningManager (interval 50) | {p:.2f} | {sparsity:.4f} |")
     print(f"| **overhead** | **{(b / p - 1) * 100:.1f}%** | |")
+    if packed:
+        q = max(packed)
+        print(f"| with PruningManager, `packed_masks: true` | {q:.2f} | |")
+        print(f"| **overhead, packed masks** | **{(b / q - 1) * 100:.1f}%** | |")
 
 
 if __name__ == "__main__":

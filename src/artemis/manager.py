@@ -208,12 +208,16 @@ class PruningManager:
             return
         seen = self._opt_seen.setdefault(opt, {})
         for key, p in self._optimizer_params(opt):
-            mask = self.masks.get(key)
-            if mask is None:
+            if key not in self.masks:
                 continue
-            if p.grad is not None and not self._grads_masked:
+            mask_grad = p.grad is not None and not self._grads_masked
+            mask_state = seen.get(key) != self._mask_version[key]
+            if not (mask_grad or mask_state):
+                continue  # no mask read: with packed masks that saves an unpack
+            mask = self.masks[key]
+            if mask_grad:
                 local_tensor(p.grad).mul_(mask)
-            if seen.get(key) == self._mask_version[key]:
+            if not mask_state:
                 continue
             state = opt.state.get(p, {})
             for value in state.values():
