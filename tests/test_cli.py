@@ -283,3 +283,16 @@ def test_prune_runs_the_seed_combined_config(tmp_path):
     wj = saved.model.layers[j].mlp.up_proj.weight
     assert wi.data_ptr() != wj.data_ptr() and torch.equal(wi, wj)
     assert _zeros_over_targets(saved) == pytest.approx(0.6, abs=1e-2)
+
+
+@pytest.mark.parametrize("command", ["prune", "sweep"])
+def test_multi_process_launch_is_refused_before_any_work(models_dir, tmp_path, capsys, monkeypatch, command):
+    monkeypatch.setenv("WORLD_SIZE", "2")  # what torchrun / accelerate launch set for 2 processes
+    extra = ["--sparsities", "0.5"] if command == "sweep" else ["--steps", "2"]
+    out = tmp_path / "out"
+    code = main([command, "--model", str(models_dir / "llama"), "-o", str(out), "-q"] + extra)
+    assert code == 2
+    err = capsys.readouterr().err
+    assert f"artemis {command} runs in a single process" in err and "WORLD_SIZE=2" in err
+    assert not out.exists()  # nothing written
+    monkeypatch.setenv("WORLD_SIZE", "1")  # a one-process torchrun launch is fine

@@ -326,6 +326,23 @@ def _disk_mib(path: Path) -> float:
 
 
 # --------------------------------------------------------------------------- commands
+def _refuse_multi_process(command: str) -> None:
+    """``artemis prune``/``sweep`` run in one process; under torchrun or ``accelerate launch``
+    every rank would run its own copy of the whole job and write the same output folder."""
+    import os
+
+    from artemis.errors import ConfigError
+
+    world = os.environ.get("WORLD_SIZE", "1")
+    if world.strip() not in ("", "1"):
+        raise ConfigError(
+            f"artemis {command} runs in a single process, but it was launched as one of WORLD_SIZE={world} "
+            "processes (torchrun / accelerate launch), where every process would run the whole job and write "
+            "the same output. Run it as one process (one GPU), or train with the Python API under "
+            "DDP/FSDP2 (docs/distributed.md)."
+        )
+
+
 def run_prune(cfg: Any, output: Path, *, resume: bool = False, stop_after: Optional[int] = None,
               progress: bool = True, plots: bool = True) -> dict:
     """Run ``artemis prune`` for a validated :class:`~artemis.run_config.RunConfig`;
@@ -338,6 +355,7 @@ def run_prune(cfg: Any, output: Path, *, resume: bool = False, stop_after: Optio
     from artemis.train.loading import check_supported, load_model_and_tokenizer
     from artemis.train.loop import plan_runtime, train_with_pruning
 
+    _refuse_multi_process("prune")
     timing: dict[str, float] = {}
     t0 = time.perf_counter()
     check_supported(cfg.model, cfg.fine_tuning.method)
@@ -487,6 +505,7 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     cfg = _load_config(args)
+    _refuse_multi_process("prune")
     out = _output_dir(args, cfg, "artemis-output")
     out.mkdir(parents=True, exist_ok=True)
     report = run_prune(cfg, out, resume=args.resume, stop_after=args.stop_after, progress=not args.quiet, plots=not args.no_plots)
@@ -511,6 +530,7 @@ def run_sweep(cfg: Any, sparsities: Sequence[float], threshold: Optional[float],
     from artemis.train.loading import check_supported, load_model_and_tokenizer
     from artemis.train.loop import _resolve_device
 
+    _refuse_multi_process("sweep")
     check_supported(cfg.model, cfg.fine_tuning.method)
     loaded = load_model_and_tokenizer(cfg.model)
     model, tok, task = loaded.model, loaded.tokenizer, loaded.task
