@@ -193,9 +193,9 @@ def test_freeze_layers_bit_exact():
 
 
 # ---------------------------------------------------------------------- LoRA on a sparse base
-def _pruned_lora(layers=2, sparsity=0.5, **lora):
+def _pruned_lora(layers=2, sparsity=0.5, packed=False, **lora):
     model = tiny_llama(layers=layers)
-    mgr = create_pruning_manager({"pruning": {"final_sparsity": sparsity}}, model)
+    mgr = create_pruning_manager({"pruning": {"final_sparsity": sparsity, "packed_masks": packed}}, model)
     mgr.apply_magnitude_pruning(sparsity)
     pm = attach_lora(model, mgr, r=4, **lora)
     return model, mgr, pm
@@ -247,8 +247,10 @@ def test_lora_training_keeps_base_bit_exact_and_sparse():
     assert mgr.pruning_metrics["current_sparsity"] == pytest.approx(0.5, abs=1e-3)
 
 
-def test_sparsity_preserving_merge_exact_and_reports_cost():
-    model, mgr, pm = _pruned_lora()
+@pytest.mark.parametrize("packed", [False, True])
+def test_sparsity_preserving_merge_exact_and_reports_cost(packed):
+    model, mgr, pm = _pruned_lora(packed=packed)
+    assert mgr.masks.packed is packed
     pm.train()
     batch = lm_batch()
     _train([p for p in pm.parameters() if p.requires_grad], lambda: pm(**batch).loss, steps=3)

@@ -38,6 +38,7 @@ Example:
 
 from __future__ import annotations
 
+import collections.abc
 import logging
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Iterable, Mapping, Optional, Sequence, Union
@@ -96,7 +97,23 @@ def _peft_or_none() -> Any:
     return peft
 
 
-def masks_by_parameter(model: nn.Module, masks: MasksLike) -> dict[int, Tensor]:
+class _MasksById(collections.abc.Mapping):
+    """``{id(parameter): mask}`` view of a manager's mask store; reads a mask only when asked."""
+
+    def __init__(self, store: Mapping[str, Tensor], keys: dict[int, str]) -> None:
+        self._store, self._keys = store, keys
+
+    def __getitem__(self, pid: int) -> Tensor:
+        return self._store[self._keys[pid]]
+
+    def __iter__(self):
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+
+def masks_by_parameter(model: nn.Module, masks: MasksLike) -> Mapping[int, Tensor]:
     """``{id(parameter): keep-mask}`` for the masks of a manager or a name → mask dict.
 
     Names are matched against the plain model's names (peft's ``base_model.model.``
@@ -113,7 +130,9 @@ def masks_by_parameter(model: nn.Module, masks: MasksLike) -> dict[int, Tensor]:
                 "the pruning manager is finalized and no longer holds masks; merge before finalize(), "
                 "or pass the masks as a dict"
             )
-        return {id(masks._params[k]): m for k, m in masks.masks.items()}
+        store = masks.masks
+        keys = {id(masks._params[k]): k for k in store}
+        return _MasksById(store, keys)  # read (unpacked) one at a time, when used
     params = {
         normalize_param_name(n): p for n, p in unwrap_model(model).named_parameters(remove_duplicate=False)
     }
