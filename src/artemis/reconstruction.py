@@ -158,6 +158,7 @@ def sparsegpt_prune(
     prior: Optional[Tensor] = None,
     blocksize: int = 128,
     dampening: float = 0.01,
+    per_row: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """Prune ``weight`` and update its kept entries to minimise the output error (OBS).
 
@@ -225,6 +226,21 @@ def sparsegpt_prune(
         forced1 = ~prior[:, i1:i2].to(w.device) if prior is not None else None
         if mask is not None:
             prune1 = ~mask[:, i1:i2].to(w.device)
+        elif pattern is None and per_row:
+            # each row prunes its own share round_half_up(s · in) of its weights, block by block
+            k = count_to_prune(cols, sparsity * i2 / cols) - count_to_prune(cols, sparsity * i1 / cols)
+            saliency = w1**2 / diag1.unsqueeze(0) ** 2
+            if i2 < cols:
+                k_row = torch.full((rows,), min(max(k, 0), count), dtype=torch.long, device=w.device)
+            else:
+                k_row = (count_to_prune(cols, sparsity) - pruned.sum(1)).clamp(min=0, max=count)
+            if forced1 is not None:
+                saliency[forced1] = -1.0
+                k_row = torch.maximum(k_row, forced1.sum(1))
+            order = torch.argsort(saliency, dim=1, stable=True)
+            rank = torch.empty_like(order)
+            rank.scatter_(1, order, torch.arange(count, device=w.device).expand(rows, count).contiguous())
+            prune1 = rank < k_row.unsqueeze(1)
         elif pattern is None:
             # exact overall count: this block prunes its share of round_half_up(s · numel)
             k = count_to_prune(rows * cols, sparsity * i2 / cols) - count_to_prune(rows * cols, sparsity * i1 / cols)
@@ -318,6 +334,72 @@ def _run_until(model: nn.Module, batches: Sequence, device: torch.device, state:
             pass
 
 
+def _run_until_paired(
+    model: nn.Module, batches: Sequence, device: torch.device, state: dict, dense_params: dict[str, Tensor]
+) -> None:
+    """For every batch: a pass with ``dense_params`` substituted (``state['phase'] = 'dense'``),
+    then one with the model's current weights (``'pruned'``), each stopped at ``_StopForward``."""
+    from torch.func import functional_call
+
+    from artemis.calibration import forward_batch
+
+    class _Dense(nn.Module):  # forward_batch calls it like the model, with the dense weights
+        def forward(self, *args: Any, **kwargs: Any) -> Any:
+            return functional_call(model, dense_params, args, kwargs, strict=False)
+
+    dense = _Dense()
+    for batch in batches:
+        state["token_mask"] = batch.get("attention_mask") if isinstance(batch, dict) else None
+        for phase, run in (("dense", dense), ("pruned", model)):
+            state["phase"] = phase
+            try:
+                forward_batch(run, batch, device)
+            except _StopForward:
+                pass
+
+
+def dense_target_weight(weight: Tensor, hessian: Tensor, cross: Tensor, dampening: float = 0.01) -> Tensor:
+    """The unconstrained optimum ``W*`` of ``‖W X_d − Ŵ X_p‖² + λ‖Ŵ − W‖²`` over ``Ŵ``.
+
+    ``X_p`` are a layer's inputs in the pruned model, ``X_d`` the same tokens' inputs in
+    the dense model: the layer is asked to reproduce the *dense* model's output from the
+    pruned model's input. With ``H = 2X_pᵀX_p/n`` (``hessian``), ``C = 2X_pᵀX_d/n``
+    (``cross``) and ``H_λ`` the damped Hessian that :func:`sparsegpt_prune` inverts
+    (``λ = dampening · mean diag H``), ``W* = W + W (Cᵀ − H) H_λ⁻¹``, and the objective
+    equals ``tr((Ŵ − W*) H_λ (Ŵ − W*)ᵀ)`` plus a constant, so running
+    :func:`sparsegpt_prune` on ``W*`` with ``H`` minimises it under the sparsity
+    constraint. When ``X_d = X_p`` (nothing before the layer was changed) ``W* = W``.
+
+    Example:
+        >>> import torch
+        >>> x = torch.randn(64, 4)
+        >>> w = torch.randn(3, 4)
+        >>> h = 2 * x.T @ x / 64
+        >>> torch.allclose(dense_target_weight(w, h, h), w, atol=1e-5)
+        True
+    """
+    w = weight.detach().to(torch.float32)
+    h = hessian.detach().to(device=w.device, dtype=torch.float32)
+    delta = w @ (cross.detach().to(device=w.device, dtype=torch.float32).T - h)  # (out, in)
+    for factor in (1.0, 10.0, 100.0):  # the same retries as the factorisation in sparsegpt_prune
+        chol, info = torch.linalg.cholesky_ex(_damped_hessian(h, dampening * factor))
+        if int(info) == 0:
+            return (w + torch.cholesky_solve(delta.T, chol).T).to(weight.dtype)
+    raise CalibrationError(
+        f"the layer's input Hessian is not positive definite even with dampening {dampening * 100:g} "
+        "× its mean diagonal; use more calibration data or raise sparsegpt_dampening"
+    )
+
+
+def _damped_hessian(h: Tensor, dampening: float) -> Tensor:
+    """``H`` with dead inputs (zero diagonal) set to 1 and ``dampening · mean diag`` added."""
+    h = h.clone()
+    diag = h.diagonal()
+    diag[diag == 0] = 1.0
+    diag += dampening * float(diag.mean())
+    return h
+
+
 @torch.no_grad()
 def reconstruct_layers(
     model: nn.Module,
@@ -330,6 +412,8 @@ def reconstruct_layers(
     select: str = "metric",
     priors: Optional[dict[str, Tensor]] = None,
     pattern: Optional[tuple[int, int]] = None,
+    per_row: bool = False,
+    target: str = "pruned",
 ) -> dict[str, Any]:
     """Update the kept weights of each target (SparseGPT's OBS update), one layer at a time.
 
@@ -364,8 +448,14 @@ def reconstruct_layers(
     """
     if select not in ("metric", "obs"):
         raise ValueError(f"select must be 'metric' or 'obs', got {select!r}")
+    if target not in ("pruned", "dense"):
+        raise ValueError(f"target must be 'pruned' or 'dense', got {target!r}")
     data = check_calibration_batches(batches)
     chosen = [t for t in targets if t.key in masks]
+    dense_params: dict[str, Tensor] = {}
+    if target == "dense":  # the weights before this event, substituted for the dense passes
+        names = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
+        dense_params = {names[id(t.param)]: t.param.detach().clone() for t in chosen if id(t.param) in names}
     try:
         device = next(model.parameters()).device
     except StopIteration:  # pragma: no cover
@@ -379,17 +469,28 @@ def reconstruct_layers(
         for t in chosen:
             weight = t.rows_view(t.param)  # (out, in)
             acc = HessianAccumulator(weight.shape[1], device=weight.device)
-            state: dict[str, Any] = {"token_mask": None}
+            state: dict[str, Any] = {"token_mask": None, "phase": "pruned"}
+            if target == "dense":
+                state["cross"] = torch.zeros_like(acc.sum)
 
             def hook(module: nn.Module, args: tuple, acc=acc, state=state) -> None:
                 if not args or not isinstance(args[0], Tensor):
                     raise CalibrationError(f"layer {t.name} was called without a tensor input")
-                acc.add(layer_inputs_2d(args[0], state["token_mask"]))
+                x = layer_inputs_2d(args[0], state["token_mask"])
+                if state["phase"] == "dense":
+                    state["x_dense"] = x
+                else:
+                    acc.add(x)
+                    if target == "dense":
+                        state["cross"].addmm_(x.T, state.pop("x_dense").to(acc.sum.device))
                 raise _StopForward
 
             handle = t.module.register_forward_pre_hook(hook)
             try:
-                _run_until(model, data, device, state)
+                if target == "dense":
+                    _run_until_paired(model, data, device, state, dense_params)
+                else:
+                    _run_until(model, data, device, state)
             finally:
                 handle.remove()
             if acc.count == 0:
@@ -398,7 +499,11 @@ def reconstruct_layers(
                 )
             tokens = acc.count
             h = acc.hessian()
-            del acc, hook  # the hook's default argument holds the running sum: free it now
+            if target == "dense":
+                cross = state.pop("cross") * (2.0 / acc.count)
+                weight = dense_target_weight(weight, h, cross, dampening)
+                del cross
+            del acc, hook, state  # the hook's default arguments hold the running sums: free them now
             mask = t.rows_view(masks[t.key].to(weight.device))
             if select == "metric":
                 new_w, _ = sparsegpt_prune(weight, h, mask=mask, blocksize=blocksize, dampening=dampening)
@@ -412,6 +517,7 @@ def reconstruct_layers(
                     prior=t.rows_view(prior.to(weight.device)) if prior is not None else None,
                     blocksize=blocksize,
                     dampening=dampening,
+                    per_row=per_row,
                 )
                 masks[t.key] = t.rows_view(keep).contiguous()
             del h
@@ -419,6 +525,7 @@ def reconstruct_layers(
             peak = max(peak, reconstruction_extra_bytes(weight.shape[0], weight.shape[1], blocksize))
     finally:
         model.train(was_training)
+        dense_params.clear()
     seconds = time.perf_counter() - start
     logger.info("SparseGPT reconstruction of %d layers took %.1fs", len(chosen), seconds)
     return {"layers": len(chosen), "seconds": seconds, "peak_extra_bytes": peak, "tokens": tokens, "select": select}
