@@ -3,12 +3,14 @@ SparseGPT reconstruction, at 50% unstructured, at 2:4, and OWL vs uniform at 70%
 
 Quality = mean cosine similarity between the pruned and the dense model's sentence
 embeddings (mean pooling over the attention mask, L2-normalised) on held-out sentences
-of the built-in corpus (``test`` split); calibration uses 128 sentences of ``train``.
+of the built-in corpus (``test`` split); calibration uses the first ``--calib`` sentences
+(default 128) of ``train``.
 Every configuration starts from the same dense weights, in the same process.
 
 Run from the repository root::
 
-    PYTHONPATH=src python benchmarks/sparsegpt_minilm.py [--threads 1] [--eval 256] [--quick]
+    PYTHONPATH=src python benchmarks/sparsegpt_minilm.py [--threads 1] [--eval 256] [--calib 128] [--quick]
+    PYTHONPATH=src python benchmarks/sparsegpt_minilm.py --sections 50 --only "SparseGPT (OBS" --calib 512
 
 If the ``activation`` metric (Wanda, |W|·‖X‖ per output row) is not registered in this
 checkout, an equivalent local metric is registered here so the comparison still runs.
@@ -148,6 +150,11 @@ def main() -> None:
         run("50% magnitude mask + SparseGPT update", 0.5, **mag, scope="layer", **sg)
         run("50% Wanda mask + SparseGPT update", 0.5, **wan, scope="row", **sg)
         run("50% SparseGPT (OBS-chosen mask, layer)", 0.5, **mag, scope="layer", **sg, sparsegpt_mask="obs")
+        obs = {**mag, "scope": "layer", **sg, "sparsegpt_mask": "obs"}
+        run("50% SparseGPT (OBS-chosen mask, per row)", 0.5, **obs, sparsegpt_obs_scope="row")
+        run("50% SparseGPT (OBS-chosen mask, layer, dense targets)", 0.5, **obs, sparsegpt_target="dense")
+        run("50% SparseGPT (OBS-chosen mask, per row, dense targets)", 0.5, **obs,
+            sparsegpt_obs_scope="row", sparsegpt_target="dense")
     if "24" in sections:
         p = {"pattern": "2:4"}
         run("2:4 magnitude", 0.5, **mag, **p)
@@ -167,7 +174,8 @@ def main() -> None:
             run("70% SparseGPT OWL", 0.7, **wan, scope="owl", **sg, sparsegpt_mask="obs")
 
     print()
-    print(f"MiniLM, calibration {args.calib} train sentences, evaluation {args.eval} test sentences, "
+    tokens = sum(int(b["attention_mask"].sum()) for b in calib)
+    print(f"MiniLM, calibration {args.calib} train sentences ({tokens} tokens), evaluation {args.eval} test sentences, "
           f"torch {torch.__version__}, {args.threads} thread(s)")
     print(f"| configuration | measured sparsity | mean cosine vs dense | time (s) |")
     print(f"|---|---|---|---|")

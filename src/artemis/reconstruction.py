@@ -51,6 +51,7 @@ from artemis.masks import count_to_prune
 __all__ = [
     "HessianAccumulator",
     "sparsegpt_prune",
+    "dense_target_weight",
     "reconstruct_layers",
     "reconstruction_extra_bytes",
     "layer_inputs_2d",
@@ -372,8 +373,9 @@ def dense_target_weight(weight: Tensor, hessian: Tensor, cross: Tensor, dampenin
 
     Example:
         >>> import torch
-        >>> x = torch.randn(64, 4)
-        >>> w = torch.randn(3, 4)
+        >>> g = torch.Generator().manual_seed(0)
+        >>> x = torch.randn(64, 4, generator=g)
+        >>> w = torch.randn(3, 4, generator=g)
         >>> h = 2 * x.T @ x / 64
         >>> torch.allclose(dense_target_weight(w, h, h), w, atol=1e-5)
         True
