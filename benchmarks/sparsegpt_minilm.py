@@ -96,6 +96,8 @@ def main() -> None:
     ap.add_argument("--only", default=None, help="run only the rows whose label contains this text")
     ap.add_argument("--skip-slow", action="store_true", help="leave out the rows whose result is implied by others "
                     "(magnitude-mask reconstruction at 2:4, SparseGPT at 70%%)")
+    ap.add_argument("--dampening", type=float, default=None, help="sparsegpt_dampening of the SparseGPT rows "
+                    "(default: the config default, 0.01)")
     ap.add_argument("--json", default=None, help="also write the results here")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -142,6 +144,8 @@ def main() -> None:
     mag = {"importance_metric": "magnitude"}
     wan = {"importance_metric": act}
     sg = {"reconstruction": "sparsegpt"}
+    if args.dampening is not None:
+        sg["sparsegpt_dampening"] = args.dampening
     sections = {"50"} if args.quick else set(args.sections.split(","))
     if "50" in sections:
         run("50% magnitude (global)", 0.5, **mag, scope="global")
@@ -175,7 +179,8 @@ def main() -> None:
 
     print()
     tokens = sum(int(b["attention_mask"].sum()) for b in calib)
-    print(f"MiniLM, calibration {args.calib} train sentences ({tokens} tokens), evaluation {args.eval} test sentences, "
+    damp = f", sparsegpt_dampening {args.dampening}" if args.dampening is not None else ""
+    print(f"MiniLM, calibration {args.calib} train sentences ({tokens} tokens){damp}, evaluation {args.eval} test sentences, "
           f"torch {torch.__version__}, {args.threads} thread(s)")
     print(f"| configuration | measured sparsity | mean cosine vs dense | time (s) |")
     print(f"|---|---|---|---|")

@@ -236,10 +236,15 @@ def test_sparsegpt_errors():
         sparsegpt_prune(w, torch.eye(3), sparsity=0.5)
     with pytest.raises(ValueError, match="pattern 2:5 needs"):
         sparsegpt_prune(w, h, pattern=(2, 5))
+    with pytest.raises(ValueError, match=r"per_row=True applies only when the mask is chosen here with sparsity="):
+        sparsegpt_prune(w, h, mask=torch.ones_like(w, dtype=torch.bool), per_row=True)
+    with pytest.raises(ValueError, match=r"per_row=True applies only when the mask is chosen here"):
+        sparsegpt_prune(w, h, pattern=(2, 4), per_row=True)
 
 
 def test_extra_bytes_formula():
     assert reconstruction_extra_bytes(8, 16, blocksize=4) == 4 * (3 * 256 + 2 * 128 + 2 * 32) + 128
+    assert reconstruction_extra_bytes(8, 16, blocksize=4, dense_target=True) == 4 * (4 * 256 + 3 * 128 + 2 * 32) + 128
 
 
 # ----------------------------------------------------------------------------- SparseGPT (manager)
@@ -298,8 +303,14 @@ def test_manager_sparsegpt_dense_target_and_row_scope():
     for t in runs["row"][1].method.targets:  # every row keeps exactly half
         rows = t.rows_view(runs["row"][1].masks[t.key])
         assert rows.sum(1).tolist() == [rows.shape[1] // 2] * rows.shape[0]
+    rec = runs["dense"][1].last_reconstruction
+    assert rec["target"] == "dense" and runs["pruned"][1].last_reconstruction["dense_copy_bytes"] == 0
+    assert rec["dense_copy_bytes"] == 4 * sum(t.param.numel() for t in runs["dense"][1].method.targets)
+    assert rec["peak_extra_bytes"] == reconstruction_extra_bytes(64, 128, dense_target=True)  # down_proj
     with pytest.raises(ValueError, match="target must be 'pruned' or 'dense', got 'x'"):
         reconstruct_layers(dense, runs["pruned"][1].method.targets, {}, calib, target="x")
+    with pytest.raises(ValueError, match="per_row=True applies only with select='obs' and no pattern"):
+        reconstruct_layers(dense, runs["pruned"][1].method.targets, {}, calib, per_row=True)
 
 
 def test_sparsegpt_needs_calibration_data():

@@ -181,6 +181,10 @@ def sparsegpt_prune(
             can then exceed the target by those weights.
         blocksize: columns processed together (the lazy batch update of SparseGPT).
         dampening: fraction of the mean Hessian diagonal added to the diagonal.
+        per_row: with ``sparsity``: every row prunes its own share
+            ``round_half_up(sparsity · in_features)`` (spread over the blocks as the
+            layer's count is) instead of each block's share going to the lowest
+            saliencies over all rows (the paper's choice).
 
     Returns:
         ``(new_weight, keep_mask)``: the updated weight (``weight``'s dtype, exactly zero
@@ -211,6 +215,8 @@ def sparsegpt_prune(
         raise ValueError(f"sparsity must be in [0, 1), got {sparsity!r}")
     if blocksize < 1:
         raise ValueError(f"blocksize must be at least 1, got {blocksize}")
+    if per_row and (sparsity is None or pattern is not None):
+        raise ValueError("per_row=True applies only when the mask is chosen here with sparsity= (not mask= or pattern=)")
 
     w = weight.detach().to(torch.float32).clone()  # (out, in), updated in place
     hinv = _inverse_hessian_factor(hessian.detach().to(device=w.device, dtype=torch.float32), dampening)
@@ -280,19 +286,26 @@ def sparsegpt_prune(
     return w.to(weight.dtype), keep.to(weight.device) if mask is None else mask
 
 
-def reconstruction_extra_bytes(out_features: int, in_features: int, blocksize: int = 128) -> int:
+def reconstruction_extra_bytes(
+    out_features: int, in_features: int, blocksize: int = 128, dense_target: bool = False
+) -> int:
     """Peak extra bytes of :func:`sparsegpt_prune` on one layer (float32): the Hessian sum
     and its factor work (about 3 ``in²`` matrices), the float32 weight copy and the result,
-    the block buffers and the pruned mask.
+    the block buffers and the pruned mask. With ``dense_target`` (``sparsegpt_target:
+    dense``) one more ``in²`` matrix (the cross product of dense and pruned inputs) and
+    one more ``out × in`` (the target weight ``W*``) are held.
 
     Example:
         >>> reconstruction_extra_bytes(4, 2, blocksize=2)
         184
+        >>> reconstruction_extra_bytes(4, 2, blocksize=2, dense_target=True)
+        232
     """
     b = min(blocksize, in_features)
+    extra = 4 * (in_features * in_features + out_features * in_features) if dense_target else 0
     return 4 * (3 * in_features * in_features + 2 * out_features * in_features + 2 * out_features * b) + (
         out_features * in_features
-    )
+    ) + extra
 
 
 def check_calibration_batches(batches: Any) -> list:
@@ -439,11 +452,20 @@ def reconstruct_layers(
         priors: ``{key: keep-mask of the previous event}`` for ``select='obs'``
             (earlier-pruned weights stay pruned).
         pattern: ``(N, M)`` kept per group, for ``select='obs'`` with an N:M pattern.
+        per_row: for ``select='obs'`` without ``pattern``: every row prunes its own share
+            (see :func:`sparsegpt_prune`) instead of the block's share over all rows.
+        target: ``pruned`` (SparseGPT) fits each layer to its own output on the pruned
+            model's inputs; ``dense`` fits it to the output of the model as it was before
+            this call, from the pruned model's inputs (:func:`dense_target_weight`): each
+            batch then runs twice per layer, once with a copy of the pre-call weights
+            substituted (``torch.func.functional_call``).
 
     Returns:
         ``{"layers": n, "seconds": t, "peak_extra_bytes": b, "tokens": tokens per layer,
-        "select": select}`` where ``peak_extra_bytes`` is
-        :func:`reconstruction_extra_bytes` of the largest layer.
+        "select": select, "target": target, "dense_copy_bytes": c}`` where
+        ``peak_extra_bytes`` is :func:`reconstruction_extra_bytes` of the largest layer and
+        ``dense_copy_bytes`` the pre-event copy of the pruned weights (0 unless ``target``
+        is ``dense``).
 
     Raises:
         CalibrationError: bad or empty calibration data, or a layer that no batch reaches.
@@ -452,12 +474,15 @@ def reconstruct_layers(
         raise ValueError(f"select must be 'metric' or 'obs', got {select!r}")
     if target not in ("pruned", "dense"):
         raise ValueError(f"target must be 'pruned' or 'dense', got {target!r}")
+    if per_row and (select != "obs" or pattern is not None):
+        raise ValueError("per_row=True applies only with select='obs' and no pattern")
     data = check_calibration_batches(batches)
     chosen = [t for t in targets if t.key in masks]
     dense_params: dict[str, Tensor] = {}
     if target == "dense":  # the weights before this event, substituted for the dense passes
         names = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
         dense_params = {names[id(t.param)]: t.param.detach().clone() for t in chosen if id(t.param) in names}
+    copy_bytes = sum(p.numel() * p.element_size() for p in dense_params.values())
     try:
         device = next(model.parameters()).device
     except StopIteration:  # pragma: no cover
@@ -524,10 +549,18 @@ def reconstruct_layers(
                 masks[t.key] = t.rows_view(keep).contiguous()
             del h
             t.param.copy_(t.rows_view(new_w))
-            peak = max(peak, reconstruction_extra_bytes(weight.shape[0], weight.shape[1], blocksize))
+            peak = max(peak, reconstruction_extra_bytes(weight.shape[0], weight.shape[1], blocksize, target == "dense"))
     finally:
         model.train(was_training)
         dense_params.clear()
     seconds = time.perf_counter() - start
     logger.info("SparseGPT reconstruction of %d layers took %.1fs", len(chosen), seconds)
-    return {"layers": len(chosen), "seconds": seconds, "peak_extra_bytes": peak, "tokens": tokens, "select": select}
+    return {
+        "layers": len(chosen),
+        "seconds": seconds,
+        "peak_extra_bytes": peak,
+        "tokens": tokens,
+        "select": select,
+        "target": target,
+        "dense_copy_bytes": copy_bytes,
+    }
