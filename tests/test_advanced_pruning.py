@@ -313,6 +313,24 @@ def test_manager_sparsegpt_dense_target_and_row_scope():
         reconstruct_layers(dense, runs["pruned"][1].method.targets, {}, calib, per_row=True)
 
 
+@pytest.mark.parametrize("target", ["pruned", "dense"])
+def test_reconstruct_layers_shares_hessians_of_same_input_layers(target):
+    calib = _calib()
+    results = {}
+    for share in (True, False):
+        model = tiny_llama()
+        mgr = create_pruning_manager({"pruning": {"scope": "layer"}}, model)
+        targets = mgr.method.targets
+        keep = {t.key: t.param.detach().abs() > t.param.detach().abs().median() for t in targets}
+        rec = reconstruct_layers(model, targets, keep, calib, target=target, share_inputs=share)
+        results[share] = ({t.key: t.param.detach().clone() for t in targets}, rec)
+    # per block: q/k/v share one input, gate/up another; o and down have their own
+    assert results[True][1]["passes"] == 2 * 4 and results[True][1]["shared_hessians"] == 2 * 3
+    assert results[False][1]["passes"] == 14 and results[False][1]["shared_hessians"] == 0
+    for key, w in results[True][0].items():
+        assert torch.equal(w, results[False][0][key]), key
+
+
 def test_sparsegpt_needs_calibration_data():
     mgr = create_pruning_manager({"pruning": {"reconstruction": "sparsegpt"}}, tiny_llama())
     with pytest.raises(CalibrationError, match=r"reconstruction: sparsegpt needs calibration batches.*set_calibration_data"):

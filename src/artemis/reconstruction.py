@@ -342,10 +342,12 @@ def _run_until(model: nn.Module, batches: Sequence, device: torch.device, state:
 
     for batch in batches:
         state["token_mask"] = batch.get("attention_mask") if isinstance(batch, dict) else None
+        state["x_obj"] = None
         try:
             forward_batch(model, batch, device)
         except _StopForward:
             pass
+        state["after_batch"]()
 
 
 def _run_until_paired(
@@ -366,10 +368,12 @@ def _run_until_paired(
         state["token_mask"] = batch.get("attention_mask") if isinstance(batch, dict) else None
         for phase, run in (("dense", dense), ("pruned", model)):
             state["phase"] = phase
+            state["x_obj"] = None
             try:
                 forward_batch(run, batch, device)
             except _StopForward:
                 pass
+        state["after_batch"]()
 
 
 def dense_target_weight(weight: Tensor, hessian: Tensor, cross: Tensor, dampening: float = 0.01) -> Tensor:
@@ -415,6 +419,80 @@ def _damped_hessian(h: Tensor, dampening: float) -> Tensor:
     return h
 
 
+def _layer_statistics(
+    model: nn.Module,
+    t: Any,
+    later: Sequence[Any],
+    data: Sequence,
+    device: torch.device,
+    target: str,
+    dense_params: dict[str, Tensor],
+) -> tuple[Tensor, Optional[Tensor], int, set]:
+    """Run the calibration batches until ``t``'s input is seen and return ``(H, C, tokens,
+    same)``: the Hessian, the dense/pruned cross product (``target='dense'``, else None),
+    the token count, and the keys of the ``later`` targets that received the *very same
+    input tensor* as ``t`` in every batch (q/k/v of an attention block, gate/up of a gated
+    MLP). Such a target's input cannot depend on ``t``'s weight (it existed before ``t``
+    ran), so the same ``H`` (and ``C``) serve it after ``t`` is updated. The pruned pass
+    continues past ``t`` only until a later target is called with another input."""
+    cols = t.rows_view(t.param).shape[1]
+    acc = HessianAccumulator(cols, device=t.param.device)
+    later_keys = {id(u.module): u.key for u in later}
+    state: dict[str, Any] = {"token_mask": None, "phase": "pruned", "x_obj": None, "batch_same": set(), "same": None}
+    if target == "dense":
+        state["cross"] = torch.zeros_like(acc.sum)
+
+    def after_batch() -> None:
+        same = state["batch_same"] if state["x_obj"] is not None else set()
+        state["same"] = same if state["same"] is None else state["same"] & same
+        state["batch_same"] = set()
+
+    state["after_batch"] = after_batch
+
+    def hook(module: nn.Module, args: tuple) -> None:
+        if not args or not isinstance(args[0], Tensor):
+            raise CalibrationError(f"layer {t.name} was called without a tensor input")
+        if state["x_obj"] is not None:  # called a second time in this pass: the first input counts
+            raise _StopForward
+        x = layer_inputs_2d(args[0], state["token_mask"])
+        if state["phase"] == "dense":
+            state["x_dense"] = x
+            raise _StopForward
+        acc.add(x)
+        if target == "dense":
+            state["cross"].addmm_(x.T, state.pop("x_dense").to(acc.sum.device))
+        if not later_keys:
+            raise _StopForward
+        state["x_obj"] = args[0]
+
+    def later_hook(module: nn.Module, args: tuple) -> None:
+        if state["x_obj"] is None:  # called before t: not a sharer; let the pass go on
+            return
+        if args and args[0] is state["x_obj"] and id(module) in later_keys:
+            state["batch_same"].add(later_keys[id(module)])
+            return
+        raise _StopForward
+
+    handles = [t.module.register_forward_pre_hook(hook)]
+    try:
+        for u in later:
+            if u.module is not t.module:
+                handles.append(u.module.register_forward_pre_hook(later_hook))
+        if target == "dense":
+            _run_until_paired(model, data, device, state, dense_params)
+        else:
+            _run_until(model, data, device, state)
+    finally:
+        for handle in handles:
+            handle.remove()
+        state["x_obj"] = None
+    if acc.count == 0:
+        raise CalibrationError(f"no calibration batch reached layer {t.name}; the model never called it")
+    h = acc.hessian()
+    cross = state.pop("cross") * (2.0 / acc.count) if target == "dense" else None
+    return h, cross, acc.count, state["same"] or set()
+
+
 @torch.no_grad()
 def reconstruct_layers(
     model: nn.Module,
@@ -429,6 +507,7 @@ def reconstruct_layers(
     pattern: Optional[tuple[int, int]] = None,
     per_row: bool = False,
     target: str = "pruned",
+    share_inputs: bool = True,
 ) -> dict[str, Any]:
     """Update the kept weights of each target (SparseGPT's OBS update), one layer at a time.
 
@@ -459,13 +538,17 @@ def reconstruct_layers(
             this call, from the pruned model's inputs (:func:`dense_target_weight`): each
             batch then runs twice per layer, once with a copy of the pre-call weights
             substituted (``torch.func.functional_call``).
+        share_inputs: reuse a layer's Hessian for the later targets that receive the very
+            same input tensor in every batch (q/k/v, gate/up), instead of rebuilding it
+            with another partial forward pass; the result is identical.
 
     Returns:
         ``{"layers": n, "seconds": t, "peak_extra_bytes": b, "tokens": tokens per layer,
         "select": select, "target": target, "dense_copy_bytes": c}`` where
         ``peak_extra_bytes`` is :func:`reconstruction_extra_bytes` of the largest layer and
         ``dense_copy_bytes`` the pre-event copy of the pruned weights (0 unless ``target``
-        is ``dense``).
+        is ``dense``); also ``"passes"`` (partial forward passes run) and
+        ``"shared_hessians"`` (layers that reused an earlier layer's Hessian).
 
     Raises:
         CalibrationError: bad or empty calibration data, or a layer that no batch reaches.
@@ -492,45 +575,27 @@ def reconstruct_layers(
     start = time.perf_counter()
     peak = 0
     tokens = 0
+    passes = reused = 0
     try:
-        for t in chosen:
+        shared: dict[str, tuple[Tensor, Optional[Tensor], int]] = {}  # Hessians of layers seen sharing an input
+        for idx, t in enumerate(chosen):
             weight = t.rows_view(t.param)  # (out, in)
-            acc = HessianAccumulator(weight.shape[1], device=weight.device)
-            state: dict[str, Any] = {"token_mask": None, "phase": "pruned"}
-            if target == "dense":
-                state["cross"] = torch.zeros_like(acc.sum)
-
-            def hook(module: nn.Module, args: tuple, acc=acc, state=state) -> None:
-                if not args or not isinstance(args[0], Tensor):
-                    raise CalibrationError(f"layer {t.name} was called without a tensor input")
-                x = layer_inputs_2d(args[0], state["token_mask"])
-                if state["phase"] == "dense":
-                    state["x_dense"] = x
-                else:
-                    acc.add(x)
-                    if target == "dense":
-                        state["cross"].addmm_(x.T, state.pop("x_dense").to(acc.sum.device))
-                raise _StopForward
-
-            handle = t.module.register_forward_pre_hook(hook)
-            try:
+            if t.key in shared:  # same input tensor as an earlier target: the same Hessian
+                h, cross, tokens = shared.pop(t.key)
+                reused += 1
                 if target == "dense":
-                    _run_until_paired(model, data, device, state, dense_params)
-                else:
-                    _run_until(model, data, device, state)
-            finally:
-                handle.remove()
-            if acc.count == 0:
-                raise CalibrationError(
-                    f"no calibration batch reached layer {t.name}; the model never called it"
+                    weight = dense_target_weight(weight, h, cross, dampening)
+            else:
+                h, cross, tokens, same = _layer_statistics(
+                    model, t, chosen[idx + 1 :] if share_inputs else [], data, device, target, dense_params
                 )
-            tokens = acc.count
-            h = acc.hessian()
-            if target == "dense":
-                cross = state.pop("cross") * (2.0 / acc.count)
-                weight = dense_target_weight(weight, h, cross, dampening)
-                del cross
-            del acc, hook, state  # the hook's default arguments hold the running sums: free them now
+                passes += 1
+                for u in chosen[idx + 1 :]:
+                    if u.key in same:
+                        shared[u.key] = (h, cross, tokens)
+                if target == "dense":
+                    weight = dense_target_weight(weight, h, cross, dampening)
+                cross = None
             mask = t.rows_view(masks[t.key].to(weight.device))
             if select == "metric":
                 new_w, _ = sparsegpt_prune(weight, h, mask=mask, blocksize=blocksize, dampening=dampening)
@@ -547,7 +612,7 @@ def reconstruct_layers(
                     per_row=per_row,
                 )
                 masks[t.key] = t.rows_view(keep).contiguous()
-            del h
+            del h, cross
             t.param.copy_(t.rows_view(new_w))
             peak = max(peak, reconstruction_extra_bytes(weight.shape[0], weight.shape[1], blocksize, target == "dense"))
     finally:
@@ -563,4 +628,6 @@ def reconstruct_layers(
         "select": select,
         "target": target,
         "dense_copy_bytes": copy_bytes,
+        "passes": passes,
+        "shared_hessians": reused,
     }
