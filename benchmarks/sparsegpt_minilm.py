@@ -3,12 +3,14 @@ SparseGPT reconstruction, at 50% unstructured, at 2:4, and OWL vs uniform at 70%
 
 Quality = mean cosine similarity between the pruned and the dense model's sentence
 embeddings (mean pooling over the attention mask, L2-normalised) on held-out sentences
-of the built-in corpus (``test`` split); calibration uses 128 sentences of ``train``.
+of the built-in corpus (``test`` split); calibration uses the first ``--calib`` sentences
+(default 128) of ``train``.
 Every configuration starts from the same dense weights, in the same process.
 
 Run from the repository root::
 
-    PYTHONPATH=src python benchmarks/sparsegpt_minilm.py [--threads 1] [--eval 256] [--quick]
+    PYTHONPATH=src python benchmarks/sparsegpt_minilm.py [--threads 1] [--eval 256] [--calib 128] [--quick]
+    PYTHONPATH=src python benchmarks/sparsegpt_minilm.py --sections 50 --only "SparseGPT (OBS" --calib 512
 
 If the ``activation`` metric (Wanda, |W|·‖X‖ per output row) is not registered in this
 checkout, an equivalent local metric is registered here so the comparison still runs.
@@ -94,6 +96,8 @@ def main() -> None:
     ap.add_argument("--only", default=None, help="run only the rows whose label contains this text")
     ap.add_argument("--skip-slow", action="store_true", help="leave out the rows whose result is implied by others "
                     "(magnitude-mask reconstruction at 2:4, SparseGPT at 70%%)")
+    ap.add_argument("--dampening", type=float, default=None, help="sparsegpt_dampening of the SparseGPT rows "
+                    "(default: the config default, 0.01)")
     ap.add_argument("--json", default=None, help="also write the results here")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -140,6 +144,8 @@ def main() -> None:
     mag = {"importance_metric": "magnitude"}
     wan = {"importance_metric": act}
     sg = {"reconstruction": "sparsegpt"}
+    if args.dampening is not None:
+        sg["sparsegpt_dampening"] = args.dampening
     sections = {"50"} if args.quick else set(args.sections.split(","))
     if "50" in sections:
         run("50% magnitude (global)", 0.5, **mag, scope="global")
@@ -148,6 +154,11 @@ def main() -> None:
         run("50% magnitude mask + SparseGPT update", 0.5, **mag, scope="layer", **sg)
         run("50% Wanda mask + SparseGPT update", 0.5, **wan, scope="row", **sg)
         run("50% SparseGPT (OBS-chosen mask, layer)", 0.5, **mag, scope="layer", **sg, sparsegpt_mask="obs")
+        obs = {**mag, "scope": "layer", **sg, "sparsegpt_mask": "obs"}
+        run("50% SparseGPT (OBS-chosen mask, per row)", 0.5, **obs, sparsegpt_obs_scope="row")
+        run("50% SparseGPT (OBS-chosen mask, layer, dense targets)", 0.5, **obs, sparsegpt_target="dense")
+        run("50% SparseGPT (OBS-chosen mask, per row, dense targets)", 0.5, **obs,
+            sparsegpt_obs_scope="row", sparsegpt_target="dense")
     if "24" in sections:
         p = {"pattern": "2:4"}
         run("2:4 magnitude", 0.5, **mag, **p)
@@ -167,7 +178,9 @@ def main() -> None:
             run("70% SparseGPT OWL", 0.7, **wan, scope="owl", **sg, sparsegpt_mask="obs")
 
     print()
-    print(f"MiniLM, calibration {args.calib} train sentences, evaluation {args.eval} test sentences, "
+    tokens = sum(int(b["attention_mask"].sum()) for b in calib)
+    damp = f", sparsegpt_dampening {args.dampening}" if args.dampening is not None else ""
+    print(f"MiniLM, calibration {args.calib} train sentences ({tokens} tokens){damp}, evaluation {args.eval} test sentences, "
           f"torch {torch.__version__}, {args.threads} thread(s)")
     print(f"| configuration | measured sparsity | mean cosine vs dense | time (s) |")
     print(f"|---|---|---|---|")

@@ -11,7 +11,13 @@ from artemis.config import load_pruning_config, parse_nm_pattern
 from artemis.errors import CalibrationError, ConfigError, ModelError
 from artemis.masks import count_to_prune
 from artemis.owl import allocate_counts, outlier_ratio, owl_sparsities
-from artemis.reconstruction import HessianAccumulator, reconstruct_layers, reconstruction_extra_bytes, sparsegpt_prune
+from artemis.reconstruction import (
+    HessianAccumulator,
+    dense_target_weight,
+    reconstruct_layers,
+    reconstruction_extra_bytes,
+    sparsegpt_prune,
+)
 from artemis.sparse_inference import SparseLinear, sparsify_for_inference
 from tests.fixtures import lm_batch, tiny_gpt2, tiny_llama
 
@@ -49,6 +55,12 @@ def test_pattern_config_sets_final_sparsity_and_normalises():
         ({"reconstruction": "obs"}, r"unknown reconstruction 'obs'; valid: 'none', 'sparsegpt'"),
         ({"sparsegpt_dampening": 0}, r"sparsegpt_dampening must be in \(0, 1\]"),
         ({"sparsegpt_blocksize": 0}, r"sparsegpt_blocksize must be at least 1"),
+        ({"sparsegpt_obs_scope": "rows"}, r"unknown sparsegpt_obs_scope 'rows'; valid: 'layer', 'row'"),
+        ({"sparsegpt_obs_scope": "row"}, r"sparsegpt_obs_scope 'row' only applies with sparsegpt_mask: obs and no pattern "
+         r"\(sparsegpt_mask is 'metric'"),
+        ({"sparsegpt_obs_scope": "row", "sparsegpt_mask": "obs", "pattern": "2:4"},
+         r"sparsegpt_obs_scope 'row' only applies.*pattern is '2:4'"),
+        ({"sparsegpt_target": "teacher"}, r"unknown sparsegpt_target 'teacher'; valid: 'pruned', 'dense'"),
         ({"scope": "owls"}, r"unknown scope 'owls'; valid: 'global', 'layer', 'row', 'owl'"),
     ],
 )
@@ -172,6 +184,50 @@ def test_sparsegpt_chooses_mask_with_exact_counts_and_prior():
     assert int((~keep_p).sum()) == count_to_prune(w.numel(), 0.5)
 
 
+def test_sparsegpt_obs_scope_row_vs_layer_hand_computed():
+    # H = I: the damped inverse is diagonal and constant, so the OBS saliency is w² and no
+    # kept weight moves; the masks can be worked out by hand.
+    w = torch.tensor([[1.0, 2.0, 3.0, 4.0], [40.0, 30.0, 20.0, 10.0]])
+    h = torch.eye(4)
+    new_w, keep = sparsegpt_prune(w, h, sparsity=0.5, per_row=True)
+    assert keep.tolist() == [[False, False, True, True], [True, True, False, False]]
+    torch.testing.assert_close(new_w, w * keep)
+    _, keep_layer = sparsegpt_prune(w, h, sparsity=0.5)  # the paper: the 4 smallest of the layer
+    assert keep_layer.tolist() == [[False, False, False, False], [True, True, True, True]]
+    # blocks of 2 columns: each row prunes 1 of each block (its share), then the rest
+    _, keep_b = sparsegpt_prune(w, h, sparsity=0.5, per_row=True, blocksize=2)
+    assert keep_b.tolist() == [[False, True, False, True], [True, False, True, False]]
+    # an earlier event's pruned weight stays pruned and counts towards the row's share
+    prior = torch.ones(2, 4, dtype=torch.bool)
+    prior[1, 0] = False
+    _, keep_p = sparsegpt_prune(w, h, sparsity=0.5, per_row=True, prior=prior)
+    assert keep_p.tolist() == [[False, False, True, True], [False, True, True, False]]
+
+
+def test_sparsegpt_per_row_exact_counts_on_correlated_inputs():
+    x, w, h = _layer_problem(seed=2)
+    new_w, keep = sparsegpt_prune(w, h, sparsity=0.6, per_row=True, blocksize=8)
+    assert (~keep).sum(1).tolist() == [count_to_prune(w.shape[1], 0.6)] * w.shape[0]
+    assert bool((new_w[~keep] == 0).all())
+    err = lambda v: float(((x @ (w - v).T) ** 2).mean())  # noqa: E731
+    assert err(new_w) < err(w * keep)  # the kept weights were updated
+
+
+def test_dense_target_weight_is_the_least_squares_fit():
+    g = torch.Generator().manual_seed(3)
+    x_p = torch.randn(400, 6, generator=g)
+    x_d = x_p + 0.5 * torch.randn(400, 6, generator=g)  # the dense model's inputs differ
+    w = torch.randn(3, 6, generator=g)
+    h, c = 2 * x_p.T @ x_p / 400, 2 * x_p.T @ x_d / 400
+    lstsq = torch.linalg.lstsq(x_p, x_d @ w.T).solution.T  # argmin ‖W X_d − Ŵ X_p‖
+    torch.testing.assert_close(dense_target_weight(w, h, c, dampening=1e-7), lstsq, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(dense_target_weight(w, h, h), w, rtol=1e-5, atol=1e-5)  # same inputs: W
+    # the damping pulls towards W: ridge (H + λI)⁻¹ with λ = 0.5 · mean diag H
+    lam = 0.5 * float(h.diagonal().mean())
+    ridge = w @ (c.T + lam * torch.eye(6)) @ torch.linalg.inv(h + lam * torch.eye(6))
+    torch.testing.assert_close(dense_target_weight(w, h, c, dampening=0.5), ridge, rtol=1e-4, atol=1e-4)
+
+
 def test_sparsegpt_errors():
     _, w, h = _layer_problem()
     with pytest.raises(ValueError, match="give either mask= or sparsity=/pattern="):
@@ -180,10 +236,15 @@ def test_sparsegpt_errors():
         sparsegpt_prune(w, torch.eye(3), sparsity=0.5)
     with pytest.raises(ValueError, match="pattern 2:5 needs"):
         sparsegpt_prune(w, h, pattern=(2, 5))
+    with pytest.raises(ValueError, match=r"per_row=True applies only when the mask is chosen here with sparsity="):
+        sparsegpt_prune(w, h, mask=torch.ones_like(w, dtype=torch.bool), per_row=True)
+    with pytest.raises(ValueError, match=r"per_row=True applies only when the mask is chosen here"):
+        sparsegpt_prune(w, h, pattern=(2, 4), per_row=True)
 
 
 def test_extra_bytes_formula():
     assert reconstruction_extra_bytes(8, 16, blocksize=4) == 4 * (3 * 256 + 2 * 128 + 2 * 32) + 128
+    assert reconstruction_extra_bytes(8, 16, blocksize=4, dense_target=True) == 4 * (4 * 256 + 3 * 128 + 2 * 32) + 128
 
 
 # ----------------------------------------------------------------------------- SparseGPT (manager)
@@ -221,6 +282,53 @@ def test_manager_sparsegpt_obs_mode_with_2_4():
         rows = t.rows_view(mgr.masks[t.key])
         assert bool((rows.reshape(rows.shape[0], -1, 4).sum(-1) == 2).all())
         assert bool((t.param[~mgr.masks[t.key]] == 0).all())
+
+
+def test_manager_sparsegpt_dense_target_and_row_scope():
+    dense = tiny_llama()
+    calib = _calib()
+    cfg = {"scope": "layer", "reconstruction": "sparsegpt", "sparsegpt_mask": "obs"}
+    runs = {}
+    for name, extra in (("pruned", {}), ("dense", {"sparsegpt_target": "dense"}),
+                        ("row", {"sparsegpt_obs_scope": "row"})):
+        model = tiny_llama()
+        mgr = create_pruning_manager({"pruning": {**cfg, **extra}}, model)
+        mgr.apply_pruning(0.5, calibration_data=calib)
+        runs[name] = (model, mgr)
+        for t in mgr.method.targets:
+            assert bool((t.param[~mgr.masks[t.key]] == 0).all())
+    first = runs["pruned"][1].method.targets[0].key  # nothing before it changed: the same result
+    torch.testing.assert_close(runs["dense"][1]._params[first], runs["pruned"][1]._params[first], rtol=1e-4, atol=1e-5)
+    assert _logit_err(runs["dense"][0], dense, calib) < _logit_err(runs["pruned"][0], dense, calib)
+    for t in runs["row"][1].method.targets:  # every row keeps exactly half
+        rows = t.rows_view(runs["row"][1].masks[t.key])
+        assert rows.sum(1).tolist() == [rows.shape[1] // 2] * rows.shape[0]
+    rec = runs["dense"][1].last_reconstruction
+    assert rec["target"] == "dense" and runs["pruned"][1].last_reconstruction["dense_copy_bytes"] == 0
+    assert rec["dense_copy_bytes"] == 4 * sum(t.param.numel() for t in runs["dense"][1].method.targets)
+    assert rec["peak_extra_bytes"] == reconstruction_extra_bytes(64, 128, dense_target=True)  # down_proj
+    with pytest.raises(ValueError, match="target must be 'pruned' or 'dense', got 'x'"):
+        reconstruct_layers(dense, runs["pruned"][1].method.targets, {}, calib, target="x")
+    with pytest.raises(ValueError, match="per_row=True applies only with select='obs' and no pattern"):
+        reconstruct_layers(dense, runs["pruned"][1].method.targets, {}, calib, per_row=True)
+
+
+@pytest.mark.parametrize("target", ["pruned", "dense"])
+def test_reconstruct_layers_shares_hessians_of_same_input_layers(target):
+    calib = _calib()
+    results = {}
+    for share in (True, False):
+        model = tiny_llama()
+        mgr = create_pruning_manager({"pruning": {"scope": "layer"}}, model)
+        targets = mgr.method.targets
+        keep = {t.key: t.param.detach().abs() > t.param.detach().abs().median() for t in targets}
+        rec = reconstruct_layers(model, targets, keep, calib, target=target, share_inputs=share)
+        results[share] = ({t.key: t.param.detach().clone() for t in targets}, rec)
+    # per block: q/k/v share one input, gate/up another; o and down have their own
+    assert results[True][1]["passes"] == 2 * 4 and results[True][1]["shared_hessians"] == 2 * 3
+    assert results[False][1]["passes"] == 14 and results[False][1]["shared_hessians"] == 0
+    for key, w in results[True][0].items():
+        assert torch.equal(w, results[False][0][key]), key
 
 
 def test_sparsegpt_needs_calibration_data():

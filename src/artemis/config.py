@@ -47,6 +47,8 @@ __all__ = [
     "SCHEDULES",
     "SCOPES",
     "RECONSTRUCTIONS",
+    "SPARSEGPT_OBS_SCOPES",
+    "SPARSEGPT_TARGETS",
     "parse_nm_pattern",
     "STRUCTURED_UNITS",
     "STRUCTURED_WIDTHS",
@@ -55,6 +57,8 @@ __all__ = [
 SCHEDULES = ("cubic", "cubic_decay", "linear")
 SCOPES = ("global", "layer", "row", "owl")
 RECONSTRUCTIONS = ("none", "sparsegpt")
+SPARSEGPT_OBS_SCOPES = ("layer", "row")
+SPARSEGPT_TARGETS = ("pruned", "dense")
 STRUCTURED_UNITS = ("attention_heads", "mlp_neurons")
 STRUCTURED_WIDTHS = ("uniform", "per_layer")
 
@@ -188,6 +192,18 @@ class PruningConfig(ConfigSection):
             metric, scope and pattern chose; ``obs``: it keeps only each layer's pruned count
             (or the N:M pattern) and chooses the weights itself by the OBS saliency
             ``w²/[H⁻¹]ᵢᵢ²`` while it updates, as the SparseGPT paper does.
+        sparsegpt_obs_scope: with ``sparsegpt_mask: obs`` and no ``pattern``, where the
+            OBS saliency competes: ``layer`` (default; as the paper, each block of columns
+            prunes its share over all rows of the layer) or ``row`` (every output row prunes
+            the same share of its weights in each block, as Wanda's per-row comparison).
+        sparsegpt_target: which output each layer is reconstructed to: ``pruned``
+            (default; as the paper, ``‖W X − Ŵ X‖²`` with ``X`` the layer's inputs in the
+            model pruned so far) or ``dense`` (``‖W X_dense − Ŵ X‖²``: the dense model's
+            output from the pruned model's input, so each layer also corrects the error
+            that the earlier pruned layers left). ``dense`` runs every calibration batch
+            twice per layer and keeps a copy of the pruned weights as they were before the
+            event; it needs enough calibration tokens (several times the widest layer's
+            input size), else it fits the calibration noise.
         targets: module-name patterns selecting the prunable modules (``fnmatch`` globs
             such as ``"*.mlp.*"``, or regular expressions prefixed with ``re:``). Default:
             every ``nn.Linear`` / HF ``Conv1D`` inside the transformer blocks.
@@ -230,6 +246,8 @@ class PruningConfig(ConfigSection):
     sparsegpt_blocksize: int = 128
     sparsegpt_dampening: float = 0.01
     sparsegpt_mask: Literal["metric", "obs"] = "metric"
+    sparsegpt_obs_scope: str = "layer"
+    sparsegpt_target: str = "pruned"
     structured_units: list[str] = Field(default_factory=lambda: list(STRUCTURED_UNITS))
     structured_widths: str = "uniform"
 
@@ -366,6 +384,20 @@ class PruningConfig(ConfigSection):
             raise ValueError(f"sparsegpt_dampening must be in (0, 1], got {v!r}")
         return v
 
+    @field_validator("sparsegpt_obs_scope")
+    @classmethod
+    def _check_obs_scope(cls, v: str) -> str:
+        if v not in SPARSEGPT_OBS_SCOPES:
+            raise ValueError(f"unknown sparsegpt_obs_scope {v!r}; valid: {', '.join(map(repr, SPARSEGPT_OBS_SCOPES))}")
+        return v
+
+    @field_validator("sparsegpt_target")
+    @classmethod
+    def _check_sparsegpt_target(cls, v: str) -> str:
+        if v not in SPARSEGPT_TARGETS:
+            raise ValueError(f"unknown sparsegpt_target {v!r}; valid: {', '.join(map(repr, SPARSEGPT_TARGETS))}")
+        return v
+
     @field_validator("layer_sparsity")
     @classmethod
     def _check_layer_sparsity(cls, v: dict[str, float]) -> dict[str, float]:
@@ -426,6 +458,11 @@ class PruningConfig(ConfigSection):
             raise ValueError(
                 f"initial_sparsity ({self.initial_sparsity}) is above final_sparsity "
                 f"({self.final_sparsity}); sparsity can only grow during pruning"
+            )
+        if self.sparsegpt_obs_scope != "layer" and (self.sparsegpt_mask != "obs" or self.pattern is not None):
+            raise ValueError(
+                f"sparsegpt_obs_scope {self.sparsegpt_obs_scope!r} only applies with sparsegpt_mask: obs and no "
+                f"pattern (sparsegpt_mask is {self.sparsegpt_mask!r}, pattern is {self.pattern!r}); remove it"
             )
         if self.pattern is not None:
             n, m = parse_nm_pattern(self.pattern)

@@ -363,6 +363,7 @@ class PruningManager:
                 self.model, self.method.targets, chosen, self.calibration_data,
                 blocksize=c.sparsegpt_blocksize, dampening=c.sparsegpt_dampening,
                 select=c.sparsegpt_mask, priors=old_masks, pattern=self.method.event_pattern(chosen),
+                per_row=c.sparsegpt_obs_scope == "row", target=c.sparsegpt_target,
             )
             for key, mask in chosen.items():  # select 'obs' may have moved the pruned weights
                 self.masks[key] = mask

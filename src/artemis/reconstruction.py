@@ -51,6 +51,7 @@ from artemis.masks import count_to_prune
 __all__ = [
     "HessianAccumulator",
     "sparsegpt_prune",
+    "dense_target_weight",
     "reconstruct_layers",
     "reconstruction_extra_bytes",
     "layer_inputs_2d",
@@ -158,6 +159,7 @@ def sparsegpt_prune(
     prior: Optional[Tensor] = None,
     blocksize: int = 128,
     dampening: float = 0.01,
+    per_row: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """Prune ``weight`` and update its kept entries to minimise the output error (OBS).
 
@@ -179,6 +181,10 @@ def sparsegpt_prune(
             can then exceed the target by those weights.
         blocksize: columns processed together (the lazy batch update of SparseGPT).
         dampening: fraction of the mean Hessian diagonal added to the diagonal.
+        per_row: with ``sparsity``: every row prunes its own share
+            ``round_half_up(sparsity · in_features)`` (spread over the blocks as the
+            layer's count is) instead of each block's share going to the lowest
+            saliencies over all rows (the paper's choice).
 
     Returns:
         ``(new_weight, keep_mask)``: the updated weight (``weight``'s dtype, exactly zero
@@ -209,6 +215,8 @@ def sparsegpt_prune(
         raise ValueError(f"sparsity must be in [0, 1), got {sparsity!r}")
     if blocksize < 1:
         raise ValueError(f"blocksize must be at least 1, got {blocksize}")
+    if per_row and (sparsity is None or pattern is not None):
+        raise ValueError("per_row=True applies only when the mask is chosen here with sparsity= (not mask= or pattern=)")
 
     w = weight.detach().to(torch.float32).clone()  # (out, in), updated in place
     hinv = _inverse_hessian_factor(hessian.detach().to(device=w.device, dtype=torch.float32), dampening)
@@ -225,6 +233,21 @@ def sparsegpt_prune(
         forced1 = ~prior[:, i1:i2].to(w.device) if prior is not None else None
         if mask is not None:
             prune1 = ~mask[:, i1:i2].to(w.device)
+        elif pattern is None and per_row:
+            # each row prunes its own share round_half_up(s · in) of its weights, block by block
+            k = count_to_prune(cols, sparsity * i2 / cols) - count_to_prune(cols, sparsity * i1 / cols)
+            saliency = w1**2 / diag1.unsqueeze(0) ** 2
+            if i2 < cols:
+                k_row = torch.full((rows,), min(max(k, 0), count), dtype=torch.long, device=w.device)
+            else:
+                k_row = (count_to_prune(cols, sparsity) - pruned.sum(1)).clamp(min=0, max=count)
+            if forced1 is not None:
+                saliency[forced1] = -1.0
+                k_row = torch.maximum(k_row, forced1.sum(1))
+            order = torch.argsort(saliency, dim=1, stable=True)
+            rank = torch.empty_like(order)
+            rank.scatter_(1, order, torch.arange(count, device=w.device).expand(rows, count).contiguous())
+            prune1 = rank < k_row.unsqueeze(1)
         elif pattern is None:
             # exact overall count: this block prunes its share of round_half_up(s · numel)
             k = count_to_prune(rows * cols, sparsity * i2 / cols) - count_to_prune(rows * cols, sparsity * i1 / cols)
@@ -263,19 +286,26 @@ def sparsegpt_prune(
     return w.to(weight.dtype), keep.to(weight.device) if mask is None else mask
 
 
-def reconstruction_extra_bytes(out_features: int, in_features: int, blocksize: int = 128) -> int:
+def reconstruction_extra_bytes(
+    out_features: int, in_features: int, blocksize: int = 128, dense_target: bool = False
+) -> int:
     """Peak extra bytes of :func:`sparsegpt_prune` on one layer (float32): the Hessian sum
     and its factor work (about 3 ``in²`` matrices), the float32 weight copy and the result,
-    the block buffers and the pruned mask.
+    the block buffers and the pruned mask. With ``dense_target`` (``sparsegpt_target:
+    dense``) one more ``in²`` matrix (the cross product of dense and pruned inputs) and
+    one more ``out × in`` (the target weight ``W*``) are held.
 
     Example:
         >>> reconstruction_extra_bytes(4, 2, blocksize=2)
         184
+        >>> reconstruction_extra_bytes(4, 2, blocksize=2, dense_target=True)
+        232
     """
     b = min(blocksize, in_features)
+    extra = 4 * (in_features * in_features + out_features * in_features) if dense_target else 0
     return 4 * (3 * in_features * in_features + 2 * out_features * in_features + 2 * out_features * b) + (
         out_features * in_features
-    )
+    ) + extra
 
 
 def check_calibration_batches(batches: Any) -> list:
@@ -312,10 +342,155 @@ def _run_until(model: nn.Module, batches: Sequence, device: torch.device, state:
 
     for batch in batches:
         state["token_mask"] = batch.get("attention_mask") if isinstance(batch, dict) else None
+        state["x_obj"] = None
         try:
             forward_batch(model, batch, device)
         except _StopForward:
             pass
+        state["after_batch"]()
+
+
+def _run_until_paired(
+    model: nn.Module, batches: Sequence, device: torch.device, state: dict, dense_params: dict[str, Tensor]
+) -> None:
+    """For every batch: a pass with ``dense_params`` substituted (``state['phase'] = 'dense'``),
+    then one with the model's current weights (``'pruned'``), each stopped at ``_StopForward``."""
+    from torch.func import functional_call
+
+    from artemis.calibration import forward_batch
+
+    class _Dense(nn.Module):  # forward_batch calls it like the model, with the dense weights
+        def forward(self, *args: Any, **kwargs: Any) -> Any:
+            return functional_call(model, dense_params, args, kwargs, strict=False)
+
+    dense = _Dense()
+    for batch in batches:
+        state["token_mask"] = batch.get("attention_mask") if isinstance(batch, dict) else None
+        for phase, run in (("dense", dense), ("pruned", model)):
+            state["phase"] = phase
+            state["x_obj"] = None
+            try:
+                forward_batch(run, batch, device)
+            except _StopForward:
+                pass
+        state["after_batch"]()
+
+
+def dense_target_weight(weight: Tensor, hessian: Tensor, cross: Tensor, dampening: float = 0.01) -> Tensor:
+    """The unconstrained optimum ``W*`` of ``‖W X_d − Ŵ X_p‖² + λ‖Ŵ − W‖²`` over ``Ŵ``.
+
+    ``X_p`` are a layer's inputs in the pruned model, ``X_d`` the same tokens' inputs in
+    the dense model: the layer is asked to reproduce the *dense* model's output from the
+    pruned model's input. With ``H = 2X_pᵀX_p/n`` (``hessian``), ``C = 2X_pᵀX_d/n``
+    (``cross``) and ``H_λ`` the damped Hessian that :func:`sparsegpt_prune` inverts
+    (``λ = dampening · mean diag H``), ``W* = W + W (Cᵀ − H) H_λ⁻¹``, and the objective
+    equals ``tr((Ŵ − W*) H_λ (Ŵ − W*)ᵀ)`` plus a constant, so running
+    :func:`sparsegpt_prune` on ``W*`` with ``H`` minimises it under the sparsity
+    constraint. When ``X_d = X_p`` (nothing before the layer was changed) ``W* = W``.
+
+    Example:
+        >>> import torch
+        >>> g = torch.Generator().manual_seed(0)
+        >>> x = torch.randn(64, 4, generator=g)
+        >>> w = torch.randn(3, 4, generator=g)
+        >>> h = 2 * x.T @ x / 64
+        >>> torch.allclose(dense_target_weight(w, h, h), w, atol=1e-5)
+        True
+    """
+    w = weight.detach().to(torch.float32)
+    h = hessian.detach().to(device=w.device, dtype=torch.float32)
+    delta = w @ (cross.detach().to(device=w.device, dtype=torch.float32).T - h)  # (out, in)
+    for factor in (1.0, 10.0, 100.0):  # the same retries as the factorisation in sparsegpt_prune
+        chol, info = torch.linalg.cholesky_ex(_damped_hessian(h, dampening * factor))
+        if int(info) == 0:
+            return (w + torch.cholesky_solve(delta.T, chol).T).to(weight.dtype)
+    raise CalibrationError(
+        f"the layer's input Hessian is not positive definite even with dampening {dampening * 100:g} "
+        "× its mean diagonal; use more calibration data or raise sparsegpt_dampening"
+    )
+
+
+def _damped_hessian(h: Tensor, dampening: float) -> Tensor:
+    """``H`` with dead inputs (zero diagonal) set to 1 and ``dampening · mean diag`` added."""
+    h = h.clone()
+    diag = h.diagonal()
+    diag[diag == 0] = 1.0
+    diag += dampening * float(diag.mean())
+    return h
+
+
+def _layer_statistics(
+    model: nn.Module,
+    t: Any,
+    later: Sequence[Any],
+    data: Sequence,
+    device: torch.device,
+    target: str,
+    dense_params: dict[str, Tensor],
+) -> tuple[Tensor, Optional[Tensor], int, set]:
+    """Run the calibration batches until ``t``'s input is seen and return ``(H, C, tokens,
+    same)``: the Hessian, the dense/pruned cross product (``target='dense'``, else None),
+    the token count, and the keys of the ``later`` targets that received the *very same
+    input tensor* as ``t`` in every batch (q/k/v of an attention block, gate/up of a gated
+    MLP). Such a target's input cannot depend on ``t``'s weight (it existed before ``t``
+    ran), so the same ``H`` (and ``C``) serve it after ``t`` is updated. The pruned pass
+    continues past ``t`` only until a later target is called with another input."""
+    cols = t.rows_view(t.param).shape[1]
+    acc = HessianAccumulator(cols, device=t.param.device)
+    later_keys = {id(u.module): u.key for u in later}
+    state: dict[str, Any] = {"token_mask": None, "phase": "pruned", "x_obj": None, "batch_same": set(), "same": None}
+    if target == "dense":
+        state["cross"] = torch.zeros_like(acc.sum)
+
+    def after_batch() -> None:
+        same = state["batch_same"] if state["x_obj"] is not None else set()
+        state["same"] = same if state["same"] is None else state["same"] & same
+        state["batch_same"] = set()
+
+    state["after_batch"] = after_batch
+
+    def hook(module: nn.Module, args: tuple) -> None:
+        if not args or not isinstance(args[0], Tensor):
+            raise CalibrationError(f"layer {t.name} was called without a tensor input")
+        if state["x_obj"] is not None:  # called a second time in this pass: the first input counts
+            raise _StopForward
+        x = layer_inputs_2d(args[0], state["token_mask"])
+        if state["phase"] == "dense":
+            state["x_dense"] = x
+            raise _StopForward
+        acc.add(x)
+        if target == "dense":
+            state["cross"].addmm_(x.T, state.pop("x_dense").to(acc.sum.device))
+        if not later_keys:
+            raise _StopForward
+        state["x_obj"] = args[0]
+
+    def later_hook(module: nn.Module, args: tuple) -> None:
+        if state["x_obj"] is None:  # called before t: not a sharer; let the pass go on
+            return
+        if args and args[0] is state["x_obj"] and id(module) in later_keys:
+            state["batch_same"].add(later_keys[id(module)])
+            return
+        raise _StopForward
+
+    handles = [t.module.register_forward_pre_hook(hook)]
+    try:
+        for u in later:
+            if u.module is not t.module:
+                handles.append(u.module.register_forward_pre_hook(later_hook))
+        if target == "dense":
+            _run_until_paired(model, data, device, state, dense_params)
+        else:
+            _run_until(model, data, device, state)
+    finally:
+        for handle in handles:
+            handle.remove()
+        state["x_obj"] = None
+    if acc.count == 0:
+        raise CalibrationError(f"no calibration batch reached layer {t.name}; the model never called it")
+    h = acc.hessian()
+    cross = state.pop("cross") * (2.0 / acc.count) if target == "dense" else None
+    return h, cross, acc.count, state["same"] or set()
 
 
 @torch.no_grad()
@@ -330,6 +505,9 @@ def reconstruct_layers(
     select: str = "metric",
     priors: Optional[dict[str, Tensor]] = None,
     pattern: Optional[tuple[int, int]] = None,
+    per_row: bool = False,
+    target: str = "pruned",
+    share_inputs: bool = True,
 ) -> dict[str, Any]:
     """Update the kept weights of each target (SparseGPT's OBS update), one layer at a time.
 
@@ -353,19 +531,41 @@ def reconstruct_layers(
         priors: ``{key: keep-mask of the previous event}`` for ``select='obs'``
             (earlier-pruned weights stay pruned).
         pattern: ``(N, M)`` kept per group, for ``select='obs'`` with an N:M pattern.
+        per_row: for ``select='obs'`` without ``pattern``: every row prunes its own share
+            (see :func:`sparsegpt_prune`) instead of the block's share over all rows.
+        target: ``pruned`` (SparseGPT) fits each layer to its own output on the pruned
+            model's inputs; ``dense`` fits it to the output of the model as it was before
+            this call, from the pruned model's inputs (:func:`dense_target_weight`): each
+            batch then runs twice per layer, once with a copy of the pre-call weights
+            substituted (``torch.func.functional_call``).
+        share_inputs: reuse a layer's Hessian for the later targets that receive the very
+            same input tensor in every batch (q/k/v, gate/up), instead of rebuilding it
+            with another partial forward pass; the result is identical.
 
     Returns:
         ``{"layers": n, "seconds": t, "peak_extra_bytes": b, "tokens": tokens per layer,
-        "select": select}`` where ``peak_extra_bytes`` is
-        :func:`reconstruction_extra_bytes` of the largest layer.
+        "select": select, "target": target, "dense_copy_bytes": c}`` where
+        ``peak_extra_bytes`` is :func:`reconstruction_extra_bytes` of the largest layer and
+        ``dense_copy_bytes`` the pre-event copy of the pruned weights (0 unless ``target``
+        is ``dense``); also ``"passes"`` (partial forward passes run) and
+        ``"shared_hessians"`` (layers that reused an earlier layer's Hessian).
 
     Raises:
         CalibrationError: bad or empty calibration data, or a layer that no batch reaches.
     """
     if select not in ("metric", "obs"):
         raise ValueError(f"select must be 'metric' or 'obs', got {select!r}")
+    if target not in ("pruned", "dense"):
+        raise ValueError(f"target must be 'pruned' or 'dense', got {target!r}")
+    if per_row and (select != "obs" or pattern is not None):
+        raise ValueError("per_row=True applies only with select='obs' and no pattern")
     data = check_calibration_batches(batches)
     chosen = [t for t in targets if t.key in masks]
+    dense_params: dict[str, Tensor] = {}
+    if target == "dense":  # the weights before this event, substituted for the dense passes
+        names = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
+        dense_params = {names[id(t.param)]: t.param.detach().clone() for t in chosen if id(t.param) in names}
+    copy_bytes = sum(p.numel() * p.element_size() for p in dense_params.values())
     try:
         device = next(model.parameters()).device
     except StopIteration:  # pragma: no cover
@@ -375,30 +575,27 @@ def reconstruct_layers(
     start = time.perf_counter()
     peak = 0
     tokens = 0
+    passes = reused = 0
     try:
-        for t in chosen:
+        shared: dict[str, tuple[Tensor, Optional[Tensor], int]] = {}  # Hessians of layers seen sharing an input
+        for idx, t in enumerate(chosen):
             weight = t.rows_view(t.param)  # (out, in)
-            acc = HessianAccumulator(weight.shape[1], device=weight.device)
-            state: dict[str, Any] = {"token_mask": None}
-
-            def hook(module: nn.Module, args: tuple, acc=acc, state=state) -> None:
-                if not args or not isinstance(args[0], Tensor):
-                    raise CalibrationError(f"layer {t.name} was called without a tensor input")
-                acc.add(layer_inputs_2d(args[0], state["token_mask"]))
-                raise _StopForward
-
-            handle = t.module.register_forward_pre_hook(hook)
-            try:
-                _run_until(model, data, device, state)
-            finally:
-                handle.remove()
-            if acc.count == 0:
-                raise CalibrationError(
-                    f"no calibration batch reached layer {t.name}; the model never called it"
+            if t.key in shared:  # same input tensor as an earlier target: the same Hessian
+                h, cross, tokens = shared.pop(t.key)
+                reused += 1
+                if target == "dense":
+                    weight = dense_target_weight(weight, h, cross, dampening)
+            else:
+                h, cross, tokens, same = _layer_statistics(
+                    model, t, chosen[idx + 1 :] if share_inputs else [], data, device, target, dense_params
                 )
-            tokens = acc.count
-            h = acc.hessian()
-            del acc, hook  # the hook's default argument holds the running sum: free it now
+                passes += 1
+                for u in chosen[idx + 1 :]:
+                    if u.key in same:
+                        shared[u.key] = (h, cross, tokens)
+                if target == "dense":
+                    weight = dense_target_weight(weight, h, cross, dampening)
+                cross = None
             mask = t.rows_view(masks[t.key].to(weight.device))
             if select == "metric":
                 new_w, _ = sparsegpt_prune(weight, h, mask=mask, blocksize=blocksize, dampening=dampening)
@@ -412,13 +609,25 @@ def reconstruct_layers(
                     prior=t.rows_view(prior.to(weight.device)) if prior is not None else None,
                     blocksize=blocksize,
                     dampening=dampening,
+                    per_row=per_row,
                 )
                 masks[t.key] = t.rows_view(keep).contiguous()
-            del h
+            del h, cross
             t.param.copy_(t.rows_view(new_w))
-            peak = max(peak, reconstruction_extra_bytes(weight.shape[0], weight.shape[1], blocksize))
+            peak = max(peak, reconstruction_extra_bytes(weight.shape[0], weight.shape[1], blocksize, target == "dense"))
     finally:
         model.train(was_training)
+        dense_params.clear()
     seconds = time.perf_counter() - start
     logger.info("SparseGPT reconstruction of %d layers took %.1fs", len(chosen), seconds)
-    return {"layers": len(chosen), "seconds": seconds, "peak_extra_bytes": peak, "tokens": tokens, "select": select}
+    return {
+        "layers": len(chosen),
+        "seconds": seconds,
+        "peak_extra_bytes": peak,
+        "tokens": tokens,
+        "select": select,
+        "target": target,
+        "dense_copy_bytes": copy_bytes,
+        "passes": passes,
+        "shared_hessians": reused,
+    }
