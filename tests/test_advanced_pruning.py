@@ -420,6 +420,34 @@ def test_owl_manager_exact_total_and_nonuniform_blocks():
         assert int((~mgr.masks[t.key]).sum()) == round(per[t.key] * t.numel)
 
 
+def test_owl_lambda_scales_with_the_event_sparsity():
+    """An event below final_sparsity uses λ·s/final: a progressive run's small first targets
+    stay valid (λ = 0.08 fixed would give a negative block sparsity at s = 0.05)."""
+    def spread(s, final):
+        model = tiny_llama(layers=4)
+        mgr = create_pruning_manager({"pruning": {"scope": "owl", "final_sparsity": final}}, model)
+        mgr.apply_pruning(s, calibration_data=_calib(2))
+        per = mgr.get_pruning_summary()["owl_layer_sparsity"]
+        by_block = {}
+        for key, v in per.items():
+            by_block.setdefault(key.split(".")[2], []).append(v)
+        means = [sum(v) / len(v) for v in by_block.values()]
+        assert mgr.pruning_metrics["parameters_pruned"] == count_to_prune(mgr.pruning_metrics["parameters_prunable"], s)
+        return max(means) - min(means)
+
+    assert spread(0.7, 0.7) == pytest.approx(0.16, abs=2e-3)  # 2·λ at the final sparsity
+    assert spread(0.35, 0.7) == pytest.approx(0.08, abs=2e-3)  # half the sparsity: half the spread
+    assert spread(0.05, 0.7) == pytest.approx(0.16 * 0.05 / 0.7, abs=2e-3)
+    model = tiny_llama(layers=4)
+    mgr = create_pruning_manager(
+        {"pruning": {"scope": "owl", "final_sparsity": 0.7, "pruning_start": 0.0, "pruning_end": 1.0,
+                     "pruning_interval": 2}}, model, total_steps=7)
+    mgr.set_calibration_data(_calib(2))
+    for _ in range(7):
+        mgr.step()  # events at 0, 2, 4, 6: the first targets are far below λ
+    assert mgr.pruning_metrics["parameters_pruned"] == count_to_prune(mgr.pruning_metrics["parameters_prunable"], 0.7)
+
+
 # ----------------------------------------------------------------------------- sparse inference
 def test_sparse_linear_matches_dense_linear_and_conv1d():
     torch.manual_seed(0)

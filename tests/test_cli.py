@@ -296,3 +296,35 @@ def test_multi_process_launch_is_refused_before_any_work(models_dir, tmp_path, c
     assert f"artemis {command} runs in a single process" in err and "WORLD_SIZE=2" in err
     assert not out.exists()  # nothing written
     monkeypatch.setenv("WORLD_SIZE", "1")  # a one-process torchrun launch is fine
+
+
+@pytest.mark.parametrize("extra", [
+    ["--set", "pruning.reconstruction=sparsegpt"],
+    ["--set", "pruning.scope=owl", "--set", "pruning.importance_metric=activation"],
+])
+def test_prune_with_sparsegpt_or_owl_gets_calibration_batches(models_dir, tmp_path, extra):
+    # one-shot and progressive: both need batches at every pruning event (issue 9), which the
+    # command builds from data.calibration_texts training texts
+    for steps in ("0", "4"):
+        out = tmp_path / f"run{steps}"
+        argv = ["prune", "--model", str(models_dir / "llama"), "--steps", steps, "-o", str(out),
+                "--set", "data.calibration_texts=16"] + FAST + extra
+        assert main(argv) == 0, steps
+        r = json.loads((out / "report.json").read_text())
+        # the embedded default's activation metric prunes round(0.6 · columns) per row: 0.5955 here
+        assert r["sparsity"] == pytest.approx(0.6, abs=0.005), steps
+
+
+def test_sweep_with_sparsegpt(models_dir, tmp_path):
+    out = tmp_path / "sweep"
+    code = main(["sweep", "--model", str(models_dir / "llama"), "--sparsities", "0.5", "-o", str(out),
+                 "--max-length", "32", "--eval-texts", "16", "--set", "evaluation.latency_repeats=1", "-q",
+                 "--set", "pruning.reconstruction=sparsegpt", "--set", "data.calibration_texts=16"])
+    assert code == 0
+
+
+def test_calibration_texts_must_be_positive(models_dir, tmp_path, capsys):
+    code = main(["prune", "--model", str(models_dir / "llama"), "-o", str(tmp_path / "x"),
+                 "--set", "data.calibration_texts=0"] + FAST)
+    assert code == 2
+    assert "data.calibration_texts" in capsys.readouterr().err

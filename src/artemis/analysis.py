@@ -131,9 +131,10 @@ def sparsity_sweep(
 
     stats: Optional[dict] = None
     rows: list[dict[str, Any]] = []
+    batches = list(calibration_data) if calibration_data is not None else None
     try:
-        if calibration_data is not None:
-            first.calibrate(calibration_data, loss_fn=loss_fn, progress=progress)
+        if batches is not None:
+            first.calibrate(batches, loss_fn=loss_fn, progress=progress)
             stats = first.metric.state_dict()
         first.close()
         for s in levels:
@@ -141,6 +142,8 @@ def sparsity_sweep(
             try:
                 if stats is not None:
                     mgr.metric.load_state_dict(stats)
+                if batches is not None and mgr.needs_calibration_data:  # SparseGPT / OWL at each level
+                    mgr.set_calibration_data(batches)
                 mgr.apply_pruning(s)
                 pm = dict(mgr.pruning_metrics)
                 metrics = _metrics_of(evaluate_fn(model), s)

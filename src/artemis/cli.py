@@ -267,15 +267,6 @@ def _texts(cfg: Any) -> tuple[list[str], list[str]]:
     return train, ev
 
 
-def _calibration_batches(task: str, tokenizer: Any, texts: Sequence[str], max_length: int, n: int = 128) -> list[dict]:
-    from artemis.data import token_blocks, tokenize_batches
-
-    if task == "encoder":
-        return tokenize_batches(list(texts[:n]), tokenizer, batch_size=16, max_length=max_length)
-    blocks = token_blocks(list(texts[: n * 4]), tokenizer, block_size=max_length, batch_size=8)
-    return [{"input_ids": b["input_ids"]} for b in blocks[: max(1, n // 8)]]
-
-
 def _peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
 
@@ -349,6 +340,7 @@ def run_prune(cfg: Any, output: Path, *, resume: bool = False, stop_after: Optio
     return the report dict (also written to ``output``)."""
     import torch
 
+    from artemis.data import calibration_batches
     from artemis.eval_suite import parameter_stats, size_stats
     from artemis.manager import PruningManager
     from artemis.report import write_report
@@ -395,8 +387,9 @@ def run_prune(cfg: Any, output: Path, *, resume: bool = False, stop_after: Optio
     else:
         manager = PruningManager(model, cfg.pruning)
         calib = None
-        if manager.metric.needs_activations or manager.metric.needs_gradients:
-            calib = _calibration_batches(task, tok, train_texts, cfg.training.max_length)
+        if manager.metric.needs_activations or manager.metric.needs_gradients or manager.needs_calibration_data:
+            calib = calibration_batches(task, tok, train_texts, max_length=cfg.training.max_length,
+                                        n=cfg.data.calibration_texts)
         manager.apply_pruning(cfg.pruning.final_sparsity, calibration_data=calib)
     timing["prune_and_train"] = time.perf_counter() - t1
 
@@ -409,7 +402,7 @@ def run_prune(cfg: Any, output: Path, *, resume: bool = False, stop_after: Optio
     if finetune is not None and finetune.hybrid_lora:
         # fold the adapters in and re-apply the masks (W ← (W + ΔW) ⊙ M) while the manager still holds them
         merge_batches = [{k: v.to(plan.device) for k, v in b.items()}
-                         for b in _calibration_batches(task, tok, eval_texts, cfg.training.max_length, n=16)]
+                         for b in calibration_batches(task, tok, eval_texts, max_length=cfg.training.max_length, n=16)]
         if task == "causal_lm":
             merge_batches = [{**b, "labels": b["input_ids"]} for b in merge_batches]
         model, merge_report = finetune.merge(merge_batches)
@@ -525,6 +518,7 @@ def run_sweep(cfg: Any, sparsities: Sequence[float], threshold: Optional[float],
     each level the dense weights are restored bit for bit, so every level starts from the
     same weights and no per-level copy of the model is made), evaluate, recommend."""
     from artemis.analysis import sparsity_sweep
+    from artemis.data import calibration_batches
     from artemis.metrics import METRICS
     from artemis.report import plot_sweep, write_json
     from artemis.train.loading import check_supported, load_model_and_tokenizer
@@ -540,8 +534,8 @@ def run_sweep(cfg: Any, sparsities: Sequence[float], threshold: Optional[float],
     dense = evaluator.measure_dense(model)
     metric_cls = METRICS.get(cfg.pruning.importance_metric)
     calib = None
-    if metric_cls.needs_activations or metric_cls.needs_gradients:
-        calib = _calibration_batches(task, tok, train_texts, cfg.training.max_length)
+    if metric_cls.needs_activations or metric_cls.needs_gradients or cfg.pruning.needs_calibration_batches:
+        calib = calibration_batches(task, tok, train_texts, max_length=cfg.training.max_length, n=cfg.data.calibration_texts)
     swept = sparsity_sweep(model, cfg.pruning, sparsities, evaluator.measure, calibration_data=calib, progress=False)
     rows = []
     for r in swept:

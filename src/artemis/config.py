@@ -173,7 +173,8 @@ class PruningConfig(ConfigSection):
             being exactly the target; needs calibration data). ``None`` means the metric's
             default (``row`` for ``activation``, ``global`` otherwise).
         owl_lambda: OWL's spread λ: per-block sparsities lie within target ± 2λ (the
-            outlier ratios are scaled to a range of 2λ). In (0, 0.5]; default 0.08.
+            outlier ratios are scaled to a range of 2λ), at ``final_sparsity``; an event at
+            a lower sparsity ``s`` uses ``λ·s/final_sparsity``. In (0, 0.5]; default 0.08.
         owl_m: OWL's outlier threshold M: a weight is an outlier when its score
             ``|W_ij|·‖X_j‖`` exceeds M times its layer's mean score. Default 5.
         pattern: ``"N:M"`` semi-structured sparsity (``"2:4"``, ``"4:8"``): in every group of
@@ -250,6 +251,12 @@ class PruningConfig(ConfigSection):
     sparsegpt_target: str = "pruned"
     structured_units: list[str] = Field(default_factory=lambda: list(STRUCTURED_UNITS))
     structured_widths: str = "uniform"
+
+    @property
+    def needs_calibration_batches(self) -> bool:
+        """Whether every pruning event needs calibration batches of its own
+        (``reconstruction: sparsegpt``, or ``scope: owl`` without a pattern)."""
+        return self.reconstruction != "none" or (self.scope == "owl" and self.pattern is None)
 
     @model_validator(mode="before")
     @classmethod

@@ -43,6 +43,7 @@ __all__ = [
     "load_texts",
     "tokenize_batches",
     "token_blocks",
+    "calibration_batches",
 ]
 
 # A fixed list (not sys.stdlib_module_names) so the corpus does not depend on which
@@ -256,3 +257,32 @@ def token_blocks(texts: Sequence[str], tokenizer: Any, *, block_size: int = 128,
         {"input_ids": blocks[i : i + batch_size], "labels": blocks[i : i + batch_size].clone()}
         for i in range(0, n, batch_size)
     ]
+
+
+def calibration_batches(task: str, tokenizer: Any, texts: Sequence[str], *, max_length: int = 128, n: int = 128) -> list[dict]:
+    """About ``n`` calibration sequences from ``texts`` (metric statistics, SparseGPT, OWL).
+
+    ``task="encoder"``: the first ``n`` texts, one sequence each (batches of 16, padded, with
+    an attention mask). Otherwise (causal LM): ``n`` blocks of ``max_length`` tokens of the
+    concatenated texts (batches of 8), as SparseGPT calibrates.
+
+    Example:
+        >>> class Tok:  # a stand-in tokenizer: one id per word
+        ...     def __call__(self, texts, **kw):
+        ...         import torch
+        ...         ids = [[len(w) for w in t.split()] for t in texts]
+        ...         if kw.get("padding"):
+        ...             width = max(map(len, ids))
+        ...             mask = [[1] * len(i) + [0] * (width - len(i)) for i in ids]
+        ...             ids = [i + [0] * (width - len(i)) for i in ids]
+        ...             return {"input_ids": torch.tensor(ids), "attention_mask": torch.tensor(mask)}
+        ...         return {"input_ids": ids}
+        >>> [b["input_ids"].shape[0] for b in calibration_batches("encoder", Tok(), ["a b", "c"] * 20, n=20)]
+        [16, 4]
+    """
+    if n < 1:
+        raise ValueError(f"calibration needs at least 1 sequence, got n={n}")
+    if task == "encoder":
+        return tokenize_batches(list(texts[:n]), tokenizer, batch_size=16, max_length=max_length)
+    blocks = token_blocks(list(texts[: n * 4]), tokenizer, block_size=max_length, batch_size=8)
+    return [{"input_ids": b["input_ids"]} for b in blocks[: max(1, n // 8)]]

@@ -434,9 +434,14 @@ class PruningManager:
         self._prune(self.method.one_shot_target_fn(s), self.metric)
 
     # ------------------------------------------------- issue 9: calibration data kept
+    @property
+    def needs_calibration_data(self) -> bool:
+        """Whether every pruning event needs the batches of :meth:`set_calibration_data`
+        (``reconstruction: sparsegpt`` or ``scope: owl``), beyond any metric statistics."""
+        return self._needs_calibration_data()
+
     def _needs_calibration_data(self) -> bool:
-        c = self.config
-        return c.reconstruction != "none" or (c.scope == "owl" and c.pattern is None)
+        return self.config.needs_calibration_batches
 
     def _check_calibration_data(self) -> None:
         if self._needs_calibration_data() and self.calibration_data is None:

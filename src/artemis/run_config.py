@@ -253,6 +253,10 @@ class DataSection(ConfigSection):
     eval_split: str = "test"
     text_field: str = "text"
     train_limit: Optional[int] = Field(None, ge=1)
+    #: training texts (encoders) or token blocks of ``training.max_length`` (causal LMs)
+    #: used for calibration: metric statistics for one-shot pruning, and the batches that
+    #: ``reconstruction: sparsegpt`` and ``scope: owl`` use at every pruning event.
+    calibration_texts: int = Field(128, ge=1)
 
 
 class EvaluationSection(ConfigSection):

@@ -247,7 +247,12 @@ class UnstructuredMethod(PruningMethod):
                 out, tot = out + o, tot + n
             ratios.append(out / tot)
             sizes.append(tot)
-        unit_s = owl_sparsities(ratios, sizes, sparsity, self.config.owl_lambda)
+        # λ at the final sparsity; an event below it (a progressive run's early events, a
+        # lower one-shot level) scales λ in proportion, so the layer-wise shape grows with
+        # the sparsity and a small target is never pushed below 0
+        final = self.config.final_sparsity
+        lam = self.config.owl_lambda * (min(1.0, sparsity / final) if final > 0 else 1.0)
+        unit_s = owl_sparsities(ratios, sizes, sparsity, lam)
         per_target = [(t, s) for members, s in zip(units.values(), unit_s) for t in members]
         total = count_to_prune(sum(t.numel for t, _ in per_target), sparsity)
         counts = allocate_counts([s for _, s in per_target], [t.numel for t, _ in per_target], total)

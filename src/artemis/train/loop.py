@@ -356,6 +356,12 @@ def train_with_pruning(
             model.enable_input_require_grads()  # frozen embeddings: checkpointed blocks still need an input grad
     else:
         manager = PruningManager(model, cfg.pruning, total_steps=t.steps)
+    if manager.needs_calibration_data:  # SparseGPT / OWL: the same batches at every pruning event
+        from artemis.data import calibration_batches
+
+        manager.set_calibration_data(
+            calibration_batches(task, tokenizer, train_texts, max_length=t.max_length, n=cfg.data.calibration_texts)
+        )
 
     decay, no_decay = [], []
     for p in model.parameters():
