@@ -421,8 +421,9 @@ def test_owl_manager_exact_total_and_nonuniform_blocks():
 
 
 def test_owl_lambda_scales_with_the_event_sparsity():
-    """An event below final_sparsity uses λ·s/final: a progressive run's small first targets
-    stay valid (λ = 0.08 fixed would give a negative block sparsity at s = 0.05)."""
+    """A progressive event below final_sparsity uses λ·s/final, so the small first targets
+    stay valid (λ = 0.08 fixed would give a negative block sparsity at s = 0.05); a one-shot
+    prune uses λ at its own target."""
     def spread(s, final):
         model = tiny_llama(layers=4)
         mgr = create_pruning_manager({"pruning": {"scope": "owl", "final_sparsity": final}}, model)
@@ -436,16 +437,25 @@ def test_owl_lambda_scales_with_the_event_sparsity():
         return max(means) - min(means)
 
     assert spread(0.7, 0.7) == pytest.approx(0.16, abs=2e-3)  # 2·λ at the final sparsity
-    assert spread(0.35, 0.7) == pytest.approx(0.08, abs=2e-3)  # half the sparsity: half the spread
-    assert spread(0.05, 0.7) == pytest.approx(0.16 * 0.05 / 0.7, abs=2e-3)
+    assert spread(0.35, 0.7) == pytest.approx(0.16, abs=2e-3)  # one-shot: its own target is final
     model = tiny_llama(layers=4)
     mgr = create_pruning_manager(
         {"pruning": {"scope": "owl", "final_sparsity": 0.7, "pruning_start": 0.0, "pruning_end": 1.0,
                      "pruning_interval": 2}}, model, total_steps=7)
     mgr.set_calibration_data(_calib(2))
-    for _ in range(7):
-        mgr.step()  # events at 0, 2, 4, 6: the first targets are far below λ
+    spreads = []
+    for step in range(7):
+        if mgr.step():  # events at 0, 2, 4, 6: the first targets are far below λ
+            s = mgr.target_sparsity_at(step)
+            per = mgr.get_pruning_summary()["owl_layer_sparsity"]
+            by_block = {}
+            for key, v in per.items():
+                by_block.setdefault(key.split(".")[2], []).append(v)
+            means = [sum(v) / len(v) for v in by_block.values()]
+            spreads.append((s, max(means) - min(means)))
     assert mgr.pruning_metrics["parameters_pruned"] == count_to_prune(mgr.pruning_metrics["parameters_prunable"], 0.7)
+    s1, d1 = next((s, d) for s, d in spreads if 0 < s < 0.7)
+    assert d1 == pytest.approx(0.16 * s1 / 0.7, abs=3e-3)  # λ·s/final at an early event
 
 
 # ----------------------------------------------------------------------------- sparse inference
@@ -520,3 +530,33 @@ def test_semi_structured_cuda_matches_dense():  # pragma: no cover - needs a GPU
     sp = SparseLinear.from_linear(lin, backend="semi_structured")
     x = torch.randn(64, 128, dtype=torch.float16, device="cuda")
     torch.testing.assert_close(sp(x), lin(x), rtol=1e-2, atol=1e-2)
+
+
+def test_hessian_is_not_shared_when_the_input_changes_in_place_between_layers():
+    class InPlace(nn.Module):
+        """``b`` sees the same tensor object as ``a`` but changed in place: not the same input."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 8)
+
+        def forward(self, x):
+            x = x.clone()
+            ya = self.a(x)
+            x.mul_(3.0).add_(1.0)
+            return ya + self.b(x)
+
+    torch.manual_seed(0)
+    calib = [torch.randn(16, 8) for _ in range(3)]
+    results = {}
+    for share in (True, False):
+        torch.manual_seed(1)
+        model = InPlace()
+        mgr = create_pruning_manager({"pruning": {"scope": "layer", "targets": ["a", "b"]}}, model)
+        targets = mgr.method.targets
+        keep = {t.key: t.param.detach().abs() > t.param.detach().abs().median() for t in targets}
+        rec = reconstruct_layers(model, targets, keep, calib, share_inputs=share)
+        results[share] = ({t.key: t.param.detach().clone() for t in targets}, rec)
+    assert results[True][1]["shared_hessians"] == 0  # the version counter moved: no sharing
+    for key, w in results[True][0].items():
+        assert torch.equal(w, results[False][0][key]), key

@@ -295,7 +295,6 @@ def test_multi_process_launch_is_refused_before_any_work(models_dir, tmp_path, c
     err = capsys.readouterr().err
     assert f"artemis {command} runs in a single process" in err and "WORLD_SIZE=2" in err
     assert not out.exists()  # nothing written
-    monkeypatch.setenv("WORLD_SIZE", "1")  # a one-process torchrun launch is fine
 
 
 @pytest.mark.parametrize("extra", [
@@ -328,3 +327,16 @@ def test_calibration_texts_must_be_positive(models_dir, tmp_path, capsys):
                  "--set", "data.calibration_texts=0"] + FAST)
     assert code == 2
     assert "data.calibration_texts" in capsys.readouterr().err
+
+
+def test_calibration_batches_count_exactly_n_sequences():
+    from artemis.data import calibration_batches
+
+    tok = _tokenizer()
+    texts = ["the quick brown fox jumps over the lazy dog " * 8] * 200
+    for n in (1, 5, 8, 20):
+        batches = calibration_batches("causal_lm", tok, texts, max_length=16, n=n)
+        assert sum(b["input_ids"].shape[0] for b in batches) == n
+        assert all(b["input_ids"].shape[1] == 16 for b in batches)
+    enc = calibration_batches("encoder", tok, texts, max_length=16, n=20)
+    assert [b["input_ids"].shape[0] for b in enc] == [16, 4]

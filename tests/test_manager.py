@@ -215,34 +215,12 @@ def test_disabled_manager_never_prunes(llama):
 
 
 def test_resume_gives_same_masks():
-    inputs = lm_batch()
-
-    def run(stop_at=None, resume=None):
-        model = tiny_llama()
-        model.train()
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.01)
-        mgr = create_pruning_manager({"pruning": {**SEED_CONFIG, "pruning_interval": 4}}, model, total_steps=30)
-        start = 0
-        if resume is not None:
-            model.load_state_dict(resume["model"])
-            opt.load_state_dict(resume["opt"])
-            mgr.load_state_dict(resume["mgr"])
-            start = mgr.current_step
-        for step in range(start, 30):
-            if stop_at is not None and step == stop_at:
-                return {"model": {k: v.clone() for k, v in model.state_dict().items()},
-                        "opt": opt.state_dict(), "mgr": mgr.state_dict()}
-            model(**inputs).loss.backward()
-            mgr.step()
-            opt.step(); opt.zero_grad()
-        return mgr.masks, model
-
-    full_masks, full_model = run()
-    ckpt = run(stop_at=15)
-    resumed_masks, resumed_model = run(resume=ckpt)
-    assert full_masks.keys() == resumed_masks.keys()
-    for k in full_masks:
-        assert torch.equal(full_masks[k], resumed_masks[k]), k
+    full, _ = _train(packed=False)
+    ckpt = _train(packed=False, stop_at=15)
+    resumed, _ = _train(packed=False, resume=ckpt)
+    assert full.masks.keys() == resumed.masks.keys()
+    for k in full.masks:
+        assert torch.equal(full.masks[k], resumed.masks[k]), k
 
 
 def test_state_dict_errors(llama):
@@ -354,3 +332,27 @@ def test_packed_masks_with_progressive_sparsegpt_match_bool_masks():
         assert torch.equal(mb.masks[k], mp.masks[k]), k
     for (n, a), (_, b) in zip(model_b.state_dict().items(), model_p.state_dict().items()):
         assert torch.equal(a, b), n
+
+
+def test_mask_store_copies_and_pickles_without_unpacking():
+    import copy
+    import pickle
+
+    from artemis.masks import MaskStore
+
+    store = MaskStore(packed=True)
+    m = torch.rand(5, 13) > 0.3
+    store["w"] = m
+    for clone in (copy.deepcopy(store), pickle.loads(pickle.dumps(store))):
+        assert clone.packed and clone.nbytes() == store.nbytes() == (65 + 7) // 8
+        assert torch.equal(clone["w"], m)
+
+
+def test_sparsegpt_with_magnitude_reads_the_batches_without_a_false_warning(caplog):
+    import logging
+
+    mgr = create_pruning_manager({"pruning": {"reconstruction": "sparsegpt"}}, tiny_llama())
+    with caplog.at_level(logging.WARNING):
+        mgr.apply_pruning(0.5, calibration_data=[lm_batch(seed=s) for s in range(2)])
+    assert "gathers no statistics" not in caplog.text  # the batches were used, by the reconstruction
+    assert mgr.last_reconstruction["layers"] == len(mgr.method.targets)

@@ -97,7 +97,9 @@ def sparsity_sweep(
         evaluate_fn: ``evaluate_fn(model)`` returning a dict of metrics or one number
             (then recorded as ``{"metric": value}``).
         calibration_data: batches for metrics that need statistics (see
-            :mod:`artemis.calibration`); read once, on the dense model.
+            :mod:`artemis.calibration`); read once, on the dense model. With
+            ``reconstruction: sparsegpt`` or ``scope: owl`` they are also kept (as a list)
+            and given to every level's pruning event.
         loss_fn: loss for ``gradient_sensitivity`` calibration (see ``calibrate``).
         progress: progress bar while calibrating.
 
@@ -131,10 +133,14 @@ def sparsity_sweep(
 
     stats: Optional[dict] = None
     rows: list[dict[str, Any]] = []
-    batches = list(calibration_data) if calibration_data is not None else None
+    # kept as a list only when every level needs the batches again (SparseGPT / OWL)
+    batches = list(calibration_data) if calibration_data is not None and first.needs_calibration_data else None
+    data = batches if batches is not None else calibration_data
     try:
-        if batches is not None:
-            first.calibrate(batches, loss_fn=loss_fn, progress=progress)
+        if data is not None and (
+            first.metric.needs_activations or first.metric.needs_gradients or batches is None
+        ):
+            first.calibrate(data, loss_fn=loss_fn, progress=progress)
             stats = first.metric.state_dict()
         first.close()
         for s in levels:

@@ -30,7 +30,7 @@ import difflib
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal, Mapping, Optional, Union
+from typing import Any, Literal, Mapping, Optional, Sequence, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -50,6 +50,7 @@ __all__ = [
     "SPARSEGPT_OBS_SCOPES",
     "SPARSEGPT_TARGETS",
     "parse_nm_pattern",
+    "one_of",
     "STRUCTURED_UNITS",
     "STRUCTURED_WIDTHS",
 ]
@@ -61,6 +62,14 @@ SPARSEGPT_OBS_SCOPES = ("layer", "row")
 SPARSEGPT_TARGETS = ("pruned", "dense")
 STRUCTURED_UNITS = ("attention_heads", "mlp_neurons")
 STRUCTURED_WIDTHS = ("uniform", "per_layer")
+_CHOICES = {
+    "schedule": SCHEDULES,
+    "scope": SCOPES,
+    "reconstruction": RECONSTRUCTIONS,
+    "sparsegpt_obs_scope": SPARSEGPT_OBS_SCOPES,
+    "sparsegpt_target": SPARSEGPT_TARGETS,
+    "structured_widths": STRUCTURED_WIDTHS,
+}
 
 
 def parse_nm_pattern(pattern: str) -> tuple[int, int]:
@@ -113,6 +122,21 @@ class ConfigSection(BaseModel):
     def _unknown_keys(cls, data: Any) -> Any:
         _check_unknown_keys(cls, data)
         return data
+
+
+def one_of(name: str, value: Any, valid: Sequence[str]) -> Any:
+    """``value`` if it is one of ``valid``, else ``ValueError`` naming the field and the choices.
+
+    Example:
+        >>> one_of("schedule", "cubic", SCHEDULES)
+        'cubic'
+        >>> one_of("schedule", "cubik", SCHEDULES)
+        Traceback (most recent call last):
+        ValueError: unknown schedule 'cubik'; valid: 'cubic', 'cubic_decay', 'linear'
+    """
+    if value not in valid:
+        raise ValueError(f"unknown {name} {value!r}; valid: {', '.join(map(repr, valid))}")
+    return value
 
 
 def _sparsity(name: str, value: float) -> float:
@@ -173,8 +197,9 @@ class PruningConfig(ConfigSection):
             being exactly the target; needs calibration data). ``None`` means the metric's
             default (``row`` for ``activation``, ``global`` otherwise).
         owl_lambda: OWL's spread λ: per-block sparsities lie within target ± 2λ (the
-            outlier ratios are scaled to a range of 2λ), at ``final_sparsity``; an event at
-            a lower sparsity ``s`` uses ``λ·s/final_sparsity``. In (0, 0.5]; default 0.08.
+            outlier ratios are scaled to a range of 2λ), at the final sparsity; a
+            progressive run's earlier events at sparsity ``s`` use ``λ·s/final_sparsity``.
+            In (0, 0.5]; default 0.08.
         owl_m: OWL's outlier threshold M: a weight is an outlier when its score
             ``|W_ij|·‖X_j‖`` exceeds M times its layer's mean score. Default 5.
         pattern: ``"N:M"`` semi-structured sparsity (``"2:4"``, ``"4:8"``): in every group of
@@ -334,26 +359,12 @@ class PruningConfig(ConfigSection):
             raise ValueError(METRICS.unknown_message(v))
         return v
 
-    @field_validator("schedule")
+    @field_validator("schedule", "scope", "reconstruction", "sparsegpt_obs_scope", "sparsegpt_target", "structured_widths")
     @classmethod
-    def _check_schedule(cls, v: str) -> str:
-        if v not in SCHEDULES:
-            raise ValueError(f"unknown schedule {v!r}; valid: {', '.join(map(repr, SCHEDULES))}")
-        return v
-
-    @field_validator("scope")
-    @classmethod
-    def _check_scope(cls, v: Optional[str]) -> Optional[str]:
-        if v is not None and v not in SCOPES:
-            raise ValueError(f"unknown scope {v!r}; valid: {', '.join(map(repr, SCOPES))}")
-        return v
-
-    @field_validator("reconstruction")
-    @classmethod
-    def _check_reconstruction(cls, v: str) -> str:
-        if v not in RECONSTRUCTIONS:
-            raise ValueError(f"unknown reconstruction {v!r}; valid: {', '.join(map(repr, RECONSTRUCTIONS))}")
-        return v
+    def _check_choice(cls, v: Optional[str], info) -> Optional[str]:
+        if v is None and info.field_name == "scope":  # None: the metric's default scope
+            return v
+        return one_of(info.field_name, v, _CHOICES[info.field_name])
 
     @field_validator("pattern")
     @classmethod
@@ -391,20 +402,6 @@ class PruningConfig(ConfigSection):
             raise ValueError(f"sparsegpt_dampening must be in (0, 1], got {v!r}")
         return v
 
-    @field_validator("sparsegpt_obs_scope")
-    @classmethod
-    def _check_obs_scope(cls, v: str) -> str:
-        if v not in SPARSEGPT_OBS_SCOPES:
-            raise ValueError(f"unknown sparsegpt_obs_scope {v!r}; valid: {', '.join(map(repr, SPARSEGPT_OBS_SCOPES))}")
-        return v
-
-    @field_validator("sparsegpt_target")
-    @classmethod
-    def _check_sparsegpt_target(cls, v: str) -> str:
-        if v not in SPARSEGPT_TARGETS:
-            raise ValueError(f"unknown sparsegpt_target {v!r}; valid: {', '.join(map(repr, SPARSEGPT_TARGETS))}")
-        return v
-
     @field_validator("layer_sparsity")
     @classmethod
     def _check_layer_sparsity(cls, v: dict[str, float]) -> dict[str, float]:
@@ -426,16 +423,9 @@ class PruningConfig(ConfigSection):
             raise ValueError(f"structured_units is empty; use one or both of {', '.join(map(repr, STRUCTURED_UNITS))}")
         for u in v:
             if u not in STRUCTURED_UNITS:
-                raise ValueError(f"unknown structured unit {u!r}; valid: {', '.join(map(repr, STRUCTURED_UNITS))}")
+                one_of("structured unit", u, STRUCTURED_UNITS)
         if len(set(v)) != len(v):
             raise ValueError(f"structured_units lists a unit twice: {v!r}")
-        return v
-
-    @field_validator("structured_widths")
-    @classmethod
-    def _check_structured_widths(cls, v: str) -> str:
-        if v not in STRUCTURED_WIDTHS:
-            raise ValueError(f"unknown structured_widths {v!r}; valid: {', '.join(map(repr, STRUCTURED_WIDTHS))}")
         return v
 
     @model_validator(mode="after")

@@ -260,11 +260,12 @@ def token_blocks(texts: Sequence[str], tokenizer: Any, *, block_size: int = 128,
 
 
 def calibration_batches(task: str, tokenizer: Any, texts: Sequence[str], *, max_length: int = 128, n: int = 128) -> list[dict]:
-    """About ``n`` calibration sequences from ``texts`` (metric statistics, SparseGPT, OWL).
+    """``n`` calibration sequences from ``texts`` (metric statistics, SparseGPT, OWL).
 
     ``task="encoder"``: the first ``n`` texts, one sequence each (batches of 16, padded, with
     an attention mask). Otherwise (causal LM): ``n`` blocks of ``max_length`` tokens of the
-    concatenated texts (batches of 8), as SparseGPT calibrates.
+    concatenated texts (batches of 8), as SparseGPT calibrates; fewer when the first
+    ``4·n`` texts hold fewer tokens.
 
     Example:
         >>> class Tok:  # a stand-in tokenizer: one id per word
@@ -285,4 +286,11 @@ def calibration_batches(task: str, tokenizer: Any, texts: Sequence[str], *, max_
     if task == "encoder":
         return tokenize_batches(list(texts[:n]), tokenizer, batch_size=16, max_length=max_length)
     blocks = token_blocks(list(texts[: n * 4]), tokenizer, block_size=max_length, batch_size=8)
-    return [{"input_ids": b["input_ids"]} for b in blocks[: max(1, n // 8)]]
+    out, left = [], n
+    for b in blocks:
+        if left <= 0:
+            break
+        ids = b["input_ids"][:left]
+        out.append({"input_ids": ids})
+        left -= ids.shape[0]
+    return out

@@ -604,7 +604,7 @@ def _load_into(
         if unlisted:
             raise CheckpointError(f"{wfile}: tensor {unlisted[0]!r} is not listed in {META_NAME}")
         names = list(stored)
-        # in file order, so the first corrupted tensor is the one reported
+        # in the stored order, so the same corrupted tensor is reported whatever the workers
         for k, got in zip(names, run(lambda k: _crc(stored[k]), names)):
             want = checksums[k]
             if got != want:

@@ -347,9 +347,9 @@ class PruningManager:
                     "sum them in ImportanceMetric.all_reduce_()"
                 )
         old_masks = self.masks.copy()  # issue 9: earlier masks, kept pruned by the reconstruction
-        for key, mask in new_masks.items():
+        for key in list(new_masks):
             p = local_tensor(self._params[key])
-            mask = mask.to(p.device)
+            mask = new_masks[key] = new_masks[key].to(p.device)
             self.masks[key] = mask
             self._mask_version[key] = self._mask_version.get(key, 0) + 1
             if self.config.reconstruction == "none":  # the reconstruction needs the unmasked weights
@@ -358,7 +358,7 @@ class PruningManager:
             from artemis.reconstruction import reconstruct_layers
 
             c = self.config
-            chosen = {k: self.masks[k] for k in new_masks}
+            chosen = new_masks  # the full-size masks of this event (no second, unpacked copy)
             self.last_reconstruction = reconstruct_layers(
                 self.model, self.method.targets, chosen, self.calibration_data,
                 blocksize=c.sparsegpt_blocksize, dampening=c.sparsegpt_dampening,
@@ -429,7 +429,9 @@ class PruningManager:
         if calibration_data is not None and self._needs_calibration_data():
             calibration_data = self.set_calibration_data(calibration_data)  # issue 9
         self._check_calibration_data()
-        if calibration_data is not None:
+        stats = self.metric.needs_activations or self.metric.needs_gradients
+        if calibration_data is not None and (stats or not self._needs_calibration_data()):
+            # (kept for SparseGPT/OWL above; calibrate() warns when nothing at all reads it)
             self.calibrate(calibration_data, loss_fn=loss_fn, progress=progress)
         self._prune(self.method.one_shot_target_fn(s), self.metric)
 

@@ -369,10 +369,13 @@ class MaskStore(MutableMapping):
 
     With ``packed=False`` it holds bool tensors (1 byte per weight, fastest to apply).
     With ``packed=True`` each mask is kept as 1 bit per weight (:func:`pack_mask`) and
-    unpacked on every read (``store[key]``, ``get``, ``items``, ``values``), so only the
-    mask being used exists at full size: an 8B-parameter model's masks take 0.9 GiB
-    instead of 7 GiB, for the cost of an unpack wherever a mask is applied. A read returns
-    a new tensor when packed; changing it does not change the store (assign to the key).
+    unpacked on every read (``store[key]``, ``get``, ``items``, ``values``): between
+    pruning events only the mask being applied exists at full size, so an 8B-parameter
+    model's masks take 0.9 GiB instead of 7 GiB, for the cost of an unpack wherever a mask
+    is applied. At a pruning event the new masks are computed at full size (as with bool
+    storage), and ``PruningManager.state_dict()`` holds bool masks (the checkpoint format
+    does not depend on this option). A read returns a new tensor when packed; changing it
+    does not change the store (assign to the key).
 
     Example:
         >>> import torch
@@ -428,10 +431,10 @@ class MaskStore(MutableMapping):
         return f"MaskStore(packed={self.packed}, keys={list(self._data)!r})"
 
     def __reduce__(self):
-        return (_rebuild_store, (self.packed, {k: self[k] for k in self._data}))
+        return (_rebuild_store, (self.packed, dict(self._data), dict(self._shapes)))
 
 
-def _rebuild_store(packed: bool, masks: dict) -> MaskStore:
+def _rebuild_store(packed: bool, data: dict, shapes: dict) -> MaskStore:
     out = MaskStore(packed)
-    out.update(masks)
+    out._data, out._shapes = data, shapes  # stored as they were (packed stays packed)
     return out

@@ -464,11 +464,17 @@ def _layer_statistics(
         if not later_keys:
             raise _StopForward
         state["x_obj"] = args[0]
+        state["x_version"] = args[0]._version  # an in-place change before a sharer breaks the sharing
 
     def later_hook(module: nn.Module, args: tuple) -> None:
         if state["x_obj"] is None:  # called before t: not a sharer; let the pass go on
             return
-        if args and args[0] is state["x_obj"] and id(module) in later_keys:
+        if (
+            args
+            and args[0] is state["x_obj"]
+            and args[0]._version == state["x_version"]
+            and id(module) in later_keys
+        ):
             state["batch_same"].add(later_keys[id(module)])
             return
         raise _StopForward

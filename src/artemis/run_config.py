@@ -40,7 +40,7 @@ from typing import Any, Literal, Mapping, Optional, Union
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from artemis.config import ConfigSection, PruningConfig, format_validation_error, read_yaml
+from artemis.config import ConfigSection, PruningConfig, format_validation_error, one_of, read_yaml
 from artemis.errors import ConfigError
 from artemis.finetune.config import EfficiencyTransformerConfig, LoRAConfig
 
@@ -218,9 +218,7 @@ class TrainingSection(ConfigSection):
     @field_validator("lr_scheduler")
     @classmethod
     def _check_sched(cls, v: str) -> str:
-        if v not in LR_SCHEDULERS:
-            raise ValueError(f"unknown lr_scheduler {v!r}; valid: {', '.join(map(repr, LR_SCHEDULERS))}")
-        return v
+        return one_of("lr_scheduler", v, LR_SCHEDULERS)
 
 
 class DistillationSection(ConfigSection):

@@ -133,6 +133,7 @@ class PruningMethod:
                 return sparsity
             return min(group_final * sparsity / final, 0.999)
 
+        fn.one_shot = True  # type: ignore[attr-defined]  # this event's target is the final one
         return fn
 
     def resolve_sparsity(self, name: str) -> Optional[float]:

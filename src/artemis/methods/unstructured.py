@@ -144,9 +144,8 @@ class UnstructuredMethod(PruningMethod):
         return self.config.scope or metric.default_scope
 
     def _score_fn(self, target: PrunableTarget, metric: ImportanceMetric) -> Callable[[], Tensor]:
-        old = self.manager.masks.get(target.key)
-
         def fn() -> Tensor:
+            old = self.manager.masks.get(target.key)  # read here: a packed mask is unpacked only while used
             s = local_tensor(metric.score(target))
             shape = local_tensor(target.param).shape
             if s.shape != shape:
@@ -165,7 +164,7 @@ class UnstructuredMethod(PruningMethod):
         if self.config.pattern is not None:  # issue 9: N:M
             return self._nm_masks(target_fn(self.config.final_sparsity), metric)
         if scope == "owl":  # issue 9: OWL
-            return self._owl_masks(target_fn(self.config.final_sparsity), metric)
+            return self._owl_masks(target_fn(self.config.final_sparsity), metric, getattr(target_fn, "one_shot", False))
         groups: "OrderedDict[float, list[PrunableTarget]]" = OrderedDict()
         for t in self.targets:
             final = self.finals[t.key]
@@ -221,7 +220,7 @@ class UnstructuredMethod(PruningMethod):
         return masks
 
     @torch.no_grad()
-    def _owl_masks(self, sparsity: float, metric: ImportanceMetric) -> dict[str, Tensor]:
+    def _owl_masks(self, sparsity: float, metric: ImportanceMetric, one_shot: bool = False) -> dict[str, Tensor]:
         """OWL: per-block sparsities from outlier ratios (exact total count), then each
         layer's lowest metric scores pruned (spread evenly over its rows for metrics whose
         default scope is ``row``, as OWL does with Wanda). Weights pruned earlier stay pruned (in a
@@ -247,10 +246,10 @@ class UnstructuredMethod(PruningMethod):
                 out, tot = out + o, tot + n
             ratios.append(out / tot)
             sizes.append(tot)
-        # λ at the final sparsity; an event below it (a progressive run's early events, a
-        # lower one-shot level) scales λ in proportion, so the layer-wise shape grows with
-        # the sparsity and a small target is never pushed below 0
-        final = self.config.final_sparsity
+        # λ at the final sparsity (a one-shot prune's own target); a progressive run's
+        # earlier events scale λ in proportion, so the layer-wise shape grows with the
+        # sparsity and a small early target is never pushed below 0
+        final = sparsity if one_shot else self.config.final_sparsity
         lam = self.config.owl_lambda * (min(1.0, sparsity / final) if final > 0 else 1.0)
         unit_s = owl_sparsities(ratios, sizes, sparsity, lam)
         per_target = [(t, s) for members, s in zip(units.values(), unit_s) for t in members]
