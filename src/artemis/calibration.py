@@ -50,7 +50,7 @@ from artemis.errors import CalibrationError
 if TYPE_CHECKING:  # pragma: no cover
     from artemis.manager import PruningManager
 
-__all__ = ["run_calibration", "forward_batch", "describe_batch", "extract_loss"]
+__all__ = ["run_calibration", "forward_batch", "describe_batch", "extract_loss", "model_device"]
 
 logger = logging.getLogger(__name__)
 
@@ -161,10 +161,17 @@ def extract_loss(outputs: Any, batch: Any, loss_fn: Optional[LossFn], index: int
     return loss
 
 
-def _device_of(model: torch.nn.Module) -> torch.device:
+def model_device(model: torch.nn.Module) -> torch.device:
+    """The device of the model's first parameter (CPU for a parameterless module).
+
+    Example:
+        >>> import torch
+        >>> model_device(torch.nn.Linear(2, 2)), model_device(torch.nn.ReLU())
+        (device(type='cpu'), device(type='cpu'))
+    """
     try:
         return next(model.parameters()).device
-    except StopIteration:  # pragma: no cover - a model with targets has parameters
+    except StopIteration:
         return torch.device("cpu")
 
 
@@ -217,7 +224,7 @@ def run_calibration(
     from tqdm.auto import tqdm
 
     model = manager.model
-    device = _device_of(model)
+    device = model_device(model)
     target_ids = {id(t.param) for t in manager.method.targets}
     params = list(dict.fromkeys(model.parameters()))  # unique
     saved_mode = {m: m.training for m in model.modules()}

@@ -43,6 +43,7 @@ __all__ = [
     "load_texts",
     "tokenize_batches",
     "token_blocks",
+    "concatenated_token_ids",
     "calibration_batches",
 ]
 
@@ -238,17 +239,24 @@ def tokenize_batches(texts: Sequence[str], tokenizer: Any, *, batch_size: int = 
     return batches
 
 
-def token_blocks(texts: Sequence[str], tokenizer: Any, *, block_size: int = 128, batch_size: int = 8) -> list[dict]:
-    """Concatenate tokenized ``texts`` and cut them into causal-LM blocks of ``block_size``
-    tokens, batched as dicts with ``input_ids`` and ``labels``."""
-    import torch
-
+def concatenated_token_ids(texts: Sequence[str], tokenizer: Any) -> list[int]:
+    """The token ids of ``texts`` one after the other (no special tokens), each text
+    followed by the tokenizer's end-of-sequence id when it has one."""
     ids: list[int] = []
     eos = getattr(tokenizer, "eos_token_id", None)
     for t in texts:
         ids.extend(tokenizer(t, add_special_tokens=False)["input_ids"])
         if eos is not None:
             ids.append(eos)
+    return ids
+
+
+def token_blocks(texts: Sequence[str], tokenizer: Any, *, block_size: int = 128, batch_size: int = 8) -> list[dict]:
+    """Concatenate tokenized ``texts`` and cut them into causal-LM blocks of ``block_size``
+    tokens, batched as dicts with ``input_ids`` and ``labels``."""
+    import torch
+
+    ids = concatenated_token_ids(texts, tokenizer)
     n = len(ids) // block_size
     if n == 0:
         raise CalibrationError(f"the texts hold {len(ids)} tokens, fewer than one block of {block_size}")

@@ -34,6 +34,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from artemis.calibration import model_device
 from artemis.sizing import MIB, model_compressed_bytes, model_dense_bytes
 
 __all__ = [
@@ -48,14 +49,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-
-def model_device(model: nn.Module) -> torch.device:
-    """The device of the model's first parameter (CPU for a parameterless module)."""
-    try:
-        return next(model.parameters()).device
-    except StopIteration:
-        return torch.device("cpu")
 
 
 def mean_pool(hidden: Tensor, attention_mask: Tensor) -> Tensor:

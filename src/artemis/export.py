@@ -344,6 +344,21 @@ def save_pruned(
     sparse_modules: list[str] = []
     int8_modules: dict[str, dict[str, Any]] = {}
     zeros = total = 0
+
+    def store_sparse(mname: str, w: Tensor) -> bool:
+        """Count ``w``'s zeros; store it in the bitmask layout when that is smaller."""
+        nonlocal zeros, total
+        mask = _nonzero_mask(w)
+        nnz = int(np.count_nonzero(mask))
+        zeros += w.numel() - nnz
+        total += w.numel()
+        if not stores_sparse(w, nnz=nnz):
+            return False
+        for k, v in bitmask_compress(w, mask).items():
+            tensors[f"{mname}.{k}"] = v
+        sparse_modules.append(mname)
+        return True
+
     for name, t in unique_state_tensors(model):
         stored_as[id(t)] = name
         if id(t) in int8_from_float:
@@ -351,15 +366,7 @@ def save_pruned(
             transposed = conv is not None and isinstance(m, conv)
             q, s = quantize_weight_int8(t, transposed, m._buffers.get("int8_scale"))
             q, s = q.cpu(), s.cpu()
-            qmask = _nonzero_mask(q)
-            qnnz = int(np.count_nonzero(qmask))
-            zeros += q.numel() - qnnz
-            total += q.numel()
-            if stores_sparse(q, nnz=qnnz):
-                for k, v in bitmask_compress(q, qmask).items():
-                    tensors[f"{mname}.{k}"] = v
-                sparse_modules.append(mname)
-            else:
+            if not store_sparse(mname, q):
                 tensors[name] = q
             tensors[f"{mname}.weight_scale"] = s[:, None].contiguous()
             bias = getattr(m, "bias", None)
@@ -369,16 +376,7 @@ def save_pruned(
             }
             continue
         if id(t) in candidates and t.dim() == 2:
-            mname = candidates[id(t)]
-            tc = t.detach().cpu().contiguous()
-            mask = _nonzero_mask(tc)
-            nnz = int(np.count_nonzero(mask))
-            zeros += t.numel() - nnz
-            total += t.numel()
-            if stores_sparse(t, nnz=nnz):
-                for k, v in bitmask_compress(tc, mask).items():
-                    tensors[f"{mname}.{k}"] = v
-                sparse_modules.append(mname)
+            if store_sparse(candidates[id(t)], t.detach().cpu().contiguous()):
                 continue
         tensors[name] = t.detach().cpu().contiguous()
     for n, m in model.named_modules():

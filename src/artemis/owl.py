@@ -127,7 +127,7 @@ def collect_input_norms(model: nn.Module, targets: Sequence[Any], batches: Itera
     Raises:
         CalibrationError: bad or empty data, or a target never called.
     """
-    from artemis.calibration import forward_batch
+    from artemis.calibration import forward_batch, model_device
     from artemis.reconstruction import check_calibration_batches, layer_inputs_2d
 
     data = check_calibration_batches(batches)
@@ -145,10 +145,7 @@ def collect_input_norms(model: nn.Module, targets: Sequence[Any], batches: Itera
 
     for t in targets:
         handles.append(t.module.register_forward_pre_hook(make_hook(t.key)))
-    try:
-        device = next(model.parameters()).device
-    except StopIteration:  # pragma: no cover
-        device = torch.device("cpu")
+    device = model_device(model)
     was_training = model.training
     model.eval()
     try:

@@ -45,6 +45,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from artemis.calibration import model_device
 from artemis.errors import CalibrationError
 from artemis.masks import count_to_prune
 
@@ -572,10 +573,7 @@ def reconstruct_layers(
         names = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
         dense_params = {names[id(t.param)]: t.param.detach().clone() for t in chosen if id(t.param) in names}
     copy_bytes = sum(p.numel() * p.element_size() for p in dense_params.values())
-    try:
-        device = next(model.parameters()).device
-    except StopIteration:  # pragma: no cover
-        device = torch.device("cpu")
+    device = model_device(model)
     was_training = model.training
     model.eval()
     start = time.perf_counter()

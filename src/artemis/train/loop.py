@@ -179,12 +179,9 @@ class _Batches:
         self.task, self.tokenizer, self.bs, self.max_length, self.seed = task, tokenizer, batch_size, max_length, seed
         self.texts = list(texts)
         if task == "causal_lm":
-            ids: list[int] = []
-            eos = getattr(tokenizer, "eos_token_id", None)
-            for t in self.texts:
-                ids.extend(tokenizer(t, add_special_tokens=False)["input_ids"])
-                if eos is not None:
-                    ids.append(eos)
+            from artemis.data import concatenated_token_ids
+
+            ids = concatenated_token_ids(self.texts, tokenizer)
             n = len(ids) // max_length
             if n == 0:
                 raise ConfigError(f"the training text holds {len(ids)} tokens, fewer than one block of training.max_length={max_length}")
