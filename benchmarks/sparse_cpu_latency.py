@@ -8,9 +8,12 @@ process:
 
 * dense: the pruned model as is (zeros multiplied);
 * auto: after ``sparsify_for_inference(model, batch_size=b)`` — each linear layer uses
-  the CSR kernel only where it measured faster at that batch size (dense fallback);
-* forced: every pruned linear layer on the CSR kernel (``min_speedup=0``), to show where
-  sparse loses.
+  the fastest sparse kernel (``bitmask`` where the CPU has AVX-512, ``csr``) only where it
+  measured faster than dense at that batch size (dense fallback);
+* forced: every pruned linear layer on its fastest sparse kernel (``min_speedup=0``), to
+  show where sparse loses.
+
+``--backend csr`` restricts both to PyTorch's CSR kernel (the first session's path).
 
 Run from the repository root::
 
@@ -84,6 +87,7 @@ def main() -> None:
     ap.add_argument("--batches", default="1,8,64")
     ap.add_argument("--sparsities", default="0.6,0.7")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--backend", default="auto", choices=["auto", "bitmask", "csr"])
     ap.add_argument("--clock", default="cpu", choices=sorted(CLOCKS),
                     help="cpu: the main thread's CPU time (robust on a shared machine, with 1 thread); wall: elapsed")
     args = ap.parse_args()
@@ -91,8 +95,11 @@ def main() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)  # transformers: past_key_values renamed
     base = build()
     n_params = sum(p.numel() for p in base.parameters())
+    from artemis.kernels import kernel_status
+
     print(f"Llama {n_params / 1e6:.1f}M parameters, torch {torch.__version__}, {args.threads} thread(s), "
-          f"MKL {torch.backends.mkl.is_available()}, clock {args.clock}", flush=True)
+          f"MKL {torch.backends.mkl.is_available()}, clock {args.clock}, backend {args.backend}, "
+          f"kernels: {kernel_status()['reason']}", flush=True)
     rows = []
     for s in [float(v) for v in args.sparsities.split(",")]:
         pruned = copy.deepcopy(base)
@@ -102,27 +109,31 @@ def main() -> None:
         for b in [int(v) for v in args.batches.split(",")]:
             auto_model = copy.deepcopy(pruned)
             t0 = time.perf_counter()
-            report = sparsify_for_inference(auto_model, batch_size=b, min_sparsity=0.5, repeats=15, clock=args.clock)
+            report = sparsify_for_inference(auto_model, batch_size=b, min_sparsity=0.5, repeats=15, clock=args.clock,
+                                            backend=args.backend)
             pick_s = time.perf_counter() - t0
             forced_model = copy.deepcopy(pruned)
-            sparsify_for_inference(forced_model, batch_size=b, min_sparsity=0.5, min_speedup=0.0, repeats=1)
+            sparsify_for_inference(forced_model, batch_size=b, min_sparsity=0.5, min_speedup=0.0, repeats=3,
+                                   backend=args.backend)
             dense, auto, forced = decode_ms([pruned, auto_model, forced_model], b, args.tokens, args.clock)
             del auto_model, forced_model
             measured = [e for e in report.values() if "speedup" in e]
             n_sparse = sum(e["choice"] == "sparse" for e in measured)
+            kinds = sorted({e["backend"] for e in measured if e["choice"] == "sparse"})
+            by_kind = ", ".join(f"{sum(e['choice'] == 'sparse' and e['backend'] == k for e in measured)} {k}" for k in kinds)
             layer_dense = sum(e["dense_us"] for e in measured)
             layer_best = sum(min(e["dense_us"], e["sparse_us"]) if e["choice"] == "sparse" else e["dense_us"] for e in measured)
             row = {
                 "sparsity": s, "batch": b, "dense_ms": round(dense, 2), "auto_ms": round(auto, 2),
                 "forced_sparse_ms": round(forced, 2), "auto_speedup": round(dense / auto, 3),
-                "forced_speedup": round(dense / forced, 3), "layers_sparse": f"{n_sparse}/{len(measured)}",
+                "forced_speedup": round(dense / forced, 3), "layers_sparse": f"{n_sparse}/{len(measured)}" + (f" ({by_kind})" if by_kind else ""),
                 "pruned_linear_speedup": round(layer_dense / layer_best, 3) if layer_best else None,
                 "selection_seconds": round(pick_s, 1),
             }
             rows.append(row)
             print(json.dumps(row), flush=True)
     print()
-    print("| sparsity | batch | dense ms/token | auto ms/token | speed-up (auto) | all-sparse ms/token | speed-up (all sparse) | layers on CSR | pruned linears speed-up |")
+    print("| sparsity | batch | dense ms/token | auto ms/token | speed-up (auto) | all-sparse ms/token | speed-up (all sparse) | layers on a sparse kernel | pruned linears speed-up |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['sparsity']:.0%} | {r['batch']} | {r['dense_ms']} | {r['auto_ms']} | {r['auto_speedup']}× | "

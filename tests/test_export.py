@@ -227,13 +227,13 @@ def _rewrite(path, fn):
     """Load the stored tensors, let fn change them, write them back with fresh checksums."""
     from safetensors.torch import load_file, save_file
 
-    from artemis.export import _crc
+    from artemis.export import CHECKSUM, CHECKSUMS
 
     tensors = load_file(str(path / WEIGHTS_NAME))
     fn(tensors)
     save_file(tensors, str(path / WEIGHTS_NAME))
     meta = json.loads((path / META_NAME).read_text())
-    meta["checksums"] = {k: _crc(v) for k, v in tensors.items()}
+    meta["checksums"] = {k: CHECKSUMS[CHECKSUM](v) for k, v in tensors.items()}
     (path / META_NAME).write_text(json.dumps(meta))
 
 
@@ -274,7 +274,7 @@ def test_corrupted_byte_names_the_tensor(saved):
     start, _ = header[f"{P}.compressed"]["data_offsets"]
     data[8 + n + start + 3] ^= 0x40
     f.write_bytes(bytes(data))
-    with pytest.raises(CheckpointError, match=rf"tensor '{P}\.compressed' is corrupted \(CRC-32"):
+    with pytest.raises(CheckpointError, match=rf"tensor '{P}\.compressed' is corrupted \(XXH3-64"):
         load_pruned(saved)
     data[9] ^= 0xFF  # garble the header itself
     f.write_bytes(bytes(data))
@@ -319,7 +319,34 @@ def test_format_version_checked(saved):
     meta = json.loads((saved / META_NAME).read_text())
     meta["format_version"] = 99
     (saved / META_NAME).write_text(json.dumps(meta))
-    with pytest.raises(CheckpointError, match="format_version 99; this Artemis reads version 1"):
+    with pytest.raises(CheckpointError, match="format_version 99; this Artemis reads versions 1, 2"):
+        load_pruned(saved)
+
+
+def test_format_1_folders_with_crc32_still_load(saved):
+    """Format 1 stored CRC-32 checksums and no "checksum" key; format 2 writes XXH3-64."""
+    import zlib
+
+    from safetensors.torch import load_file
+
+    meta = json.loads((saved / META_NAME).read_text())
+    assert meta["format_version"] == 2 and meta["checksum"] == "xxh3_64"
+    expected = load_pruned(saved).state_dict()
+    tensors = load_file(str(saved / WEIGHTS_NAME))
+    meta["format_version"] = 1
+    del meta["checksum"]
+    meta["checksums"] = {k: zlib.crc32(v.contiguous().view(torch.uint8).numpy()) for k, v in tensors.items()}
+    (saved / META_NAME).write_text(json.dumps(meta))
+    back = load_pruned(saved).state_dict()
+    assert all(torch.equal(back[k], v) for k, v in expected.items())
+    meta["checksums"][f"{P}.compressed"] ^= 1
+    (saved / META_NAME).write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match=rf"tensor '{P}\.compressed' is corrupted \(CRC-32 0x[0-9a-f]+, expected 0x"):
+        load_pruned(saved)
+    meta["format_version"] = 2
+    meta["checksum"] = "md5"
+    (saved / META_NAME).write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="checksum 'md5' is unknown; valid: 'crc32', 'xxh3_64'"):
         load_pruned(saved)
 
 

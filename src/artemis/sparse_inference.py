@@ -2,23 +2,31 @@
 is faster, chosen per layer by measurement.
 
 Unstructured sparsity only saves time when a kernel skips the zeros. On CPU,
-:class:`SparseLinear` stores the weight in PyTorch's CSR layout with **int32** indices
-(8 bytes per kept weight instead of 4 per weight dense, so the bytes read fall below
-dense once more than half the weights are zero) and multiplies with ``torch.mv`` for a
-single token and ``torch.sparse.mm`` otherwise (MKL's sparse BLAS in the x86 builds). Decode-time products are
-matrix × few-vectors and memory-bound, which is where this can pay off; at large batches
-the dense GEMM wins. :func:`sparsify_for_inference` therefore times dense and sparse on
-each layer, at the batch size you will run, when the model is loaded, and replaces a
-layer only where the sparse kernel is faster by a margin (dense fallback everywhere
-else); it returns the measurements.
+:class:`SparseLinear` has two kernels:
+
+* ``bitmask`` (CPUs with AVX-512): the weight is kept as its non-zero values plus one bit
+  per weight (uint16 masks of 16 inputs), 1.325 bytes per weight at 70% sparsity instead
+  of 4 dense, and multiplied by :mod:`artemis.kernels`' compiled kernel, which expands 16
+  values at a time with ``vexpandps`` and prefetches the value stream. Its rows are split
+  over Numba's thread pool when Numba is installed (``torch.get_num_threads()`` threads).
+  This is the kernel that makes batch-1 decoding faster: decode-time products are
+  matrix × few-vectors and memory-bound, so reading 3× fewer bytes pays;
+* ``csr``: PyTorch's CSR layout with **int32** indices (8 bytes per kept weight) and
+  ``torch.mv``/``torch.sparse.mm`` (MKL's sparse BLAS in the x86 builds), which gains at
+  a few tokens per call but little at one.
+
+At large batches the dense GEMM wins. :func:`sparsify_for_inference` therefore times
+dense and every available sparse kernel on each layer, at the batch size you will run,
+when the model is loaded, and replaces a layer only where the fastest sparse kernel beats
+dense by a margin (dense fallback everywhere else); it returns the measurements.
 
 On CUDA, ``backend="semi_structured"`` stores a 2:4-sparse half/bfloat16 weight with
 ``torch.sparse.to_sparse_semi_structured`` (cuSPARSELt/CUTLASS kernels), the only
 unstructured-like pattern GPUs accelerate.
 
 The replaced modules are for inference: their weight is a buffer (not a trainable
-parameter). Save the pruned dense model (or its compressed export) and sparsify after
-loading.
+parameter), and the ``bitmask`` kernel refuses inputs that need a gradient. Save the
+pruned dense model (or its compressed export) and sparsify after loading.
 
 Example:
     >>> import torch, torch.nn as nn
@@ -34,23 +42,27 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 import warnings
 from typing import Any, Callable, Optional, Sequence
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from artemis import kernels
 from artemis.targets import conv1d_class, match_pattern
 
 __all__ = ["SparseLinear", "sparsify_for_inference", "time_call", "time_pair", "BACKENDS", "CLOCKS"]
 
 logger = logging.getLogger(__name__)
 
-BACKENDS = ("csr", "semi_structured")
+BACKENDS = ("bitmask", "csr", "semi_structured")
+CHOICES = ("auto",) + BACKENDS
 
 
 def _to_csr_int32(w: Tensor) -> Tensor:
@@ -72,7 +84,8 @@ class SparseLinear(nn.Module):
     Args:
         weight: dense ``(out_features, in_features)`` weight (zeros are dropped).
         bias: optional ``(out_features,)``.
-        backend: ``csr`` (CPU, float32/float64) or ``semi_structured`` (CUDA, 2:4,
+        backend: ``csr`` (CPU, float32/float64), ``bitmask`` (CPU with AVX-512, float32;
+            see :func:`artemis.kernels.kernel_status`) or ``semi_structured`` (CUDA, 2:4,
             float16/bfloat16).
 
     Raises:
@@ -96,6 +109,14 @@ class SparseLinear(nn.Module):
                     f"backend 'csr' runs on CPU with float32/float64 weights; got {w.dtype} on {w.device}"
                 )
             self.register_buffer("weight", _to_csr_int32(w.contiguous()), persistent=False)
+        elif backend == "bitmask":
+            if w.device.type != "cpu" or w.dtype != torch.float32:
+                raise ValueError(f"backend 'bitmask' runs on CPU with float32 weights; got {w.dtype} on {w.device}")
+            if not kernels.matvec_ready():
+                raise ValueError(
+                    f"backend 'bitmask' is not available here: {kernels.kernel_status()['reason']}; use backend='csr'"
+                )
+            self._init_bitmask(w)
         else:
             if w.device.type != "cuda" or w.dtype not in (torch.float16, torch.bfloat16):
                 raise ValueError(
@@ -112,6 +133,21 @@ class SparseLinear(nn.Module):
             self.register_buffer("bias", bias.detach().clone(), persistent=False)
         else:
             self.bias = None
+        if backend == "bitmask":  # the kernel adds a float32 bias vector, zeros when there is none
+            b = torch.zeros(self.out_features) if bias is None else bias.detach().float().clone()
+            self.register_buffer("bias_f32", b.contiguous(), persistent=False)
+
+    def _init_bitmask(self, w: Tensor) -> None:
+        rows, cols = w.shape
+        self.chunks = -(-cols // 16)
+        nz = (w != 0).numpy()
+        padded = np.zeros((rows, self.chunks * 16), dtype=np.bool_)
+        padded[:, :cols] = nz
+        masks = np.packbits(padded, axis=1, bitorder="little").view(np.int16)  # bit j of mask c = input 16c+j
+        counts = nz.sum(axis=1, dtype=np.int64)
+        self.register_buffer("masks", torch.from_numpy(np.ascontiguousarray(masks)), persistent=False)
+        self.register_buffer("values", w.contiguous()[torch.from_numpy(nz)].contiguous(), persistent=False)
+        self.register_buffer("row_offsets", torch.from_numpy(np.cumsum(counts) - counts), persistent=False)
 
     @classmethod
     def from_linear(cls, module: nn.Module, backend: str = "csr") -> "SparseLinear":
@@ -133,6 +169,8 @@ class SparseLinear(nn.Module):
         if self.backend == "semi_structured":
             return F.linear(x, self.weight, self.bias)
         lead = x.shape[:-1]
+        if self.backend == "bitmask":
+            return self._bitmask_forward(x).reshape(*lead, self.out_features)
         if x.numel() == self.in_features:  # one token: sparse matrix × vector, few Python steps
             v = x.reshape(-1).to(self.weight.dtype)
             y = torch.mv(self.weight, v) if self.bias is None else torch.addmv(self.bias, self.weight, v)
@@ -142,6 +180,37 @@ class SparseLinear(nn.Module):
         if self.bias is not None:
             y = y + self.bias
         return y.to(x.dtype).reshape(*lead, self.out_features)
+
+    def _apply(self, fn, recurse=True):  # .to()/.cpu()/.float() replace the buffers: re-read their addresses
+        out = super()._apply(fn, recurse)
+        self._ptrs = None
+        return out
+
+    def _bitmask_forward(self, x: Tensor) -> Tensor:
+        if x.requires_grad and torch.is_grad_enabled():
+            raise RuntimeError("SparseLinear(backend='bitmask') is for inference: its kernel computes no gradient")
+        ptrs = getattr(self, "_ptrs", None)
+        if ptrs is None:
+            if self.values.device.type != "cpu" or self.values.dtype != torch.float32:
+                raise RuntimeError(
+                    f"SparseLinear(backend='bitmask') runs on CPU in float32; its weight is {self.values.dtype} "
+                    f"on {self.values.device}"
+                )
+            ptrs = self._ptrs = (self.masks.data_ptr(), self.values.data_ptr(), self.row_offsets.data_ptr(),
+                                 self.bias_f32.data_ptr())
+        if x.device.type != "cpu":
+            raise RuntimeError(f"SparseLinear(backend='bitmask') runs on CPU; the input is on {x.device}")
+        x2 = x.reshape(-1, self.in_features)
+        if x2.dtype != torch.float32:
+            x2 = x2.float()
+        pad = self.chunks * 16 - self.in_features
+        x2 = F.pad(x2, (0, pad)) if pad else x2.contiguous()
+        batch = x2.shape[0]
+        out = torch.empty(batch, self.out_features)
+        masks, values, offsets, bias = ptrs
+        kernels.matvec(masks, self.chunks, values, offsets, x2.data_ptr(), x2.shape[1], bias, out.data_ptr(),
+                       self.out_features, batch, self.out_features, threads=torch.get_num_threads())
+        return out if x.dtype == torch.float32 else out.to(x.dtype)
 
     def extra_repr(self) -> str:
         return (
@@ -210,7 +279,7 @@ def sparsify_for_inference(
     model: nn.Module,
     *,
     batch_size: int = 1,
-    backend: str = "csr",
+    backend: str = "auto",
     min_sparsity: float = 0.5,
     min_speedup: float = 1.1,
     patterns: Optional[Sequence[str]] = None,
@@ -220,31 +289,37 @@ def sparsify_for_inference(
     """Replace each sufficiently sparse linear layer by :class:`SparseLinear` where measured faster.
 
     For every ``nn.Linear``/``Conv1D`` (matching ``patterns`` when given) whose weight has at
-    least ``min_sparsity`` zeros, time the dense product and the sparse one on a random
-    input of ``batch_size`` rows (the tokens per call you will run: 1 for decoding one
-    sequence), and swap the module for a ``SparseLinear`` only when the sparse path is at
-    least ``min_speedup`` times faster. Other layers stay dense (the fallback).
+    least ``min_sparsity`` zeros, time the dense product and each candidate sparse kernel
+    on a random input of ``batch_size`` rows (the tokens per call you will run: 1 for
+    decoding one sequence), and swap the module for a ``SparseLinear`` with the fastest
+    kernel only when it is at least ``min_speedup`` times faster than dense. Other layers
+    stay dense (the fallback).
 
     Args:
         model: the (pruned) model; changed in place.
         batch_size: rows per call to measure at (decode batch size).
-        backend: ``csr`` (CPU) or ``semi_structured`` (CUDA, 2:4).
+        backend: ``auto`` (default: on CPU, ``bitmask`` where :mod:`artemis.kernels` can
+            run it and ``csr``, the faster per layer; on CUDA, ``semi_structured``), or one
+            of ``bitmask``, ``csr``, ``semi_structured``.
         min_sparsity: layers less sparse than this are not measured (stay dense).
         min_speedup: required dense/sparse time ratio to switch (0 forces every measured layer sparse).
         patterns: module-name globs (or ``re:`` regexes) to consider; default all.
-        repeats: timed calls per measurement (median; dense and sparse alternate).
+        repeats: timed calls per layer and kernel (median). Layers are timed in turn,
+            round after round, so that each layer's weights leave the caches between its
+            calls, as in a forward pass of a model larger than the caches.
         clock: ``wall`` (default) or ``cpu`` (the thread's CPU time; use it with one torch
             thread on a machine shared with other jobs).
 
     Returns:
-        ``{module name: {"sparsity", "dense_us", "sparse_us", "speedup", "choice"}}`` with
+        ``{module name: {"sparsity", "dense_us", "<backend>_us" for each kernel timed,
+        "backend" (the fastest), "sparse_us" (its time), "speedup", "choice"}}`` with
         ``choice`` ``"sparse"``, ``"dense"`` or ``"dense (reason)"``.
 
     Raises:
         ValueError: bad arguments.
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown sparse backend {backend!r}; valid: {', '.join(map(repr, BACKENDS))}")
+    if backend not in CHOICES:
+        raise ValueError(f"unknown sparse backend {backend!r}; valid: {', '.join(map(repr, CHOICES))}")
     if clock not in CLOCKS:
         raise ValueError(f"unknown clock {clock!r}; valid: {', '.join(map(repr, CLOCKS))}")
     if batch_size < 1 or repeats < 1 or not (0.0 <= min_sparsity < 1.0) or min_speedup < 0:
@@ -260,6 +335,7 @@ def sparsify_for_inference(
         if (isinstance(m, nn.Linear) or (conv is not None and isinstance(m, conv)))
         and (patterns is None or any(match_pattern(p, n) for p in patterns))
     ]
+    built: dict[str, dict[str, SparseLinear]] = {}
     for name, module in candidates:
         w = module.weight
         sparsity = 1.0 - int(torch.count_nonzero(w)) / w.numel()
@@ -268,32 +344,64 @@ def sparsify_for_inference(
         if sparsity < min_sparsity:
             entry["choice"] = f"dense (sparsity below {min_sparsity})"
             continue
-        try:
-            sparse = SparseLinear.from_linear(module, backend)
-        except ValueError as exc:
-            entry["choice"] = f"dense ({exc})"
-            continue
-        in_features = sparse.in_features
-        x = torch.randn(batch_size, in_features, dtype=w.dtype, device=w.device)
-        sync = torch.cuda.synchronize if w.device.type == "cuda" else (lambda: None)
+        if backend != "auto":
+            kinds = [backend]
+        elif w.device.type == "cuda":
+            kinds = ["semi_structured"]
+        else:
+            kinds = (["bitmask"] if kernels.matvec_ready() else []) + ["csr"]
+        errors = []
+        for kind in kinds:
+            try:
+                built.setdefault(name, {})[kind] = SparseLinear.from_linear(module, kind)
+            except ValueError as exc:
+                errors.append(str(exc))
+        if name not in built:
+            entry["choice"] = f"dense ({'; '.join(errors)})"
 
-        def dense_call() -> None:
-            module(x)
+    # Time every layer in turn, round after round: between two calls of one layer all the
+    # others run, so (in a model larger than the caches) each layer's weights come from
+    # memory, as they do in a forward pass. Timing one layer in a loop would keep its
+    # dense weight in cache and favour dense.
+    modules = dict(candidates)
+    now = CLOCKS[clock]
+    calls: list[tuple[str, str, Callable[[], Any]]] = []
+    for name, variants in built.items():
+        w = modules[name].weight
+        x = torch.randn(batch_size, next(iter(variants.values())).in_features, dtype=w.dtype, device=w.device)
+        for kind, mod in [("dense", modules[name]), *variants.items()]:
+            calls.append((name, kind, functools.partial(mod, x)))
+    sync = torch.cuda.synchronize if any(modules[n].weight.is_cuda for n in built) else (lambda: None)
+    times: dict[tuple[str, str], list[float]] = {(n, k): [] for n, k, _ in calls}
+    for rnd in range(2 + repeats):  # two warm-up rounds
+        for name, kind, call in calls:
+            t0 = now()
+            call()
             sync()
+            if rnd >= 2:
+                times[(name, kind)].append(now() - t0)
 
-        def sparse_call() -> None:
-            sparse(x)
-            sync()
+    def median(v: list[float]) -> float:
+        v = sorted(v)
+        return v[len(v) // 2]
 
-        dense_t, sparse_t = time_pair(dense_call, sparse_call, repeats=repeats, clock=clock)
+    for name, variants in built.items():
+        entry = report[name]
+        dense_t = median(times[(name, "dense")])
+        sparse_ts = {kind: median(times[(name, kind)]) for kind in variants}
+        for kind, t in sparse_ts.items():
+            entry[f"{kind}_us"] = round(t * 1e6, 1)
+        best = min(sparse_ts, key=sparse_ts.get)
+        sparse_t = sparse_ts[best]
         entry.update(
             dense_us=round(dense_t * 1e6, 1),
+            backend=best,
             sparse_us=round(sparse_t * 1e6, 1),
             speedup=round(dense_t / sparse_t, 3) if sparse_t > 0 else float("inf"),
         )
         if dense_t >= min_speedup * sparse_t:
             parent, attr = _parent(model, name)
-            setattr(parent, attr, sparse)
+            setattr(parent, attr, variants[best])
             entry["choice"] = "sparse"
         else:
             entry["choice"] = "dense"

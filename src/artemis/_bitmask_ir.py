@@ -1,0 +1,217 @@
+"""LLVM IR for the bitmask kernels, compiled for this CPU with llvmlite (see :mod:`artemis.kernels`).
+
+Every kernel is built on LLVM's target-independent ``llvm.masked.expandload`` intrinsic:
+it reads the next ``popcount(mask)`` packed items and places them in the lanes whose mask
+bit is set. With AVX-512 LLVM lowers it to one ``vexpandps``/``vpexpand{b,w,d}``
+instruction (a 64-byte bitmask decode); elsewhere to a lane-by-lane loop, which is why
+:mod:`artemis.kernels` only compiles these for hosts with the instruction.
+
+Functions (C calling convention; sizes are int64, matrices row-major):
+
+``decode_w{1,2,4}(bits, bstride, vals, nvals, offsets, cols, out, r0, r1) -> int64``
+    rows ``r0 .. r1-1`` (``r0 < r1``) of a bitmask matrix of ``cols`` columns into ``out``
+    (dense, ``rows × cols`` items of 1/2/4 bytes; every item written). ``bits`` holds
+    ``bstride`` bytes per row (bit ``j`` of a row = byte ``j // 8``, bit ``j % 8``, no bit set
+    at or beyond ``cols``); ``offsets[r]`` is the index in ``vals`` (``nvals`` items) of row
+    ``r``'s first kept item. Each row's offset is checked against the running count and
+    its values against ``nvals`` before it is read: returns ``-(r + 1)`` for the first bad
+    row ``r``, else the index after the last value used (the caller compares it with the
+    next row's offset or ``nvals``).
+``matvec_rows(masks, chunks, vals, offsets, x, xstride, bias, out, ostride, batch, r0, r1)``
+    ``out[b, r] = bias[r] + Σ_c expand(vals[offsets[r]:], masks[r, c]) · x[b, 16c : 16c+16]``
+    for rows ``r0 .. r1-1`` and ``b < batch``, float32; ``masks`` is uint16 ``(rows, chunks)``
+    and each ``x`` row holds ``16 × chunks`` floats (zero-padded).
+
+The decoders check the row offsets and value count themselves (above); callers check
+shapes, dtypes and the bits beyond ``cols``. ``matvec_rows`` checks nothing: its
+operands are built by Artemis (:class:`artemis.sparse_inference.SparseLinear`).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from llvmlite import ir
+
+__all__ = ["build_module", "PREFETCH_ITEMS"]
+
+I1, I8, I16, I32, I64 = ir.IntType(1), ir.IntType(8), ir.IntType(16), ir.IntType(32), ir.IntType(64)
+F32 = ir.FloatType()
+PTR = I8.as_pointer()
+PREFETCH_ITEMS = 1024  # matvec: prefetch the value stream 4 KiB ahead (its stride is data-dependent)
+
+
+def _c(v: int, ty: ir.Type = I64) -> ir.Constant:
+    return ir.Constant(ty, v)
+
+
+def _intrinsic(module: ir.Module, name: str, ret: ir.Type, args: list) -> ir.Function:
+    fn = module.globals.get(name)
+    return fn if fn is not None else ir.Function(module, ir.FunctionType(ret, args), name)
+
+
+def _loop(builder: ir.IRBuilder, start, stop, init: list, body: Callable) -> list:
+    """``for i in range(start, stop)`` with loop-carried values ``init``; ``body(i, values)``
+    returns the next values. Returns the values after the loop (``init`` if it ran 0 times)."""
+    entry = builder.block
+    head = builder.append_basic_block("loop")
+    after = builder.append_basic_block("after")
+    builder.cbranch(builder.icmp_signed("<", start, stop), head, after)
+    builder.position_at_end(head)
+    i = builder.phi(I64)
+    carried = [builder.phi(v.type) for v in init]
+    new = body(i, carried)
+    i_next = builder.add(i, _c(1))
+    end = builder.block
+    i.add_incoming(start, entry)
+    i.add_incoming(i_next, end)
+    for phi, v0, v1 in zip(carried, init, new):
+        phi.add_incoming(v0, entry)
+        phi.add_incoming(v1, end)
+    builder.cbranch(builder.icmp_signed("<", i_next, stop), head, after)
+    builder.position_at_end(after)
+    out = []
+    for v0, v1 in zip(init, new):
+        phi = builder.phi(v0.type)
+        phi.add_incoming(v0, entry)
+        phi.add_incoming(v1, end)
+        out.append(phi)
+    return out
+
+
+def _decode(module: ir.Module, width: int) -> None:
+    lanes = 64 // width
+    step = lanes // 8  # mask bytes per 64-byte chunk
+    ety = ir.IntType(8 * width)
+    vec = ir.VectorType(ety, lanes)
+    mty = ir.IntType(lanes)
+    mvec = ir.VectorType(I1, lanes)
+    bvec = ir.VectorType(I8, step)
+    sfx = f"v{lanes}i{8 * width}"
+    fn = ir.Function(module, ir.FunctionType(I64, [PTR, I64, PTR, I64, I64.as_pointer(), I64, PTR, I64, I64]),
+                     f"decode_w{width}")
+    bits, bstride, vals, nvals, offsets, cols, out, r0, r1 = fn.args
+    b = ir.IRBuilder(fn.append_basic_block("entry"))
+    expand = _intrinsic(module, f"llvm.masked.expandload.{sfx}", vec, [ety.as_pointer(), mvec, vec])
+    ctpop = _intrinsic(module, f"llvm.ctpop.i{lanes}", mty, [mty])
+    mstore = _intrinsic(module, f"llvm.masked.store.{sfx}.p0", ir.VoidType(), [vec, vec.as_pointer(), I32, mvec])
+    mload = _intrinsic(module, f"llvm.masked.load.v{step}i8.p0", bvec, [bvec.as_pointer(), I32, ir.VectorType(I1, step), bvec])
+    undef = ir.Constant(vec, None)
+    ebase = b.bitcast(vals, ety.as_pointer())
+    obase = b.bitcast(out, ety.as_pointer())
+    full = b.sdiv(cols, _c(lanes))
+    tail = b.sub(cols, b.mul(full, _c(lanes)))
+    has_tail = b.icmp_signed(">", tail, _c(0))
+    # lanes < tail (stored) and mask bytes < ceil(tail / 8) (loaded) of the last, partial chunk
+    tail_lanes = b.bitcast(b.trunc(b.sub(b.shl(_c(1), tail), _c(1)), mty), mvec)
+    tail_bytes = b.sdiv(b.add(tail, _c(7)), _c(8))
+    tail_bmask = b.bitcast(b.trunc(b.sub(b.shl(_c(1), tail_bytes), _c(1)), ir.IntType(step)), ir.VectorType(I1, step))
+
+    def chunk_mask(brow, c):
+        return b.load(b.bitcast(b.gep(brow, [b.mul(c, _c(step))]), mty.as_pointer()), align=1)
+
+    def tail_mask(brow):
+        mb = b.call(mload, [b.bitcast(b.gep(brow, [b.mul(full, _c(step))]), bvec.as_pointer()), _c(1, I32),
+                            tail_bmask, ir.Constant(bvec, None)])
+        return b.bitcast(b.select(tail_bmask, mb, ir.Constant(bvec, [0] * step)), mty)
+
+    def popcount(m):
+        return b.zext(b.call(ctpop, [m]), I64)
+
+    def row(r, carried):
+        (k,) = carried
+        brow = b.gep(bits, [b.mul(r, bstride)])
+        # the row's values are vals[k : k + count]: its offset must be k and they must exist
+        (count,) = _loop(b, _c(0), full, [_c(0)], lambda c, acc: [b.add(acc[0], popcount(chunk_mask(brow, c)))])
+        count = b.select(has_tail, b.add(count, popcount(tail_mask(brow))), count)
+        bad = b.or_(b.icmp_signed("!=", b.load(b.gep(offsets, [r])), k), b.icmp_unsigned(">", count, b.sub(nvals, k)))
+        with b.if_then(bad, likely=False):
+            b.ret(b.sub(_c(-1), r))  # -(r + 1)
+        orow = b.gep(obase, [b.mul(r, cols)])
+
+        def chunk(c, carried):
+            (p,) = carried
+            m = chunk_mask(brow, c)
+            b.store(b.call(expand, [p, b.bitcast(m, mvec), undef]),
+                    b.bitcast(b.gep(orow, [b.mul(c, _c(lanes))]), vec.as_pointer()), align=1)
+            return [b.gep(p, [popcount(m)])]
+
+        (p_end,) = _loop(b, _c(0), full, [b.gep(ebase, [k])], chunk)
+        with b.if_then(has_tail):
+            m = tail_mask(brow)
+            v = b.call(expand, [p_end, b.bitcast(m, mvec), undef])
+            b.call(mstore, [v, b.bitcast(b.gep(orow, [b.mul(full, _c(lanes))]), vec.as_pointer()), _c(1, I32), tail_lanes])
+        return [b.add(k, count)]
+
+    # k starts at offsets[r0] only if that is a valid index; row r0's check catches the rest
+    start = b.load(b.gep(offsets, [r0]))
+    (k_end,) = _loop(b, r0, r1, [start], row)
+    b.ret(k_end)
+
+
+def _matvec(module: ir.Module) -> None:
+    vec = ir.VectorType(F32, 16)
+    mvec = ir.VectorType(I1, 16)
+    fp = F32.as_pointer()
+    fn = ir.Function(
+        module,
+        ir.FunctionType(ir.VoidType(), [I16.as_pointer(), I64, fp, I64.as_pointer(), fp, I64, fp, fp, I64, I64, I64, I64]),
+        "matvec_rows",
+    )
+    masks, chunks, vals, offsets, x, xstride, bias, out, ostride, batch, r0, r1 = fn.args
+    b = ir.IRBuilder(fn.append_basic_block("entry"))
+    expand = _intrinsic(module, "llvm.masked.expandload.v16f32", vec, [fp, mvec, vec])
+    fma = _intrinsic(module, "llvm.fma.v16f32", vec, [vec, vec, vec])
+    ctpop = _intrinsic(module, "llvm.ctpop.i16", I16, [I16])
+    reduce = _intrinsic(module, "llvm.vector.reduce.fadd.v16f32", F32, [F32, vec])
+    prefetch = _intrinsic(module, "llvm.prefetch.p0", ir.VoidType(), [PTR, I32, I32, I32])
+    zero = ir.Constant(vec, [0.0] * 16)
+    pairs = b.sdiv(chunks, _c(2))
+
+    def step(mrow, xrow, c, p, acc):
+        b.call(prefetch, [b.bitcast(b.gep(p, [_c(PREFETCH_ITEMS)]), PTR), _c(0, I32), _c(3, I32), _c(1, I32)])
+        m = b.load(b.gep(mrow, [c]))
+        v = b.call(expand, [p, b.bitcast(m, mvec), zero])
+        xv = b.load(b.bitcast(b.gep(xrow, [b.mul(c, _c(16))]), vec.as_pointer()), align=4)
+        return b.gep(p, [b.zext(b.call(ctpop, [m]), I64)]), b.call(fma, [v, xv, acc])
+
+    def row(r, _):
+        mrow = b.gep(masks, [b.mul(r, chunks)])
+        vbase = b.gep(vals, [b.load(b.gep(offsets, [r]))])
+        bias_r = b.load(b.gep(bias, [r]))
+
+        def one(bi, _):
+            xrow = b.gep(x, [b.mul(bi, xstride)])
+
+            def pair(i, carried):  # two accumulators: the FMA latency, not the loads, bounds one
+                p, a0, a1 = carried
+                c = b.mul(i, _c(2))
+                p, a0 = step(mrow, xrow, c, p, a0)
+                p, a1 = step(mrow, xrow, b.add(c, _c(1)), p, a1)
+                return [p, a0, a1]
+
+            p, a0, a1 = _loop(b, _c(0), pairs, [vbase, zero, zero], pair)
+
+            def last(c, carried):
+                p2, acc = carried
+                return list(step(mrow, xrow, c, p2, acc))
+
+            _, acc = _loop(b, b.mul(pairs, _c(2)), chunks, [p, b.fadd(a0, a1)], last)
+            total = b.call(reduce, [ir.Constant(F32, 0.0), acc], fastmath=("reassoc",))
+            b.store(b.fadd(total, bias_r), b.gep(out, [b.add(b.mul(bi, ostride), r)]))
+            return []
+
+        _loop(b, _c(0), batch, [], one)
+        return []
+
+    _loop(b, r0, r1, [], row)
+    b.ret_void()
+
+
+def build_module() -> ir.Module:
+    """The IR module with ``decode_w1``, ``decode_w2``, ``decode_w4`` and ``matvec_rows``."""
+    module = ir.Module(name="artemis_bitmask")
+    for width in (1, 2, 4):
+        _decode(module, width)
+    _matvec(module)
+    return module

@@ -1,0 +1,218 @@
+"""Compiled CPU kernels for weights in the sparse-bitmask layout, and when they are used.
+
+Two operations on a matrix stored as its kept values plus one bit per weight (the
+layout of :mod:`artemis.export`) are slow in numpy/PyTorch operators:
+
+* **decoding** it back to dense when a checkpoint is loaded (numpy needs an unpacked
+  bool mask, an index array and a scatter: about 2 ns per weight);
+* **multiplying** it by a vector while generating (PyTorch's CSR kernel gains little at
+  batch 1: its 8 bytes per kept weight and its indirect loads cost about what the
+  skipped zeros save).
+
+AVX-512 has the instruction both need: ``vexpandps``/``vpexpand{b,w,d}`` reads the next
+``popcount(mask)`` packed values and places them in the lanes whose bit is set, a 64-byte
+bitmask decode in one instruction. :mod:`artemis._bitmask_ir` writes the kernels in LLVM
+IR around LLVM's portable ``llvm.masked.expandload`` intrinsic, and this module compiles
+them for the host CPU with `llvmlite <https://llvmlite.readthedocs.io>`_ (the LLVM binding
+that Numba is built on; no C compiler needed, about 30 ms on first use in a process).
+On CPUs without AVX-512, LLVM turns that intrinsic into a lane-by-lane loop that is
+slower than the numpy decoder and than a dense matrix·vector, so the kernels are used
+only where the host has the instruction:
+
+======================  ==============================================  =====================
+operation               needs                                           otherwise
+======================  ==============================================  =====================
+decode, 4-byte items    ``avx512f``                                     numpy decoder
+decode, 1/2-byte items  ``avx512f``, ``avx512bw``, ``avx512vbmi2``      numpy decoder
+matrix·vector (fp32)    ``avx512f``                                     CSR or dense
+======================  ==============================================  =====================
+
+Set ``ARTEMIS_KERNELS=0`` to turn them off (the numpy decoder gives bit-identical
+weights). :func:`kernel_status` says what this process uses and why.
+
+Example:
+    >>> from artemis.kernels import kernel_status
+    >>> sorted(kernel_status())
+    ['decode_1byte', 'decode_2byte', 'decode_4byte', 'llvmlite', 'matvec', 'reason']
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import logging
+import os
+import threading
+from typing import Any, Callable, Optional
+
+import numpy as np
+
+__all__ = ["kernel_status", "decode_ready", "matvec_ready", "decode_rows", "matvec", "ENV_SWITCH"]
+
+logger = logging.getLogger(__name__)
+
+ENV_SWITCH = "ARTEMIS_KERNELS"
+
+
+_LOCK = threading.Lock()  # one compile, one status, whatever threads ask first
+
+
+def _status(switch: str) -> dict[str, Any]:
+    with _LOCK:
+        if switch not in _STATUS:
+            _STATUS[switch] = _find_status(switch)
+        return _STATUS[switch]
+
+
+_STATUS: dict[str, dict[str, Any]] = {}
+
+
+def _find_status(switch: str) -> dict[str, Any]:
+    off = {"decode_1byte": False, "decode_2byte": False, "decode_4byte": False, "matvec": False}
+    if switch.strip().lower() in ("0", "false", "no", "off"):
+        return {**off, "llvmlite": None, "reason": f"turned off by {ENV_SWITCH}={switch}"}
+    try:
+        import llvmlite
+        from llvmlite import binding
+    except ImportError:
+        return {**off, "llvmlite": None, "reason": "llvmlite is not installed (pip install llvmlite)"}
+    feats = {name for name, on in binding.get_host_cpu_features().items() if on}
+    if "avx512f" not in feats:
+        return {**off, "llvmlite": llvmlite.__version__,
+                "reason": "this CPU has no AVX-512 (avx512f): the numpy decoder and the CSR kernel are used"}
+    try:
+        _compile()
+    except Exception as exc:  # an llvmlite/LLVM that cannot build the IR: fall back, say why
+        logger.warning("artemis.kernels: compiling the bitmask kernels failed (%s); using the fallbacks", exc)
+        return {**off, "llvmlite": llvmlite.__version__, "reason": f"compiling the kernels failed: {exc}"}
+    narrow = {"avx512bw", "avx512vbmi2"} <= feats
+    return {
+        "decode_1byte": narrow, "decode_2byte": narrow, "decode_4byte": True, "matvec": True,
+        "llvmlite": llvmlite.__version__,
+        "reason": "AVX-512 expand instructions available" if narrow
+        else "no avx512vbmi2: 1- and 2-byte values decode with numpy",
+    }
+
+
+def kernel_status() -> dict[str, Any]:
+    """Which compiled kernels this process uses (``decode_1byte``/``2byte``/``4byte``,
+    ``matvec``), the llvmlite version (``None`` if missing or turned off) and the reason."""
+    return dict(_status(os.environ.get(ENV_SWITCH, "1")))
+
+
+def decode_ready(itemsize: int) -> bool:
+    """True when values of ``itemsize`` bytes decode with the compiled kernel."""
+    return bool(_status(os.environ.get(ENV_SWITCH, "1")).get(f"decode_{itemsize}byte", False))
+
+
+def matvec_ready() -> bool:
+    """True when the compiled bitmask matrix·vector kernel can run here."""
+    return bool(_status(os.environ.get(ENV_SWITCH, "1"))["matvec"])
+
+
+class _Compiled:
+    """The kernels of :mod:`artemis._bitmask_ir`, JIT-compiled for this CPU (about 30 ms)."""
+
+    def __init__(self) -> None:
+        from llvmlite import binding as llvm
+
+        from artemis._bitmask_ir import build_module
+
+        llvm.initialize_native_target()
+        llvm.initialize_native_asmprinter()
+        module = llvm.parse_assembly(str(build_module()))
+        module.verify()
+        machine = llvm.Target.from_default_triple().create_target_machine(
+            cpu=llvm.get_host_cpu_name(), features=llvm.get_host_cpu_features().flatten(), opt=3
+        )
+        self._engine = llvm.create_mcjit_compiler(module, machine)  # owns the machine code
+        self._engine.finalize_object()
+        i64 = ctypes.c_int64
+        self.decode = {
+            w: ctypes.CFUNCTYPE(i64, *[i64] * 9)(self._engine.get_function_address(f"decode_w{w}")) for w in (1, 2, 4)
+        }
+        self.matvec_rows = ctypes.CFUNCTYPE(None, *[i64] * 12)(self._engine.get_function_address("matvec_rows"))
+
+
+_KERNELS: list[_Compiled] = []  # kept for the life of the process: callers hold raw function pointers
+
+
+def _compile() -> _Compiled:
+    """Compile once (called under ``_LOCK`` by :func:`_status`)."""
+    if not _KERNELS:
+        _KERNELS.append(_Compiled())
+    return _KERNELS[0]
+
+
+def _compiled() -> _Compiled:
+    if not _KERNELS:
+        _status(os.environ.get(ENV_SWITCH, "1"))
+        if not _KERNELS:
+            raise RuntimeError(f"artemis.kernels: the compiled kernels are not available ({kernel_status()['reason']})")
+    return _KERNELS[0]
+
+
+def decode_rows(bits: np.ndarray, vals: np.ndarray, offsets: np.ndarray, cols: int, out: np.ndarray,
+                r0: int, r1: int) -> int:
+    """Decode rows ``r0 .. r1-1`` of a bitmask matrix into the flat ``out``; call only where
+    :func:`decode_ready` is true.
+
+    ``bits`` is C-contiguous uint8 ``(rows, ceil(cols/8))`` with no bit set at or beyond
+    ``cols`` (the caller checks that); ``vals`` and ``out`` (``rows × cols`` items) are
+    C-contiguous with the same item size (1, 2 or 4 bytes); ``offsets`` is int64
+    ``(rows,)``. The kernel checks every row's offset against the running count and
+    never reads past ``vals``. Releases the GIL, so threads can decode in parallel.
+
+    Returns:
+        ``-(r + 1)`` if row ``r`` has a wrong offset or too few values left (nothing
+        after it is decoded), else the index after the last value used: ``offsets[r1]``,
+        or ``vals.size`` when ``r1`` is the last row, for a consistent matrix.
+    """
+    if not (0 <= r0 < r1 <= bits.shape[0] == offsets.shape[0]) or out.size < bits.shape[0] * cols:
+        raise ValueError(f"decode_rows: bad rows {r0}..{r1} or sizes (bits {bits.shape}, out {out.size}, cols {cols})")
+    return _compiled().decode[out.itemsize](
+        bits.ctypes.data, bits.shape[1], vals.ctypes.data, vals.size, offsets.ctypes.data, cols, out.ctypes.data, r0, r1
+    )
+
+
+@functools.lru_cache(maxsize=None)  # first built in sparsify_for_inference, before any thread races it
+def _parallel_matvec() -> Optional[Callable]:
+    """A Numba ``prange`` loop that runs :func:`matvec`'s kernel on row blocks in parallel
+    (Numba's thread pool starts a block in microseconds; Python threads took ~70 µs per
+    call, more than a layer's product). ``None`` without Numba: one thread then."""
+    try:
+        import numba
+    except ImportError:
+        logger.info("artemis.kernels: numba is not installed; the sparse matrix-vector kernel runs on one thread")
+        return None
+    kernel = _compiled().matvec_rows
+
+    @numba.njit(parallel=True, nogil=True)
+    def run(masks, chunks, vals, offsets, x, xstride, bias, out, ostride, batch, rows, blocks):  # pragma: no cover
+        for i in numba.prange(blocks):
+            kernel(masks, chunks, vals, offsets, x, xstride, bias, out, ostride, batch,
+                   rows * i // blocks, rows * (i + 1) // blocks)
+
+    return run
+
+
+def matvec(masks: int, chunks: int, vals: int, offsets: int, x: int, xstride: int, bias: int, out: int,
+           ostride: int, batch: int, rows: int, threads: int = 1) -> None:
+    """``out[b, r] = bias[r] + Σ_j W[r, j] · x[b, j]`` for ``b < batch``, ``r < rows``, in float32,
+    with ``W`` as uint16 chunk masks ``(rows, chunks)``, float32 values and int64 row
+    offsets; arguments are data pointers and strides in items (no checks; call only where
+    :func:`matvec_ready` is true). ``x`` rows hold ``16 × chunks`` floats (zero-padded).
+    ``threads > 1`` splits the rows over Numba's thread pool when Numba is installed."""
+    run = _parallel_matvec() if threads > 1 else None
+    if run is None:
+        _compiled().matvec_rows(masks, chunks, vals, offsets, x, xstride, bias, out, ostride, batch, 0, rows)
+        return
+    if threads != getattr(_numba_threads, "asked", 0):
+        import numba
+
+        numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+        _numba_threads.asked, _numba_threads.got = threads, numba.get_num_threads()
+    run(masks, chunks, vals, offsets, x, xstride, bias, out, ostride, batch, rows, _numba_threads.got)
+
+
+_numba_threads = threading.local()  # what this thread last gave Numba (its thread count is per calling thread)

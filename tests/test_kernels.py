@@ -1,0 +1,172 @@
+"""The compiled bitmask kernels (artemis.kernels): decode and matrix-vector, and their fallbacks."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+from artemis import kernels
+from artemis.errors import CheckpointError
+from artemis.export import bitmask_compress, bitmask_decompress
+from artemis.sparse_inference import SparseLinear, sparsify_for_inference
+
+needs_kernels = pytest.mark.skipif(
+    not (kernels.decode_ready(2) and kernels.matvec_ready()),
+    reason=f"the compiled kernels need AVX-512 (avx512f/bw/vbmi2): {kernels.kernel_status()['reason']}",
+)
+
+
+@pytest.fixture(params=["kernel", "numpy"])
+def decoder(request, monkeypatch):
+    """Run a test with the compiled decoder and with the numpy fallback (ARTEMIS_KERNELS=0)."""
+    if request.param == "numpy":
+        monkeypatch.setenv(kernels.ENV_SWITCH, "0")
+    elif not kernels.decode_ready(2):
+        pytest.skip(f"no compiled decoder here: {kernels.kernel_status()['reason']}")
+    return request.param
+
+
+def test_status_names_the_switch(monkeypatch):
+    monkeypatch.setenv(kernels.ENV_SWITCH, "0")
+    status = kernels.kernel_status()
+    assert status == {"decode_1byte": False, "decode_2byte": False, "decode_4byte": False, "matvec": False,
+                      "llvmlite": None, "reason": "turned off by ARTEMIS_KERNELS=0"}
+    assert not kernels.decode_ready(4) and not kernels.matvec_ready()
+
+
+@needs_kernels
+def test_decode_rows_hand_example():
+    # 2 x 20 int16 matrix: row 0 keeps columns 1 and 17 (the second in the partial last chunk),
+    # row 1 keeps column 0 and 19
+    bits = np.zeros((2, 3), dtype=np.uint8)
+    bits[0, 0] = 0b10
+    bits[0, 2] = 0b10
+    bits[1, 0] = 0b1
+    bits[1, 2] = 0b1000
+    vals = np.array([5, 6, 7, 8], dtype=np.int16)
+    out = np.full(40, -1, dtype=np.int16)
+    end = kernels.decode_rows(bits, vals, np.array([0, 2], dtype=np.int64), 20, out, 0, 2)
+    assert end == 4
+    want = np.zeros((2, 20), dtype=np.int16)
+    want[0, 1], want[0, 17], want[1, 0], want[1, 19] = 5, 6, 7, 8
+    assert np.array_equal(out.reshape(2, 20), want)
+    # a block of rows: row 1 alone starts at its offset and ends at the value count
+    out2 = np.zeros(40, dtype=np.int16)
+    assert kernels.decode_rows(bits, vals, np.array([0, 2], dtype=np.int64), 20, out2, 1, 2) == 4
+    assert np.array_equal(out2[20:], want[1])
+    # a wrong offset stops at that row: -(row + 1)
+    assert kernels.decode_rows(bits, vals, np.array([0, 3], dtype=np.int64), 20, out, 0, 2) == -2
+    # too few values: row 1 would read past the end
+    assert kernels.decode_rows(bits, vals[:3], np.array([0, 2], dtype=np.int64), 20, out, 0, 2) == -2
+    with pytest.raises(ValueError, match="bad rows 1..1"):
+        kernels.decode_rows(bits, vals, np.array([0, 2], dtype=np.int64), 20, out, 1, 1)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.int8])
+@pytest.mark.parametrize("shape", [(5, 37), (3, 100), (7, 8), (2, 1), (4, 64), (3, 65), (6, 130), (9, 512)])
+def test_decode_matches_dense_bit_for_bit(decoder, dtype, shape):
+    g = torch.Generator().manual_seed(sum(shape))
+    w = (torch.randn(shape, generator=g) * 3).to(dtype)
+    w[torch.rand(shape, generator=g) < 0.6] = 0
+    parts = bitmask_compress(w)
+    back = bitmask_decompress(parts)
+    assert back.dtype == dtype and torch.equal(back, w)
+
+
+def test_decode_errors_are_the_same_on_both_paths(decoder):
+    w = torch.randn(6, 40)
+    w[w.abs() < 0.5] = 0
+    parts = bitmask_compress(w)
+    bad = dict(parts, row_offsets=parts["row_offsets"].clone())
+    bad["row_offsets"][3] += 1
+    with pytest.raises(CheckpointError, match=r"tensor 'l.weight' in f: l.row_offsets does not match the bitmask's row counts"):
+        bitmask_decompress(bad, name="l.weight", file="f")
+    short = dict(parts, compressed=parts["compressed"][:-1])
+    n = parts["compressed"].numel()
+    with pytest.raises(CheckpointError, match=rf"the bitmask marks {n} non-zero weights but l.compressed holds {n - 1} values"):
+        bitmask_decompress(short, name="l.weight", file="f")
+    empty_rows = {"compressed": torch.ones(1), "bitmask": torch.zeros(0, 5, dtype=torch.uint8),
+                  "shape": torch.tensor([0, 40]), "row_offsets": torch.zeros(0, dtype=torch.int64)}
+    with pytest.raises(CheckpointError, match="marks 0 non-zero weights but l.compressed holds 1 values"):
+        bitmask_decompress(empty_rows, name="l.weight", file="f")
+
+
+def _sparse_linear(n_in: int, n_out: int, bias: bool, seed: int = 0) -> nn.Linear:
+    torch.manual_seed(seed)
+    lin = nn.Linear(n_in, n_out, bias=bias)
+    with torch.no_grad():
+        lin.weight[torch.rand(n_out, n_in) < 0.7] = 0
+    return lin
+
+
+@needs_kernels
+@pytest.mark.parametrize("n_in,n_out,bias", [(37, 5, True), (64, 33, False), (100, 9, True), (16, 1, True)])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_bitmask_linear_matches_dense(n_in, n_out, bias, threads):
+    lin = _sparse_linear(n_in, n_out, bias)
+    sp = SparseLinear.from_linear(lin, backend="bitmask")
+    assert sp.nnz == int(torch.count_nonzero(lin.weight))
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.no_grad():
+            for shape in [(n_in,), (1, 1, n_in), (3, n_in), (2, 4, n_in)]:
+                x = torch.randn(shape)
+                y = sp(x)
+                assert y.shape == (*shape[:-1], n_out)
+                torch.testing.assert_close(y, lin(x), rtol=1e-5, atol=1e-5)
+            xb = torch.randn(2, n_in, dtype=torch.bfloat16)  # other dtypes compute in float32
+            torch.testing.assert_close(sp(xb), lin(xb.float()).to(torch.bfloat16), rtol=1e-2, atol=1e-2)
+    finally:
+        torch.set_num_threads(old)
+
+
+@needs_kernels
+def test_bitmask_linear_without_numba_runs_on_one_thread(monkeypatch):
+    lin = _sparse_linear(48, 20, True)
+    sp = SparseLinear.from_linear(lin, backend="bitmask")
+    monkeypatch.setattr(kernels, "_parallel_matvec", lambda: None)
+    x = torch.randn(3, 48)
+    with torch.no_grad():
+        torch.testing.assert_close(sp(x), lin(x), rtol=1e-5, atol=1e-5)
+
+
+def test_bitmask_linear_errors(monkeypatch):
+    with pytest.raises(ValueError, match=r"backend 'bitmask' runs on CPU with float32 weights; got torch.float64"):
+        SparseLinear(torch.zeros(4, 4, dtype=torch.float64), backend="bitmask")
+    monkeypatch.setenv(kernels.ENV_SWITCH, "off")
+    with pytest.raises(ValueError, match=r"backend 'bitmask' is not available here: turned off by ARTEMIS_KERNELS=off; use backend='csr'"):
+        SparseLinear(torch.eye(4), backend="bitmask")
+    monkeypatch.delenv(kernels.ENV_SWITCH)
+    if kernels.matvec_ready():
+        sp = SparseLinear(torch.eye(16), backend="bitmask")
+        with pytest.raises(RuntimeError, match="is for inference: its kernel computes no gradient"):
+            sp(torch.ones(16, requires_grad=True))
+
+
+@needs_kernels
+def test_sparsify_auto_times_both_cpu_kernels_and_keeps_the_fastest():
+    from tests.fixtures import lm_batch, tiny_llama
+
+    from artemis import create_pruning_manager
+
+    model = tiny_llama()
+    create_pruning_manager({"pruning": {"scope": "layer"}}, model).apply_magnitude_pruning(0.7)
+    batch = lm_batch()
+    with torch.no_grad():
+        ref = model(input_ids=batch["input_ids"]).logits
+    report = sparsify_for_inference(model, min_speedup=0.0, repeats=2)
+    measured = {n: e for n, e in report.items() if "speedup" in e}
+    assert len(measured) == 14
+    for name, e in measured.items():
+        assert e["backend"] == min(("bitmask", "csr"), key=lambda k: e[f"{k}_us"])
+        assert model.get_submodule(name).backend == e["backend"]
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=batch["input_ids"]).logits, ref, rtol=1e-4, atol=1e-4)
+    other = tiny_llama()
+    create_pruning_manager({"pruning": {"scope": "layer"}}, other).apply_magnitude_pruning(0.7)
+    forced = sparsify_for_inference(other, backend="bitmask", min_speedup=0.0, repeats=1)
+    assert {e["backend"] for e in forced.values() if "backend" in e} == {"bitmask"}
+    assert all("csr_us" not in e for e in forced.values())
