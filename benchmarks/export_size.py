@@ -66,6 +66,49 @@ def evict(folder: Path) -> None:
             os.close(fd)
 
 
+def interleaved(fns: dict, rounds: int = 9) -> dict:
+    """{name: (min, median) seconds}, the functions taking turns every round."""
+    times: dict = {k: [] for k in fns}
+    for _ in range(rounds):
+        for k, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t)
+    return {k: (min(v), sorted(v)[len(v) // 2]) for k, v in times.items()}
+
+
+_FRESH = """
+import os, sys, time, warnings
+os.environ["HF_HUB_OFFLINE"] = "1"
+warnings.filterwarnings("ignore")
+import torch, transformers
+from transformers import LlamaForCausalLM
+from artemis import load_pruned
+kind, folder = sys.argv[1], sys.argv[2]
+t = time.perf_counter()
+if kind == "dense":
+    LlamaForCausalLM.from_pretrained(folder, dtype=torch.bfloat16)
+else:
+    load_pruned(folder)
+print(time.perf_counter() - t)
+"""
+
+
+def fresh_process_loads(tmp: Path, rounds: int = 5) -> dict:
+    """{kind: (min, median)} seconds of one load in a new Python process, taking turns."""
+    import subprocess
+
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in [str(Path(__file__).parents[1] / "src"),
+                                                                    os.environ.get("PYTHONPATH", "")] if p))
+    times: dict = {"dense": [], "artemis": []}
+    for _ in range(rounds):
+        for kind, folder in (("dense", tmp / "dense"), ("artemis", tmp / "sparse")):
+            res = subprocess.run([sys.executable, "-c", _FRESH, kind, str(folder)], capture_output=True,
+                                 text=True, env=env, check=True)
+            times[kind].append(float(res.stdout.strip().splitlines()[-1]))
+    return {k: (min(v), sorted(v)[len(v) // 2]) for k, v in times.items()}
+
+
 def best_of(fn, n=3) -> float:
     times = []
     for _ in range(n):
@@ -148,15 +191,26 @@ def main() -> dict:
 
         for fn in (load_dense, load_sparse, load_int8):
             fn()
-        out["load_dense_touched_s"] = best_of(touched(load_dense))
-        out["load_artemis_touched_s"] = best_of(touched(load_sparse))
-        out["load_ratio_touched"] = out["load_artemis_touched_s"] / out["load_dense_touched_s"]
-        out["load_dense_s"] = best_of(load_dense)
-        out["load_artemis_s"] = best_of(load_sparse)
-        out["load_artemis_noverify_s"] = best_of(load_sparse_noverify)
-        out["load_artemis_int8_s"] = best_of(load_int8)
-        out["load_artemis_1worker_s"] = best_of(lambda: load_pruned(tmp / "sparse", workers=1))
-        out["load_ratio"] = out["load_artemis_s"] / out["load_dense_s"]
+        # warm: the loads take turns, 9 rounds; min and median of each
+        warm = interleaved({
+            "dense": load_dense, "artemis": load_sparse, "dense_touched": touched(load_dense),
+            "artemis_touched": touched(load_sparse), "artemis_noverify": load_sparse_noverify,
+            "artemis_int8": load_int8, "artemis_1worker": lambda: load_pruned(tmp / "sparse", workers=1),
+        })
+        for k, (lo, med) in warm.items():
+            out[f"load_{k}_s"] = lo
+            out[f"load_{k}_median_s"] = med
+        out["load_ratio"] = warm["artemis"][0] / warm["dense"][0]
+        out["load_ratio_median"] = warm["artemis"][1] / warm["dense"][1]
+        out["load_ratio_touched"] = warm["artemis_touched"][0] / warm["dense_touched"][0]
+        out["load_ratio_touched_median"] = warm["artemis_touched"][1] / warm["dense_touched"][1]
+        # a fresh process per load (imports done before the clock starts): the first load
+        # in a process, which for Artemis includes importing llvmlite and compiling the kernels
+        fresh = fresh_process_loads(tmp)
+        for k, (lo, med) in fresh.items():
+            out[f"load_{k}_fresh_process_s"] = lo
+            out[f"load_{k}_fresh_process_median_s"] = med
+        out["load_ratio_fresh_process_median"] = fresh["artemis"][1] / fresh["dense"][1]
         # cold page cache: both folders evicted before every load (posix_fadvise), and the
         # dense model's pages touched, so both loads read their files from the disk
         def cold(fn, folder):

@@ -112,7 +112,7 @@ def test_bitmask_linear_matches_dense(n_in, n_out, bias, threads):
     torch.set_num_threads(threads)
     try:
         with torch.no_grad():
-            for shape in [(n_in,), (1, 1, n_in), (3, n_in), (2, 4, n_in)]:
+            for shape in [(n_in,), (1, 1, n_in), (3, n_in), (5, n_in), (2, 4, n_in)]:
                 x = torch.randn(shape)
                 y = sp(x)
                 assert y.shape == (*shape[:-1], n_out)

@@ -20,7 +20,9 @@ Functions (C calling convention; sizes are int64, matrices row-major):
 ``matvec_rows(masks, chunks, vals, offsets, x, xstride, bias, out, ostride, batch, r0, r1)``
     ``out[b, r] = bias[r] + Σ_c expand(vals[offsets[r]:], masks[r, c]) · x[b, 16c : 16c+16]``
     for rows ``r0 .. r1-1`` and ``b < batch``, float32; ``masks`` is uint16 ``(rows, chunks)``
-    and each ``x`` row holds ``16 × chunks`` floats (zero-padded).
+    and each ``x`` row holds ``16 × chunks`` floats (zero-padded). Input rows are taken
+    ``GROUP`` at a time, so that each expansion of a weight chunk feeds ``GROUP`` FMAs;
+    the last ``batch % GROUP`` rows go one at a time.
 
 The decoders check the row offsets and value count themselves (above); callers check
 shapes, dtypes and the bits beyond ``cols``. ``matvec_rows`` checks nothing: its
@@ -39,6 +41,7 @@ I1, I8, I16, I32, I64 = ir.IntType(1), ir.IntType(8), ir.IntType(16), ir.IntType
 F32 = ir.FloatType()
 PTR = I8.as_pointer()
 PREFETCH_ITEMS = 1024  # matvec: prefetch the value stream 4 KiB ahead (its stride is data-dependent)
+GROUP = 4  # matvec: input rows that share one expansion of each weight chunk
 
 
 def _c(v: int, ty: ir.Type = I64) -> ir.Constant:
@@ -201,7 +204,30 @@ def _matvec(module: ir.Module) -> None:
             b.store(b.fadd(total, bias_r), b.gep(out, [b.add(b.mul(bi, ostride), r)]))
             return []
 
-        _loop(b, _c(0), batch, [], one)
+        def group(g, _):  # GROUP input rows at once: each chunk expanded once, GROUP FMAs
+            b0 = b.mul(g, _c(GROUP))
+            xrows = [b.gep(x, [b.mul(b.add(b0, _c(j)), xstride)]) for j in range(GROUP)]
+
+            def chunk(c, carried):
+                p, accs = carried[0], carried[1:]
+                b.call(prefetch, [b.bitcast(b.gep(p, [_c(PREFETCH_ITEMS)]), PTR), _c(0, I32), _c(3, I32), _c(1, I32)])
+                m = b.load(b.gep(mrow, [c]))
+                v = b.call(expand, [p, b.bitcast(m, mvec), zero])
+                new = []
+                for xr, acc in zip(xrows, accs):
+                    xv = b.load(b.bitcast(b.gep(xr, [b.mul(c, _c(16))]), vec.as_pointer()), align=4)
+                    new.append(b.call(fma, [v, xv, acc]))
+                return [b.gep(p, [b.zext(b.call(ctpop, [m]), I64)]), *new]
+
+            done = _loop(b, _c(0), chunks, [vbase] + [zero] * GROUP, chunk)
+            for j, acc in enumerate(done[1:]):
+                total = b.call(reduce, [ir.Constant(F32, 0.0), acc], fastmath=("reassoc",))
+                b.store(b.fadd(total, bias_r), b.gep(out, [b.add(b.mul(b.add(b0, _c(j)), ostride), r)]))
+            return []
+
+        groups = b.sdiv(batch, _c(GROUP))
+        _loop(b, _c(0), groups, [], group)
+        _loop(b, b.mul(groups, _c(GROUP)), batch, [], one)
         return []
 
     _loop(b, r0, r1, [], row)
