@@ -60,8 +60,13 @@ def test_decode_rows_hand_example():
     assert kernels.decode_rows(bits, vals, np.array([0, 3], dtype=np.int64), 20, out, 0, 2) == -2
     # too few values: row 1 would read past the end
     assert kernels.decode_rows(bits, vals[:3], np.array([0, 2], dtype=np.int64), 20, out, 0, 2) == -2
-    with pytest.raises(ValueError, match="bad rows 1..1"):
+    # a first offset outside [0, nvals] (negative, or huge) is caught before anything is read
+    for first in (-2, 5, 2**40):
+        assert kernels.decode_rows(bits, vals, np.array([first, 2], dtype=np.int64), 20, out, 0, 2) == -1
+    with pytest.raises(ValueError, match=r"decode_rows: bad operands .* rows 1\.\.1"):
         kernels.decode_rows(bits, vals, np.array([0, 2], dtype=np.int64), 20, out, 1, 1)
+    with pytest.raises(ValueError, match="vals and out of one item size"):
+        kernels.decode_rows(bits, vals.view(np.int8), np.array([0, 2], dtype=np.int64), 20, out, 0, 2)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.int8])
@@ -87,6 +92,13 @@ def test_decode_errors_are_the_same_on_both_paths(decoder):
     n = parts["compressed"].numel()
     with pytest.raises(CheckpointError, match=rf"the bitmask marks {n} non-zero weights but l.compressed holds {n - 1} values"):
         bitmask_decompress(short, name="l.weight", file="f")
+    for first in (-3, 5, 2**40):  # a corrupted first offset, and a layout that skips leading values
+        moved = dict(parts, row_offsets=parts["row_offsets"] + first)
+        with pytest.raises(CheckpointError, match="l.row_offsets does not match the bitmask's row counts"):
+            bitmask_decompress(moved, name="l.weight", file="f")
+    padded = dict(parts, compressed=torch.cat([torch.ones(5), parts["compressed"]]), row_offsets=parts["row_offsets"] + 5)
+    with pytest.raises(CheckpointError, match=rf"marks {n} non-zero weights but l.compressed holds {n + 5} values"):
+        bitmask_decompress(padded, name="l.weight", file="f")
     empty_rows = {"compressed": torch.ones(1), "bitmask": torch.zeros(0, 5, dtype=torch.uint8),
                   "shape": torch.tensor([0, 40]), "row_offsets": torch.zeros(0, dtype=torch.int64)}
     with pytest.raises(CheckpointError, match="marks 0 non-zero weights but l.compressed holds 1 values"):
@@ -141,9 +153,30 @@ def test_bitmask_linear_errors(monkeypatch):
         SparseLinear(torch.eye(4), backend="bitmask")
     monkeypatch.delenv(kernels.ENV_SWITCH)
     if kernels.matvec_ready():
+        with pytest.raises(ValueError, match=r"bias has shape \(3,\); expected \(16,\)"):
+            SparseLinear(torch.eye(16), torch.zeros(3), backend="bitmask")
         sp = SparseLinear(torch.eye(16), backend="bitmask")
-        with pytest.raises(RuntimeError, match="is for inference: its kernel computes no gradient"):
-            sp(torch.ones(16, requires_grad=True))
+        sp.row_offsets = sp.row_offsets.float()  # not what the kernel reads: refused, not misread
+        with pytest.raises(RuntimeError, match=r"row_offsets torch.float32"):
+            sp(torch.ones(16))
+
+
+@needs_kernels
+def test_bitmask_linear_gives_input_gradients_and_survives_copies():
+    import copy
+
+    lin = _sparse_linear(40, 12, True)
+    sp = SparseLinear.from_linear(lin, backend="bitmask")
+    assert torch.equal(sp.dense_weight(), lin.weight.detach())
+    x = torch.randn(3, 40, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_(True)
+    sp(x).square().sum().backward()
+    lin(x_ref).square().sum().backward()
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-5, atol=1e-5)
+    clone = copy.deepcopy(sp)
+    del sp  # the copy has its own buffers, read at every call
+    with torch.no_grad():
+        torch.testing.assert_close(clone(x), lin(x), rtol=1e-5, atol=1e-5)
 
 
 @needs_kernels

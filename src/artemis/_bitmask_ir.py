@@ -13,10 +13,11 @@ Functions (C calling convention; sizes are int64, matrices row-major):
     (dense, ``rows × cols`` items of 1/2/4 bytes; every item written). ``bits`` holds
     ``bstride`` bytes per row (bit ``j`` of a row = byte ``j // 8``, bit ``j % 8``, no bit set
     at or beyond ``cols``); ``offsets[r]`` is the index in ``vals`` (``nvals`` items) of row
-    ``r``'s first kept item. Each row's offset is checked against the running count and
-    its values against ``nvals`` before it is read: returns ``-(r + 1)`` for the first bad
-    row ``r``, else the index after the last value used (the caller compares it with the
-    next row's offset or ``nvals``).
+    ``r``'s first kept item. ``offsets[r0]`` must lie in ``[0, nvals]``, each later row's
+    offset must equal the running count, and each row's values must lie below ``nvals``;
+    all is checked before the row is read: returns ``-(r + 1)`` for the first bad row ``r``,
+    else the index after the last value used (the caller compares it with the next row's
+    offset or ``nvals``, and checks ``offsets[0] == 0``).
 ``matvec_rows(masks, chunks, vals, offsets, x, xstride, bias, out, ostride, batch, r0, r1)``
     ``out[b, r] = bias[r] + Σ_c expand(vals[offsets[r]:], masks[r, c]) · x[b, 16c : 16c+16]``
     for rows ``r0 .. r1-1`` and ``b < batch``, float32; ``masks`` is uint16 ``(rows, chunks)``
@@ -146,8 +147,11 @@ def _decode(module: ir.Module, width: int) -> None:
             b.call(mstore, [v, b.bitcast(b.gep(orow, [b.mul(full, _c(lanes))]), vec.as_pointer()), _c(1, I32), tail_lanes])
         return [b.add(k, count)]
 
-    # k starts at offsets[r0] only if that is a valid index; row r0's check catches the rest
+    # k starts at offsets[r0], which must lie in [0, nvals] (unsigned compare: a negative
+    # offset is huge); from there on k only grows and each row checks it stays <= nvals
     start = b.load(b.gep(offsets, [r0]))
+    with b.if_then(b.icmp_unsigned(">", start, nvals), likely=False):
+        b.ret(b.sub(_c(-1), r0))
     (k_end,) = _loop(b, r0, r1, [start], row)
     b.ret(k_end)
 

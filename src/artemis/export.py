@@ -166,6 +166,7 @@ class _SparseParts(NamedTuple):
     offsets: np.ndarray  # int64 (rows,)
     where: str  # "tensor '<name>' in <file>", for messages
     prefix: str  # the module name, for messages
+    kernel: bool  # decode with the compiled kernel (decided once, so the checks match the decoder)
 
 
 def _check_parts(parts: dict[str, Tensor], name: str, file: str) -> _SparseParts:
@@ -199,9 +200,11 @@ def _check_parts(parts: dict[str, Tensor], name: str, file: str) -> _SparseParts
     values = values.contiguous()
     if tuple(offsets.shape) != (rows,):
         raise CheckpointError(f"{where}: {prefix}.row_offsets has shape {tuple(offsets.shape)}; expected {(rows,)}")
-    sp = _SparseParts(rows, cols, bits_np, values, _as_int_numpy(values),
-                      np.ascontiguousarray(offsets.to(torch.int64).numpy()), where, prefix)
-    if not kernels.decode_ready(sp.vals.itemsize):  # the compiled decoder checks the counts as it goes
+    vals = _as_int_numpy(values)
+    kernel = kernels.decode_ready(vals.itemsize) and rows > 0 and cols > 0
+    sp = _SparseParts(rows, cols, bits_np, values, vals, np.ascontiguousarray(offsets.to(torch.int64).numpy()),
+                      where, prefix, kernel)
+    if not kernel or sp.offsets[0] != 0:  # else the compiled decoder checks the counts as it goes
         _check_counts(sp)
     return sp
 
@@ -222,7 +225,7 @@ def _check_counts(sp: _SparseParts) -> None:
 def _empty_dense(sp: _SparseParts) -> np.ndarray:
     """The flat output for :func:`_decode_rows`: uninitialised where the compiled kernel
     writes every item, zeros where numpy scatters only the kept ones."""
-    if kernels.decode_ready(sp.vals.itemsize):
+    if sp.kernel:
         return torch.empty(sp.rows * sp.cols, dtype=sp.values.dtype).view(_INT_VIEW[sp.vals.itemsize]).numpy()
     return np.zeros(sp.rows * sp.cols, dtype=sp.vals.dtype)
 
@@ -230,14 +233,13 @@ def _empty_dense(sp: _SparseParts) -> np.ndarray:
 def _decode_rows(sp: _SparseParts, out: np.ndarray) -> None:
     """All rows of ``sp`` into ``out`` (from :func:`_empty_dense`). Releases the GIL in
     its heavy part (both paths), so threads can decode several tensors at once."""
-    if sp.rows == 0 or sp.cols == 0:
-        _check_counts(sp)
-        return
-    if kernels.decode_ready(sp.vals.itemsize):
+    if sp.kernel:
         end = kernels.decode_rows(sp.bits, sp.vals, sp.offsets, sp.cols, out, 0, sp.rows)
         if end != sp.vals.size:  # a wrong offset or count: say which, as the numpy checks word it
             _check_counts(sp)
             raise CheckpointError(f"{sp.where}: the bitmask does not match {sp.prefix}.row_offsets/compressed")
+        return
+    if sp.rows == 0 or sp.cols == 0:
         return
     mask = np.unpackbits(sp.bits, axis=-1, count=sp.cols, bitorder="little").view(np.bool_)
     out[np.flatnonzero(mask)] = sp.vals  # ~3x faster than boolean-mask assignment in numpy

@@ -25,8 +25,10 @@ On CUDA, ``backend="semi_structured"`` stores a 2:4-sparse half/bfloat16 weight 
 unstructured-like pattern GPUs accelerate.
 
 The replaced modules are for inference: their weight is a buffer (not a trainable
-parameter), and the ``bitmask`` kernel refuses inputs that need a gradient. Save the
-pruned dense model (or its compressed export) and sparsify after loading.
+parameter). An input that needs a gradient still gets one (the ``bitmask`` backward
+decodes the weight to dense for it), so a model called without ``torch.no_grad()``
+works, only more slowly. Save the pruned dense model (or its compressed export) and
+sparsify after loading.
 
 Example:
     >>> import torch, torch.nn as nn
@@ -134,7 +136,9 @@ class SparseLinear(nn.Module):
         else:
             self.bias = None
         if backend == "bitmask":  # the kernel adds a float32 bias vector, zeros when there is none
-            b = torch.zeros(self.out_features) if bias is None else bias.detach().float().clone()
+            if bias is not None and tuple(bias.shape) != (self.out_features,):
+                raise ValueError(f"bias has shape {tuple(bias.shape)}; expected ({self.out_features},)")
+            b = torch.zeros(self.out_features, dtype=torch.float32) if bias is None else bias.detach().float().clone()
             self.register_buffer("bias_f32", b.contiguous(), persistent=False)
 
     def _init_bitmask(self, w: Tensor) -> None:
@@ -181,42 +185,76 @@ class SparseLinear(nn.Module):
             y = y + self.bias
         return y.to(x.dtype).reshape(*lead, self.out_features)
 
-    def _apply(self, fn, recurse=True):  # .to()/.cpu()/.float() replace the buffers: re-read their addresses
-        out = super()._apply(fn, recurse)
-        self._ptrs = None
-        return out
+    def _bitmask_operands(self) -> tuple[int, int, int, int]:
+        """Addresses of the kernel's four buffers, read at every call (a deep copy, a
+        ``.to()`` or an assignment replaces them), after checking what the kernel assumes."""
+        m, v, o, bias = self.masks, self.values, self.row_offsets, self.bias_f32
+        ok = (
+            m.dtype == torch.int16 and v.dtype == torch.float32 and o.dtype == torch.int64 and bias.dtype == torch.float32
+            and all(t.device.type == "cpu" and t.is_contiguous() for t in (m, v, o, bias))
+            and tuple(m.shape) == (self.out_features, self.chunks) and tuple(o.shape) == (self.out_features,)
+            and tuple(bias.shape) == (self.out_features,) and v.dim() == 1
+        )
+        if not ok:
+            raise RuntimeError(
+                "SparseLinear(backend='bitmask') runs on CPU with its buffers as built (int16 masks, float32 values "
+                f"and bias, int64 row_offsets); got masks {m.dtype}{tuple(m.shape)} on {m.device}, values {v.dtype} on "
+                f"{v.device}, row_offsets {o.dtype}, bias {bias.dtype}{tuple(bias.shape)}"
+            )
+        return m.data_ptr(), v.data_ptr(), o.data_ptr(), bias.data_ptr()
 
     def _bitmask_forward(self, x: Tensor) -> Tensor:
-        if x.requires_grad and torch.is_grad_enabled():
-            raise RuntimeError("SparseLinear(backend='bitmask') is for inference: its kernel computes no gradient")
-        ptrs = getattr(self, "_ptrs", None)
-        if ptrs is None:
-            if self.values.device.type != "cpu" or self.values.dtype != torch.float32:
-                raise RuntimeError(
-                    f"SparseLinear(backend='bitmask') runs on CPU in float32; its weight is {self.values.dtype} "
-                    f"on {self.values.device}"
-                )
-            ptrs = self._ptrs = (self.masks.data_ptr(), self.values.data_ptr(), self.row_offsets.data_ptr(),
-                                 self.bias_f32.data_ptr())
         if x.device.type != "cpu":
             raise RuntimeError(f"SparseLinear(backend='bitmask') runs on CPU; the input is on {x.device}")
-        x2 = x.reshape(-1, self.in_features)
+        if x.requires_grad and torch.is_grad_enabled():
+            return _BitmaskGrad.apply(x, self)
+        return self._bitmask_product(x)
+
+    def _bitmask_product(self, x: Tensor) -> Tensor:
+        masks, values, offsets, bias = self._bitmask_operands()
+        x2 = x.detach().reshape(-1, self.in_features)
         if x2.dtype != torch.float32:
             x2 = x2.float()
         pad = self.chunks * 16 - self.in_features
         x2 = F.pad(x2, (0, pad)) if pad else x2.contiguous()
         batch = x2.shape[0]
-        out = torch.empty(batch, self.out_features)
-        masks, values, offsets, bias = ptrs
+        out = torch.empty(batch, self.out_features, dtype=torch.float32)
         kernels.matvec(masks, self.chunks, values, offsets, x2.data_ptr(), x2.shape[1], bias, out.data_ptr(),
                        self.out_features, batch, self.out_features, threads=torch.get_num_threads())
         return out if x.dtype == torch.float32 else out.to(x.dtype)
+
+    def dense_weight(self) -> Tensor:
+        """The weight as a dense ``(out_features, in_features)`` tensor (a new copy)."""
+        if self.backend != "bitmask":
+            return self.weight.to_dense() if self.weight.layout != torch.strided else self.weight.clone()
+        bits = self.masks.numpy().view(np.uint8)
+        keep = np.unpackbits(bits, axis=1, count=self.in_features, bitorder="little").view(np.bool_)
+        w = torch.zeros(self.out_features, self.in_features, dtype=self.values.dtype)
+        w[torch.from_numpy(keep)] = self.values
+        return w
 
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, backend={self.backend}, "
             f"sparsity={self.sparsity:.3f}"
         )
+
+
+class _BitmaskGrad(torch.autograd.Function):
+    """The bitmask product for an input that needs a gradient: the kernel forward, and
+    ``grad_x = grad_y · W`` with ``W`` decoded to dense for the backward pass (the weight
+    itself is a buffer and gets no gradient)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, module: "SparseLinear") -> Tensor:
+        ctx.module = module
+        ctx.x_dtype = x.dtype
+        return module._bitmask_product(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        w = ctx.module.dense_weight()
+        return (grad.to(w.dtype) @ w).to(ctx.x_dtype), None
 
 
 CLOCKS = {"wall": time.perf_counter, "cpu": time.thread_time}
@@ -266,84 +304,17 @@ def time_pair(
     return ta[len(ta) // 2], tb[len(tb) // 2]
 
 
-def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
-    parts = name.split(".")
-    mod = model
-    for p in parts[:-1]:
-        mod = getattr(mod, p)
-    return mod, parts[-1]
+WINDOW_BYTES = 256 << 20  # sparsify_for_inference: dense weight bytes timed together (more than a CPU cache)
 
 
-@torch.no_grad()
-def sparsify_for_inference(
-    model: nn.Module,
-    *,
-    batch_size: int = 1,
-    backend: str = "auto",
-    min_sparsity: float = 0.5,
-    min_speedup: float = 1.1,
-    patterns: Optional[Sequence[str]] = None,
-    repeats: int = 20,
-    clock: str = "wall",
-) -> dict[str, dict[str, Any]]:
-    """Replace each sufficiently sparse linear layer by :class:`SparseLinear` where measured faster.
-
-    For every ``nn.Linear``/``Conv1D`` (matching ``patterns`` when given) whose weight has at
-    least ``min_sparsity`` zeros, time the dense product and each candidate sparse kernel
-    on a random input of ``batch_size`` rows (the tokens per call you will run: 1 for
-    decoding one sequence), and swap the module for a ``SparseLinear`` with the fastest
-    kernel only when it is at least ``min_speedup`` times faster than dense. Other layers
-    stay dense (the fallback).
-
-    Args:
-        model: the (pruned) model; changed in place.
-        batch_size: rows per call to measure at (decode batch size).
-        backend: ``auto`` (default: on CPU, ``bitmask`` where :mod:`artemis.kernels` can
-            run it and ``csr``, the faster per layer; on CUDA, ``semi_structured``), or one
-            of ``bitmask``, ``csr``, ``semi_structured``.
-        min_sparsity: layers less sparse than this are not measured (stay dense).
-        min_speedup: required dense/sparse time ratio to switch (0 forces every measured layer sparse).
-        patterns: module-name globs (or ``re:`` regexes) to consider; default all.
-        repeats: timed calls per layer and kernel (median). Layers are timed in turn,
-            round after round, so that each layer's weights leave the caches between its
-            calls, as in a forward pass of a model larger than the caches.
-        clock: ``wall`` (default) or ``cpu`` (the thread's CPU time; use it with one torch
-            thread on a machine shared with other jobs).
-
-    Returns:
-        ``{module name: {"sparsity", "dense_us", "<backend>_us" for each kernel timed,
-        "backend" (the fastest), "sparse_us" (its time), "speedup", "choice"}}`` with
-        ``choice`` ``"sparse"``, ``"dense"`` or ``"dense (reason)"``.
-
-    Raises:
-        ValueError: bad arguments.
-    """
-    if backend not in CHOICES:
-        raise ValueError(f"unknown sparse backend {backend!r}; valid: {', '.join(map(repr, CHOICES))}")
-    if clock not in CLOCKS:
-        raise ValueError(f"unknown clock {clock!r}; valid: {', '.join(map(repr, CLOCKS))}")
-    if batch_size < 1 or repeats < 1 or not (0.0 <= min_sparsity < 1.0) or min_speedup < 0:
-        raise ValueError(
-            f"need batch_size >= 1, repeats >= 1, 0 <= min_sparsity < 1, min_speedup >= 0; got "
-            f"{batch_size}, {repeats}, {min_sparsity}, {min_speedup}"
-        )
-    conv = conv1d_class()
-    report: dict[str, dict[str, Any]] = {}
-    candidates = [
-        (n, m)
-        for n, m in model.named_modules()
-        if (isinstance(m, nn.Linear) or (conv is not None and isinstance(m, conv)))
-        and (patterns is None or any(match_pattern(p, n) for p in patterns))
-    ]
+def _measure_window(
+    model: nn.Module, window: list[tuple[str, nn.Module]], report: dict[str, dict[str, Any]], backend: str,
+    batch_size: int, min_speedup: float, repeats: int, clock: str,
+) -> None:
+    """Build, time and choose for the layers of one window (see :func:`sparsify_for_inference`)."""
     built: dict[str, dict[str, SparseLinear]] = {}
-    for name, module in candidates:
+    for name, module in window:
         w = module.weight
-        sparsity = 1.0 - int(torch.count_nonzero(w)) / w.numel()
-        entry: dict[str, Any] = {"sparsity": round(sparsity, 4)}
-        report[name] = entry
-        if sparsity < min_sparsity:
-            entry["choice"] = f"dense (sparsity below {min_sparsity})"
-            continue
         if backend != "auto":
             kinds = [backend]
         elif w.device.type == "cuda":
@@ -357,13 +328,8 @@ def sparsify_for_inference(
             except ValueError as exc:
                 errors.append(str(exc))
         if name not in built:
-            entry["choice"] = f"dense ({'; '.join(errors)})"
-
-    # Time every layer in turn, round after round: between two calls of one layer all the
-    # others run, so (in a model larger than the caches) each layer's weights come from
-    # memory, as they do in a forward pass. Timing one layer in a loop would keep its
-    # dense weight in cache and favour dense.
-    modules = dict(candidates)
+            report[name]["choice"] = f"dense ({'; '.join(errors)})"
+    modules = dict(window)
     now = CLOCKS[clock]
     calls: list[tuple[str, str, Callable[[], Any]]] = []
     for name, variants in built.items():
@@ -405,6 +371,99 @@ def sparsify_for_inference(
             entry["choice"] = "sparse"
         else:
             entry["choice"] = "dense"
+
+
+def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    parts = name.split(".")
+    mod = model
+    for p in parts[:-1]:
+        mod = getattr(mod, p)
+    return mod, parts[-1]
+
+
+@torch.no_grad()
+def sparsify_for_inference(
+    model: nn.Module,
+    *,
+    batch_size: int = 1,
+    backend: str = "auto",
+    min_sparsity: float = 0.5,
+    min_speedup: float = 1.1,
+    patterns: Optional[Sequence[str]] = None,
+    repeats: int = 20,
+    clock: str = "wall",
+) -> dict[str, dict[str, Any]]:
+    """Replace each sufficiently sparse linear layer by :class:`SparseLinear` where measured faster.
+
+    For every ``nn.Linear``/``Conv1D`` (matching ``patterns`` when given) whose weight has at
+    least ``min_sparsity`` zeros, time the dense product and each candidate sparse kernel
+    on a random input of ``batch_size`` rows (the tokens per call you will run: 1 for
+    decoding one sequence), and swap the module for a ``SparseLinear`` with the fastest
+    kernel only when it is at least ``min_speedup`` times faster than dense. Other layers
+    stay dense (the fallback).
+
+    Args:
+        model: the (pruned) model; changed in place.
+        batch_size: rows per call to measure at (decode batch size).
+        backend: ``auto`` (default: on CPU, ``bitmask`` where :mod:`artemis.kernels` can
+            run it and ``csr``, the faster per layer; on CUDA, ``semi_structured``), or one
+            of ``bitmask``, ``csr``, ``semi_structured``.
+        min_sparsity: layers less sparse than this are not measured (stay dense).
+        min_speedup: required dense/sparse time ratio to switch (0 forces every measured layer sparse).
+        patterns: module-name globs (or ``re:`` regexes) to consider; default all.
+        repeats: timed calls per layer and kernel (median). Layers are timed in turn,
+            round after round, in windows of ``WINDOW_BYTES`` (256 MiB) of dense weights,
+            so that each layer's weights leave the caches between its calls, as in a
+            forward pass of a model larger than the caches; only one window's sparse
+            variants exist at a time.
+        clock: ``wall`` (default) or ``cpu`` (the thread's CPU time; use it with one torch
+            thread on a machine shared with other jobs).
+
+    Returns:
+        ``{module name: {"sparsity", "dense_us", "<backend>_us" for each kernel timed,
+        "backend" (the fastest), "sparse_us" (its time), "speedup", "choice"}}`` with
+        ``choice`` ``"sparse"``, ``"dense"`` or ``"dense (reason)"``.
+
+    Raises:
+        ValueError: bad arguments.
+    """
+    if backend not in CHOICES:
+        raise ValueError(f"unknown sparse backend {backend!r}; valid: {', '.join(map(repr, CHOICES))}")
+    if clock not in CLOCKS:
+        raise ValueError(f"unknown clock {clock!r}; valid: {', '.join(map(repr, CLOCKS))}")
+    if batch_size < 1 or repeats < 1 or not (0.0 <= min_sparsity < 1.0) or min_speedup < 0:
+        raise ValueError(
+            f"need batch_size >= 1, repeats >= 1, 0 <= min_sparsity < 1, min_speedup >= 0; got "
+            f"{batch_size}, {repeats}, {min_sparsity}, {min_speedup}"
+        )
+    conv = conv1d_class()
+    report: dict[str, dict[str, Any]] = {}
+    candidates = [
+        (n, m)
+        for n, m in model.named_modules()
+        if (isinstance(m, nn.Linear) or (conv is not None and isinstance(m, conv)))
+        and (patterns is None or any(match_pattern(p, n) for p in patterns))
+    ]
+    # Layers are measured in windows of about WINDOW_BYTES of dense weights: the window's
+    # sparse variants are built, every layer of the window is timed in turn, round after
+    # round, and only the winners are kept. Between two calls of one layer the others run,
+    # so (when the window is larger than the caches, as a model is) each layer's weights
+    # come from memory, as in a forward pass; timing one layer in a loop keeps its dense
+    # weight in cache and favours dense. The window bounds the extra memory of the variants.
+    window: list[tuple[str, nn.Module]] = []
+    window_bytes = 0
+    for i, (name, module) in enumerate(candidates):
+        w = module.weight
+        sparsity = 1.0 - int(torch.count_nonzero(w)) / w.numel()
+        report[name] = {"sparsity": round(sparsity, 4)}
+        if sparsity < min_sparsity:
+            report[name]["choice"] = f"dense (sparsity below {min_sparsity})"
+        else:
+            window.append((name, module))
+            window_bytes += w.numel() * w.element_size()
+        if window and (window_bytes >= WINDOW_BYTES or i == len(candidates) - 1):
+            _measure_window(model, window, report, backend, batch_size, min_speedup, repeats, clock)
+            window, window_bytes = [], 0
     n_sparse = sum(1 for e in report.values() if e.get("choice") == "sparse")
     logger.info("sparsify_for_inference: %d of %d linear layers use the sparse kernel", n_sparse, len(report))
     return report
