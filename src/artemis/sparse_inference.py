@@ -187,8 +187,13 @@ class SparseLinear(nn.Module):
 
     def _bitmask_operands(self) -> tuple[int, int, int, int]:
         """Addresses of the kernel's four buffers, read at every call (a deep copy, a
-        ``.to()`` or an assignment replaces them), after checking what the kernel assumes."""
-        m, v, o, bias = self.masks, self.values, self.row_offsets, self.bias_f32
+        ``.to()`` or an assignment replaces them), after checking what the kernel assumes;
+        the checks are redone whenever an address or dtype differs from the last call."""
+        bufs = self._buffers
+        m, v, o, bias = bufs["masks"], bufs["values"], bufs["row_offsets"], bufs["bias_f32"]
+        key = (m.data_ptr(), v.data_ptr(), o.data_ptr(), bias.data_ptr(), m.dtype, v.dtype, o.dtype, bias.dtype)
+        if key == self.__dict__.get("_checked_key"):
+            return key[:4]
         ok = (
             m.dtype == torch.int16 and v.dtype == torch.float32 and o.dtype == torch.int64 and bias.dtype == torch.float32
             and all(t.device.type == "cpu" and t.is_contiguous() for t in (m, v, o, bias))
@@ -201,7 +206,8 @@ class SparseLinear(nn.Module):
                 f"and bias, int64 row_offsets); got masks {m.dtype}{tuple(m.shape)} on {m.device}, values {v.dtype} on "
                 f"{v.device}, row_offsets {o.dtype}, bias {bias.dtype}{tuple(bias.shape)}"
             )
-        return m.data_ptr(), v.data_ptr(), o.data_ptr(), bias.data_ptr()
+        self.__dict__["_checked_key"] = key
+        return key[:4]
 
     def _bitmask_forward(self, x: Tensor) -> Tensor:
         if x.device.type != "cpu":
@@ -212,7 +218,7 @@ class SparseLinear(nn.Module):
 
     def _bitmask_product(self, x: Tensor) -> Tensor:
         masks, values, offsets, bias = self._bitmask_operands()
-        x2 = x.detach().reshape(-1, self.in_features)
+        x2 = x.reshape(-1, self.in_features)  # no graph here: under no_grad, or inside _BitmaskGrad
         if x2.dtype != torch.float32:
             x2 = x2.float()
         pad = self.chunks * 16 - self.in_features
