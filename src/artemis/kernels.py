@@ -28,7 +28,9 @@ decode, 1/2-byte items  ``avx512f``, ``avx512bw``, ``avx512vbmi2``      numpy de
 matrix·vector (fp32)    ``avx512f``                                     CSR or dense
 ======================  ==============================================  =====================
 
-Set ``ARTEMIS_KERNELS=0`` to turn them off (the numpy decoder gives bit-identical
+The matrix·vector kernel splits its rows over Numba's thread pool when Numba is installed
+(``pip install "artemis-prune[fast]"``), and runs on one thread otherwise. Set
+``ARTEMIS_KERNELS=0`` to turn the kernels off (the numpy decoder gives bit-identical
 weights). :func:`kernel_status` says what this process uses and why.
 
 Example:
@@ -165,8 +167,9 @@ def decode_rows(bits: np.ndarray, vals: np.ndarray, offsets: np.ndarray, cols: i
     ``bits`` is C-contiguous uint8 ``(rows, ceil(cols/8))`` with no bit set at or beyond
     ``cols`` (the caller checks that); ``vals`` and ``out`` (``rows × cols`` items) are
     C-contiguous with the same item size (1, 2 or 4 bytes); ``offsets`` is int64
-    ``(rows,)``. The kernel checks every row's offset against the running count and
-    never reads past ``vals``. Releases the GIL, so threads can decode in parallel.
+    ``(rows,)``. The kernel checks that ``offsets[r0]`` lies in ``[0, vals.size]`` and every
+    later row's offset equals the running count, and never reads past ``vals``. Releases
+    the GIL, so threads can decode in parallel.
 
     Returns:
         ``-(r + 1)`` if row ``r`` has a wrong offset or too few values left (nothing
@@ -193,7 +196,7 @@ def decode_rows(bits: np.ndarray, vals: np.ndarray, offsets: np.ndarray, cols: i
     )
 
 
-@functools.lru_cache(maxsize=None)  # first built in sparsify_for_inference, before any thread races it
+@functools.lru_cache(maxsize=None)  # two threads racing here compile it twice, which is harmless
 def _parallel_matvec() -> Optional[Callable]:
     """A Numba ``prange`` loop that runs :func:`matvec`'s kernel on row blocks in parallel
     (Numba's thread pool starts a block in microseconds; Python threads took ~70 µs per
