@@ -32,7 +32,7 @@ def test_status_names_the_switch(monkeypatch):
     monkeypatch.setenv(kernels.ENV_SWITCH, "0")
     status = kernels.kernel_status()
     assert status == {"decode_1byte": False, "decode_2byte": False, "decode_4byte": False, "matvec": False,
-                      "llvmlite": None, "reason": "turned off by ARTEMIS_KERNELS=0"}
+                      "matvec_isa": None, "llvmlite": None, "reason": "turned off by ARTEMIS_KERNELS=0"}
     assert not kernels.decode_ready(4) and not kernels.matvec_ready()
 
 
@@ -133,6 +133,38 @@ def test_bitmask_linear_matches_dense(n_in, n_out, bias, threads):
             torch.testing.assert_close(sp(xb), lin(xb.float()).to(torch.bfloat16), rtol=1e-2, atol=1e-2)
     finally:
         torch.set_num_threads(old)
+
+
+def _has_avx2() -> bool:
+    try:
+        from llvmlite import binding
+    except ImportError:
+        return False
+    feats = binding.get_host_cpu_features()
+    return bool(feats.get("avx2")) and bool(feats.get("fma"))
+
+
+@pytest.mark.skipif(not _has_avx2(), reason="the AVX2 matrix-vector kernel needs an AVX2+FMA CPU")
+@pytest.mark.parametrize("threads", [1, 2])
+def test_avx2_matvec_matches_dense_and_decode_falls_back_to_numpy(monkeypatch, threads):
+    monkeypatch.setenv(kernels.ENV_SWITCH, "avx2")
+    status = kernels.kernel_status()
+    assert status["matvec_isa"] == "avx2" and status["matvec"] and not status["decode_2byte"]
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for n_in, n_out, bias in [(37, 5, True), (64, 33, False), (100, 9, True)]:
+            lin = _sparse_linear(n_in, n_out, bias, seed=n_in)
+            sp = SparseLinear.from_linear(lin, backend="bitmask")
+            with torch.no_grad():
+                for shape in [(n_in,), (3, n_in), (5, n_in), (8, n_in)]:
+                    x = torch.randn(shape)
+                    torch.testing.assert_close(sp(x), lin(x), rtol=1e-5, atol=1e-5)
+    finally:
+        torch.set_num_threads(old)
+    w = torch.randn(6, 40, dtype=torch.bfloat16)
+    w[w.abs() < 0.5] = 0
+    assert torch.equal(bitmask_decompress(bitmask_compress(w)), w)
 
 
 @needs_kernels

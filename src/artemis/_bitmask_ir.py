@@ -1,10 +1,11 @@
 """LLVM IR for the bitmask kernels, compiled for this CPU with llvmlite (see :mod:`artemis.kernels`).
 
-Every kernel is built on LLVM's target-independent ``llvm.masked.expandload`` intrinsic:
-it reads the next ``popcount(mask)`` packed items and places them in the lanes whose mask
-bit is set. With AVX-512 LLVM lowers it to one ``vexpandps``/``vpexpand{b,w,d}``
+The AVX-512 kernels are built on LLVM's target-independent ``llvm.masked.expandload``
+intrinsic: it reads the next ``popcount(mask)`` packed items and places them in the lanes
+whose mask bit is set. With AVX-512 LLVM lowers it to one ``vexpandps``/``vpexpand{b,w,d}``
 instruction (a 64-byte bitmask decode); elsewhere to a lane-by-lane loop, which is why
-:mod:`artemis.kernels` only compiles these for hosts with the instruction.
+:mod:`artemis.kernels` only compiles these for hosts with the instruction. The AVX2
+matrix·vector expands 8 lanes with a masked load and a ``vpermps`` by a 256-entry table.
 
 Functions (C calling convention; sizes are int64, matrices row-major):
 
@@ -18,7 +19,7 @@ Functions (C calling convention; sizes are int64, matrices row-major):
     all is checked before the row is read: returns ``-(r + 1)`` for the first bad row ``r``,
     else the index after the last value used (the caller compares it with the next row's
     offset or ``nvals``, and checks ``offsets[0] == 0``).
-``matvec_rows(masks, chunks, vals, offsets, x, xstride, bias, out, ostride, batch, r0, r1)``
+``matvec_rows_{avx512,avx2}(masks, chunks, vals, offsets, x, xstride, bias, out, ostride, batch, r0, r1)``
     ``out[b, r] = bias[r] + Σ_c expand(vals[offsets[r]:], masks[r, c]) · x[b, 16c : 16c+16]``
     for rows ``r0 .. r1-1`` and ``b < batch``, float32; ``masks`` is uint16 ``(rows, chunks)``
     and each ``x`` row holds ``16 × chunks`` floats (zero-padded). Input rows are taken
@@ -156,20 +157,81 @@ def _decode(module: ir.Module, width: int) -> None:
     b.ret(k_end)
 
 
-def _matvec(module: ir.Module) -> None:
+def _perm_table(module: ir.Module) -> ir.GlobalVariable:
+    """For each byte ``m``: the ``vpermps`` indices that move the ``popcount(m)`` packed
+    values of a vector into the lanes whose bit is set; other lanes take lane 7, which
+    is zero whenever some bit is clear (the masked load fills it with 0)."""
+    rows = []
+    for m in range(256):
+        rank, idx = 0, []
+        for j in range(8):
+            if m >> j & 1:
+                idx.append(rank)
+                rank += 1
+            else:
+                idx.append(7)
+        rows.append(ir.Constant(ir.ArrayType(I32, 8), idx))
+    ty = ir.ArrayType(ir.ArrayType(I32, 8), 256)
+    table = ir.GlobalVariable(module, ty, "expand8_perm")
+    table.global_constant = True
+    table.linkage = "internal"
+    table.initializer = ir.Constant(ty, rows)
+    return table
+
+
+def _expander(module: ir.Module, b: ir.IRBuilder, isa: str) -> Callable:
+    """``expand(p, m) -> (16 floats, p + popcount(m))``: the 16 lanes of a uint16 mask ``m``
+    filled from the packed float32 values at ``p``."""
     vec = ir.VectorType(F32, 16)
-    mvec = ir.VectorType(I1, 16)
+    fp = F32.as_pointer()
+    if isa == "avx512":
+        expand = _intrinsic(module, "llvm.masked.expandload.v16f32", vec, [fp, ir.VectorType(I1, 16), vec])
+        ctpop = _intrinsic(module, "llvm.ctpop.i16", I16, [I16])
+        zero = ir.Constant(vec, [0.0] * 16)
+
+        def expand16(p, m):
+            v = b.call(expand, [p, b.bitcast(m, ir.VectorType(I1, 16)), zero])
+            return v, b.gep(p, [b.zext(b.call(ctpop, [m]), I64)])
+
+        return expand16
+    # AVX2 has no expand instruction: per 8 lanes, a masked load of the popcount values
+    # (no read past them) and a vpermps by a 256-entry index table
+    v8, i8v = ir.VectorType(F32, 8), ir.VectorType(I32, 8)
+    table = _perm_table(module)
+    mload = _intrinsic(module, "llvm.masked.load.v8f32.p0", v8, [v8.as_pointer(), I32, ir.VectorType(I1, 8), v8])
+    permps = _intrinsic(module, "llvm.x86.avx2.permps", v8, [v8, i8v])
+    ctpop8 = _intrinsic(module, "llvm.ctpop.i8", I8, [I8])
+    lanes = ir.Constant(i8v, list(range(8)))
+    zero8 = ir.Constant(v8, [0.0] * 8)
+
+    def half(p, m8):
+        n = b.zext(b.call(ctpop8, [m8]), I32)
+        splat = b.shuffle_vector(b.insert_element(ir.Constant(i8v, None), n, _c(0, I32)), ir.Constant(i8v, None),
+                                 ir.Constant(i8v, [0] * 8))
+        v = b.call(mload, [b.bitcast(p, v8.as_pointer()), _c(4, I32), b.icmp_unsigned("<", lanes, splat), zero8])
+        idx = b.load(b.bitcast(b.gep(table, [_c(0), b.zext(m8, I64)]), i8v.as_pointer()), align=4)
+        return b.call(permps, [v, idx]), b.gep(p, [b.zext(n, I64)])
+
+    def expand16(p, m):
+        lo, p = half(p, b.trunc(m, I8))
+        hi, p = half(p, b.trunc(b.lshr(m, ir.Constant(I16, 8)), I8))
+        return b.shuffle_vector(lo, hi, ir.Constant(ir.VectorType(I32, 16), list(range(16)))), p
+
+    return expand16
+
+
+def _matvec(module: ir.Module, isa: str) -> None:
+    vec = ir.VectorType(F32, 16)
     fp = F32.as_pointer()
     fn = ir.Function(
         module,
         ir.FunctionType(ir.VoidType(), [I16.as_pointer(), I64, fp, I64.as_pointer(), fp, I64, fp, fp, I64, I64, I64, I64]),
-        "matvec_rows",
+        f"matvec_rows_{isa}",
     )
     masks, chunks, vals, offsets, x, xstride, bias, out, ostride, batch, r0, r1 = fn.args
     b = ir.IRBuilder(fn.append_basic_block("entry"))
-    expand = _intrinsic(module, "llvm.masked.expandload.v16f32", vec, [fp, mvec, vec])
+    expand16 = _expander(module, b, isa)
     fma = _intrinsic(module, "llvm.fma.v16f32", vec, [vec, vec, vec])
-    ctpop = _intrinsic(module, "llvm.ctpop.i16", I16, [I16])
     reduce = _intrinsic(module, "llvm.vector.reduce.fadd.v16f32", F32, [F32, vec])
     prefetch = _intrinsic(module, "llvm.prefetch.p0", ir.VoidType(), [PTR, I32, I32, I32])
     zero = ir.Constant(vec, [0.0] * 16)
@@ -177,10 +239,9 @@ def _matvec(module: ir.Module) -> None:
 
     def step(mrow, xrow, c, p, acc):
         b.call(prefetch, [b.bitcast(b.gep(p, [_c(PREFETCH_ITEMS)]), PTR), _c(0, I32), _c(3, I32), _c(1, I32)])
-        m = b.load(b.gep(mrow, [c]))
-        v = b.call(expand, [p, b.bitcast(m, mvec), zero])
+        v, p_next = expand16(p, b.load(b.gep(mrow, [c])))
         xv = b.load(b.bitcast(b.gep(xrow, [b.mul(c, _c(16))]), vec.as_pointer()), align=4)
-        return b.gep(p, [b.zext(b.call(ctpop, [m]), I64)]), b.call(fma, [v, xv, acc])
+        return p_next, b.call(fma, [v, xv, acc])
 
     def row(r, _):
         mrow = b.gep(masks, [b.mul(r, chunks)])
@@ -215,13 +276,12 @@ def _matvec(module: ir.Module) -> None:
             def chunk(c, carried):
                 p, accs = carried[0], carried[1:]
                 b.call(prefetch, [b.bitcast(b.gep(p, [_c(PREFETCH_ITEMS)]), PTR), _c(0, I32), _c(3, I32), _c(1, I32)])
-                m = b.load(b.gep(mrow, [c]))
-                v = b.call(expand, [p, b.bitcast(m, mvec), zero])
+                v, p_next = expand16(p, b.load(b.gep(mrow, [c])))
                 new = []
                 for xr, acc in zip(xrows, accs):
                     xv = b.load(b.bitcast(b.gep(xr, [b.mul(c, _c(16))]), vec.as_pointer()), align=4)
                     new.append(b.call(fma, [v, xv, acc]))
-                return [b.gep(p, [b.zext(b.call(ctpop, [m]), I64)]), *new]
+                return [p_next, *new]
 
             done = _loop(b, _c(0), chunks, [vbase] + [zero] * GROUP, chunk)
             for j, acc in enumerate(done[1:]):
@@ -238,10 +298,15 @@ def _matvec(module: ir.Module) -> None:
     b.ret_void()
 
 
-def build_module() -> ir.Module:
-    """The IR module with ``decode_w1``, ``decode_w2``, ``decode_w4`` and ``matvec_rows``."""
-    module = ir.Module(name="artemis_bitmask")
-    for width in (1, 2, 4):
-        _decode(module, width)
-    _matvec(module)
+def build_module(isa: str) -> ir.Module:
+    """The IR module for ``isa``: ``"avx512"`` (``decode_w1/2/4`` and ``matvec_rows_avx512``)
+    or ``"avx2"`` (``matvec_rows_avx2`` only: without an expand instruction the decoders
+    would not beat numpy). Compile it only for a CPU with that instruction set."""
+    if isa not in ("avx512", "avx2"):
+        raise ValueError(f"unknown isa {isa!r}; valid: 'avx512', 'avx2'")
+    module = ir.Module(name=f"artemis_bitmask_{isa}")
+    if isa == "avx512":
+        for width in (1, 2, 4):
+            _decode(module, width)
+    _matvec(module, isa)
     return module

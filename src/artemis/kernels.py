@@ -17,26 +17,28 @@ them for the host CPU with `llvmlite <https://llvmlite.readthedocs.io>`_ (the LL
 that Numba is built on; no C compiler needed; on first use in a process about 35 ms to
 import llvmlite and 25 ms to compile).
 On CPUs without AVX-512, LLVM turns that intrinsic into a lane-by-lane loop that is
-slower than the numpy decoder and than a dense matrix·vector, so the kernels are used
-only where the host has the instruction:
+slower than the numpy decoder and than a dense matrix·vector, so the expand kernels are
+used only where the host has the instruction; on AVX2 CPUs the matrix·vector expands 8
+lanes at a time with a masked load and a table-driven ``vpermps`` instead:
 
 ======================  ==============================================  =====================
 operation               needs                                           otherwise
 ======================  ==============================================  =====================
 decode, 4-byte items    ``avx512f``                                     numpy decoder
 decode, 1/2-byte items  ``avx512f``, ``avx512bw``, ``avx512vbmi2``      numpy decoder
-matrix·vector (fp32)    ``avx512f``                                     CSR or dense
+matrix·vector (fp32)    ``avx512f``; else ``avx2`` + ``fma``            CSR or dense
 ======================  ==============================================  =====================
 
 The matrix·vector kernel splits its rows over Numba's thread pool when Numba is installed
 (``pip install "artemis-prune[fast]"``), and runs on one thread otherwise. Set
 ``ARTEMIS_KERNELS=0`` to turn the kernels off (the numpy decoder gives bit-identical
-weights). :func:`kernel_status` says what this process uses and why.
+weights), or ``ARTEMIS_KERNELS=avx2`` to use the AVX2 kernel on an AVX-512 CPU (to
+compare them). :func:`kernel_status` says what this process uses and why.
 
 Example:
     >>> from artemis.kernels import kernel_status
     >>> sorted(kernel_status())
-    ['decode_1byte', 'decode_2byte', 'decode_4byte', 'llvmlite', 'matvec', 'reason']
+    ['decode_1byte', 'decode_2byte', 'decode_4byte', 'llvmlite', 'matvec', 'matvec_isa', 'reason']
 """
 
 from __future__ import annotations
@@ -71,30 +73,43 @@ _STATUS: dict[str, dict[str, Any]] = {}
 
 
 def _find_status(switch: str) -> dict[str, Any]:
-    off = {"decode_1byte": False, "decode_2byte": False, "decode_4byte": False, "matvec": False}
-    if switch.strip().lower() in ("0", "false", "no", "off"):
+    off = {"decode_1byte": False, "decode_2byte": False, "decode_4byte": False, "matvec": False, "matvec_isa": None}
+    mode = switch.strip().lower()
+    if mode in ("0", "false", "no", "off"):
         return {**off, "llvmlite": None, "reason": f"turned off by {ENV_SWITCH}={switch}"}
     try:
         import llvmlite
         from llvmlite import binding
     except ImportError:
         return {**off, "llvmlite": None, "reason": "llvmlite is not installed (pip install llvmlite)"}
+    version = llvmlite.__version__
     try:
-        feats = {name for name, on in binding.get_host_cpu_features().items() if on}
+        host = dict(binding.get_host_cpu_features().items())
     except Exception as exc:  # llvmlite documents RuntimeError where the host cannot be queried
-        return {**off, "llvmlite": llvmlite.__version__, "reason": f"cannot read the CPU features ({exc})"}
-    if "avx512f" not in feats:
-        return {**off, "llvmlite": llvmlite.__version__,
-                "reason": "this CPU has no AVX-512 (avx512f): the numpy decoder and the CSR kernel are used"}
+        return {**off, "llvmlite": version, "reason": f"cannot read the CPU features ({exc})"}
+    feats = {name for name, on in host.items() if on}
+    if "avx512f" in feats and mode != "avx2":
+        isa = "avx512"
+        features = ",".join(("+" if on else "-") + name for name, on in host.items())
+    elif {"avx2", "fma"} <= feats:
+        isa = "avx2"  # also where ARTEMIS_KERNELS=avx2 asks for it on an AVX-512 CPU (to compare)
+        features = ",".join(("+" if on and not name.startswith("avx512") else "-") + name for name, on in host.items())
+    else:
+        return {**off, "llvmlite": version,
+                "reason": "this CPU has neither AVX-512 nor AVX2+FMA: the numpy decoder and the CSR kernel are used"}
     try:
-        _compile()
+        _compile(isa, features)
     except Exception as exc:  # an llvmlite/LLVM that cannot build the IR: fall back, say why
         logger.warning("artemis.kernels: compiling the bitmask kernels failed (%s); using the fallbacks", exc)
-        return {**off, "llvmlite": llvmlite.__version__, "reason": f"compiling the kernels failed: {exc}"}
+        return {**off, "llvmlite": version, "reason": f"compiling the kernels failed: {exc}"}
+    if isa == "avx2":
+        return {**off, "matvec": True, "matvec_isa": "avx2", "llvmlite": version,
+                "reason": "AVX2 (no AVX-512" + (", by ARTEMIS_KERNELS=avx2" if "avx512f" in feats else "")
+                + "): matrix-vector with vpermps; the numpy decoder"}
     narrow = {"avx512bw", "avx512vbmi2"} <= feats
     return {
-        "decode_1byte": narrow, "decode_2byte": narrow, "decode_4byte": True, "matvec": True,
-        "llvmlite": llvmlite.__version__,
+        "decode_1byte": narrow, "decode_2byte": narrow, "decode_4byte": True, "matvec": True, "matvec_isa": "avx512",
+        "llvmlite": version,
         "reason": "AVX-512 expand instructions available" if narrow
         else "no avx512vbmi2: 1- and 2-byte values decode with numpy",
     }
@@ -117,9 +132,10 @@ def matvec_ready() -> bool:
 
 
 class _Compiled:
-    """The kernels of :mod:`artemis._bitmask_ir`, JIT-compiled for this CPU (about 25 ms)."""
+    """The kernels of :mod:`artemis._bitmask_ir` for one instruction set, JIT-compiled for
+    this CPU (about 25 ms)."""
 
-    def __init__(self) -> None:
+    def __init__(self, isa: str, features: str) -> None:
         from llvmlite import binding as llvm
 
         from artemis._bitmask_ir import build_module
@@ -127,36 +143,39 @@ class _Compiled:
         llvm.initialize_native_target()
         llvm.initialize_native_asmprinter()
         self._context = llvm.create_context()  # not LLVM's global one, which Numba may be using
-        module = llvm.parse_assembly(str(build_module()), context=self._context)
+        module = llvm.parse_assembly(str(build_module(isa)), context=self._context)
         module.verify()
         machine = llvm.Target.from_default_triple().create_target_machine(
-            cpu=llvm.get_host_cpu_name(), features=llvm.get_host_cpu_features().flatten(), opt=3
+            cpu=llvm.get_host_cpu_name(), features=features, opt=3
         )
         self._engine = llvm.create_mcjit_compiler(module, machine)  # owns the machine code
         self._engine.finalize_object()
         i64 = ctypes.c_int64
         self.decode = {
-            w: ctypes.CFUNCTYPE(i64, *[i64] * 9)(self._engine.get_function_address(f"decode_w{w}")) for w in (1, 2, 4)
+            w: ctypes.CFUNCTYPE(i64, *[i64] * 9)(self._engine.get_function_address(f"decode_w{w}"))
+            for w in ((1, 2, 4) if isa == "avx512" else ())
         }
-        self.matvec_rows = ctypes.CFUNCTYPE(None, *[i64] * 12)(self._engine.get_function_address("matvec_rows"))
+        self.matvec_rows = ctypes.CFUNCTYPE(None, *[i64] * 12)(
+            self._engine.get_function_address(f"matvec_rows_{isa}")
+        )
 
 
-_KERNELS: list[_Compiled] = []  # kept for the life of the process: callers hold raw function pointers
+_KERNELS: dict[str, _Compiled] = {}  # kept for the life of the process: callers hold raw function pointers
 
 
-def _compile() -> _Compiled:
-    """Compile once (called under ``_LOCK`` by :func:`_status`)."""
-    if not _KERNELS:
-        _KERNELS.append(_Compiled())
-    return _KERNELS[0]
+def _compile(isa: str, features: str) -> _Compiled:
+    """Compile once per instruction set (called under ``_LOCK`` by :func:`_status`)."""
+    if isa not in _KERNELS:
+        _KERNELS[isa] = _Compiled(isa, features)
+    return _KERNELS[isa]
 
 
 def _compiled() -> _Compiled:
-    if not _KERNELS:
-        _status(os.environ.get(ENV_SWITCH, "1"))
-        if not _KERNELS:
-            raise RuntimeError(f"artemis.kernels: the compiled kernels are not available ({kernel_status()['reason']})")
-    return _KERNELS[0]
+    status = _status(os.environ.get(ENV_SWITCH, "1"))
+    isa = status["matvec_isa"]
+    if isa is None:
+        raise RuntimeError(f"artemis.kernels: the compiled kernels are not available ({status['reason']})")
+    return _KERNELS[isa]
 
 
 def decode_rows(bits: np.ndarray, vals: np.ndarray, offsets: np.ndarray, cols: int, out: np.ndarray,
@@ -196,8 +215,12 @@ def decode_rows(bits: np.ndarray, vals: np.ndarray, offsets: np.ndarray, cols: i
     )
 
 
-@functools.lru_cache(maxsize=None)  # two threads racing here compile it twice, which is harmless
 def _parallel_matvec() -> Optional[Callable]:
+    return _parallel_driver(_status(os.environ.get(ENV_SWITCH, "1"))["matvec_isa"])
+
+
+@functools.lru_cache(maxsize=None)  # two threads racing here compile it twice, which is harmless
+def _parallel_driver(isa: str) -> Optional[Callable]:
     """A Numba ``prange`` loop that runs :func:`matvec`'s kernel on row blocks in parallel
     (Numba's thread pool starts a block in microseconds; Python threads took ~70 µs per
     call, more than a layer's product). ``None`` without Numba: one thread then."""
@@ -206,7 +229,7 @@ def _parallel_matvec() -> Optional[Callable]:
     except ImportError:
         logger.info("artemis.kernels: numba is not installed; the sparse matrix-vector kernel runs on one thread")
         return None
-    kernel = _compiled().matvec_rows
+    kernel = _KERNELS[isa].matvec_rows
 
     @numba.njit(parallel=True, nogil=True)
     def run(masks, chunks, vals, offsets, x, xstride, bias, out, ostride, batch, rows, blocks):  # pragma: no cover
