@@ -235,3 +235,44 @@ def test_sparsify_auto_times_both_cpu_kernels_and_keeps_the_fastest():
     forced = sparsify_for_inference(other, backend="bitmask", min_speedup=0.0, repeats=1)
     assert {e["backend"] for e in forced.values() if "backend" in e} == {"bitmask"}
     assert all("csr_us" not in e for e in forced.values())
+
+
+@needs_kernels
+def test_bitmask_linear_in_a_forked_child_and_from_two_threads():
+    """Numba's thread pool is not fork- or thread-safe in every layer: a forked child and a
+    second concurrent Python thread run the kernel on their own thread instead."""
+    import os
+    import threading
+
+    lin = _sparse_linear(64, 48, True)
+    sp = SparseLinear.from_linear(lin, backend="bitmask")
+    x = torch.randn(2, 64)
+    old = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with torch.no_grad():
+            ref = lin(x)
+            torch.testing.assert_close(sp(x), ref, rtol=1e-5, atol=1e-5)  # the parent uses the pool first
+            errors: list = []
+
+            def call() -> None:
+                try:
+                    for _ in range(200):
+                        torch.testing.assert_close(sp(x), ref, rtol=1e-5, atol=1e-5)
+                except Exception as exc:  # pragma: no cover - reported below
+                    errors.append(exc)
+
+            threads = [threading.Thread(target=call) for _ in range(3)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            assert not errors
+            pid = os.fork()
+            if pid == 0:  # pragma: no cover - the child reports through its exit status
+                ok = torch.allclose(sp(x), ref, rtol=1e-5, atol=1e-5)
+                os._exit(0 if ok else 1)
+            _, status = os.waitpid(pid, 0)
+            assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+    finally:
+        torch.set_num_threads(old)

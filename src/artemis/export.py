@@ -253,7 +253,7 @@ def bitmask_decompress(parts: dict[str, Tensor], *, name: str = "tensor", file: 
     """Rebuild the dense tensor from :func:`bitmask_compress` parts, checking every part.
 
     Decodes with :mod:`artemis.kernels`' compiled AVX-512 kernel where the CPU has it,
-    otherwise with numpy; both give the same bits.
+    otherwise (AVX2 and other CPUs) with numpy; both give the same bits.
 
     Args:
         parts: ``compressed``, ``bitmask``, ``shape`` and ``row_offsets`` tensors.

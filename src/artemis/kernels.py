@@ -210,13 +210,19 @@ def decode_rows(bits: np.ndarray, vals: np.ndarray, offsets: np.ndarray, cols: i
             "uint8 bits (rows, ceil(cols/8)), int64 offsets (rows,), vals and out of one item size (1, 2 or 4), "
             "out of rows*cols items and 0 <= r0 < r1 <= rows"
         )
-    return _compiled().decode[out.itemsize](
+    compiled = _KERNELS.get("avx512")  # the decoders exist only there (decode_ready says whether it was built)
+    if compiled is None:
+        raise RuntimeError(f"artemis.kernels: no compiled decoder here ({kernel_status()['reason']})")
+    return compiled.decode[out.itemsize](
         bits.ctypes.data, bits.shape[1], vals.ctypes.data, vals.size, offsets.ctypes.data, cols, out.ctypes.data, r0, r1
     )
 
 
 def _parallel_matvec() -> Optional[Callable]:
-    return _parallel_driver(_status(os.environ.get(ENV_SWITCH, "1"))["matvec_isa"])
+    isa = _status(os.environ.get(ENV_SWITCH, "1"))["matvec_isa"]
+    if isa is None:
+        _compiled()  # raises, saying why
+    return _parallel_driver(isa)
 
 
 @functools.lru_cache(maxsize=None)  # two threads racing here compile it twice, which is harmless
@@ -230,6 +236,7 @@ def _parallel_driver(isa: str) -> Optional[Callable]:
         logger.info("artemis.kernels: numba is not installed; the sparse matrix-vector kernel runs on one thread")
         return None
     kernel = _KERNELS[isa].matvec_rows
+    _numba_owner.pid = os.getpid()
 
     @numba.njit(parallel=True, nogil=True)
     def run(masks, chunks, vals, offsets, x, xstride, bias, out, ostride, batch, rows, blocks):  # pragma: no cover
@@ -246,17 +253,30 @@ def matvec(masks: int, chunks: int, vals: int, offsets: int, x: int, xstride: in
     with ``W`` as uint16 chunk masks ``(rows, chunks)``, float32 values and int64 row
     offsets; arguments are data pointers and strides in items (no checks; call only where
     :func:`matvec_ready` is true). ``x`` rows hold ``16 × chunks`` floats (zero-padded).
-    ``threads > 1`` splits the rows over Numba's thread pool when Numba is installed."""
+    ``threads > 1`` splits the rows over Numba's thread pool when Numba is installed, the
+    pool is free and this is the process that started it; otherwise one thread."""
     run = _parallel_matvec() if threads > 1 else None
-    if run is None:
-        _compiled().matvec_rows(masks, chunks, vals, offsets, x, xstride, bias, out, ostride, batch, 0, rows)
+    # Numba's pool serves one Python thread at a time (its workqueue layer aborts the
+    # process on concurrent use) and not a forked child (its OpenMP layer aborts there):
+    # any other caller runs the kernel on its own thread
+    if run is not None and os.getpid() == _numba_owner.pid and _NUMBA_BUSY.acquire(blocking=False):
+        try:
+            if threads != getattr(_numba_threads, "asked", 0):
+                import numba
+
+                numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+                _numba_threads.asked, _numba_threads.got = threads, numba.get_num_threads()
+            run(masks, chunks, vals, offsets, x, xstride, bias, out, ostride, batch, rows, _numba_threads.got)
+        finally:
+            _NUMBA_BUSY.release()
         return
-    if threads != getattr(_numba_threads, "asked", 0):
-        import numba
-
-        numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
-        _numba_threads.asked, _numba_threads.got = threads, numba.get_num_threads()
-    run(masks, chunks, vals, offsets, x, xstride, bias, out, ostride, batch, rows, _numba_threads.got)
+    _compiled().matvec_rows(masks, chunks, vals, offsets, x, xstride, bias, out, ostride, batch, 0, rows)
 
 
+class _Owner:
+    pid = -1  # the process that built the Numba driver
+
+
+_numba_owner = _Owner()
+_NUMBA_BUSY = threading.Lock()
 _numba_threads = threading.local()  # what this thread last gave Numba (its thread count is per calling thread)

@@ -4,10 +4,11 @@ is faster, chosen per layer by measurement.
 Unstructured sparsity only saves time when a kernel skips the zeros. On CPU,
 :class:`SparseLinear` has two kernels:
 
-* ``bitmask`` (CPUs with AVX-512): the weight is kept as its non-zero values plus one bit
-  per weight (uint16 masks of 16 inputs), 1.325 bytes per weight at 70% sparsity instead
-  of 4 dense, and multiplied by :mod:`artemis.kernels`' compiled kernel, which expands 16
-  values at a time with ``vexpandps`` and prefetches the value stream. Its rows are split
+* ``bitmask`` (x86 CPUs with AVX-512, or AVX2 + FMA): the weight is kept as its non-zero
+  values plus one bit per weight (uint16 masks of 16 inputs), 1.325 bytes per weight at
+  70% sparsity instead of 4 dense, and multiplied by :mod:`artemis.kernels`' compiled
+  kernel, which expands 16 values at a time (``vexpandps``; with AVX2 a masked load and
+  a table-driven ``vpermps`` per 8) and prefetches the value stream. Its rows are split
   over Numba's thread pool when Numba is installed (``torch.get_num_threads()`` threads).
   This is the kernel that makes batch-1 decoding faster: decode-time products are
   matrix × few-vectors and memory-bound, so reading 3× fewer bytes pays;
@@ -86,7 +87,7 @@ class SparseLinear(nn.Module):
     Args:
         weight: dense ``(out_features, in_features)`` weight (zeros are dropped).
         bias: optional ``(out_features,)``.
-        backend: ``csr`` (CPU, float32/float64), ``bitmask`` (CPU with AVX-512, float32;
+        backend: ``csr`` (CPU, float32/float64), ``bitmask`` (CPU with AVX-512 or AVX2, float32;
             see :func:`artemis.kernels.kernel_status`) or ``semi_structured`` (CUDA, 2:4,
             float16/bfloat16).
 
@@ -198,7 +199,7 @@ class SparseLinear(nn.Module):
             m.dtype == torch.int16 and v.dtype == torch.float32 and o.dtype == torch.int64 and bias.dtype == torch.float32
             and all(t.device.type == "cpu" and t.is_contiguous() for t in (m, v, o, bias))
             and tuple(m.shape) == (self.out_features, self.chunks) and tuple(o.shape) == (self.out_features,)
-            and tuple(bias.shape) == (self.out_features,) and v.dim() == 1
+            and tuple(bias.shape) == (self.out_features,) and v.dim() == 1 and v.numel() == self.nnz
         )
         if not ok:
             raise RuntimeError(
