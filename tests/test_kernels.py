@@ -18,11 +18,27 @@ needs_kernels = pytest.mark.skipif(
 )
 
 
-@pytest.fixture(params=["kernel", "numpy"])
+def _has_avx2() -> bool:
+    try:
+        from llvmlite import binding
+    except ImportError:
+        return False
+    feats = binding.get_host_cpu_features()
+    return bool(feats.get("avx2")) and bool(feats.get("fma"))
+
+
+@pytest.fixture(params=["kernel", "avx2", "numpy"])
 def decoder(request, monkeypatch):
-    """Run a test with the compiled decoder and with the numpy fallback (ARTEMIS_KERNELS=0)."""
+    """Run a test with the compiled decoder (the host's best, and the AVX2 one) and with the
+    numpy fallback (ARTEMIS_KERNELS=0)."""
     if request.param == "numpy":
         monkeypatch.setenv(kernels.ENV_SWITCH, "0")
+    elif request.param == "avx2":
+        if not _has_avx2():
+            pytest.skip("the AVX2 kernels need an AVX2+FMA CPU")
+        monkeypatch.setenv(kernels.ENV_SWITCH, "avx2")
+        if kernels.kernel_status()["matvec_isa"] != "avx2":
+            pytest.skip(f"no AVX2 kernels here: {kernels.kernel_status()['reason']}")
     elif not kernels.decode_ready(2):
         pytest.skip(f"no compiled decoder here: {kernels.kernel_status()['reason']}")
     return request.param
@@ -135,21 +151,12 @@ def test_bitmask_linear_matches_dense(n_in, n_out, bias, threads):
         torch.set_num_threads(old)
 
 
-def _has_avx2() -> bool:
-    try:
-        from llvmlite import binding
-    except ImportError:
-        return False
-    feats = binding.get_host_cpu_features()
-    return bool(feats.get("avx2")) and bool(feats.get("fma"))
-
-
 @pytest.mark.skipif(not _has_avx2(), reason="the AVX2 matrix-vector kernel needs an AVX2+FMA CPU")
 @pytest.mark.parametrize("threads", [1, 2])
-def test_avx2_matvec_matches_dense_and_decode_falls_back_to_numpy(monkeypatch, threads):
+def test_avx2_matvec_matches_dense(monkeypatch, threads):
     monkeypatch.setenv(kernels.ENV_SWITCH, "avx2")
     status = kernels.kernel_status()
-    assert status["matvec_isa"] == "avx2" and status["matvec"] and not status["decode_2byte"]
+    assert status["matvec_isa"] == "avx2" and status["matvec"] and status["decode_2byte"]
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -162,9 +169,6 @@ def test_avx2_matvec_matches_dense_and_decode_falls_back_to_numpy(monkeypatch, t
                     torch.testing.assert_close(sp(x), lin(x), rtol=1e-5, atol=1e-5)
     finally:
         torch.set_num_threads(old)
-    w = torch.randn(6, 40, dtype=torch.bfloat16)
-    w[w.abs() < 0.5] = 0
-    assert torch.equal(bitmask_decompress(bitmask_compress(w)), w)
 
 
 @needs_kernels
@@ -276,3 +280,27 @@ def test_bitmask_linear_in_a_forked_child_and_from_two_threads():
             assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
     finally:
         torch.set_num_threads(old)
+
+
+@pytest.mark.skipif(not kernels.decode_ready(2) or not _has_avx2(), reason="needs an AVX-512 CPU")
+def test_avx512_without_vbmi2_decodes_narrow_values_the_avx2_way():
+    """A CPU with avx512f but no avx512vbmi2 (Skylake-X) has no 16-bit expand: its 1- and
+    2-byte decoders are built with the AVX2 method. Simulated by compiling without vbmi2."""
+    from llvmlite import binding
+
+    host = dict(binding.get_host_cpu_features().items())
+    features = ",".join(("+" if on and name != "avx512vbmi2" else "-") + name for name, on in host.items())
+    compiled = kernels._Compiled("avx512", features, narrow_expand=False)
+    g = torch.Generator().manual_seed(3)
+    for dtype in (torch.bfloat16, torch.int8, torch.float32):
+        w = (torch.randn(7, 45, generator=g) * 3).to(dtype)
+        w[torch.rand(7, 45, generator=g) < 0.6] = 0
+        parts = bitmask_compress(w)
+        vals = parts["compressed"].contiguous()
+        v = vals.view({1: torch.uint8, 2: torch.int16, 4: torch.int32}[vals.element_size()]).numpy()
+        out = np.zeros(7 * 45, dtype=v.dtype)
+        bits = parts["bitmask"].numpy()
+        end = compiled.decode[v.itemsize](bits.ctypes.data, bits.shape[1], v.ctypes.data, v.size,
+                                          parts["row_offsets"].numpy().ctypes.data, 45, out.ctypes.data, 0, 7)
+        assert end == v.size
+        assert torch.equal(torch.from_numpy(out.reshape(7, 45)).view(dtype), w)

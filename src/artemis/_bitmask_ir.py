@@ -10,6 +10,8 @@ matrix·vector expands 8 lanes with a masked load and a ``vpermps`` by a 256-ent
 Functions (C calling convention; sizes are int64, matrices row-major):
 
 ``decode_w{1,2,4}(bits, bstride, vals, nvals, offsets, cols, out, r0, r1) -> int64``
+    (AVX-512: 64-byte chunks with one expand; AVX2: 8 items per chunk with a load, a
+    ``vpermd`` by the index table and a select)
     rows ``r0 .. r1-1`` (``r0 < r1``) of a bitmask matrix of ``cols`` columns into ``out``
     (dense, ``rows × cols`` items of 1/2/4 bytes; every item written). ``bits`` holds
     ``bstride`` bytes per row (bit ``j`` of a row = byte ``j // 8``, bit ``j % 8``, no bit set
@@ -84,9 +86,9 @@ def _loop(builder: ir.IRBuilder, start, stop, init: list, body: Callable) -> lis
     return out
 
 
-def _decode(module: ir.Module, width: int) -> None:
-    lanes = 64 // width
-    step = lanes // 8  # mask bytes per 64-byte chunk
+def _decode(module: ir.Module, width: int, isa: str = "avx512") -> None:
+    lanes = 64 // width if isa == "avx512" else 8
+    step = lanes // 8  # mask bytes per chunk
     ety = ir.IntType(8 * width)
     vec = ir.VectorType(ety, lanes)
     mty = ir.IntType(lanes)
@@ -97,13 +99,12 @@ def _decode(module: ir.Module, width: int) -> None:
                      f"decode_w{width}")
     bits, bstride, vals, nvals, offsets, cols, out, r0, r1 = fn.args
     b = ir.IRBuilder(fn.append_basic_block("entry"))
-    expand = _intrinsic(module, f"llvm.masked.expandload.{sfx}", vec, [ety.as_pointer(), mvec, vec])
     ctpop = _intrinsic(module, f"llvm.ctpop.i{lanes}", mty, [mty])
     mstore = _intrinsic(module, f"llvm.masked.store.{sfx}.p0", ir.VoidType(), [vec, vec.as_pointer(), I32, mvec])
     mload = _intrinsic(module, f"llvm.masked.load.v{step}i8.p0", bvec, [bvec.as_pointer(), I32, ir.VectorType(I1, step), bvec])
-    undef = ir.Constant(vec, None)
     ebase = b.bitcast(vals, ety.as_pointer())
     obase = b.bitcast(out, ety.as_pointer())
+    expand = _chunk_expander(module, b, width, isa, b.gep(ebase, [nvals]))
     full = b.sdiv(cols, _c(lanes))
     tail = b.sub(cols, b.mul(full, _c(lanes)))
     has_tail = b.icmp_signed(">", tail, _c(0))
@@ -137,14 +138,13 @@ def _decode(module: ir.Module, width: int) -> None:
         def chunk(c, carried):
             (p,) = carried
             m = chunk_mask(brow, c)
-            b.store(b.call(expand, [p, b.bitcast(m, mvec), undef]),
-                    b.bitcast(b.gep(orow, [b.mul(c, _c(lanes))]), vec.as_pointer()), align=1)
+            b.store(expand(p, m), b.bitcast(b.gep(orow, [b.mul(c, _c(lanes))]), vec.as_pointer()), align=1)
             return [b.gep(p, [popcount(m)])]
 
         (p_end,) = _loop(b, _c(0), full, [b.gep(ebase, [k])], chunk)
         with b.if_then(has_tail):
             m = tail_mask(brow)
-            v = b.call(expand, [p_end, b.bitcast(m, mvec), undef])
+            v = expand(p_end, m)
             b.call(mstore, [v, b.bitcast(b.gep(orow, [b.mul(full, _c(lanes))]), vec.as_pointer()), _c(1, I32), tail_lanes])
         return [b.add(k, count)]
 
@@ -155,6 +155,58 @@ def _decode(module: ir.Module, width: int) -> None:
         b.ret(b.sub(_c(-1), r0))
     (k_end,) = _loop(b, r0, r1, [start], row)
     b.ret(k_end)
+
+
+def _chunk_expander(module: ir.Module, b: ir.IRBuilder, width: int, isa: str, end) -> Callable:
+    """``expand(p, m) -> lanes``: one chunk of a row, the kept items at ``p`` placed in the
+    lanes whose bit of ``m`` is set, zeros elsewhere (``end`` = one past the last value)."""
+    ety = ir.IntType(8 * width)
+    if isa == "avx512":
+        lanes = 64 // width
+        vec = ir.VectorType(ety, lanes)
+        expand = _intrinsic(module, f"llvm.masked.expandload.v{lanes}i{8 * width}", vec,
+                            [ety.as_pointer(), ir.VectorType(I1, lanes), vec])
+        return lambda p, m: b.call(expand, [p, b.bitcast(m, ir.VectorType(I1, lanes)), ir.Constant(vec, None)])
+    # AVX2, 8 lanes: load 8 items (a masked load only within 8 items of the end, so as not
+    # to read past the values), widen to 32 bits, vpermd by the index table, zero the
+    # lanes whose bit is clear, narrow back
+    vec = ir.VectorType(ety, 8)
+    v32 = ir.VectorType(I32, 8)
+    table = _perm_table(module)
+    permd = _intrinsic(module, "llvm.x86.avx2.permd", v32, [v32, v32])
+    ctpop8 = _intrinsic(module, "llvm.ctpop.i8", I8, [I8])
+    mload = _intrinsic(module, f"llvm.masked.load.v8i{8 * width}.p0", vec,
+                       [vec.as_pointer(), I32, ir.VectorType(I1, 8), vec])
+    lane_ids = ir.Constant(v32, list(range(8)))
+    lane_bits = ir.Constant(v32, [1 << j for j in range(8)])
+    end_int = b.ptrtoint(end, I64)
+
+    def splat(v):
+        return b.shuffle_vector(b.insert_element(ir.Constant(v32, None), v, _c(0, I32)), ir.Constant(v32, None),
+                                ir.Constant(v32, [0] * 8))
+
+    def expand(p, m):
+        n = b.zext(b.call(ctpop8, [m]), I32)
+        safe = b.icmp_unsigned("<=", b.add(b.ptrtoint(p, I64), _c(8 * width)), end_int)
+        with b.if_else(safe) as (whole, near_end):
+            with whole:
+                v_whole = b.load(b.bitcast(p, vec.as_pointer()), align=1)
+                bb_whole = b.block
+            with near_end:
+                v_near = b.call(mload, [b.bitcast(p, vec.as_pointer()), _c(1, I32),
+                                        b.icmp_unsigned("<", lane_ids, splat(n)), ir.Constant(vec, [0] * 8)])
+                bb_near = b.block
+        v = b.phi(vec)
+        v.add_incoming(v_whole, bb_whole)
+        v.add_incoming(v_near, bb_near)
+        wide = v if width == 4 else b.zext(v, v32)
+        idx = b.load(b.bitcast(b.gep(table, [_c(0), b.zext(m, I64)]), v32.as_pointer()), align=4)
+        placed = b.call(permd, [wide, idx])
+        keep = b.icmp_unsigned("!=", b.and_(splat(b.zext(m, I32)), lane_bits), ir.Constant(v32, [0] * 8))
+        placed = b.select(keep, placed, ir.Constant(v32, [0] * 8))
+        return placed if width == 4 else b.trunc(placed, vec)
+
+    return expand
 
 
 def _perm_table(module: ir.Module) -> ir.GlobalVariable:
@@ -171,6 +223,8 @@ def _perm_table(module: ir.Module) -> ir.GlobalVariable:
             else:
                 idx.append(7)
         rows.append(ir.Constant(ir.ArrayType(I32, 8), idx))
+    if "expand8_perm" in module.globals:
+        return module.globals["expand8_perm"]
     ty = ir.ArrayType(ir.ArrayType(I32, 8), 256)
     table = ir.GlobalVariable(module, ty, "expand8_perm")
     table.global_constant = True
@@ -298,15 +352,15 @@ def _matvec(module: ir.Module, isa: str) -> None:
     b.ret_void()
 
 
-def build_module(isa: str) -> ir.Module:
-    """The IR module for ``isa``: ``"avx512"`` (``decode_w1/2/4`` and ``matvec_rows_avx512``)
-    or ``"avx2"`` (``matvec_rows_avx2`` only: without an expand instruction the decoders
-    would not beat numpy). Compile it only for a CPU with that instruction set."""
+def build_module(isa: str, narrow_expand: bool = True) -> ir.Module:
+    """The IR module for ``isa`` (``"avx512"`` or ``"avx2"``): ``decode_w1/2/4`` and
+    ``matvec_rows_<isa>``. With ``isa="avx512"`` and ``narrow_expand=False`` (a CPU without
+    ``avx512vbmi2``, which has no 8/16-bit expand) the 1- and 2-byte decoders use the AVX2
+    method. Compile it only for a CPU with that instruction set."""
     if isa not in ("avx512", "avx2"):
         raise ValueError(f"unknown isa {isa!r}; valid: 'avx512', 'avx2'")
     module = ir.Module(name=f"artemis_bitmask_{isa}")
-    if isa == "avx512":
-        for width in (1, 2, 4):
-            _decode(module, width)
+    for width in (1, 2, 4):
+        _decode(module, width, isa if (isa == "avx2" or width == 4 or narrow_expand) else "avx2")
     _matvec(module, isa)
     return module

@@ -18,14 +18,15 @@ that Numba is built on; no C compiler needed; on first use in a process about 35
 import llvmlite and 25 ms to compile).
 On CPUs without AVX-512, LLVM turns that intrinsic into a lane-by-lane loop that is
 slower than the numpy decoder and than a dense matrix·vector, so the expand kernels are
-used only where the host has the instruction; on AVX2 CPUs the matrix·vector expands 8
-lanes at a time with a masked load and a table-driven ``vpermps`` instead:
+used only where the host has the instruction; on AVX2 CPUs a second set of kernels
+expands 8 lanes at a time with a load of the kept values and a table-driven
+``vpermps``/``vpermd`` instead:
 
 ======================  ==============================================  =====================
 operation               needs                                           otherwise
 ======================  ==============================================  =====================
-decode, 4-byte items    ``avx512f``                                     numpy decoder
-decode, 1/2-byte items  ``avx512f``, ``avx512bw``, ``avx512vbmi2``      numpy decoder
+decode, 4-byte items    ``avx512f``; else ``avx2`` + ``fma``            numpy decoder
+decode, 1/2-byte items  ``avx512vbmi2``; else ``avx2`` + ``fma``        numpy decoder
 matrix·vector (fp32)    ``avx512f``; else ``avx2`` + ``fma``            CSR or dense
 ======================  ==============================================  =====================
 
@@ -97,21 +98,22 @@ def _find_status(switch: str) -> dict[str, Any]:
     else:
         return {**off, "llvmlite": version,
                 "reason": "this CPU has neither AVX-512 nor AVX2+FMA: the numpy decoder and the CSR kernel are used"}
+    narrow = {"avx512bw", "avx512vbmi2"} <= feats
     try:
-        _compile(isa, features)
+        _compile(isa, features, narrow)
     except Exception as exc:  # an llvmlite/LLVM that cannot build the IR: fall back, say why
         logger.warning("artemis.kernels: compiling the bitmask kernels failed (%s); using the fallbacks", exc)
         return {**off, "llvmlite": version, "reason": f"compiling the kernels failed: {exc}"}
     if isa == "avx2":
-        return {**off, "matvec": True, "matvec_isa": "avx2", "llvmlite": version,
+        return {"decode_1byte": True, "decode_2byte": True, "decode_4byte": True, "matvec": True,
+                "matvec_isa": "avx2", "llvmlite": version,
                 "reason": "AVX2 (no AVX-512" + (", by ARTEMIS_KERNELS=avx2" if "avx512f" in feats else "")
-                + "): matrix-vector with vpermps; the numpy decoder"}
-    narrow = {"avx512bw", "avx512vbmi2"} <= feats
+                + "): 8-lane kernels with vpermps/vpermd"}
     return {
-        "decode_1byte": narrow, "decode_2byte": narrow, "decode_4byte": True, "matvec": True, "matvec_isa": "avx512",
+        "decode_1byte": True, "decode_2byte": True, "decode_4byte": True, "matvec": True, "matvec_isa": "avx512",
         "llvmlite": version,
         "reason": "AVX-512 expand instructions available" if narrow
-        else "no avx512vbmi2: 1- and 2-byte values decode with numpy",
+        else "AVX-512 without avx512vbmi2: 1- and 2-byte values decode with the AVX2 method",
     }
 
 
@@ -135,7 +137,7 @@ class _Compiled:
     """The kernels of :mod:`artemis._bitmask_ir` for one instruction set, JIT-compiled for
     this CPU (about 25 ms)."""
 
-    def __init__(self, isa: str, features: str) -> None:
+    def __init__(self, isa: str, features: str, narrow_expand: bool = True) -> None:
         from llvmlite import binding as llvm
 
         from artemis._bitmask_ir import build_module
@@ -143,7 +145,7 @@ class _Compiled:
         llvm.initialize_native_target()
         llvm.initialize_native_asmprinter()
         self._context = llvm.create_context()  # not LLVM's global one, which Numba may be using
-        module = llvm.parse_assembly(str(build_module(isa)), context=self._context)
+        module = llvm.parse_assembly(str(build_module(isa, narrow_expand)), context=self._context)
         module.verify()
         machine = llvm.Target.from_default_triple().create_target_machine(
             cpu=llvm.get_host_cpu_name(), features=features, opt=3
@@ -153,7 +155,7 @@ class _Compiled:
         i64 = ctypes.c_int64
         self.decode = {
             w: ctypes.CFUNCTYPE(i64, *[i64] * 9)(self._engine.get_function_address(f"decode_w{w}"))
-            for w in ((1, 2, 4) if isa == "avx512" else ())
+            for w in (1, 2, 4)
         }
         self.matvec_rows = ctypes.CFUNCTYPE(None, *[i64] * 12)(
             self._engine.get_function_address(f"matvec_rows_{isa}")
@@ -163,10 +165,10 @@ class _Compiled:
 _KERNELS: dict[str, _Compiled] = {}  # kept for the life of the process: callers hold raw function pointers
 
 
-def _compile(isa: str, features: str) -> _Compiled:
+def _compile(isa: str, features: str, narrow_expand: bool = True) -> _Compiled:
     """Compile once per instruction set (called under ``_LOCK`` by :func:`_status`)."""
     if isa not in _KERNELS:
-        _KERNELS[isa] = _Compiled(isa, features)
+        _KERNELS[isa] = _Compiled(isa, features, narrow_expand)
     return _KERNELS[isa]
 
 
@@ -210,7 +212,10 @@ def decode_rows(bits: np.ndarray, vals: np.ndarray, offsets: np.ndarray, cols: i
             "uint8 bits (rows, ceil(cols/8)), int64 offsets (rows,), vals and out of one item size (1, 2 or 4), "
             "out of rows*cols items and 0 <= r0 < r1 <= rows"
         )
-    compiled = _KERNELS.get("avx512")  # the decoders exist only there (decode_ready says whether it was built)
+    # the current switch's kernels; else any built (all give the same bits), so that a switch
+    # changed between the checks and the decode cannot leave a checked tensor undecoded
+    isa = _status(os.environ.get(ENV_SWITCH, "1"))["matvec_isa"]
+    compiled = _KERNELS.get(isa) or _KERNELS.get("avx512") or _KERNELS.get("avx2")
     if compiled is None:
         raise RuntimeError(f"artemis.kernels: no compiled decoder here ({kernel_status()['reason']})")
     return compiled.decode[out.itemsize](
