@@ -157,9 +157,15 @@ def _decode(module: ir.Module, width: int, isa: str = "avx512") -> None:
     b.ret(k_end)
 
 
-def _chunk_expander(module: ir.Module, b: ir.IRBuilder, width: int, isa: str, end) -> Callable:
+def _chunk_expander(module: ir.Module, b: ir.IRBuilder, width: int, isa: str, end=None) -> Callable:
     """``expand(p, m) -> lanes``: one chunk of a row, the kept items at ``p`` placed in the
-    lanes whose bit of ``m`` is set, zeros elsewhere (``end`` = one past the last value)."""
+    lanes whose bit of ``m`` is set, zeros elsewhere.
+
+    AVX-512: one expand of 64 bytes. AVX2: 8 lanes; the items are read with a masked load
+    of exactly ``popcount(m)`` of them, or, given ``end`` (one past the last value), with a
+    plain 8-item load wherever 8 items remain (a masked load of 1- or 2-byte items has
+    no AVX2 instruction), then widened to 32 bits, moved by ``vpermd`` with the index
+    table, and narrowed back."""
     ety = ir.IntType(8 * width)
     if isa == "avx512":
         lanes = 64 // width
@@ -167,9 +173,8 @@ def _chunk_expander(module: ir.Module, b: ir.IRBuilder, width: int, isa: str, en
         expand = _intrinsic(module, f"llvm.masked.expandload.v{lanes}i{8 * width}", vec,
                             [ety.as_pointer(), ir.VectorType(I1, lanes), vec])
         return lambda p, m: b.call(expand, [p, b.bitcast(m, ir.VectorType(I1, lanes)), ir.Constant(vec, None)])
-    # AVX2, 8 lanes: load 8 items (a masked load only within 8 items of the end, so as not
-    # to read past the values), widen to 32 bits, vpermd by the index table, zero the
-    # lanes whose bit is clear, narrow back
+    if end is None and width != 4:
+        raise ValueError("the AVX2 expand without `end` needs 4-byte items (a native masked load)")
     vec = ir.VectorType(ety, 8)
     v32 = ir.VectorType(I32, 8)
     table = _perm_table(module)
@@ -179,31 +184,40 @@ def _chunk_expander(module: ir.Module, b: ir.IRBuilder, width: int, isa: str, en
                        [vec.as_pointer(), I32, ir.VectorType(I1, 8), vec])
     lane_ids = ir.Constant(v32, list(range(8)))
     lane_bits = ir.Constant(v32, [1 << j for j in range(8)])
-    end_int = b.ptrtoint(end, I64)
+    zeros = ir.Constant(vec, [0] * 8)
 
     def splat(v):
         return b.shuffle_vector(b.insert_element(ir.Constant(v32, None), v, _c(0, I32)), ir.Constant(v32, None),
                                 ir.Constant(v32, [0] * 8))
 
+    def masked_load(p, n):  # exactly n items, the other lanes 0
+        return b.call(mload, [b.bitcast(p, vec.as_pointer()), _c(1, I32), b.icmp_unsigned("<", lane_ids, splat(n)),
+                              zeros])
+
     def expand(p, m):
         n = b.zext(b.call(ctpop8, [m]), I32)
-        safe = b.icmp_unsigned("<=", b.add(b.ptrtoint(p, I64), _c(8 * width)), end_int)
-        with b.if_else(safe) as (whole, near_end):
-            with whole:
-                v_whole = b.load(b.bitcast(p, vec.as_pointer()), align=1)
-                bb_whole = b.block
-            with near_end:
-                v_near = b.call(mload, [b.bitcast(p, vec.as_pointer()), _c(1, I32),
-                                        b.icmp_unsigned("<", lane_ids, splat(n)), ir.Constant(vec, [0] * 8)])
-                bb_near = b.block
-        v = b.phi(vec)
-        v.add_incoming(v_whole, bb_whole)
-        v.add_incoming(v_near, bb_near)
+        if end is None:
+            v = masked_load(p, n)
+        else:
+            safe = b.icmp_unsigned("<=", b.add(b.ptrtoint(p, I64), _c(8 * width)), b.ptrtoint(end, I64))
+            with b.if_else(safe) as (whole, near_end):
+                with whole:
+                    v_whole = b.load(b.bitcast(p, vec.as_pointer()), align=1)
+                    bb_whole = b.block
+                with near_end:
+                    v_near = masked_load(p, n)
+                    bb_near = b.block
+            v = b.phi(vec)
+            v.add_incoming(v_whole, bb_whole)
+            v.add_incoming(v_near, bb_near)
         wide = v if width == 4 else b.zext(v, v32)
         idx = b.load(b.bitcast(b.gep(table, [_c(0), b.zext(m, I64)]), v32.as_pointer()), align=4)
         placed = b.call(permd, [wide, idx])
-        keep = b.icmp_unsigned("!=", b.and_(splat(b.zext(m, I32)), lane_bits), ir.Constant(v32, [0] * 8))
-        placed = b.select(keep, placed, ir.Constant(v32, [0] * 8))
+        if end is not None:  # a plain load leaves items past the row's in lane 7: zero the clear lanes
+            keep = b.icmp_unsigned("!=", b.and_(splat(b.zext(m, I32)), lane_bits), ir.Constant(v32, [0] * 8))
+            placed = b.select(keep, placed, ir.Constant(v32, [0] * 8))
+        # else lane 7 is 0 whenever a bit is clear (fewer than 8 items loaded), and the table
+        # sends every clear lane to lane 7
         return placed if width == 4 else b.trunc(placed, vec)
 
     return expand
@@ -248,23 +262,14 @@ def _expander(module: ir.Module, b: ir.IRBuilder, isa: str) -> Callable:
             return v, b.gep(p, [b.zext(b.call(ctpop, [m]), I64)])
 
         return expand16
-    # AVX2 has no expand instruction: per 8 lanes, a masked load of the popcount values
-    # (no read past them) and a vpermps by a 256-entry index table
-    v8, i8v = ir.VectorType(F32, 8), ir.VectorType(I32, 8)
-    table = _perm_table(module)
-    mload = _intrinsic(module, "llvm.masked.load.v8f32.p0", v8, [v8.as_pointer(), I32, ir.VectorType(I1, 8), v8])
-    permps = _intrinsic(module, "llvm.x86.avx2.permps", v8, [v8, i8v])
+    # AVX2 has no expand instruction: 8 lanes at a time with the decoders' method
+    expand8 = _chunk_expander(module, b, 4, "avx2")
     ctpop8 = _intrinsic(module, "llvm.ctpop.i8", I8, [I8])
-    lanes = ir.Constant(i8v, list(range(8)))
-    zero8 = ir.Constant(v8, [0.0] * 8)
+    v8 = ir.VectorType(F32, 8)
 
     def half(p, m8):
-        n = b.zext(b.call(ctpop8, [m8]), I32)
-        splat = b.shuffle_vector(b.insert_element(ir.Constant(i8v, None), n, _c(0, I32)), ir.Constant(i8v, None),
-                                 ir.Constant(i8v, [0] * 8))
-        v = b.call(mload, [b.bitcast(p, v8.as_pointer()), _c(4, I32), b.icmp_unsigned("<", lanes, splat), zero8])
-        idx = b.load(b.bitcast(b.gep(table, [_c(0), b.zext(m8, I64)]), i8v.as_pointer()), align=4)
-        return b.call(permps, [v, idx]), b.gep(p, [b.zext(n, I64)])
+        lanes8 = b.bitcast(expand8(b.bitcast(p, I32.as_pointer()), m8), v8)
+        return lanes8, b.gep(p, [b.zext(b.call(ctpop8, [m8]), I64)])
 
     def expand16(p, m):
         lo, p = half(p, b.trunc(m, I8))

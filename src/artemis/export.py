@@ -729,11 +729,7 @@ def _load_into(
             mname, parts = jobs[i]
             try:
                 sp = _check_parts(parts, f"{mname}.weight", str(wfile))
-            except CheckpointError as exc:
-                done.append((i, exc))
-                continue
-            out = _empty_dense(sp)
-            try:
+                out = _empty_dense(sp)
                 _decode_rows(sp, out)
             except CheckpointError as exc:
                 done.append((i, exc))

@@ -51,7 +51,6 @@ import time
 import warnings
 from typing import Any, Callable, Optional, Sequence
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -143,16 +142,16 @@ class SparseLinear(nn.Module):
             self.register_buffer("bias_f32", b.contiguous(), persistent=False)
 
     def _init_bitmask(self, w: Tensor) -> None:
+        # the export's sparse-bitmask layout, with the columns padded to 16 so that each
+        # row's bits read as uint16 masks of 16 inputs (bit j of mask c = input 16c + j)
+        from artemis.export import bitmask_compress
+
         rows, cols = w.shape
         self.chunks = -(-cols // 16)
-        nz = (w != 0).numpy()
-        padded = np.zeros((rows, self.chunks * 16), dtype=np.bool_)
-        padded[:, :cols] = nz
-        masks = np.packbits(padded, axis=1, bitorder="little").view(np.int16)  # bit j of mask c = input 16c+j
-        counts = nz.sum(axis=1, dtype=np.int64)
-        self.register_buffer("masks", torch.from_numpy(np.ascontiguousarray(masks)), persistent=False)
-        self.register_buffer("values", w.contiguous()[torch.from_numpy(nz)].contiguous(), persistent=False)
-        self.register_buffer("row_offsets", torch.from_numpy(np.cumsum(counts) - counts), persistent=False)
+        parts = bitmask_compress(F.pad(w, (0, self.chunks * 16 - cols)))
+        self.register_buffer("masks", parts["bitmask"].view(torch.int16), persistent=False)
+        self.register_buffer("values", parts["compressed"], persistent=False)
+        self.register_buffer("row_offsets", parts["row_offsets"], persistent=False)
 
     @classmethod
     def from_linear(cls, module: nn.Module, backend: str = "csr") -> "SparseLinear":
@@ -234,11 +233,11 @@ class SparseLinear(nn.Module):
         """The weight as a dense ``(out_features, in_features)`` tensor (a new copy)."""
         if self.backend != "bitmask":
             return self.weight.to_dense() if self.weight.layout != torch.strided else self.weight.clone()
-        bits = self.masks.numpy().view(np.uint8)
-        keep = np.unpackbits(bits, axis=1, count=self.in_features, bitorder="little").view(np.bool_)
-        w = torch.zeros(self.out_features, self.in_features, dtype=self.values.dtype)
-        w[torch.from_numpy(keep)] = self.values
-        return w
+        from artemis.export import bitmask_decompress
+
+        parts = {"compressed": self.values, "bitmask": self.masks.view(torch.uint8), "row_offsets": self.row_offsets,
+                 "shape": torch.tensor([self.out_features, self.chunks * 16])}
+        return bitmask_decompress(parts, name="SparseLinear.weight")[:, : self.in_features].contiguous()
 
     def extra_repr(self) -> str:
         return (
@@ -306,9 +305,11 @@ def time_pair(
         t2 = now()
         ta.append(t1 - t0)
         tb.append(t2 - t1)
-    ta.sort()
-    tb.sort()
-    return ta[len(ta) // 2], tb[len(tb) // 2]
+    return _median(ta), _median(tb)
+
+
+def _median(v: list[float]) -> float:
+    return sorted(v)[len(v) // 2]
 
 
 WINDOW_BYTES = 256 << 20  # sparsify_for_inference: dense weight bytes timed together (more than a CPU cache)
@@ -354,14 +355,10 @@ def _measure_window(
             if rnd >= 2:
                 times[(name, kind)].append(now() - t0)
 
-    def median(v: list[float]) -> float:
-        v = sorted(v)
-        return v[len(v) // 2]
-
     for name, variants in built.items():
         entry = report[name]
-        dense_t = median(times[(name, "dense")])
-        sparse_ts = {kind: median(times[(name, kind)]) for kind in variants}
+        dense_t = _median(times[(name, "dense")])
+        sparse_ts = {kind: _median(times[(name, kind)]) for kind in variants}
         for kind, t in sparse_ts.items():
             entry[f"{kind}_us"] = round(t * 1e6, 1)
         best = min(sparse_ts, key=sparse_ts.get)
