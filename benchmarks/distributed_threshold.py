@@ -114,7 +114,7 @@ def worker(blocks: int, repeats: int, out: str, d: int = D) -> None:
     from torch.distributed.fsdp import fully_shard
 
     from artemis import create_pruning_manager
-    from artemis.masks import count_to_prune, kth_smallest_key
+    from artemis.core.masks import count_to_prune, kth_smallest_key
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo")

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from artemis import create_pruning_manager
-from artemis.data import builtin_corpus, tokenize_batches
+from artemis.data.corpus import builtin_corpus, tokenize_batches
 
 sys.path.insert(0, os.path.dirname(__file__))
 from _common import machine  # noqa: E402

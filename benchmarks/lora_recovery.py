@@ -5,7 +5,7 @@ Every variant starts from the same one-shot 60% magnitude-pruned all-MiniLM-L6-v
 trains for the same number of steps on the same batches, distilling from the dense model
 (loss = 1 − cos between the student's and the dense model's mean-pooled, normalised
 sentence embeddings). Quality = mean cosine between the variant's and the dense model's
-embeddings on ``artemis.data.builtin_corpus("test")``.
+embeddings on ``artemis.data.corpus.builtin_corpus("test")``.
 
 Run:  PYTHONPATH=src python benchmarks/lora_recovery.py [--steps 40] [--sparsity 0.6]
 """
@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from artemis import create_pruning_manager
-from artemis.data import builtin_corpus, tokenize_batches
+from artemis.data.corpus import builtin_corpus, tokenize_batches
 from artemis.finetune import (
     adjacent_similarity,
     attach_lora,

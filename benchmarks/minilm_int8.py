@@ -2,12 +2,12 @@
 
 Embeddings: mean pooling over the attention mask, then L2 normalisation (the model's
 own recipe). Fidelity: mean cosine between a model's embeddings and the dense model's
-on held-out sentences of the built-in corpus (``artemis.data`` test split).
+on held-out sentences of the built-in corpus (``artemis.data.corpus`` test split).
 
 Compared side by side, same process, same sentences:
 
 1. one-shot: prune 50% (global magnitude, the default targets: every Linear in the
-   encoder blocks), then int8 with ``artemis.quantization.quantize_int8``;
+   encoder blocks), then int8 with ``artemis.sparse.quantization.quantize_int8``;
 2. QAT recovery: prune 50% at step 0 with ``quantization_aware: true`` (so every
    recovery step runs fake-quantized int8 weights), a short recovery run that distils
    the dense embeddings (MSE on normalised embeddings, train split), then int8.
@@ -36,8 +36,8 @@ torch.set_num_threads(2)
 from transformers import AutoModel, AutoTokenizer  # noqa: E402
 
 from artemis import create_pruning_manager  # noqa: E402
-from artemis.data import builtin_corpus  # noqa: E402
-from artemis.quantization import Int8Linear, quantize_int8  # noqa: E402
+from artemis.data.corpus import builtin_corpus  # noqa: E402
+from artemis.sparse.quantization import Int8Linear, quantize_int8  # noqa: E402
 
 SPARSITY = 0.5
 EVAL_SENTENCES = int(os.environ.get("EVAL_SENTENCES", 96))
@@ -150,7 +150,7 @@ def main() -> dict:
 
     # QAT cost: time of a forward+backward with and without fake quant
     m3 = copy.deepcopy(m2).train()
-    from artemis.quantization import enable_fake_quant
+    from artemis.sparse.quantization import enable_fake_quant
 
     b = train_b[0]
 

@@ -5,7 +5,7 @@ output of each of the 6 blocks) one-shot to 30/50/60/70 % with each importance m
 calibrated on 128 sentences of the built-in corpus (train split), and measures the mean
 cosine similarity between the pruned and the dense sentence embeddings (mean pooling,
 L2-normalised) on 256 held-out sentences (test split). Everything runs through
-``artemis.analysis.sparsity_sweep``, which restores the dense weights bit for bit
+``artemis.evaluation.analysis.sparsity_sweep``, which restores the dense weights bit for bit
 between levels (checked at the end).
 
 gradient_sensitivity needs a loss, and MiniLM has no LM head. A distillation loss to
@@ -30,9 +30,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch
 
-from artemis.analysis import sparsity_sweep
-from artemis.data import builtin_corpus, tokenize_batches
-from artemis.evaluate import embedding_cosine, mean_pool, sentence_embeddings
+from artemis.evaluation.analysis import sparsity_sweep
+from artemis.data.corpus import builtin_corpus, tokenize_batches
+from artemis.evaluation.quality import embedding_cosine, mean_pool, sentence_embeddings
 
 
 def projection_loss(seed: int = 0):

@@ -39,7 +39,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch
 
 from artemis import create_pruning_manager
-from artemis.sparse_inference import CLOCKS, sparsify_for_inference
+from artemis.sparse.inference import CLOCKS, sparsify_for_inference
 
 
 def build(seed: int = 0):
@@ -95,7 +95,7 @@ def main() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)  # transformers: past_key_values renamed
     base = build()
     n_params = sum(p.numel() for p in base.parameters())
-    from artemis.kernels import kernel_status
+    from artemis.sparse.kernels import kernel_status
 
     print(f"Llama {n_params / 1e6:.1f}M parameters, torch {torch.__version__}, {args.threads} thread(s), "
           f"MKL {torch.backends.mkl.is_available()}, clock {args.clock}, backend {args.backend}, "

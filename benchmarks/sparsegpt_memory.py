@@ -20,8 +20,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch
 
 from artemis import create_pruning_manager
-from artemis.calibration import forward_batch
-from artemis.data import builtin_corpus, tokenize_batches
+from artemis.data.calibration import forward_batch
+from artemis.data.corpus import builtin_corpus, tokenize_batches
 
 
 def maxrss_mib() -> float:

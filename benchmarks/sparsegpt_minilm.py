@@ -33,7 +33,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch
 
 from artemis import create_pruning_manager
-from artemis.data import builtin_corpus, tokenize_batches
+from artemis.data.corpus import builtin_corpus, tokenize_batches
 from artemis.metrics import METRICS, ImportanceMetric
 
 

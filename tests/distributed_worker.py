@@ -89,7 +89,7 @@ def make_optimizer(model):
 
 # ----------------------------------------------------------------------------- helpers
 def _full(t):
-    from artemis.distributed import is_dtensor
+    from artemis.core.distributed import is_dtensor
 
     return t.full_tensor() if is_dtensor(t) else t
 
@@ -152,8 +152,8 @@ def select_scenario(rank: int) -> dict:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard, distribute_tensor
 
-    from artemis.distributed import ProcessGroupCollective
-    from artemis.masks import global_masks
+    from artemis.core.distributed import ProcessGroupCollective
+    from artemis.core.masks import global_masks
 
     mesh = init_device_mesh("cpu", (dist.get_world_size(),))
     g = torch.Generator().manual_seed(7)

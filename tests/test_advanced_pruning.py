@@ -7,18 +7,18 @@ import torch
 import torch.nn as nn
 
 from artemis import create_pruning_manager
-from artemis.config import load_pruning_config, parse_nm_pattern
-from artemis.errors import CalibrationError, ConfigError, ModelError
-from artemis.masks import count_to_prune
-from artemis.owl import allocate_counts, outlier_ratio, owl_sparsities
-from artemis.reconstruction import (
+from artemis.core.config import load_pruning_config, parse_nm_pattern
+from artemis.core.errors import CalibrationError, ConfigError, ModelError
+from artemis.core.masks import count_to_prune
+from artemis.methods.owl import allocate_counts, outlier_ratio, owl_sparsities
+from artemis.methods.sparsegpt import (
     HessianAccumulator,
     dense_target_weight,
     reconstruct_layers,
     reconstruction_extra_bytes,
     sparsegpt_prune,
 )
-from artemis.sparse_inference import SparseLinear, sparsify_for_inference
+from artemis.sparse.inference import SparseLinear, sparsify_for_inference
 from tests.fixtures import lm_batch, tiny_gpt2, tiny_llama
 
 

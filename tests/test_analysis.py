@@ -5,9 +5,9 @@ import torch
 import torch.nn as nn
 
 from artemis import CalibrationError, ConfigError
-from artemis.analysis import best_sparsity, format_sweep_table, sparsity_sweep
-from artemis.schedule import round_half_up
-from artemis.evaluate import embedding_cosine, mean_pool, sentence_embeddings
+from artemis.evaluation.analysis import best_sparsity, format_sweep_table, sparsity_sweep
+from artemis.core.schedule import round_half_up
+from artemis.evaluation.quality import embedding_cosine, mean_pool, sentence_embeddings
 from tests.fixtures import lm_batch, tiny_llama
 
 
@@ -141,7 +141,7 @@ def test_minilm_activation_at_50_percent(minilm_dir):
     Wanda at 50 % keeps MiniLM's sentence embeddings close to the dense ones."""
     from transformers import AutoModel, AutoTokenizer
 
-    from artemis.data import builtin_corpus, tokenize_batches
+    from artemis.data.corpus import builtin_corpus, tokenize_batches
 
     tok = AutoTokenizer.from_pretrained(minilm_dir)
     model = AutoModel.from_pretrained(minilm_dir).eval()

@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 
 from artemis import CalibrationError, create_pruning_manager
-from artemis.calibration import describe_batch
+from artemis.data.calibration import describe_batch
 from tests.fixtures import lm_batch, tiny_llama
 
 
@@ -106,7 +106,7 @@ def test_batch_encoding_is_accepted(minilm_dir):
 
 def test_magnitude_needs_no_calibration(caplog):
     mgr = _mgr(_net(), "magnitude")
-    with caplog.at_level(logging.WARNING, logger="artemis.calibration"):
+    with caplog.at_level(logging.WARNING, logger="artemis.data.calibration"):
         assert mgr.calibrate([torch.ones(1, 4)], progress=False) == 0
     assert "gathers no statistics" in caplog.text
 

@@ -17,7 +17,7 @@ def _tokenizer():
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from artemis.data import builtin_corpus
+    from artemis.data.corpus import builtin_corpus
 
     tk = Tokenizer(models.BPE(unk_token="[UNK]"))
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -51,7 +51,7 @@ FAST = ["--batch-size", "2", "--max-length", "32", "--eval-texts", "16", "--prun
 
 def _zeros_over_targets(model) -> float:
     from artemis.arch import get_adapter
-    from artemis.targets import find_targets
+    from artemis.core.targets import find_targets
 
     adapter = get_adapter(model)
     targets = find_targets(model, block_prefixes=adapter.block_prefixes())
@@ -197,7 +197,7 @@ def test_errors_are_one_line_with_status_2(argv, pattern, capsys, tmp_path):
 
 
 def test_debug_shows_the_exception(tmp_path):
-    from artemis.errors import ConfigError
+    from artemis.core.errors import ConfigError
 
     with pytest.raises(ConfigError, match="does not exist"):
         main(["prune", str(tmp_path / "none.yaml"), "--debug"])
@@ -214,7 +214,7 @@ def test_export_needs_or_uses_the_exporter(models_dir, tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["prune", "--model", str(models_dir / "llama"), "--steps", "0", "-o", str(out)] + FAST) == 0
     try:
-        import artemis.export  # noqa: F401
+        import artemis.sparse.checkpoint  # noqa: F401
     except ImportError:
         assert main(["export", str(out / "model"), "-o", str(tmp_path / "exp")]) == 2
         assert "needs the compressed exporter" in capsys.readouterr().err
@@ -330,7 +330,7 @@ def test_calibration_texts_must_be_positive(models_dir, tmp_path, capsys):
 
 
 def test_calibration_batches_count_exactly_n_sequences():
-    from artemis.data import calibration_batches
+    from artemis.data.corpus import calibration_batches
 
     tok = _tokenizer()
     texts = ["the quick brown fox jumps over the lazy dog " * 8] * 200

@@ -22,8 +22,8 @@ import torch
 import torch.nn as nn
 
 from artemis import create_pruning_manager
-from artemis.distributed import all_reduce_sum_, check_no_fsdp1, inspect_sharding, local_tensor, shard_like
-from artemis.masks import count_to_prune, global_masks
+from artemis.core.distributed import all_reduce_sum_, check_no_fsdp1, inspect_sharding, local_tensor, shard_like
+from artemis.core.masks import count_to_prune, global_masks
 from artemis.metrics import METRICS
 from tests import distributed_worker as W
 

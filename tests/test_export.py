@@ -9,9 +9,9 @@ import torch
 import torch.nn as nn
 
 from artemis import CheckpointError, ConfigError, create_pruning_manager, load_pruned, save_pruned
-from artemis.export import META_NAME, WEIGHTS_NAME, bitmask_compress, bitmask_decompress
-from artemis.quantization import Int8Linear, quantize_int8
-from artemis.sizing import model_compressed_bytes, model_dense_bytes
+from artemis.sparse.checkpoint import META_NAME, WEIGHTS_NAME, bitmask_compress, bitmask_decompress
+from artemis.sparse.quantization import Int8Linear, quantize_int8
+from artemis.core.sizing import model_compressed_bytes, model_dense_bytes
 from tests.fixtures import lm_batch, tiny_bert, tiny_gpt2, tiny_llama
 
 BUILDERS = {"llama": tiny_llama, "gpt2": tiny_gpt2, "bert": tiny_bert}
@@ -227,7 +227,7 @@ def _rewrite(path, fn):
     """Load the stored tensors, let fn change them, write them back with fresh checksums."""
     from safetensors.torch import load_file, save_file
 
-    from artemis.export import CHECKSUM, CHECKSUMS
+    from artemis.sparse.checkpoint import CHECKSUM, CHECKSUMS
 
     tensors = load_file(str(path / WEIGHTS_NAME))
     fn(tensors)

@@ -11,7 +11,7 @@ import torch.nn as nn
 import yaml
 
 from artemis import ConfigError, ModelError, create_pruning_manager
-from artemis.errors import CalibrationError
+from artemis.core.errors import CalibrationError
 from artemis.finetune import (
     adjacent_similarity,
     attach_lora,

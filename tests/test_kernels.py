@@ -1,4 +1,4 @@
-"""The compiled bitmask kernels (artemis.kernels): decode and matrix-vector, and their fallbacks."""
+"""The compiled bitmask kernels (artemis.sparse.kernels): decode and matrix-vector, and their fallbacks."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ import pytest
 import torch
 import torch.nn as nn
 
-from artemis import kernels
-from artemis.errors import CheckpointError
-from artemis.export import bitmask_compress, bitmask_decompress
-from artemis.sparse_inference import SparseLinear, sparsify_for_inference
+from artemis.sparse import kernels
+from artemis.core.errors import CheckpointError
+from artemis.sparse.checkpoint import bitmask_compress, bitmask_decompress
+from artemis.sparse.inference import SparseLinear, sparsify_for_inference
 
 needs_kernels = pytest.mark.skipif(
     not (kernels.decode_ready(2) and kernels.matvec_ready()),

@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 
 from artemis import create_pruning_manager
-from artemis.errors import CalibrationError, CheckpointError, ConfigError, ModelError, PruningStateError
+from artemis.core.errors import CalibrationError, CheckpointError, ConfigError, ModelError, PruningStateError
 from artemis.methods.layer_dropout import (
     BlockGate,
     block_influence,
@@ -18,7 +18,7 @@ from artemis.methods.layer_dropout import (
     layer_magnitude,
     layers_for_sparsity,
 )
-from artemis.sizing import MIB, model_dense_bytes
+from artemis.core.sizing import MIB, model_dense_bytes
 from tests.fixtures import lm_batch, tiny_bert, tiny_gpt2, tiny_llama
 
 

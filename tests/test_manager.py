@@ -298,7 +298,7 @@ def test_packed_masks_resume_and_state_dict_are_interchangeable():
 
 
 def test_mask_store_rejects_non_bool_and_bad_packed_sizes():
-    from artemis.masks import MaskStore, unpack_mask
+    from artemis.core.masks import MaskStore, unpack_mask
 
     store = MaskStore(packed=True)
     with pytest.raises(ValueError, match="mask for 'w' must be bool, got torch.float32"):
@@ -338,7 +338,7 @@ def test_mask_store_copies_and_pickles_without_unpacking():
     import copy
     import pickle
 
-    from artemis.masks import MaskStore
+    from artemis.core.masks import MaskStore
 
     store = MaskStore(packed=True)
     m = torch.rand(5, 13) > 0.3

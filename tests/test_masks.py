@@ -1,7 +1,7 @@
 import torch
 import pytest
 
-from artemis.masks import count_to_prune, global_masks, layer_mask, nm_masks, row_masks, score_keys
+from artemis.core.masks import count_to_prune, global_masks, layer_mask, nm_masks, row_masks, score_keys
 
 
 def test_hand_computed_global_mask():

@@ -5,7 +5,7 @@ import torch
 import torch.nn as nn
 
 from artemis import CalibrationError, ConfigError, PruningStateError, create_pruning_manager
-from artemis.masks import layer_mask
+from artemis.core.masks import layer_mask
 from artemis.metrics import (
     METRICS,
     ActivationMetric,

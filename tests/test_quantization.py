@@ -9,7 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from artemis import ModelError, create_pruning_manager
-from artemis.quantization import (
+from artemis.sparse.quantization import (
     INT8_KERNEL_MAX_ROWS,
     Int8Linear,
     dequantize_int8,

@@ -1,6 +1,6 @@
 import pytest
 
-from artemis.schedule import is_pruning_event, pruning_window, round_half_up, shape, sparsity_at
+from artemis.core.schedule import is_pruning_event, pruning_window, round_half_up, shape, sparsity_at
 
 
 def test_round_half_up():

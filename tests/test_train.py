@@ -10,9 +10,9 @@ import pytest
 import torch
 import yaml
 
-from artemis.errors import CheckpointError, ConfigError
-from artemis.eval_suite import embedding_fidelity, mean_pool, perplexity
-from artemis.run_config import EMBEDDED_DEFAULT, RunConfig, apply_overrides, load_run_config
+from artemis.core.errors import CheckpointError, ConfigError
+from artemis.evaluation.quality import embedding_fidelity, mean_pool, perplexity
+from artemis.train.run_config import EMBEDDED_DEFAULT, RunConfig, apply_overrides, load_run_config
 from artemis.train.distillation import causal_kd_loss, embedding_cosine_loss, hidden_state_loss
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "configs"
@@ -131,7 +131,7 @@ def test_example_set_is_complete_and_default_matches():
 
 
 def test_unsupported_options_name_the_fix():
-    from artemis.run_config import ModelSection
+    from artemis.train.run_config import ModelSection
     from artemis.train.loading import check_supported
 
     check_supported(ModelSection(), "efficiency_transformer")  # implemented (artemis.finetune)
@@ -143,7 +143,7 @@ def test_unsupported_options_name_the_fix():
 def test_hybrid_lora_without_peft_names_the_package(monkeypatch):
     import sys
 
-    from artemis.run_config import ModelSection
+    from artemis.train.run_config import ModelSection
     from artemis.train.loading import check_supported
 
     monkeypatch.setitem(sys.modules, "peft", None)  # import peft -> ImportError
@@ -192,7 +192,7 @@ def _trainer(model, out, callback, max_steps=6):
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
 def test_pruning_callback_with_a_real_trainer_and_resume(tmp_path):
-    from artemis.integrations import STATE_FILE, PruningCallback
+    from artemis.train.integrations import STATE_FILE, PruningCallback
     from tests.fixtures import tiny_llama
 
     cfg = {"pruning": {"final_sparsity": 0.5, "pruning_start": 0.0, "pruning_end": 0.5, "pruning_interval": 1}}
@@ -224,7 +224,7 @@ def test_pruning_callback_with_a_real_trainer_and_resume(tmp_path):
 
 
 def test_pruning_callback_rejects_bad_config():
-    from artemis.integrations import PruningCallback
+    from artemis.train.integrations import PruningCallback
 
     with pytest.raises(ConfigError, match="final_sparsity must be in"):
         PruningCallback({"pruning": {"final_sparsity": 1.2}})
@@ -233,7 +233,7 @@ def test_pruning_callback_rejects_bad_config():
 def test_lr_scheduler_names_exist_in_transformers():
     from transformers.trainer_utils import SchedulerType
 
-    from artemis.run_config import LR_SCHEDULERS
+    from artemis.train.run_config import LR_SCHEDULERS
 
     assert set(LR_SCHEDULERS) <= {s.value for s in SchedulerType}
 

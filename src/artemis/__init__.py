@@ -6,8 +6,12 @@ Example:
     0.5
 """
 
-from artemis.config import PruningConfig, load_pruning_config
-from artemis.errors import (
+from artemis import _moved
+
+_moved.install()  # old import paths (artemis.export, artemis.config, ...) keep working
+
+from artemis.core.config import PruningConfig, load_pruning_config
+from artemis.core.errors import (
     ArtemisError,
     CalibrationError,
     CheckpointError,
@@ -15,8 +19,8 @@ from artemis.errors import (
     ModelError,
     PruningStateError,
 )
-from artemis.export import load_pruned, save_pruned
-from artemis.manager import PruningManager
+from artemis.sparse.checkpoint import load_pruned, save_pruned
+from artemis.core.manager import PruningManager
 from artemis.pruning import create_pruning_manager
 
 __version__ = "0.1.0"

@@ -19,8 +19,8 @@ from typing import Mapping, Optional, Union
 
 import torch.nn as nn
 
-from artemis.config import PruningConfig, load_pruning_config
-from artemis.manager import PruningManager
+from artemis.core.config import PruningConfig, load_pruning_config
+from artemis.core.manager import PruningManager
 
 __all__ = ["create_pruning_manager", "PruningManager", "PruningConfig"]
 

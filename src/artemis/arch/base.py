@@ -33,8 +33,8 @@ from typing import ClassVar, Optional
 
 import torch.nn as nn
 
-from artemis.errors import ModelError
-from artemis.registry import Registry
+from artemis.core.errors import ModelError
+from artemis.core.registry import Registry
 
 __all__ = ["ArchitectureAdapter", "GenericAdapter", "ADAPTERS", "get_adapter", "unwrap_model"]
 

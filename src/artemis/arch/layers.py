@@ -37,7 +37,7 @@ from typing import Any, Sequence
 import torch.nn as nn
 
 from artemis.arch.base import ArchitectureAdapter
-from artemis.errors import ModelError
+from artemis.core.errors import ModelError
 
 __all__ = ["PER_LAYER_CONFIG_LISTS", "check_block_removal", "validate_keep_indices", "remove_blocks"]
 
@@ -66,7 +66,7 @@ def _configs(model: nn.Module) -> list[Any]:
 
 
 def check_block_removal(adapter: ArchitectureAdapter) -> None:
-    """Raise :class:`~artemis.errors.ModelError` if blocks of the adapter's model cannot be
+    """Raise :class:`~artemis.core.errors.ModelError` if blocks of the adapter's model cannot be
     removed such that a stock ``from_pretrained`` rebuilds the result. Changes nothing.
 
     Raises:

@@ -41,9 +41,9 @@ from typing import Any, ClassVar, Optional, Sequence
 import torch
 import torch.nn as nn
 
-from artemis.errors import ModelError
-from artemis.registry import Registry
-from artemis.targets import conv1d_class
+from artemis.core.errors import ModelError
+from artemis.core.registry import Registry
+from artemis.core.targets import conv1d_class
 
 __all__ = [
     "UnitSlice",

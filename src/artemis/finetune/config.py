@@ -5,7 +5,7 @@ The seed's combined configuration spreads these over two sections::
     model:
       load_in_8bit: true          # -> check_8bit_backend()
       hybrid_lora_adapter: true   # -> require_peft(); LoRA on the sparse, frozen base
-      pruning: {...}              # -> artemis.config.PruningConfig
+      pruning: {...}              # -> artemis.core.config.PruningConfig
     fine_tuning:
       method: "efficiency_transformer"
       efficiency_transformer:
@@ -26,7 +26,7 @@ Example:
     >>> load_finetuning_config({"method": "efficient_transformer"})
     Traceback (most recent call last):
     ...
-    artemis.errors.ConfigError: fine_tuning.method: unknown fine-tuning method 'efficient_transformer'...
+    artemis.core.errors.ConfigError: fine_tuning.method: unknown fine-tuning method 'efficient_transformer'...
 """
 
 from __future__ import annotations
@@ -37,8 +37,8 @@ from typing import Any, Mapping, Optional
 
 from pydantic import ValidationError, field_validator, model_validator
 
-from artemis.config import ConfigSection, format_validation_error
-from artemis.errors import ConfigError
+from artemis.core.config import ConfigSection, format_validation_error
+from artemis.core.errors import ConfigError
 
 __all__ = [
     "FINETUNE_METHODS",

@@ -40,7 +40,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from artemis.arch import ArchitectureAdapter, get_adapter, unwrap_model
-from artemis.errors import CalibrationError, ConfigError, ModelError
+from artemis.core.errors import CalibrationError, ConfigError, ModelError
 from artemis.methods.layer_dropout import block_influence as block_influence_sum
 
 __all__ = [

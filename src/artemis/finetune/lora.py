@@ -48,12 +48,12 @@ import torch.nn as nn
 from torch import Tensor
 
 from artemis.arch import get_adapter, unwrap_model
-from artemis.errors import ConfigError, ModelError, PruningStateError
+from artemis.core.errors import ConfigError, ModelError, PruningStateError
 from artemis.finetune.config import require_peft
-from artemis.targets import is_prunable_module, match_pattern
+from artemis.core.targets import is_prunable_module, match_pattern
 
 if TYPE_CHECKING:  # pragma: no cover
-    from artemis.manager import PruningManager
+    from artemis.core.manager import PruningManager
 
 __all__ = [
     "MergeReport",
@@ -122,7 +122,7 @@ def masks_by_parameter(model: nn.Module, masks: MasksLike) -> Mapping[int, Tenso
     Raises:
         ModelError: a mask names no parameter of the model, or its shape differs.
     """
-    from artemis.manager import PruningManager
+    from artemis.core.manager import PruningManager
 
     if isinstance(masks, PruningManager):
         if masks.finalized:

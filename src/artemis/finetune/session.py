@@ -38,8 +38,8 @@ from pydantic import ValidationError
 from torch import Tensor
 
 from artemis.arch import get_adapter, unwrap_model
-from artemis.config import format_validation_error
-from artemis.errors import CalibrationError, ConfigError
+from artemis.core.config import format_validation_error
+from artemis.core.errors import CalibrationError, ConfigError
 from artemis.finetune.config import (
     DistillationConfig,
     FineTuningConfig,
@@ -330,7 +330,7 @@ def prepare_finetuning(
             raise ConfigError(format_validation_error(exc, "distillation")) from None
     pruning_cfg = None
     if "pruning" in config or "pruning" in model_section:
-        from artemis.config import load_pruning_config
+        from artemis.core.config import load_pruning_config
 
         pruning_cfg = load_pruning_config(dict(config))
     model = unwrap_model(model)
@@ -341,7 +341,7 @@ def prepare_finetuning(
             p.requires_grad_(False)
 
     def make_manager(m: nn.Module) -> Any:
-        from artemis.manager import PruningManager
+        from artemis.core.manager import PruningManager
 
         return PruningManager(m, pruning_cfg, total_steps=total_steps)
 

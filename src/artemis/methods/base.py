@@ -7,7 +7,7 @@ gradients and optimizer state, the state dict and the summary.
 
 Contract for a new method (subclass :class:`PruningMethod` and register it):
 
-* ``setup()`` — choose the targets; raise :class:`~artemis.errors.ModelError` before
+* ``setup()`` — choose the targets; raise :class:`~artemis.core.errors.ModelError` before
   changing anything if the model cannot be pruned this way.
 * ``masked_params()`` — ``{key: parameter}`` of every parameter the method may mask;
   the manager keeps these at exactly zero where the mask is ``False``.
@@ -22,7 +22,7 @@ Contract for a new method (subclass :class:`PruningMethod` and register it):
 * ``parameter_counts()`` — optional ``(pruned, prunable)`` override of the counts.
 * FSDP2: set ``supports_sharded_params = True`` only if ``compute_masks`` returns masks
   of each rank's local shard (``param.to_local()``) and finds any threshold that spans
-  shards with collectives (see :mod:`artemis.distributed`); otherwise the manager
+  shards with collectives (see :mod:`artemis.core.distributed`); otherwise the manager
   refuses sharded models. ``check_sharding(layout)`` may refuse particular layouts.
 * ``supported_metrics`` / ``create_metric(name)`` — a method that scores its own units
   (``layer_dropout`` scores whole layers) lists the metric names it accepts and builds
@@ -38,12 +38,12 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar, Optional
 import torch.nn as nn
 from torch import Tensor
 
-from artemis.registry import Registry
+from artemis.core.registry import Registry
 
 if TYPE_CHECKING:  # pragma: no cover
-    from artemis.manager import PruningManager
+    from artemis.core.manager import PruningManager
     from artemis.metrics.base import ImportanceMetric
-    from artemis.targets import PrunableTarget
+    from artemis.core.targets import PrunableTarget
 
 __all__ = ["PruningMethod", "METHODS", "TargetFn"]
 
@@ -92,8 +92,8 @@ class PruningMethod:
         raise NotImplementedError
 
     def check_sharding(self, layout: Any) -> None:
-        """Raise :class:`~artemis.errors.ModelError` at manager creation when this
-        method cannot prune the FSDP2 layout (an :class:`artemis.distributed.ShardLayout`)."""
+        """Raise :class:`~artemis.core.errors.ModelError` at manager creation when this
+        method cannot prune the FSDP2 layout (an :class:`artemis.core.distributed.ShardLayout`)."""
 
     def install(self) -> None:
         pass
@@ -138,7 +138,7 @@ class PruningMethod:
 
     def resolve_sparsity(self, name: str) -> Optional[float]:
         """The ``layer_sparsity`` override of module ``name``, if any (first match wins)."""
-        from artemis.targets import match_pattern
+        from artemis.core.targets import match_pattern
 
         for pattern, s in self.config.layer_sparsity.items():
             if match_pattern(pattern, name):

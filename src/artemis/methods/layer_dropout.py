@@ -70,15 +70,15 @@ import torch.nn as nn
 from torch import Tensor
 
 from artemis.arch.layers import check_block_removal, remove_blocks
-from artemis.errors import CalibrationError, CheckpointError, ConfigError, ModelError
+from artemis.core.errors import CalibrationError, CheckpointError, ConfigError, ModelError
 from artemis.methods.base import METHODS, PruningMethod, TargetFn
 from artemis.metrics.base import ImportanceMetric
-from artemis.schedule import round_half_up
-from artemis.sizing import dense_tensor_bytes
+from artemis.core.schedule import round_half_up
+from artemis.core.sizing import dense_tensor_bytes
 
 if TYPE_CHECKING:  # pragma: no cover
-    from artemis.manager import PruningManager
-    from artemis.targets import PrunableTarget
+    from artemis.core.manager import PruningManager
+    from artemis.core.targets import PrunableTarget
 
 __all__ = [
     "LAYER_METRICS",
@@ -395,7 +395,7 @@ class LayerImportance(ImportanceMetric):
         """Stream calibration batches: forward only for ``activation`` (and ``magnitude``,
         which ignores them); forward and backward of the model's loss for
         ``gradient_sensitivity`` (existing ``.grad``s are restored afterwards)."""
-        from artemis.calibration import forward_batch, run_calibration
+        from artemis.data.calibration import forward_batch, run_calibration
 
         if not self.needs_gradients:
             run_calibration(manager, data)
@@ -611,7 +611,7 @@ class LayerDropoutMethod(PruningMethod):
 
     # ---------------------------------------------------------------- reporting
     def update_pruning_metrics(self, metrics: dict[str, Any]) -> None:
-        from artemis.sizing import MIB
+        from artemis.core.sizing import MIB
 
         total_numel = sum(self.block_numel)
         pruned_numel = sum(self.block_numel[i] for i in self.dropped)

@@ -72,10 +72,10 @@ from artemis.arch.structures import (
     get_structure_adapter,
     supported_structures,
 )
-from artemis.errors import CheckpointError, ConfigError, ModelError
+from artemis.core.errors import CheckpointError, ConfigError, ModelError
 from artemis.methods.base import METHODS, PruningMethod, TargetFn
 from artemis.metrics.base import ImportanceMetric
-from artemis.targets import PrunableTarget
+from artemis.core.targets import PrunableTarget
 
 __all__ = ["StructuredMethod", "plan_unit_counts", "load_pruned_model", "STRUCTURE_FORMAT_VERSION"]
 

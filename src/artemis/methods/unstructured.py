@@ -4,10 +4,10 @@ Each target weight gets a keep-mask from the configured metric's scores:
 
 * ``scope: global`` — one threshold across every target of the same sparsity group
   (the targets sharing a final sparsity; ``layer_sparsity`` overrides form their own
-  groups), found exactly without concatenating scores (:func:`artemis.masks.global_masks`);
+  groups), found exactly without concatenating scores (:func:`artemis.core.masks.global_masks`);
 * ``scope: layer`` — each weight matrix pruned to the target on its own;
 * ``scope: row`` — each output row pruned to the target on its own (Wanda's choice);
-* ``scope: owl`` — outlier-weighted layer-wise sparsity (:mod:`artemis.owl`): each block
+* ``scope: owl`` — outlier-weighted layer-wise sparsity (:mod:`artemis.methods.owl`): each block
   gets its own sparsity from its share of activation outliers, exactly averaging to the
   target; inside a layer the metric's lowest scores are pruned;
 * ``pattern: "N:M"`` — in every group of M consecutive input weights of a row the
@@ -29,11 +29,11 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from artemis.distributed import local_tensor
-from artemis.masks import count_to_prune, global_masks, layer_mask, nm_masks, row_masks
+from artemis.core.distributed import local_tensor
+from artemis.core.masks import count_to_prune, global_masks, layer_mask, nm_masks, row_masks
 from artemis.methods.base import METHODS, PruningMethod, TargetFn
 from artemis.metrics.base import ImportanceMetric
-from artemis.targets import PrunableTarget, find_targets
+from artemis.core.targets import PrunableTarget, find_targets
 
 __all__ = ["UnstructuredMethod", "rows_count_mask"]
 
@@ -76,18 +76,18 @@ class UnstructuredMethod(PruningMethod):
         )
         self.finals = {t.key: self.resolve_sparsity(t.name) for t in self.targets}
         for pattern in cfg.layer_sparsity:
-            from artemis.targets import match_pattern
+            from artemis.core.targets import match_pattern
 
             if not any(match_pattern(pattern, t.name) for t in self.targets):
-                from artemis.errors import ModelError
+                from artemis.core.errors import ModelError
 
                 raise ModelError(
                     f"pruning.layer_sparsity: pattern {pattern!r} matches none of the "
                     f"{len(self.targets)} prunable modules (for example {self.targets[0].name!r})"
                 )
         if cfg.pattern is not None:  # issue 9: N:M needs in_features divisible by M
-            from artemis.config import parse_nm_pattern
-            from artemis.errors import ModelError
+            from artemis.core.config import parse_nm_pattern
+            from artemis.core.errors import ModelError
 
             _, m = parse_nm_pattern(cfg.pattern)
             for t in self.targets:
@@ -101,8 +101,8 @@ class UnstructuredMethod(PruningMethod):
     def one_shot_target_fn(self, sparsity: float) -> TargetFn:
         """As the base class; with an N:M pattern the sparsity must be k/M for k <= M-N."""
         if self.config.pattern is not None:
-            from artemis.config import parse_nm_pattern
-            from artemis.errors import ConfigError
+            from artemis.core.config import parse_nm_pattern
+            from artemis.core.errors import ConfigError
 
             n, m = parse_nm_pattern(self.config.pattern)
             k = count_to_prune(m, sparsity)
@@ -115,7 +115,7 @@ class UnstructuredMethod(PruningMethod):
         return super().one_shot_target_fn(sparsity)
 
     def check_sharding(self, layout) -> None:
-        from artemis.errors import ModelError
+        from artemis.core.errors import ModelError
 
         cfg = self.config
         if any(layout.is_sharded(t.key) for t in self.targets) and (
@@ -205,7 +205,7 @@ class UnstructuredMethod(PruningMethod):
     @torch.no_grad()
     def _nm_masks(self, sparsity: float, metric: ImportanceMetric) -> dict[str, Tensor]:
         """N:M masks: prune ``round_half_up(sparsity·M)`` (at most M−N) of every group of M."""
-        from artemis.config import parse_nm_pattern
+        from artemis.core.config import parse_nm_pattern
 
         n, m = parse_nm_pattern(self.config.pattern)
         k = min(count_to_prune(m, sparsity), m - n)
@@ -225,8 +225,8 @@ class UnstructuredMethod(PruningMethod):
         layer's lowest metric scores pruned (spread evenly over its rows for metrics whose
         default scope is ``row``, as OWL does with Wanda). Weights pruned earlier stay pruned (in a
         progressive run a layer's count is at least its earlier count)."""
-        from artemis.errors import CalibrationError
-        from artemis.owl import allocate_counts, collect_input_norms, outlier_ratio, owl_sparsities
+        from artemis.core.errors import CalibrationError
+        from artemis.methods.owl import allocate_counts, collect_input_norms, outlier_ratio, owl_sparsities
 
         data = getattr(self.manager, "calibration_data", None)
         if data is None:
@@ -274,7 +274,7 @@ class UnstructuredMethod(PruningMethod):
         """``(kept, M)`` per group at this event for an N:M pattern (None without one)."""
         if self.config.pattern is None:
             return None
-        from artemis.config import parse_nm_pattern
+        from artemis.core.config import parse_nm_pattern
 
         _, m = parse_nm_pattern(self.config.pattern)
         k = round(getattr(self, "last_layer_sparsity", {}).get(next(iter(masks)), 0.0) * m) if masks else 0

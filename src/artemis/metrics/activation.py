@@ -41,10 +41,10 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from artemis.distributed import all_reduce_sum_, is_dtensor, local_slice, local_tensor
-from artemis.errors import CalibrationError
+from artemis.core.distributed import all_reduce_sum_, is_dtensor, local_slice, local_tensor
+from artemis.core.errors import CalibrationError
 from artemis.metrics.base import METRICS, ImportanceMetric
-from artemis.targets import PrunableTarget
+from artemis.core.targets import PrunableTarget
 
 __all__ = ["ActivationMetric", "activation_scores"]
 
@@ -157,7 +157,7 @@ class ActivationMetric(ImportanceMetric):
             raise CalibrationError(
                 "importance_metric 'activation' has no activation statistics yet: run "
                 "manager.calibrate(batches) or pass calibration_data to manager.apply_pruning(sparsity, "
-                "calibration_data) (for example artemis.data.tokenize_batches(texts, tokenizer)); during "
+                "calibration_data) (for example artemis.data.corpus.tokenize_batches(texts, tokenizer)); during "
                 "training, statistics come from forward passes in train mode"
             )
         if missing:

@@ -18,7 +18,7 @@ Lifecycle, driven by the manager:
    (``torch.distributed`` initialised, world size > 1), the manager calls
    ``all_reduce_(group)`` on every rank: a metric that gathers statistics from its
    own rank's data (activation norms, token counts) sums them over the ranks there
-   (:func:`artemis.distributed.all_reduce_sum_`), so every rank scores the data of
+   (:func:`artemis.core.distributed.all_reduce_sum_`), so every rank scores the data of
    all ranks. Statistics built from gradients after DDP/FSDP synchronised them are
    identical on every rank already and must not be summed again (leave the default).
    Under FSDP2, ``target.param`` is a ``DTensor``: ``score`` may return a ``DTensor``
@@ -26,7 +26,7 @@ Lifecycle, driven by the manager:
 4. ``reset()`` — after each pruning event (statistics start afresh; free what you can).
 5. ``detach()`` — once, at ``finalize()``/``close()``; remove every hook.
 
-During calibration (:mod:`artemis.calibration`) the runner wraps each batch in
+During calibration (:mod:`artemis.data.calibration`) the runner wraps each batch in
 ``with metric.calibrating(batch):`` — a metric may use it to see the batch (the
 ``activation`` metric reads ``attention_mask`` to skip padding tokens).
 
@@ -55,8 +55,8 @@ import torch.nn as nn
 from pydantic import BaseModel, ValidationError
 from torch import Tensor
 
-from artemis.registry import Registry
-from artemis.targets import PrunableTarget
+from artemis.core.registry import Registry
+from artemis.core.targets import PrunableTarget
 
 __all__ = ["ImportanceMetric", "METRICS"]
 
@@ -138,7 +138,7 @@ class ImportanceMetric:
         docstring); default: nothing to sum."""
 
     def check_ready(self) -> None:
-        """Raise :class:`~artemis.errors.CalibrationError` if ``score`` cannot run yet."""
+        """Raise :class:`~artemis.core.errors.CalibrationError` if ``score`` cannot run yet."""
 
     def score(self, target: PrunableTarget) -> Tensor:  # pragma: no cover - abstract
         """Return the scores of ``target``'s weight: float32, shaped like it, >= 0."""

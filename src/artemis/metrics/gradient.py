@@ -42,10 +42,10 @@ import torch
 from pydantic import BaseModel, ConfigDict
 from torch import Tensor
 
-from artemis.distributed import local_tensor
-from artemis.errors import CalibrationError
+from artemis.core.distributed import local_tensor
+from artemis.core.errors import CalibrationError
 from artemis.metrics.base import METRICS, ImportanceMetric
-from artemis.targets import PrunableTarget
+from artemis.core.targets import PrunableTarget
 
 __all__ = ["GradientSensitivityMetric", "GradientSensitivityOptions", "gradient_sensitivity_scores", "ACCUMULATOR_DTYPES"]
 

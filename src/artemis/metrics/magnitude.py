@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 
 from artemis.metrics.base import METRICS, ImportanceMetric
-from artemis.targets import PrunableTarget
+from artemis.core.targets import PrunableTarget
 
 __all__ = ["MagnitudeMetric", "magnitude_scores"]
 

@@ -22,8 +22,8 @@ from typing import Any, Optional
 import torch
 import torch.nn as nn
 
-from artemis.errors import ConfigError, ModelError
-from artemis.run_config import DEFAULT_MODEL, FINE_TUNING_METHODS, ModelSection
+from artemis.core.errors import ConfigError, ModelError
+from artemis.train.run_config import DEFAULT_MODEL, FINE_TUNING_METHODS, ModelSection
 
 __all__ = ["LoadedModel", "load_model_and_tokenizer", "resolve_model_path", "detect_task", "check_supported"]
 

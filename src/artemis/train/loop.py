@@ -48,11 +48,11 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from artemis.errors import CheckpointError, ConfigError
-from artemis.eval_suite import mean_pool
-from artemis.manager import PruningManager
-from artemis.run_config import RunConfig
-from artemis.sizing import model_dense_bytes
+from artemis.core.errors import CheckpointError, ConfigError
+from artemis.evaluation.quality import mean_pool
+from artemis.core.manager import PruningManager
+from artemis.train.run_config import RunConfig
+from artemis.core.sizing import model_dense_bytes
 from artemis.train.distillation import causal_kd_loss, embedding_cosine_loss, hidden_state_loss
 
 __all__ = [
@@ -179,7 +179,7 @@ class _Batches:
         self.task, self.tokenizer, self.bs, self.max_length, self.seed = task, tokenizer, batch_size, max_length, seed
         self.texts = list(texts)
         if task == "causal_lm":
-            from artemis.data import concatenated_token_ids
+            from artemis.data.corpus import concatenated_token_ids
 
             ids = concatenated_token_ids(self.texts, tokenizer)
             n = len(ids) // max_length
@@ -354,7 +354,7 @@ def train_with_pruning(
     else:
         manager = PruningManager(model, cfg.pruning, total_steps=t.steps)
     if manager.needs_calibration_data:  # SparseGPT / OWL: the same batches at every pruning event
-        from artemis.data import calibration_batches
+        from artemis.data.corpus import calibration_batches
 
         manager.set_calibration_data(
             calibration_batches(task, tokenizer, train_texts, max_length=t.max_length, n=cfg.data.calibration_texts)

@@ -16,7 +16,7 @@ Plots (PNG, skipped with a logged warning when matplotlib is missing):
 training), ``layer_sparsity.png``, and for sweeps ``sweep.png``.
 
 Example:
-    >>> from artemis.report import format_markdown
+    >>> from artemis.evaluation.report import format_markdown
     >>> md = format_markdown({"sparsity": 0.6, "quality": {"metric": "perplexity", "dense": 10.0, "pruned": 12.5},
     ...                       "size_mb": {"dense": 4.0, "compressed": 2.0}, "latency_ms": {"dense": 1.0, "pruned": 1.0}})
     >>> "| perplexity | 10.0000 | 12.5000 |" in md

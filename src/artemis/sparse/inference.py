@@ -6,7 +6,7 @@ Unstructured sparsity only saves time when a kernel skips the zeros. On CPU,
 
 * ``bitmask`` (x86 CPUs with AVX-512, or AVX2 + FMA): the weight is kept as its non-zero
   values plus one bit per weight (uint16 masks of 16 inputs), 1.325 bytes per weight at
-  70% sparsity instead of 4 dense, and multiplied by :mod:`artemis.kernels`' compiled
+  70% sparsity instead of 4 dense, and multiplied by :mod:`artemis.sparse.kernels`' compiled
   kernel, which expands 16 values at a time (``vexpandps``; with AVX2 a masked load and
   a table-driven ``vpermps`` per 8) and prefetches the value stream. Its rows are split
   over Numba's thread pool when Numba is installed (``torch.get_num_threads()`` threads).
@@ -33,7 +33,7 @@ sparsify after loading.
 
 Example:
     >>> import torch, torch.nn as nn
-    >>> from artemis.sparse_inference import SparseLinear
+    >>> from artemis.sparse.inference import SparseLinear
     >>> lin = nn.Linear(8, 4)
     >>> with torch.no_grad():
     ...     lin.weight[:, ::2] = 0
@@ -56,8 +56,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from artemis import kernels
-from artemis.targets import conv1d_class, match_pattern
+from artemis.sparse import kernels
+from artemis.core.targets import conv1d_class, match_pattern
 
 __all__ = ["SparseLinear", "sparsify_for_inference", "time_call", "time_pair", "BACKENDS", "CLOCKS"]
 
@@ -87,7 +87,7 @@ class SparseLinear(nn.Module):
         weight: dense ``(out_features, in_features)`` weight (zeros are dropped).
         bias: optional ``(out_features,)``.
         backend: ``csr`` (CPU, float32/float64), ``bitmask`` (CPU with AVX-512 or AVX2, float32;
-            see :func:`artemis.kernels.kernel_status`) or ``semi_structured`` (CUDA, 2:4,
+            see :func:`artemis.sparse.kernels.kernel_status`) or ``semi_structured`` (CUDA, 2:4,
             float16/bfloat16).
 
     Raises:
@@ -144,7 +144,7 @@ class SparseLinear(nn.Module):
     def _init_bitmask(self, w: Tensor) -> None:
         # the export's sparse-bitmask layout, with the columns padded to 16 so that each
         # row's bits read as uint16 masks of 16 inputs (bit j of mask c = input 16c + j)
-        from artemis.export import bitmask_compress
+        from artemis.sparse.bitmask import bitmask_compress
 
         rows, cols = w.shape
         self.chunks = -(-cols // 16)
@@ -233,7 +233,7 @@ class SparseLinear(nn.Module):
         """The weight as a dense ``(out_features, in_features)`` tensor (a new copy)."""
         if self.backend != "bitmask":
             return self.weight.to_dense() if self.weight.layout != torch.strided else self.weight.clone()
-        from artemis.export import bitmask_decompress
+        from artemis.sparse.bitmask import bitmask_decompress
 
         parts = {"compressed": self.values, "bitmask": self.masks.view(torch.uint8), "row_offsets": self.row_offsets,
                  "shape": torch.tensor([self.out_features, self.chunks * 16])}
@@ -409,7 +409,7 @@ def sparsify_for_inference(
     Args:
         model: the (pruned) model; changed in place.
         batch_size: rows per call to measure at (decode batch size).
-        backend: ``auto`` (default: on CPU, ``bitmask`` where :mod:`artemis.kernels` can
+        backend: ``auto`` (default: on CPU, ``bitmask`` where :mod:`artemis.sparse.kernels` can
             run it and ``csr``, the faster per layer; on CUDA, ``semi_structured``), or one
             of ``bitmask``, ``csr``, ``semi_structured``.
         min_sparsity: layers less sparse than this are not measured (stay dense).

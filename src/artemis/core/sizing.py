@@ -2,7 +2,7 @@
 
 The dense size is what ``save_pretrained`` writes: every unique parameter and
 persistent buffer at its own dtype. The compressed size stores each *sparse* 2-D weight
-in the ``sparse-bitmask`` layout of compressed-tensors that ``artemis.export`` writes:
+in the ``sparse-bitmask`` layout of compressed-tensors that ``artemis.sparse.checkpoint`` writes:
 
 * ``<module>.compressed`` — the non-zero values (in the weight's dtype, or one byte
   each for int8);

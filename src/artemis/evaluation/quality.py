@@ -15,7 +15,7 @@ Sentence embeddings are mean-pooled over the attention mask, then L2-normalised
 
 Example:
     >>> import torch
-    >>> from artemis.eval_suite import embedding_fidelity
+    >>> from artemis.evaluation.quality import embedding_fidelity
     >>> dense = torch.nn.functional.normalize(torch.eye(3) + 0.1, dim=-1)
     >>> r = embedding_fidelity(dense, dense)
     >>> round(r["cosine_mean"], 6), r["nn_agreement"]
@@ -34,12 +34,14 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from artemis.calibration import model_device
-from artemis.sizing import MIB, model_compressed_bytes, model_dense_bytes
+from artemis.data.calibration import model_device
+from artemis.core.sizing import MIB, model_compressed_bytes, model_dense_bytes
 
 __all__ = [
     "mean_pool",
+    "sentence_embeddings",
     "encode_sentences",
+    "embedding_cosine",
     "embedding_fidelity",
     "perplexity",
     "forward_latency_ms",
@@ -65,36 +67,65 @@ def mean_pool(hidden: Tensor, attention_mask: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def encode_sentences(
-    model: nn.Module, tokenizer: Any, texts: Sequence[str], *, batch_size: int = 32, max_length: int = 128
+def sentence_embeddings(
+    model: nn.Module,
+    tokenizer: Any,
+    texts: Sequence[str],
+    *,
+    batch_size: int = 32,
+    max_length: int = 128,
+    normalize: bool = True,
 ) -> Tensor:
-    """L2-normalised mean-pooled sentence embeddings (float32, on CPU), one row per text.
+    """Embeddings of ``texts``: mean pooling over the attention mask, then L2-normalised.
 
-    Uses ``artemis.evaluate.sentence_embeddings`` when that module is present (same recipe).
+    Args:
+        model: an encoder (``AutoModel``) whose output has ``last_hidden_state``; other
+            models are run with ``output_hidden_states=True`` and their last hidden
+            state is used.
+        tokenizer: the model's tokenizer.
+        texts: the sentences.
+        batch_size: sentences per forward pass.
+        max_length: truncation length in tokens.
+        normalize: L2-normalise each embedding (as all-MiniLM-L6-v2 does).
+
+    Returns:
+        ``(len(texts), hidden)`` float32 tensor on the CPU. The model's train/eval mode
+        is restored afterwards.
     """
-    try:  # the shared implementation, when the evaluation module has landed
-        from artemis.evaluate import sentence_embeddings  # type: ignore[attr-defined]
-    except ImportError:
-        sentence_embeddings = None
-    if sentence_embeddings is not None:
-        try:
-            return sentence_embeddings(model, tokenizer, list(texts), batch_size=batch_size, max_length=max_length).float().cpu()
-        except TypeError:  # a different keyword set: fall back to our own (same recipe)
-            pass
+    if isinstance(texts, str) or not len(texts):
+        raise ValueError("texts must be a non-empty list of strings")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     device = model_device(model)
     was_training = model.training
     model.eval()
     out = []
     try:
         for i in range(0, len(texts), batch_size):
-            enc = tokenizer(list(texts[i : i + batch_size]), padding=True, truncation=True,
-                            max_length=max_length, return_tensors="pt")
+            enc = tokenizer(
+                list(texts[i : i + batch_size]), padding=True, truncation=True, max_length=max_length,
+                return_tensors="pt",
+            )
             enc = {k: v.to(device) for k, v in enc.items()}
-            hidden = model(**enc).last_hidden_state  # (batch, tokens, dim)
-            out.append(torch.nn.functional.normalize(mean_pool(hidden.float(), enc["attention_mask"]), dim=-1).cpu())
+            res = model(**enc)
+            hidden = getattr(res, "last_hidden_state", None)
+            if hidden is None:
+                hidden = model(**enc, output_hidden_states=True).hidden_states[-1]
+            emb = mean_pool(hidden.float(), enc["attention_mask"])  # (batch, dim)
+            if normalize:
+                emb = torch.nn.functional.normalize(emb, dim=-1)
+            out.append(emb.cpu())
     finally:
         model.train(was_training)
     return torch.cat(out)
+
+
+def encode_sentences(
+    model: nn.Module, tokenizer: Any, texts: Sequence[str], *, batch_size: int = 32, max_length: int = 128
+) -> Tensor:
+    """L2-normalised mean-pooled sentence embeddings (float32, on CPU), one row per text:
+    :func:`sentence_embeddings` with its defaults."""
+    return sentence_embeddings(model, tokenizer, list(texts), batch_size=batch_size, max_length=max_length)
 
 
 def embedding_fidelity(dense: Tensor, pruned: Tensor) -> dict[str, float]:
@@ -200,9 +231,16 @@ def parameter_stats(model: nn.Module, prunable: Optional[Sequence[Tensor]] = Non
 
 def size_stats(model: nn.Module, sparse_params: Sequence[Tensor]) -> dict[str, float]:
     """``dense`` and ``compressed`` size in MiB from the shared size accounting
-    (:mod:`artemis.sizing`; the compressed size stores ``sparse_params`` as
+    (:mod:`artemis.core.sizing`; the compressed size stores ``sparse_params`` as
     values + bitmask)."""
     return {
         "dense": model_dense_bytes(model) / MIB,
         "compressed": model_compressed_bytes(model, list(sparse_params)) / MIB,
     }
+
+
+def embedding_cosine(a: Tensor, b: Tensor) -> float:
+    """Mean cosine similarity between the rows of ``a`` and ``b`` (same shape)."""
+    if a.shape != b.shape:
+        raise ValueError(f"embedding shapes differ: {tuple(a.shape)} vs {tuple(b.shape)}")
+    return float(torch.nn.functional.cosine_similarity(a.float(), b.float(), dim=-1).mean())

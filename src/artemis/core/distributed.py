@@ -11,11 +11,11 @@ What the manager does when ``torch.distributed`` is initialised:
 * **FSDP2** (``torch.distributed.fsdp.fully_shard``): parameters are ``DTensor`` s
   sharded along dim 0. Masks are created, stored and applied on each rank's local
   shard (``param.to_local()``), so the mask memory per rank is its share of the
-  weights. The global threshold is found by :func:`artemis.masks.global_masks` with a
+  weights. The global threshold is found by :func:`artemis.core.masks.global_masks` with a
   :class:`ProcessGroupCollective`: only histograms and per-layer counts cross the
   network; no rank ever gathers the model.
 * **FSDP1** (``FullyShardedDataParallel``) is refused at manager creation with a
-  :class:`~artemis.errors.ModelError`: with ``use_orig_params=False`` the weights do not
+  :class:`~artemis.core.errors.ModelError`: with ``use_orig_params=False`` the weights do not
   exist as tensors of their own, and with ``use_orig_params=True`` they are flat 1-D
   slices that change shape around every forward. Use ``fully_shard`` (accelerate:
   ``fsdp_version: 2``).
@@ -24,7 +24,7 @@ Everything here is a no-op (and costs nothing) in a single process.
 
 Example:
     >>> import torch
-    >>> from artemis.distributed import local_tensor, world_size
+    >>> from artemis.core.distributed import local_tensor, world_size
     >>> local_tensor(torch.ones(2)).tolist(), world_size()
     ([1.0, 1.0], 1)
 """
@@ -38,7 +38,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from artemis.errors import ModelError
+from artemis.core.errors import ModelError
 
 __all__ = [
     "is_distributed",
@@ -101,7 +101,7 @@ def _collective_device(group: Any) -> torch.device:
 
 
 class ProcessGroupCollective:
-    """:class:`artemis.masks.ShardCollective` over a ``torch.distributed`` process group.
+    """:class:`artemis.core.masks.ShardCollective` over a ``torch.distributed`` process group.
 
     Tensors are moved to the backend's device (CUDA for NCCL) for the collective and
     returned on the CPU; they are a few KiB (radix histograms, per-layer counts).

@@ -10,7 +10,7 @@ the full module name.
 
 Example:
     >>> import torch.nn as nn
-    >>> from artemis.targets import find_targets
+    >>> from artemis.core.targets import find_targets
     >>> net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
     >>> [t.key for t in find_targets(net, patterns=["*"])]
     ['0.weight', '2.weight']
@@ -25,7 +25,7 @@ from typing import Optional, Sequence
 
 import torch.nn as nn
 
-from artemis.errors import ModelError
+from artemis.core.errors import ModelError
 
 __all__ = ["PrunableTarget", "find_targets", "match_pattern", "is_prunable_module", "conv1d_class"]
 

@@ -2,7 +2,7 @@
 
 Attaching the callback is the only change a ``Trainer`` user makes::
 
-    from artemis.integrations import PruningCallback
+    from artemis.train.integrations import PruningCallback
 
     trainer = Trainer(model=model, args=args, train_dataset=ds,
                       callbacks=[PruningCallback({"pruning": {"final_sparsity": 0.6}})])
@@ -11,7 +11,7 @@ Attaching the callback is the only change a ``Trainer`` user makes::
 
 What it does:
 
-* ``on_train_begin`` — creates the :class:`~artemis.manager.PruningManager` for the
+* ``on_train_begin`` — creates the :class:`~artemis.core.manager.PruningManager` for the
   Trainer's model (or uses the one you passed) with ``total_steps = state.max_steps``;
   when the Trainer resumes from ``checkpoint-N`` it reloads the manager state saved
   there, so masks and the schedule position are exactly those of the interrupted run.
@@ -22,7 +22,7 @@ What it does:
   ``OUTPUT/checkpoint-N/artemis_pruning_state.pt`` next to the Trainer's own files.
 
 Example:
-    >>> from artemis.integrations import PruningCallback, STATE_FILE
+    >>> from artemis.train.integrations import PruningCallback, STATE_FILE
     >>> cb = PruningCallback({"pruning": {"final_sparsity": 0.5}})
     >>> cb.manager is None, STATE_FILE
     (True, 'artemis_pruning_state.pt')
@@ -38,9 +38,9 @@ from typing import Any, Mapping, Optional, Union
 import torch
 from transformers import TrainerCallback
 
-from artemis.config import PruningConfig, load_pruning_config
-from artemis.errors import CheckpointError, PruningStateError
-from artemis.manager import PruningManager
+from artemis.core.config import PruningConfig, load_pruning_config
+from artemis.core.errors import CheckpointError, PruningStateError
+from artemis.core.manager import PruningManager
 
 __all__ = ["PruningCallback", "STATE_FILE"]
 
@@ -54,7 +54,7 @@ class PruningCallback(TrainerCallback):
 
     Args:
         pruning: a manager already created for the Trainer's model, or a pruning
-            config (anything :func:`~artemis.config.load_pruning_config` accepts) from
+            config (anything :func:`~artemis.core.config.load_pruning_config` accepts) from
             which the manager is created at the start of training.
 
     Attributes:

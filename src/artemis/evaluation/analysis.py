@@ -13,7 +13,7 @@ per layer; ``gradient_sensitivity``: one accumulator value per prunable weight).
 
 Example:
     >>> import torch, torch.nn as nn
-    >>> from artemis.analysis import sparsity_sweep, best_sparsity
+    >>> from artemis.evaluation.analysis import sparsity_sweep, best_sparsity
     >>> torch.manual_seed(0) and None
     >>> net = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
     >>> x = torch.randn(32, 16); y = net(x).detach()
@@ -41,8 +41,8 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from artemis.config import PruningConfig, load_pruning_config
-from artemis.errors import ConfigError
+from artemis.core.config import PruningConfig, load_pruning_config
+from artemis.core.errors import ConfigError
 
 __all__ = ["sparsity_sweep", "best_sparsity", "format_sweep_table"]
 
@@ -90,14 +90,14 @@ def sparsity_sweep(
 
     Args:
         model: the dense model (left bit-for-bit unchanged on return, also on error).
-        config: a pruning config (any form :func:`~artemis.config.load_pruning_config`
+        config: a pruning config (any form :func:`~artemis.core.config.load_pruning_config`
             accepts); its method, importance metric, scope, targets and
             ``layer_sparsity`` are used; the schedule keys are ignored.
         sparsities: the levels to try, each in [0, 1), in the order given.
         evaluate_fn: ``evaluate_fn(model)`` returning a dict of metrics or one number
             (then recorded as ``{"metric": value}``).
         calibration_data: batches for metrics that need statistics (see
-            :mod:`artemis.calibration`); read once, on the dense model. With
+            :mod:`artemis.data.calibration`); read once, on the dense model. With
             ``reconstruction: sparsegpt`` or ``scope: owl`` they are also kept (as a list)
             and given to every level's pruning event.
         loss_fn: loss for ``gradient_sensitivity`` calibration (see ``calibrate``).
@@ -113,7 +113,7 @@ def sparsity_sweep(
         ConfigError: bad sparsities or config; CalibrationError: the metric needs
         statistics and ``calibration_data`` is missing or malformed.
     """
-    from artemis.manager import PruningManager
+    from artemis.core.manager import PruningManager
 
     if not callable(evaluate_fn):
         raise TypeError(f"evaluate_fn must be callable as evaluate_fn(model), got {type(evaluate_fn).__name__}")

@@ -14,14 +14,14 @@ Everything is checked here, at the boundary: an unknown key fails with a
 the value, an unknown method, metric or schedule fails listing the valid names.
 
 Example:
-    >>> from artemis.config import load_pruning_config
+    >>> from artemis.core.config import load_pruning_config
     >>> cfg = load_pruning_config({"pruning": {"final_sparsity": 0.5}})
     >>> cfg.method, cfg.final_sparsity, cfg.schedule
     ('magnitude_progressive', 0.5, 'cubic')
     >>> load_pruning_config({"pruning": {"final_sparsty": 0.5}})
     Traceback (most recent call last):
     ...
-    artemis.errors.ConfigError: pruning: unknown key 'final_sparsty' (did you mean 'final_sparsity'?)...
+    artemis.core.errors.ConfigError: pruning: unknown key 'final_sparsty' (did you mean 'final_sparsity'?)...
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from typing import Any, Literal, Mapping, Optional, Sequence, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from artemis.errors import ConfigError
+from artemis.core.errors import ConfigError
 
 __all__ = [
     "PruningConfig",
@@ -111,7 +111,7 @@ def _check_unknown_keys(model_cls: type[BaseModel], data: Any) -> None:
 
 
 class ConfigSection(BaseModel):
-    """Base of every config section (here, in :mod:`artemis.run_config` and
+    """Base of every config section (here, in :mod:`artemis.train.run_config` and
     :mod:`artemis.finetune.config`): unknown keys fail with a "did you mean" hint and the
     list of valid keys, and assignments after construction are validated too."""
 

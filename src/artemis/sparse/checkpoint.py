@@ -27,7 +27,7 @@ importing the package takes many seconds. Artemis writes the same documented lay
 with the same two numpy calls (``packbits``/``unpackbits``, little bit order, per row);
 the tests check the bytes against compressed-tensors' helpers.
 
-The bytes written are the bytes :mod:`artemis.sizing` predicts (the manager's
+The bytes written are the bytes :mod:`artemis.core.sizing` predicts (the manager's
 ``model_size_reduction``) up to the safetensors header and the JSON files. Zeros come
 back as ``+0.0`` (a pruned weight multiplied by its mask can be ``-0.0``; the bitmask
 keeps no sign for zeros); every other bit of every tensor is restored exactly.
@@ -64,9 +64,18 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from artemis import kernels
-from artemis.errors import CheckpointError, ConfigError
-from artemis.sizing import QUANTIZE_CHOICES, stores_sparse, unique_state_tensors
+from artemis.sparse.bitmask import (
+    SPARSE_KEYS,
+    as_dense,
+    bitmask_compress,
+    bitmask_decompress,
+    check_parts,
+    decode_into,
+    empty_dense,
+    nonzero_mask,
+)
+from artemis.core.errors import CheckpointError, ConfigError
+from artemis.core.sizing import QUANTIZE_CHOICES, stores_sparse, unique_state_tensors
 
 __all__ = [
     "save_pruned",
@@ -84,199 +93,11 @@ EXPORT_FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)  # 1: CRC-32 checksums (no "checksum" key)
 WEIGHTS_NAME = "model.safetensors"
 META_NAME = "artemis_export.json"
-_SPARSE_KEYS = ("compressed", "bitmask", "shape", "row_offsets")
 _DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
     "BOOL": torch.bool,
 }
-
-
-# ------------------------------------------------------------ tensor layout
-_POPCOUNT = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint8)
-
-
-def _row_counts(bits: np.ndarray) -> np.ndarray:
-    """Set bits per row of a packed uint8 bitmask (int64)."""
-    if hasattr(np, "bitwise_count"):  # numpy >= 2.0
-        return np.bitwise_count(bits).sum(axis=1, dtype=np.int64)
-    return _POPCOUNT[bits].sum(axis=1, dtype=np.int64)
-
-
-_INT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-
-
-def _as_int_numpy(t: Tensor) -> np.ndarray:
-    """The raw bits of CPU tensor ``t`` as a numpy integer array (no copy)."""
-    if t.dtype == torch.int8:
-        return t.numpy()
-    return t.view(_INT_VIEW[t.element_size()]).numpy()
-
-
-def _nonzero_mask(t: Tensor) -> np.ndarray:
-    """``t != 0`` computed on its bits (``-0.0`` counts as zero), in numpy (fast on CPU)."""
-    bits = _as_int_numpy(t)
-    if t.is_floating_point():
-        sign = np.array(1, dtype=bits.dtype) << np.array(8 * t.element_size() - 1, dtype=bits.dtype)
-        return (bits & ~sign) != 0
-    return bits != 0
-
-
-def bitmask_compress(t: Tensor, mask: Optional[np.ndarray] = None) -> dict[str, Tensor]:
-    """A 2-D tensor in the sparse-bitmask layout (CPU tensors).
-
-    Args:
-        t: the 2-D tensor; its zeros (``+0.0`` and ``-0.0``) are not stored.
-        mask: ``t != 0`` if already computed (a numpy bool array).
-
-    Returns:
-        ``{"compressed": values, "bitmask": uint8 (rows, ceil(cols/8)), "shape": int64 (2,),
-        "row_offsets": int64 (rows,)}``.
-
-    Example:
-        >>> import torch
-        >>> d = bitmask_compress(torch.tensor([[0.0, 2.0, 0.0], [3.0, 0.0, 4.0]]))
-        >>> d["compressed"].tolist(), d["bitmask"].tolist(), d["row_offsets"].tolist()
-        ([2.0, 3.0, 4.0], [[2], [5]], [0, 1])
-    """
-    t = t.detach().cpu().contiguous()
-    if t.dim() != 2:
-        raise ValueError(f"bitmask_compress needs a 2-D tensor, got shape {tuple(t.shape)}")
-    if mask is None:
-        mask = _nonzero_mask(t)
-    bits = np.packbits(mask, axis=-1, bitorder="little")
-    counts = _row_counts(bits)
-    values = torch.from_numpy(np.take(_as_int_numpy(t).reshape(-1), np.flatnonzero(mask))).view(t.dtype)
-    return {
-        "compressed": values,
-        "bitmask": torch.from_numpy(bits),
-        "shape": torch.tensor(list(t.shape), dtype=torch.int64),
-        "row_offsets": torch.from_numpy(np.cumsum(counts) - counts),
-    }
-
-
-class _SparseParts(NamedTuple):
-    """The checked parts of one sparse-bitmask tensor, ready to decode."""
-
-    rows: int
-    cols: int
-    bits: np.ndarray  # uint8 (rows, ceil(cols/8)), C-contiguous
-    values: Tensor  # 1-D, the kept values
-    vals: np.ndarray  # their raw bits (integer view of ``values``)
-    offsets: np.ndarray  # int64 (rows,)
-    where: str  # "tensor '<name>' in <file>", for messages
-    prefix: str  # the module name, for messages
-    kernel: bool  # decode with the compiled kernel (decided once, so the checks match the decoder)
-
-
-def _check_parts(parts: dict[str, Tensor], name: str, file: str) -> _SparseParts:
-    """Check a sparse-bitmask tensor's parts and views them for the decoders.
-
-    Names, shapes, dtypes and the bits past the last column are checked here; the counts
-    (kept weights vs values, row offsets) here too when numpy decodes, and by the
-    compiled decoder row by row otherwise (one pass over the bits instead of two)."""
-    where = f"tensor {name!r} in {file}"
-    prefix = name[: -len(".weight")] if name.endswith(".weight") else name
-    missing = [k for k in _SPARSE_KEYS if k not in parts]
-    if missing:
-        raise CheckpointError(f"{where}: missing {', '.join(f'{prefix}.{k}' for k in missing)}")
-    shape_t, bits, values, offsets = parts["shape"], parts["bitmask"], parts["compressed"], parts["row_offsets"]
-    if shape_t.dim() != 1 or shape_t.numel() != 2 or shape_t.dtype not in (torch.int64, torch.int32):
-        raise CheckpointError(f"{where}: {prefix}.shape must hold 2 integers, got {shape_t.tolist()!r}")
-    rows, cols = (int(v) for v in shape_t.tolist())
-    if rows < 0 or cols < 0:
-        raise CheckpointError(f"{where}: {prefix}.shape is negative: {[rows, cols]}")
-    want = (rows, math.ceil(cols / 8))
-    if bits.dtype != torch.uint8 or tuple(bits.shape) != want:
-        raise CheckpointError(
-            f"{where}: bitmask {prefix}.bitmask has shape {tuple(bits.shape)}/{bits.dtype}; a {rows}x{cols} "
-            f"weight needs {want}/torch.uint8 (the bitmask does not match the shape)"
-        )
-    if values.dim() != 1:
-        raise CheckpointError(f"{where}: {prefix}.compressed must be 1-D, got shape {tuple(values.shape)}")
-    bits_np = np.ascontiguousarray(bits.numpy())
-    if cols % 8 and rows and np.any(bits_np[:, -1] >> (cols % 8)):
-        raise CheckpointError(f"{where}: {prefix}.bitmask has bits set beyond column {cols}")
-    values = values.contiguous()
-    if tuple(offsets.shape) != (rows,):
-        raise CheckpointError(f"{where}: {prefix}.row_offsets has shape {tuple(offsets.shape)}; expected {(rows,)}")
-    vals = _as_int_numpy(values)
-    kernel = kernels.decode_ready(vals.itemsize) and rows > 0 and cols > 0
-    sp = _SparseParts(rows, cols, bits_np, values, vals, np.ascontiguousarray(offsets.to(torch.int64).numpy()),
-                      where, prefix, kernel)
-    if not kernel or sp.offsets[0] != 0:  # else the compiled decoder checks the counts as it goes
-        _check_counts(sp)
-    return sp
-
-
-def _check_counts(sp: _SparseParts) -> None:
-    """The bitmask's count of kept weights must match the values and the row offsets."""
-    counts = _row_counts(sp.bits)
-    nnz = int(counts.sum())
-    if nnz != sp.vals.size:
-        raise CheckpointError(
-            f"{sp.where}: the bitmask marks {nnz} non-zero weights but {sp.prefix}.compressed holds "
-            f"{sp.vals.size} values"
-        )
-    if not np.array_equal(sp.offsets, np.cumsum(counts) - counts):
-        raise CheckpointError(f"{sp.where}: {sp.prefix}.row_offsets does not match the bitmask's row counts")
-
-
-def _empty_dense(sp: _SparseParts) -> np.ndarray:
-    """The flat output for :func:`_decode_rows`: uninitialised where the compiled kernel
-    writes every item, zeros where numpy scatters only the kept ones."""
-    if sp.kernel:
-        return torch.empty(sp.rows * sp.cols, dtype=sp.values.dtype).view(_INT_VIEW[sp.vals.itemsize]).numpy()
-    return np.zeros(sp.rows * sp.cols, dtype=sp.vals.dtype)
-
-
-def _decode_rows(sp: _SparseParts, out: np.ndarray) -> None:
-    """All rows of ``sp`` into ``out`` (from :func:`_empty_dense`). Releases the GIL in
-    its heavy part (both paths), so threads can decode several tensors at once."""
-    if sp.kernel:
-        end = kernels.decode_rows(sp.bits, sp.vals, sp.offsets, sp.cols, out, 0, sp.rows)
-        if end != sp.vals.size:  # a wrong offset or count: say which, as the numpy checks word it
-            _check_counts(sp)
-            raise CheckpointError(f"{sp.where}: the bitmask does not match {sp.prefix}.row_offsets/compressed")
-        return
-    if sp.rows == 0 or sp.cols == 0:
-        return
-    mask = np.unpackbits(sp.bits, axis=-1, count=sp.cols, bitorder="little").view(np.bool_)
-    out[np.flatnonzero(mask)] = sp.vals  # ~3x faster than boolean-mask assignment in numpy
-
-
-def _as_dense(sp: _SparseParts, out: np.ndarray) -> Tensor:
-    return torch.from_numpy(out.reshape(sp.rows, sp.cols)).view(sp.values.dtype)
-
-
-def bitmask_decompress(parts: dict[str, Tensor], *, name: str = "tensor", file: str = "?") -> Tensor:
-    """Rebuild the dense tensor from :func:`bitmask_compress` parts, checking every part.
-
-    Decodes with :mod:`artemis.kernels`' compiled AVX-512 kernel where the CPU has it,
-    otherwise (AVX2 and other CPUs) with numpy; both give the same bits.
-
-    Args:
-        parts: ``compressed``, ``bitmask``, ``shape`` and ``row_offsets`` tensors.
-        name: the weight's name, for messages.
-        file: the file it came from, for messages.
-
-    Returns:
-        The dense tensor (``values.dtype``).
-
-    Raises:
-        CheckpointError: a part is missing or inconsistent (the message names ``name``
-            and ``file``).
-
-    Example:
-        >>> import torch
-        >>> w = torch.tensor([[0.0, 2.0, 0.0], [3.0, 0.0, 4.0]])
-        >>> torch.equal(bitmask_decompress(bitmask_compress(w)), w)
-        True
-    """
-    sp = _check_parts(parts, name, file)
-    out = _empty_dense(sp)
-    _decode_rows(sp, out)
-    return _as_dense(sp, out)
 
 
 def _raw_bytes(t: Tensor) -> np.ndarray:
@@ -310,8 +131,8 @@ def _dtype_name(dt: torch.dtype) -> str:
 # ---------------------------------------------------------------- saving
 def _candidate_weights(model: nn.Module, manager: Any) -> tuple[dict[int, str], Optional[bool]]:
     """``id(weight) -> module name`` of the weights that may be stored sparse."""
-    from artemis.quantization import Int8Linear
-    from artemis.targets import is_prunable_module
+    from artemis.sparse.quantization import Int8Linear
+    from artemis.core.targets import is_prunable_module
 
     names = {id(m): n for n, m in model.named_modules()}
     out: dict[int, str] = {}
@@ -384,14 +205,14 @@ def save_pruned(
             folded (``manager.finalize()``); the weights as they are now are written.
         path: the output folder (created; existing files of the same names are replaced).
         quantize: ``None`` (values in their own dtype) or ``"int8"`` (the pruned layers as
-            sparsity-keeping symmetric per-channel int8, as :func:`artemis.quantization.quantize_int8`
+            sparsity-keeping symmetric per-channel int8, as :func:`artemis.sparse.quantization.quantize_int8`
             would make them; the model itself is not changed).
         tokenizer: saved alongside with ``save_pretrained`` when given.
-        manager: the :class:`~artemis.manager.PruningManager`; default ``model.pruning_manager``
+        manager: the :class:`~artemis.core.manager.PruningManager`; default ``model.pruning_manager``
             if set. It decides which weights are candidates for sparse storage (none for a
             structural method, whose smaller model is saved dense); without one, every
             ``Linear``/``Conv1D`` weight is a candidate. A candidate is stored sparse when
-            that is smaller than dense (:func:`artemis.sizing.stores_sparse`).
+            that is smaller than dense (:func:`artemis.core.sizing.stores_sparse`).
 
     Returns:
         ``{"path", "bytes_on_disk", "dense_bytes", "sparse_modules", "int8_modules", "files"}``;
@@ -401,8 +222,8 @@ def save_pruned(
         ConfigError: ``quantize`` is not None or ``"int8"``.
     """
     from artemis.arch import unwrap_model
-    from artemis.quantization import Int8Linear, default_quant_targets, quantize_weight_int8
-    from artemis.targets import conv1d_class
+    from artemis.sparse.quantization import Int8Linear, default_quant_targets, quantize_weight_int8
+    from artemis.core.targets import conv1d_class
 
     if quantize not in QUANTIZE_CHOICES:
         raise ConfigError(f"save_pruned: quantize must be None or 'int8', got {quantize!r}")
@@ -433,7 +254,7 @@ def save_pruned(
     def store_sparse(mname: str, w: Tensor) -> bool:
         """Count ``w``'s zeros; store it in the bitmask layout when that is smaller."""
         nonlocal zeros, total
-        mask = _nonzero_mask(w)
+        mask = nonzero_mask(w)
         nnz = int(np.count_nonzero(mask))
         zeros += w.numel() - nnz
         total += w.numel()
@@ -520,7 +341,7 @@ def save_pruned(
     files.append(META_NAME)
     if tokenizer is not None:
         tokenizer.save_pretrained(str(out))
-    from artemis.sizing import model_dense_bytes
+    from artemis.core.sizing import model_dense_bytes
 
     return {
         "path": str(out),
@@ -622,7 +443,7 @@ def load_pruned(
 ) -> nn.Module:
     """Load a folder written by :func:`save_pruned`; the weights are bit-identical to the
     saved ones (zeros as ``+0.0``), int8 layers come back as
-    :class:`~artemis.quantization.Int8Linear`.
+    :class:`~artemis.sparse.quantization.Int8Linear`.
 
     Args:
         path: the folder.
@@ -699,7 +520,7 @@ def _load_into(
     root: Path, meta: dict, meta_file: Path, wfile: Path, stored: dict[str, Tensor], checksums: dict, algo: str,
     model: Optional[nn.Module], device: Any, verify: bool, pool: Optional[ThreadPoolExecutor], workers: int,
 ) -> nn.Module:
-    from artemis.quantization import Int8Linear, _set_submodule
+    from artemis.sparse.quantization import Int8Linear, _set_submodule
 
     def submit(fn: Callable, *args: Any) -> Callable[[], Any]:
         if pool is None:
@@ -719,7 +540,7 @@ def _load_into(
     # the sparse tensors are checked and decoded while the checksums run and the model is built
     sparse = list(dict.fromkeys(meta.get("sparse_modules", [])))
     jobs = [
-        (mname, {k: stored.pop(f"{mname}.{k}") for k in _SPARSE_KEYS if f"{mname}.{k}" in stored})
+        (mname, {k: stored.pop(f"{mname}.{k}") for k in SPARSE_KEYS if f"{mname}.{k}" in stored})
         for mname in sparse
     ]
 
@@ -728,13 +549,13 @@ def _load_into(
         for i in idx:
             mname, parts = jobs[i]
             try:
-                sp = _check_parts(parts, f"{mname}.weight", str(wfile))
-                out = _empty_dense(sp)
-                _decode_rows(sp, out)
+                sp = check_parts(parts, f"{mname}.weight", str(wfile))
+                out = empty_dense(sp)
+                decode_into(sp, out)
             except CheckpointError as exc:
                 done.append((i, exc))
                 continue
-            done.append((i, _as_dense(sp, out)))
+            done.append((i, as_dense(sp, out)))
         return done
 
     costs = [int(p["bitmask"].numel()) * 8 if "bitmask" in p else 0 for _, p in jobs]

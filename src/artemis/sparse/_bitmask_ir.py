@@ -1,10 +1,10 @@
-"""LLVM IR for the bitmask kernels, compiled for this CPU with llvmlite (see :mod:`artemis.kernels`).
+"""LLVM IR for the bitmask kernels, compiled for this CPU with llvmlite (see :mod:`artemis.sparse.kernels`).
 
 The AVX-512 kernels are built on LLVM's target-independent ``llvm.masked.expandload``
 intrinsic: it reads the next ``popcount(mask)`` packed items and places them in the lanes
 whose mask bit is set. With AVX-512 LLVM lowers it to one ``vexpandps``/``vpexpand{b,w,d}``
 instruction (a 64-byte bitmask decode); elsewhere to a lane-by-lane loop, which is why
-:mod:`artemis.kernels` only compiles these for hosts with the instruction. The AVX2
+:mod:`artemis.sparse.kernels` only compiles these for hosts with the instruction. The AVX2
 matrix·vector expands 8 lanes with a masked load and a ``vpermps`` by a 256-entry table.
 
 Functions (C calling convention; sizes are int64, matrices row-major):
@@ -30,7 +30,7 @@ Functions (C calling convention; sizes are int64, matrices row-major):
 
 The decoders check the row offsets and value count themselves (above); callers check
 shapes, dtypes and the bits beyond ``cols``. ``matvec_rows`` checks nothing: its
-operands are built by Artemis (:class:`artemis.sparse_inference.SparseLinear`).
+operands are built by Artemis (:class:`artemis.sparse.inference.SparseLinear`).
 """
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ one partial forward pass of the calibration data per target layer.
 
 Example:
     >>> import torch
-    >>> from artemis.reconstruction import sparsegpt_prune
+    >>> from artemis.methods.sparsegpt import sparsegpt_prune
     >>> g = torch.Generator().manual_seed(0)
     >>> x = torch.randn(256, 16, generator=g)            # (samples, in_features)
     >>> w = torch.randn(8, 16, generator=g)              # (out_features, in_features)
@@ -45,9 +45,9 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from artemis.calibration import model_device
-from artemis.errors import CalibrationError
-from artemis.masks import count_to_prune
+from artemis.data.calibration import model_device
+from artemis.core.errors import CalibrationError
+from artemis.core.masks import count_to_prune
 
 __all__ = [
     "HessianAccumulator",
@@ -339,7 +339,7 @@ def check_calibration_batches(batches: Any) -> list:
 
 def _run_until(model: nn.Module, batches: Sequence, device: torch.device, state: dict) -> None:
     """Run every batch through ``model`` (no grad), stopping each at ``_StopForward``."""
-    from artemis.calibration import forward_batch
+    from artemis.data.calibration import forward_batch
 
     for batch in batches:
         state["token_mask"] = batch.get("attention_mask") if isinstance(batch, dict) else None
@@ -358,7 +358,7 @@ def _run_until_paired(
     then one with the model's current weights (``'pruned'``), each stopped at ``_StopForward``."""
     from torch.func import functional_call
 
-    from artemis.calibration import forward_batch
+    from artemis.data.calibration import forward_batch
 
     class _Dense(nn.Module):  # forward_batch calls it like the model, with the dense weights
         def forward(self, *args: Any, **kwargs: Any) -> Any:
@@ -526,7 +526,7 @@ def reconstruct_layers(
 
     Args:
         model: the model, called as ``model(**batch)`` / ``model(batch)``.
-        targets: :class:`~artemis.targets.PrunableTarget` objects (``key``, ``module``,
+        targets: :class:`~artemis.core.targets.PrunableTarget` objects (``key``, ``module``,
             ``param``, ``rows_view``).
         masks: ``{key: bool keep-mask shaped like the parameter}``.
         batches: calibration batches (iterated once per layer; materialised as a list).

@@ -11,7 +11,7 @@ separated paragraph), a ``.jsonl`` file (one JSON object per line with a ``text`
 field), or a Hugging Face dataset (``hf:NAME[:CONFIG]``, needs ``datasets``).
 
 Example:
-    >>> from artemis.data import builtin_corpus
+    >>> from artemis.data.corpus import builtin_corpus
     >>> train = builtin_corpus("train", limit=3)
     >>> len(train), all(isinstance(s, str) and len(s) > 30 for s in train)
     (3, True)
@@ -34,7 +34,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence, Union
 
-from artemis.errors import CalibrationError, ConfigError
+from artemis.core.errors import CalibrationError, ConfigError
 
 __all__ = [
     "STDLIB_MODULES",

@@ -3,8 +3,8 @@
 Batches: any iterable (a list, a generator, a ``DataLoader``) of
 
 * dicts (or any mapping, such as a tokenizer's ``BatchEncoding``) of tensors, passed as
-  ``model(**batch)`` — :func:`artemis.data.tokenize_batches` and
-  :func:`artemis.data.token_blocks` make these;
+  ``model(**batch)`` — :func:`artemis.data.corpus.tokenize_batches` and
+  :func:`artemis.data.corpus.token_blocks` make these;
 * tensors, passed as ``model(batch)``.
 
 What is run depends on the metric:
@@ -45,10 +45,10 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Optional
 import torch
 from torch import Tensor
 
-from artemis.errors import CalibrationError
+from artemis.core.errors import CalibrationError
 
 if TYPE_CHECKING:  # pragma: no cover
-    from artemis.manager import PruningManager
+    from artemis.core.manager import PruningManager
 
 __all__ = ["run_calibration", "forward_batch", "describe_batch", "extract_loss", "model_device"]
 
@@ -58,7 +58,7 @@ LossFn = Callable[[Any, Any], Tensor]
 
 _HOW = (
     "calibration data must be an iterable of batches, each a dict of tensors (passed as model(**batch), "
-    "e.g. artemis.data.tokenize_batches(texts, tokenizer)) or a tensor (passed as model(batch))"
+    "e.g. artemis.data.corpus.tokenize_batches(texts, tokenizer)) or a tensor (passed as model(batch))"
 )
 
 
@@ -92,7 +92,7 @@ def _check_batch(batch: Any, index: int) -> None:
         if lists:
             raise CalibrationError(
                 f"calibration batch {index} ({describe_batch(batch)}): {lists[0]!r} is a Python list, not a tensor; "
-                "tokenize with return_tensors='pt' (artemis.data.tokenize_batches does)"
+                "tokenize with return_tensors='pt' (artemis.data.corpus.tokenize_batches does)"
             )
         if not tensors:
             raise CalibrationError(f"calibration batch {index} ({describe_batch(batch)}) holds no tensor; {_HOW}")
@@ -147,7 +147,7 @@ def extract_loss(outputs: Any, batch: Any, loss_fn: Optional[LossFn], index: int
             raise CalibrationError(
                 f"importance_metric 'gradient_sensitivity' needs a loss for calibration batch {index} "
                 f"({describe_batch(batch)}), but the model's output ({type(outputs).__name__}) has no 'loss': include "
-                "'labels' in each batch (artemis.data.token_blocks does for causal LMs) or pass "
+                "'labels' in each batch (artemis.data.corpus.token_blocks does for causal LMs) or pass "
                 "loss_fn=lambda outputs, batch: ... to calibrate()/apply_pruning()"
             )
     if not isinstance(loss, Tensor) or loss.dim() != 0:

@@ -1,7 +1,7 @@
 """Compiled CPU kernels for weights in the sparse-bitmask layout, and when they are used.
 
 Two operations on a matrix stored as its kept values plus one bit per weight (the
-layout of :mod:`artemis.export`) are slow in numpy/PyTorch operators:
+layout of :mod:`artemis.sparse.checkpoint`) are slow in numpy/PyTorch operators:
 
 * **decoding** it back to dense when a checkpoint is loaded (numpy needs an unpacked
   bool mask, an index array and a scatter: about 2 ns per weight);
@@ -11,7 +11,7 @@ layout of :mod:`artemis.export`) are slow in numpy/PyTorch operators:
 
 AVX-512 has the instruction both need: ``vexpandps``/``vpexpand{b,w,d}`` reads the next
 ``popcount(mask)`` packed values and places them in the lanes whose bit is set, a 64-byte
-bitmask decode in one instruction. :mod:`artemis._bitmask_ir` writes the kernels in LLVM
+bitmask decode in one instruction. :mod:`artemis.sparse._bitmask_ir` writes the kernels in LLVM
 IR around LLVM's portable ``llvm.masked.expandload`` intrinsic, and this module compiles
 them for the host CPU with `llvmlite <https://llvmlite.readthedocs.io>`_ (the LLVM binding
 that Numba is built on; no C compiler needed; on first use in a process about 35 ms to
@@ -37,7 +37,7 @@ weights), or ``ARTEMIS_KERNELS=avx2`` to use the AVX2 kernel on an AVX-512 CPU (
 compare them). :func:`kernel_status` says what this process uses and why.
 
 Example:
-    >>> from artemis.kernels import kernel_status
+    >>> from artemis.sparse.kernels import kernel_status
     >>> sorted(kernel_status())
     ['decode_1byte', 'decode_2byte', 'decode_4byte', 'llvmlite', 'matvec', 'matvec_isa', 'reason']
 """
@@ -102,7 +102,7 @@ def _find_status(switch: str) -> dict[str, Any]:
     try:
         _compile(isa, features, narrow)
     except Exception as exc:  # an llvmlite/LLVM that cannot build the IR: fall back, say why
-        logger.warning("artemis.kernels: compiling the bitmask kernels failed (%s); using the fallbacks", exc)
+        logger.warning("artemis.sparse.kernels: compiling the bitmask kernels failed (%s); using the fallbacks", exc)
         return {**off, "llvmlite": version, "reason": f"compiling the kernels failed: {exc}"}
     if isa == "avx2":
         return {"decode_1byte": True, "decode_2byte": True, "decode_4byte": True, "matvec": True,
@@ -134,13 +134,13 @@ def matvec_ready() -> bool:
 
 
 class _Compiled:
-    """The kernels of :mod:`artemis._bitmask_ir` for one instruction set, JIT-compiled for
+    """The kernels of :mod:`artemis.sparse._bitmask_ir` for one instruction set, JIT-compiled for
     this CPU (about 25 ms)."""
 
     def __init__(self, isa: str, features: str, narrow_expand: bool = True) -> None:
         from llvmlite import binding as llvm
 
-        from artemis._bitmask_ir import build_module
+        from artemis.sparse._bitmask_ir import build_module
 
         llvm.initialize_native_target()
         llvm.initialize_native_asmprinter()
@@ -176,7 +176,7 @@ def _compiled() -> _Compiled:
     status = _status(os.environ.get(ENV_SWITCH, "1"))
     isa = status["matvec_isa"]
     if isa is None:
-        raise RuntimeError(f"artemis.kernels: the compiled kernels are not available ({status['reason']})")
+        raise RuntimeError(f"artemis.sparse.kernels: the compiled kernels are not available ({status['reason']})")
     return _KERNELS[isa]
 
 
@@ -217,7 +217,7 @@ def decode_rows(bits: np.ndarray, vals: np.ndarray, offsets: np.ndarray, cols: i
     isa = _status(os.environ.get(ENV_SWITCH, "1"))["matvec_isa"]
     compiled = _KERNELS.get(isa) or _KERNELS.get("avx512") or _KERNELS.get("avx2")
     if compiled is None:
-        raise RuntimeError(f"artemis.kernels: no compiled decoder here ({kernel_status()['reason']})")
+        raise RuntimeError(f"artemis.sparse.kernels: no compiled decoder here ({kernel_status()['reason']})")
     return compiled.decode[out.itemsize](
         bits.ctypes.data, bits.shape[1], vals.ctypes.data, vals.size, offsets.ctypes.data, cols, out.ctypes.data, r0, r1
     )
@@ -238,7 +238,7 @@ def _parallel_driver(isa: str) -> Optional[Callable]:
     try:
         import numba
     except ImportError:
-        logger.info("artemis.kernels: numba is not installed; the sparse matrix-vector kernel runs on one thread")
+        logger.info("artemis.sparse.kernels: numba is not installed; the sparse matrix-vector kernel runs on one thread")
         return None
     kernel = _KERNELS[isa].matvec_rows
     _numba_owner.pid = os.getpid()

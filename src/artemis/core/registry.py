@@ -1,7 +1,7 @@
 """A small name → class registry shared by metrics, methods and architecture adapters.
 
 Example:
-    >>> from artemis.registry import Registry
+    >>> from artemis.core.registry import Registry
     >>> colours = Registry("colour")
     >>> @colours.register("red")
     ... class Red: ...
@@ -10,7 +10,7 @@ Example:
     >>> colours.get("blue")
     Traceback (most recent call last):
     ...
-    artemis.errors.ConfigError: unknown colour 'blue'; valid: 'red'
+    artemis.core.errors.ConfigError: unknown colour 'blue'; valid: 'red'
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import difflib
 import re
 from typing import Callable, Generic, Iterator, TypeVar
 
-from artemis.errors import ConfigError
+from artemis.core.errors import ConfigError
 
 __all__ = ["Registry"]
 

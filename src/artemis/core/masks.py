@@ -15,7 +15,7 @@ patterns of the scores. Each pass computes one layer's scores at a time, so the 
 memory is of the order of the largest single layer, whatever the model size.
 
 Sharded scores (FSDP2, several processes): pass a ``collective`` (see
-:class:`ShardCollective`; :class:`artemis.distributed.ProcessGroupCollective` wraps a
+:class:`ShardCollective`; :class:`artemis.core.distributed.ProcessGroupCollective` wraps a
 process group). Each rank then scores only its local shards, the radix histograms
 (a few KiB) are summed across ranks, and the per-layer tie counts are gathered, so
 no rank ever holds more than its own shards. Ties are broken in the order (layer,
@@ -25,7 +25,7 @@ single-process runs produce the same masks bit for bit.
 
 Example:
     >>> import torch
-    >>> from artemis.masks import global_masks, row_masks
+    >>> from artemis.core.masks import global_masks, row_masks
     >>> a = torch.tensor([[0.1, 0.9], [0.5, 0.2]])
     >>> b = torch.tensor([0.3, 0.7, 0.05, 0.6])
     >>> [m.int().tolist() for m in global_masks([lambda: a, lambda: b], [4, 4], 0.5)]
@@ -42,7 +42,7 @@ from typing import Callable, Optional, Protocol, Sequence
 import torch
 from torch import Tensor
 
-from artemis.schedule import round_half_up
+from artemis.core.schedule import round_half_up
 
 __all__ = [
     "ShardCollective",

@@ -9,7 +9,7 @@ that the last event is a step that really happens). Masks are recomputed when
 the final sparsity is reached exactly.
 
 Example:
-    >>> from artemis.schedule import sparsity_at, pruning_window
+    >>> from artemis.core.schedule import sparsity_at, pruning_window
     >>> pruning_window(0.2, 0.8, 100)
     (20, 80)
     >>> round(sparsity_at(50, 20, 80, 0.0, 0.6, "cubic"), 4)

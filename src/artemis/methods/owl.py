@@ -10,7 +10,7 @@ count over all units is exactly ``round_half_up(target · N)`` (the remaining ro
 is spread by largest remainder in :func:`allocate_counts`).
 
 Example:
-    >>> from artemis.owl import owl_sparsities
+    >>> from artemis.methods.owl import owl_sparsities
     >>> s = owl_sparsities([0.01, 0.03, 0.02], [100, 100, 200], target=0.7, lam=0.1)
     >>> [round(v, 4) for v in s]
     [0.8, 0.6, 0.7]
@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from artemis.errors import CalibrationError
+from artemis.core.errors import CalibrationError
 
 __all__ = ["outlier_ratio", "owl_sparsities", "allocate_counts", "collect_input_norms"]
 
@@ -127,8 +127,8 @@ def collect_input_norms(model: nn.Module, targets: Sequence[Any], batches: Itera
     Raises:
         CalibrationError: bad or empty data, or a target never called.
     """
-    from artemis.calibration import forward_batch, model_device
-    from artemis.reconstruction import check_calibration_batches, layer_inputs_2d
+    from artemis.data.calibration import forward_batch, model_device
+    from artemis.methods.sparsegpt import check_calibration_batches, layer_inputs_2d
 
     data = check_calibration_batches(batches)
     sums: dict[str, Tensor] = {}

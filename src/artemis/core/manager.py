@@ -23,7 +23,7 @@ mask after every ``optimizer.step()``. Only optimizers that subclass
 
 Several processes (DDP, FSDP2 ``fully_shard``, ``accelerate``): create the manager on
 every rank after wrapping the model, and call every method on every rank; see
-:mod:`artemis.distributed` and ``docs/distributed.md``. Under FSDP2 masks are kept
+:mod:`artemis.core.distributed` and ``docs/distributed.md``. Under FSDP2 masks are kept
 for each rank's local shard only.
 """
 
@@ -40,8 +40,8 @@ from torch.optim import Optimizer
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
 from artemis.arch import get_adapter, unwrap_model
-from artemis.config import PruningConfig
-from artemis.distributed import (
+from artemis.core.config import PruningConfig
+from artemis.core.distributed import (
     _all_equal,
     check_no_fsdp1,
     inspect_sharding,
@@ -50,12 +50,12 @@ from artemis.distributed import (
     local_tensor,
     shard_like,
 )
-from artemis.errors import CalibrationError, CheckpointError, ConfigError, PruningStateError
-from artemis.masks import MaskStore
+from artemis.core.errors import CalibrationError, CheckpointError, ConfigError, PruningStateError
+from artemis.core.masks import MaskStore
 from artemis.methods import METHODS, PruningMethod
 from artemis.metrics import METRICS, ImportanceMetric
-from artemis.schedule import is_pruning_event, pruning_window, sparsity_at
-from artemis.sizing import MIB, model_compressed_bytes, model_dense_bytes
+from artemis.core.schedule import is_pruning_event, pruning_window, sparsity_at
+from artemis.core.sizing import MIB, model_compressed_bytes, model_dense_bytes
 
 __all__ = ["PruningManager", "STATE_FORMAT_VERSION"]
 
@@ -69,7 +69,7 @@ class PruningManager:
 
     Args:
         model: the model (a DDP/``torch.compile`` wrapper is unwrapped).
-        config: a validated :class:`~artemis.config.PruningConfig`.
+        config: a validated :class:`~artemis.core.config.PruningConfig`.
         total_steps: number of ``step()`` calls in the run; may instead be given to
             ``step()`` (or as ``config.total_steps``).
 
@@ -132,7 +132,7 @@ class PruningManager:
             self._set_total_steps(ts)
         self.baseline_model_size = model_dense_bytes(self.model) / MIB
         self._hooks: list[Any] = []
-        self._fake_quant: Any = None  # artemis.quantization.FakeQuantHandle while QAT is on
+        self._fake_quant: Any = None  # artemis.sparse.quantization.FakeQuantHandle while QAT is on
         # issue 9: batches kept for reconstruction / OWL (set_calibration_data, apply_pruning)
         self.calibration_data: Optional[list] = None
         self.last_reconstruction: Optional[dict[str, Any]] = None
@@ -162,15 +162,15 @@ class PruningManager:
 
     def _enable_quantization_aware(self) -> None:
         """From ``pruning_end`` on, run the masked layers with fake-quantized int8 weights."""
-        from artemis.quantization import enable_fake_quant
+        from artemis.sparse.quantization import enable_fake_quant
 
         self._fake_quant = enable_fake_quant(self._quant_modules())
 
     def _quant_modules(self) -> list[nn.Module]:
         """The pruned ``Linear``/``Conv1D`` layers still in the model (QAT and int8 scales);
         for a method whose units are not such layers, every one inside the blocks."""
-        from artemis.quantization import default_quant_targets
-        from artemis.targets import is_prunable_module
+        from artemis.sparse.quantization import default_quant_targets
+        from artemis.core.targets import is_prunable_module
 
         present = set(self.model.modules())
         mods = [t.module for t in self.method.targets if t.module in present and is_prunable_module(t.module)]
@@ -355,7 +355,7 @@ class PruningManager:
             if self.config.reconstruction == "none":  # the reconstruction needs the unmasked weights
                 p.mul_(mask)
         if self.config.reconstruction == "sparsegpt":  # issue 9: OBS update of the kept weights
-            from artemis.reconstruction import reconstruct_layers
+            from artemis.methods.sparsegpt import reconstruct_layers
 
             c = self.config
             chosen = new_masks  # the full-size masks of this event (no second, unpacked copy)
@@ -461,7 +461,7 @@ class PruningManager:
         a list, since they are iterated once per layer; keep the set small (SparseGPT
         uses 128 sequences). Returns the list.
         """
-        from artemis.reconstruction import check_calibration_batches
+        from artemis.methods.sparsegpt import check_calibration_batches
 
         self.calibration_data = check_calibration_batches(data)
         return self.calibration_data
@@ -476,10 +476,10 @@ class PruningManager:
         """Stream calibration batches through the model to gather metric statistics.
 
         Statistics gathered before are replaced. See
-        :func:`artemis.calibration.run_calibration` for the batch formats, the loss used
+        :func:`artemis.data.calibration.run_calibration` for the batch formats, the loss used
         by gradient metrics and the guarantees on errors. Returns the number of batches.
         """
-        from artemis.calibration import run_calibration
+        from artemis.data.calibration import run_calibration
 
         self._check_active("calibrate")
         own = getattr(self.metric, "calibrate", None)  # a metric with its own calibration pass
@@ -495,7 +495,7 @@ class PruningManager:
     def close(self) -> None:
         """Remove every hook the manager installed **without** making the pruning permanent:
         weights stay as they are (pruned entries zero), masks are forgotten and nothing
-        enforces them any more. Use it to abandon a manager (``artemis.analysis`` does,
+        enforces them any more. Use it to abandon a manager (``artemis.evaluation.analysis`` does,
         after restoring the dense weights). The manager cannot be used afterwards."""
         if self._finalized:
             return
@@ -523,11 +523,11 @@ class PruningManager:
     def prepare_for_quantization(self) -> nn.Module:
         """``finalize()`` (if not done yet: every mask folded into its weight), then attach
         per-channel int8 scales computed from the kept weights (buffer ``int8_scale``) to
-        every pruned layer; ``artemis.quantization.quantize_int8(model)`` converts exactly
+        every pruned layer; ``artemis.sparse.quantization.quantize_int8(model)`` converts exactly
         those layers. Returns the model."""
         if not self._finalized:
             self.finalize()
-        from artemis.quantization import prepare_model_for_quantization
+        from artemis.sparse.quantization import prepare_model_for_quantization
 
         return prepare_model_for_quantization(self.model, self._quant_modules())
 
