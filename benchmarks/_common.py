@@ -34,13 +34,24 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def llama_config(hidden: int = 768, layers: int = 10, intermediate: int = 2048, vocab: int = 16000,
-                 heads: int = 12, kv_heads: int = 12):
+def llama_config(
+    hidden: int = 768,
+    layers: int = 10,
+    intermediate: int = 2048,
+    vocab: int = 16000,
+    heads: int = 12,
+    kv_heads: int = 12,
+):
     from transformers import LlamaConfig
 
     return LlamaConfig(
-        vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
-        num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=512,
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=512,
         tie_word_embeddings=False,
     )
 
@@ -55,7 +66,7 @@ def random_llama(cfg, dtype=torch.float32, seed: int = 0):
         model = LlamaForCausalLM(cfg)
     model = model.to_empty(device="cpu").to(dtype)
     g = torch.Generator().manual_seed(seed)
-    for name, p in model.named_parameters():
+    for p in model.parameters():
         if p.dim() == 1:
             p.fill_(1.0)
         else:

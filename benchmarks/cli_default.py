@@ -32,9 +32,23 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def run(args: list[str], out: Path) -> dict:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT / "src"), OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
-    cmd = [sys.executable, "-c", "import sys; from artemis.cli import main; sys.exit(main())", "prune", *args,
-           "-o", str(out), "-q", "--no-plots"]
+    env = dict(
+        os.environ,
+        HF_HUB_OFFLINE="1",
+        PYTHONPATH=str(ROOT / "src"),
+        OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"),
+    )
+    cmd = [
+        sys.executable,
+        "-c",
+        "import sys; from artemis.cli import main; sys.exit(main())",
+        "prune",
+        *args,
+        "-o",
+        str(out),
+        "-q",
+        "--no-plots",
+    ]
     r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
@@ -70,10 +84,12 @@ def main() -> None:
     (ROOT / "benchmarks" / "results" / "cli_default.json").write_text(json.dumps(results, indent=2))
     print("| run | wall s | CPU s | peak RSS MiB | sparsity | cosine vs dense | NN agreement | compressed MiB |")
     print("|---|---|---|---|---|---|---|---|")
-    for name, r in results.items():
+    for r in results.values():
         q = r["quality"]
-        print(f"| {r['command']} | {r['wall_s']:.0f} | {r['cpu_s']:.0f} | {r['peak_rss_mib']:.0f} | {r['sparsity']:.2%} | "
-              f"{q['pruned']:.4f} | {q.get('nn_agreement', float('nan')):.4f} | {r['size_mb']['compressed']:.1f} |")
+        print(
+            f"| {r['command']} | {r['wall_s']:.0f} | {r['cpu_s']:.0f} | {r['peak_rss_mib']:.0f} | {r['sparsity']:.2%} | "
+            f"{q['pruned']:.4f} | {q.get('nn_agreement', float('nan')):.4f} | {r['size_mb']['compressed']:.1f} |"
+        )
     print("(full numbers: benchmarks/results/cli_default.json)")
 
 

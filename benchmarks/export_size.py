@@ -33,7 +33,6 @@ torch.set_num_threads(2)
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 from transformers.initialization import no_init_weights  # noqa: E402
 
-import artemis  # noqa: E402
 from artemis import create_pruning_manager, load_pruned, save_pruned  # noqa: E402
 
 
@@ -43,8 +42,13 @@ def folder_bytes(path: Path, names=None) -> int:
 
 def build(seed: int = 0) -> LlamaForCausalLM:
     cfg = LlamaConfig(
-        vocab_size=8000, hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
-        num_attention_heads=12, num_key_value_heads=12, max_position_embeddings=512,
+        vocab_size=8000,
+        hidden_size=768,
+        intermediate_size=2048,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        num_key_value_heads=12,
+        max_position_embeddings=512,
         tie_word_embeddings=False,
     )
     with no_init_weights():
@@ -98,13 +102,18 @@ def fresh_process_loads(tmp: Path, rounds: int = 5) -> dict:
     """{kind: (min, median)} seconds of one load in a new Python process, taking turns."""
     import subprocess
 
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in [str(Path(__file__).parents[1] / "src"),
-                                                                    os.environ.get("PYTHONPATH", "")] if p))
+    env = dict(
+        os.environ,
+        PYTHONPATH=os.pathsep.join(
+            p for p in [str(Path(__file__).parents[1] / "src"), os.environ.get("PYTHONPATH", "")] if p
+        ),
+    )
     times: dict = {"dense": [], "artemis": []}
     for _ in range(rounds):
         for kind, folder in (("dense", tmp / "dense"), ("artemis", tmp / "sparse")):
-            res = subprocess.run([sys.executable, "-c", _FRESH, kind, str(folder)], capture_output=True,
-                                 text=True, env=env, check=True)
+            res = subprocess.run(
+                [sys.executable, "-c", _FRESH, kind, str(folder)], capture_output=True, text=True, env=env, check=True
+            )
             times[kind].append(float(res.stdout.strip().splitlines()[-1]))
     return {k: (min(v), sorted(v)[len(v) // 2]) for k, v in times.items()}
 
@@ -179,6 +188,7 @@ def main() -> dict:
         load_sparse = lambda: load_pruned(tmp / "sparse")  # noqa: E731
         load_sparse_noverify = lambda: load_pruned(tmp / "sparse", verify=False)  # noqa: E731
         load_int8 = lambda: load_pruned(tmp / "int8")  # noqa: E731
+
         def touched(fn):
             def run():
                 m = fn()
@@ -187,16 +197,23 @@ def main() -> dict:
                 for t in m.state_dict().values():
                     int(t.detach().contiguous().reshape(-1).view(torch.uint8).numpy()[::4096].sum())
                 return m
+
             return run
 
         for fn in (load_dense, load_sparse, load_int8):
             fn()
         # warm: the loads take turns, 9 rounds; min and median of each
-        warm = interleaved({
-            "dense": load_dense, "artemis": load_sparse, "dense_touched": touched(load_dense),
-            "artemis_touched": touched(load_sparse), "artemis_noverify": load_sparse_noverify,
-            "artemis_int8": load_int8, "artemis_1worker": lambda: load_pruned(tmp / "sparse", workers=1),
-        })
+        warm = interleaved(
+            {
+                "dense": load_dense,
+                "artemis": load_sparse,
+                "dense_touched": touched(load_dense),
+                "artemis_touched": touched(load_sparse),
+                "artemis_noverify": load_sparse_noverify,
+                "artemis_int8": load_int8,
+                "artemis_1worker": lambda: load_pruned(tmp / "sparse", workers=1),
+            }
+        )
         for k, (lo, med) in warm.items():
             out[f"load_{k}_s"] = lo
             out[f"load_{k}_median_s"] = med
@@ -211,12 +228,14 @@ def main() -> dict:
             out[f"load_{k}_fresh_process_s"] = lo
             out[f"load_{k}_fresh_process_median_s"] = med
         out["load_ratio_fresh_process_median"] = fresh["artemis"][1] / fresh["dense"][1]
+
         # cold page cache: both folders evicted before every load (posix_fadvise), and the
         # dense model's pages touched, so both loads read their files from the disk
         def cold(fn, folder):
             def run():
                 evict(folder)
                 return fn()
+
             return run
 
         cold_dense, cold_sparse = [], []

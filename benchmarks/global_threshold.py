@@ -77,20 +77,41 @@ def main() -> None:
 
     results = {}
     for kind in ("torch", "artemis"):
-        out = subprocess.run(
-            [sys.executable, __file__, "--worker", kind, "--layers", str(args.layers), "--threads", str(args.threads)],
-            check=True, capture_output=True, text=True,
-        ).stdout.strip().splitlines()[-1]
+        out = (
+            subprocess.run(
+                [
+                    sys.executable,
+                    __file__,
+                    "--worker",
+                    kind,
+                    "--layers",
+                    str(args.layers),
+                    "--threads",
+                    str(args.threads),
+                ],
+                check=True,
+                capture_output=True,
+                text=True,
+            )
+            .stdout.strip()
+            .splitlines()[-1]
+        )
         results[kind] = json.loads(out)
     a, t = results["artemis"], results["torch"]
     print(f"machine: {machine()}")
-    print(f"model: Llama, {a['params']/1e6:.1f}M parameters, {a['prunable']/1e6:.1f}M prunable (fp32, {a['prunable_mib']:.0f} MiB)")
+    print(
+        f"model: Llama, {a['params'] / 1e6:.1f}M parameters, {a['prunable'] / 1e6:.1f}M prunable (fp32, {a['prunable_mib']:.0f} MiB)"
+    )
     print()
     print("| | wall time (s) | peak extra memory (MiB) | extra / prunable bytes | sparsity |")
     print("|---|---|---|---|---|")
     for name, r in (("torch.nn.utils.prune.global_unstructured + remove", t), ("Artemis apply_magnitude_pruning", a)):
-        print(f"| {name} | {r['seconds']:.2f} | {r['extra_mib']:.0f} | {r['extra_mib']/r['prunable_mib']:.2f}x | {r['sparsity']:.4f} |")
-    print(f"| **ratio torch / Artemis** | **{t['seconds']/a['seconds']:.1f}x faster** | **{t['extra_mib']/max(a['extra_mib'],1e-9):.1f}x less** | | |")
+        print(
+            f"| {name} | {r['seconds']:.2f} | {r['extra_mib']:.0f} | {r['extra_mib'] / r['prunable_mib']:.2f}x | {r['sparsity']:.4f} |"
+        )
+    print(
+        f"| **ratio torch / Artemis** | **{t['seconds'] / a['seconds']:.1f}x faster** | **{t['extra_mib'] / max(a['extra_mib'], 1e-9):.1f}x less** | | |"
+    )
     print(f"\n(Artemis manager creation, not included above: {a['setup_seconds']:.2f} s)")
 
 

@@ -143,8 +143,9 @@ def part_choice(args) -> None:
         choices: dict[str, tuple] = {}
         for metric in ("magnitude", "gradient_sensitivity", "activation"):
             model = copy.deepcopy(dense)
-            mgr = create_pruning_manager({"pruning": {"method": "layer_dropout", "final_sparsity": s,
-                                                      "importance_metric": metric}}, model)
+            mgr = create_pruning_manager(
+                {"pruning": {"method": "layer_dropout", "final_sparsity": s, "importance_metric": metric}}, model
+            )
             if metric == "gradient_sensitivity":
                 simcse_gradients(mgr, model, calib)
                 mgr.apply_pruning(s)
@@ -154,8 +155,9 @@ def part_choice(args) -> None:
                 mgr.apply_pruning(s)
             choices[metric] = tuple(sorted(mgr.method.drop_order))
         model = copy.deepcopy(dense)
-        mgr = create_pruning_manager({"pruning": {"method": "layer_dropout", "final_sparsity": s,
-                                                  "importance_metric": "activation"}}, model)
+        mgr = create_pruning_manager(
+            {"pruning": {"method": "layer_dropout", "final_sparsity": s, "importance_metric": "activation"}}, model
+        )
         for j in range(1, k + 1):  # one layer at a time, recalibrated on what remains
             mgr.apply_pruning(j / 6, calibration_data=calib)
         choices["activation, iterative"] = tuple(sorted(mgr.method.drop_order))
@@ -183,9 +185,16 @@ def part_latency(args) -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=16000, hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
-                      num_attention_heads=12, num_key_value_heads=12, max_position_embeddings=512,
-                      tie_word_embeddings=True)
+    cfg = LlamaConfig(
+        vocab_size=16000,
+        hidden_size=768,
+        intermediate_size=2048,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        num_key_value_heads=12,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+    )
     dense = LlamaForCausalLM(cfg).eval()
     n_params = sum(p.numel() for p in dense.parameters())
     models = {"dense (12 layers)": dense}
@@ -201,7 +210,9 @@ def part_latency(args) -> None:
         "prefill (logits of last token)": lambda m: m(input_ids=ids, use_cache=False, logits_to_keep=1),
         "full logits": lambda m: m(input_ids=ids, use_cache=False),
     }
-    print(f"Llama {n_params / 1e6:.1f}M params, input {args.batch}x{args.seq} tokens, {args.reps} interleaved reps, median")
+    print(
+        f"Llama {n_params / 1e6:.1f}M params, input {args.batch}x{args.seq} tokens, {args.reps} interleaved reps, median"
+    )
     times = {(mode, name): [] for mode in modes for name in models}
     # CPU time of this process (all its threads): far less sensitive than wall time to other
     # jobs sharing the cores, though not immune (caches, frequency).
@@ -212,14 +223,16 @@ def part_latency(args) -> None:
                 fn(m)  # warm-up
             for r in range(args.reps):
                 order = list(models.items())
-                order = order[r % len(order):] + order[: r % len(order)]
+                order = order[r % len(order) :] + order[: r % len(order)]
                 for name, m in order:
                     t, c = time.perf_counter(), time.process_time()
                     fn(m)
                     times[(mode, name)].append(time.perf_counter() - t)
                     cpu[(mode, name)].append(time.process_time() - c)
-    print("\n| forward | model | median wall (ms) | wall speedup / ideal | median CPU time (ms) | "
-          "CPU-time speedup | ideal (layer ratio) | CPU-time speedup / ideal |")
+    print(
+        "\n| forward | model | median wall (ms) | wall speedup / ideal | median CPU time (ms) | "
+        "CPU-time speedup | ideal (layer ratio) | CPU-time speedup / ideal |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for mode in modes:
         base = statistics.median(times[(mode, "dense (12 layers)")])
@@ -228,8 +241,10 @@ def part_latency(args) -> None:
             t = statistics.median(times[(mode, name)])
             c = statistics.median(cpu[(mode, name)])
             ideal = 12 / m.config.num_hidden_layers
-            print(f"| {mode} | {name} | {t * 1000:.0f} | {base / t / ideal:.3f} | {c * 1000:.0f} | "
-                  f"{base_cpu / c:.3f}x | {ideal:.3f}x | {base_cpu / c / ideal:.3f} |")
+            print(
+                f"| {mode} | {name} | {t * 1000:.0f} | {base / t / ideal:.3f} | {c * 1000:.0f} | "
+                f"{base_cpu / c:.3f}x | {ideal:.3f}x | {base_cpu / c / ideal:.3f} |"
+            )
 
 
 # ------------------------------------------------------------------ fade
@@ -241,8 +256,10 @@ def part_fade(args) -> None:
     test = tokenize_batches(builtin_corpus("test", limit=args.test_sentences), tok, batch_size=32, max_length=40)
     ref = embed(dense, test)
     targets = [embed(dense, [b]) for b in train]
-    print(f"distillation: {args.steps} steps of 16 sentences, AdamW lr {args.lr}, drop 3 of 6 layers "
-          f"(activation metric, pruning 0.1..0.6, interval {args.interval})")
+    print(
+        f"distillation: {args.steps} steps of 16 sentences, AdamW lr {args.lr}, drop 3 of 6 layers "
+        f"(activation metric, pruning 0.1..0.6, interval {args.interval})"
+    )
     print("\n| fade_steps | seed | layers dropped | cosine right after the last drop | cosine at the end |")
     print("|---|---|---|---|---|")
     for seed in range(args.seeds):
@@ -251,9 +268,17 @@ def part_fade(args) -> None:
             model = copy.deepcopy(dense)
             for p in model.parameters():
                 p.requires_grad_(True)
-            cfg = {"pruning": {"method": "layer_dropout", "final_sparsity": 0.5, "importance_metric": "activation",
-                               "pruning_start": 0.1, "pruning_end": 0.6, "pruning_interval": args.interval,
-                               "layer_dropout": {"fade_steps": fade}}}
+            cfg = {
+                "pruning": {
+                    "method": "layer_dropout",
+                    "final_sparsity": 0.5,
+                    "importance_metric": "activation",
+                    "pruning_start": 0.1,
+                    "pruning_end": 0.6,
+                    "pruning_interval": args.interval,
+                    "layer_dropout": {"fade_steps": fade},
+                }
+            }
             mgr = create_pruning_manager(cfg, model, total_steps=args.steps)
             opt = torch.optim.AdamW(model.parameters(), lr=args.lr)
             t_e = round(0.6 * args.steps)

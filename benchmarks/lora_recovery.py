@@ -40,8 +40,9 @@ from artemis.finetune import (
 
 
 def embed(model, batch):
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                token_type_ids=batch.get("token_type_ids"))
+    out = model(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], token_type_ids=batch.get("token_type_ids")
+    )
     h = out.last_hidden_state  # (batch, tokens, hidden)
     m = batch["attention_mask"].unsqueeze(-1).to(h.dtype)
     return F.normalize((h * m).sum(1) / m.sum(1).clamp_min(1), dim=-1)
@@ -59,8 +60,7 @@ def sparsity(mgr):
     return 1 - sum(int(torch.count_nonzero(t.param)) for t in mgr.method.targets) / tot
 
 
-def run_variant(name, dense, args, train, teacher_embs, test, test_dense, calib,
-                lora=False, select=False, share=False):
+def run_variant(name, dense, args, train, teacher_embs, test, test_dense, calib, lora=False, select=False, share=False):
     model = copy.deepcopy(dense)
     pairs, layers = [], None
     if share or select:
@@ -100,16 +100,25 @@ def run_variant(name, dense, args, train, teacher_embs, test, test_dense, calib,
     step_s = (time.perf_counter() - t0) / args.steps
     q = quality(train_model, test, test_dense)
     row = {
-        "variant": name, "trainable_params": trainable, "total_params": total,
+        "variant": name,
+        "trainable_params": trainable,
+        "total_params": total,
         "train_state_mib": trainable * 4 * 3 / 2**20,  # fp32 grads + 2 Adam moments
-        "step_s": step_s, "quality_pruned": q_pruned, "quality": q,
-        "sparsity": sparsity(mgr), "layers": layers, "pairs": pairs,
+        "step_s": step_s,
+        "quality_pruned": q_pruned,
+        "quality": q,
+        "sparsity": sparsity(mgr),
+        "layers": layers,
+        "pairs": pairs,
     }
     if lora:
         base, report = merge_lora_preserving_sparsity(train_model, mgr, eval_batches=test[:2])
-        row.update(quality_merged=quality(base, test, test_dense), sparsity_merged=sparsity(mgr),
-                   merge_delta_energy_lost=report.delta_energy_lost,
-                   plain_merge_sparsity=report.sparsity_plain_merge)
+        row.update(
+            quality_merged=quality(base, test, test_dense),
+            sparsity_merged=sparsity(mgr),
+            merge_delta_energy_lost=report.delta_energy_lost,
+            plain_merge_sparsity=report.sparsity_plain_merge,
+        )
     return row
 
 
@@ -135,9 +144,14 @@ def main():
     tok = AutoTokenizer.from_pretrained(path)
     dense = AutoModel.from_pretrained(path).eval()
     train = tokenize_batches(
-        builtin_corpus("train", limit=args.batch_size * args.steps), tok, batch_size=args.batch_size, max_length=args.max_length
+        builtin_corpus("train", limit=args.batch_size * args.steps),
+        tok,
+        batch_size=args.batch_size,
+        max_length=args.max_length,
     )
-    test = tokenize_batches(builtin_corpus("test", limit=args.test_sentences), tok, batch_size=32, max_length=args.max_length)
+    test = tokenize_batches(
+        builtin_corpus("test", limit=args.test_sentences), tok, batch_size=32, max_length=args.max_length
+    )
     calib = train[:2]
     with torch.no_grad():
         teacher_embs = [embed(dense, b) for b in train]
@@ -159,14 +173,20 @@ def main():
         rows.append(row)
         print(json.dumps(row), flush=True)
     base = next((r for r in rows if r["variant"] == "full_ft"), None)
-    print(f"\n{'variant':24s} {'trainable':>10s} {'state MiB':>9s} {'step s':>7s} {'q pruned':>8s} {'q after':>8s} {'q merged':>8s}")
+    print(
+        f"\n{'variant':24s} {'trainable':>10s} {'state MiB':>9s} {'step s':>7s} {'q pruned':>8s} {'q after':>8s} {'q merged':>8s}"
+    )
     for r in rows:
         qm = r.get("quality_merged")
-        print(f"{r['variant']:24s} {r['trainable_params']:10d} {r['train_state_mib']:9.2f} {r['step_s']:7.3f} "
-              f"{r['quality_pruned']:8.4f} {r['quality']:8.4f} {'' if qm is None else f'{qm:8.4f}'}")
+        print(
+            f"{r['variant']:24s} {r['trainable_params']:10d} {r['train_state_mib']:9.2f} {r['step_s']:7.3f} "
+            f"{r['quality_pruned']:8.4f} {r['quality']:8.4f} {'' if qm is None else f'{qm:8.4f}'}"
+        )
         if base and r is not base:
-            print(f"{'':24s} trainable ×{r['trainable_params'] / base['trainable_params']:.3f}, "
-                  f"step time ×{r['step_s'] / base['step_s']:.2f} of full_ft")
+            print(
+                f"{'':24s} trainable ×{r['trainable_params'] / base['trainable_params']:.3f}, "
+                f"step time ×{r['step_s'] / base['step_s']:.2f} of full_ft"
+            )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)

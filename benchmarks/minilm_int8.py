@@ -63,8 +63,10 @@ def embed(model, batches, grad=False):
 
 
 def batches_of(tok, texts, bs=32):
-    return [tok(texts[i:i + bs], padding=True, truncation=True, max_length=MAX_LENGTH, return_tensors="pt")
-            for i in range(0, len(texts), bs)]
+    return [
+        tok(texts[i : i + bs], padding=True, truncation=True, max_length=MAX_LENGTH, return_tensors="pt")
+        for i in range(0, len(texts), bs)
+    ]
 
 
 def mean_cos(a, b) -> float:
@@ -104,8 +106,7 @@ def main() -> dict:
     dense = AutoModel.from_pretrained(path).eval()
     eval_b = batches_of(tok, builtin_corpus("test", limit=EVAL_SENTENCES))
     dense_emb = embed(dense, eval_b)
-    out: dict = {"sparsity": SPARSITY, "eval_sentences": EVAL_SENTENCES, "max_length": MAX_LENGTH,
-                 "batch": BATCH}
+    out: dict = {"sparsity": SPARSITY, "eval_sentences": EVAL_SENTENCES, "max_length": MAX_LENGTH, "batch": BATCH}
 
     # 1. one-shot prune, then int8
     m1 = copy.deepcopy(dense)
@@ -119,8 +120,15 @@ def main() -> dict:
 
     # 2. prune at step 0 with QAT on, distil the dense embeddings, then int8
     m2 = copy.deepcopy(dense).train()
-    cfg = {"pruning": {"final_sparsity": SPARSITY, "pruning_start": 0.0, "pruning_end": 0.0,
-                       "pruning_interval": 1, "quantization_aware": True}}
+    cfg = {
+        "pruning": {
+            "final_sparsity": SPARSITY,
+            "pruning_start": 0.0,
+            "pruning_end": 0.0,
+            "pruning_interval": 1,
+            "quantization_aware": True,
+        }
+    }
     mgr2 = create_pruning_manager(cfg, m2, total_steps=RECOVERY_STEPS)
     train_texts = builtin_corpus("train", limit=RECOVERY_STEPS * BATCH)
     train_b = batches_of(tok, train_texts, BATCH)

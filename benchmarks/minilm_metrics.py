@@ -30,8 +30,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch
 
-from artemis.evaluation.analysis import sparsity_sweep
 from artemis.data.corpus import builtin_corpus, tokenize_batches
+from artemis.evaluation.analysis import sparsity_sweep
 from artemis.evaluation.quality import embedding_cosine, mean_pool, sentence_embeddings
 
 
@@ -52,11 +52,17 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="50%% only, 64 held-out sentences")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--metrics", default="magnitude,gradient_sensitivity,activation",
-                    help="comma-separated importance metrics to run (default: all three)")
-    ap.add_argument("--other-scopes", action="store_true",
-                    help="also run each metric with its non-default scope (row for magnitude and "
-                         "gradient_sensitivity, global for activation)")
+    ap.add_argument(
+        "--metrics",
+        default="magnitude,gradient_sensitivity,activation",
+        help="comma-separated importance metrics to run (default: all three)",
+    )
+    ap.add_argument(
+        "--other-scopes",
+        action="store_true",
+        help="also run each metric with its non-default scope (row for magnitude and "
+        "gradient_sensitivity, global for activation)",
+    )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -90,13 +96,18 @@ def main() -> None:
         if scope:
             cfg["pruning"]["scope"] = scope
         t0 = time.perf_counter()
-        rows = sparsity_sweep(model, cfg, levels, evaluate, calib if metric != "magnitude" else None,
-                              loss_fn=loss_fn, progress=False)
+        rows = sparsity_sweep(
+            model, cfg, levels, evaluate, calib if metric != "magnitude" else None, loss_fn=loss_fn, progress=False
+        )
         dt = time.perf_counter() - t0
         label = f"{metric} ({scope or 'default'})"
         results[label] = rows
-        print(f"{label:36s}", " ".join(f"{r['sparsity']:.0%}: {r['metrics']['cosine']:.4f}" for r in rows),
-              f"[{dt:.1f}s]", flush=True)
+        print(
+            f"{label:36s}",
+            " ".join(f"{r['sparsity']:.0%}: {r['metrics']['cosine']:.4f}" for r in rows),
+            f"[{dt:.1f}s]",
+            flush=True,
+        )
     same = all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     print("dense weights restored bit for bit:", same)
     print()
@@ -106,7 +117,10 @@ def main() -> None:
         print(f"| {label} | " + " | ".join(f"{r['metrics']['cosine']:.4f}" for r in rows) + " |")
     r = next(iter(results.values()))
     print()
-    print("size (MiB, sparse-bitmask accounting): " + ", ".join(f"{x['sparsity']:.0%}: {x['model_size_mb']:.2f}" for x in r))
+    print(
+        "size (MiB, sparse-bitmask accounting): "
+        + ", ".join(f"{x['sparsity']:.0%}: {x['model_size_mb']:.2f}" for x in r)
+    )
 
 
 if __name__ == "__main__":

@@ -27,12 +27,12 @@ machine; use ``--clock wall`` on a quiet machine.
 from __future__ import annotations
 
 import argparse
-import warnings
 import copy
 import json
 import os
 import sys
 import time
+import warnings
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -47,8 +47,13 @@ def build(seed: int = 0):
 
     torch.manual_seed(seed)
     cfg = LlamaConfig(
-        vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
-        num_attention_heads=12, num_key_value_heads=12, max_position_embeddings=512,
+        vocab_size=32000,
+        hidden_size=768,
+        intermediate_size=2048,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        num_key_value_heads=12,
+        max_position_embeddings=512,
         tie_word_embeddings=True,
     )
     return LlamaForCausalLM(cfg).eval()
@@ -88,8 +93,12 @@ def main() -> None:
     ap.add_argument("--sparsities", default="0.6,0.7")
     ap.add_argument("--json", default=None)
     ap.add_argument("--backend", default="auto", choices=["auto", "bitmask", "csr"])
-    ap.add_argument("--clock", default="cpu", choices=sorted(CLOCKS),
-                    help="cpu: the main thread's CPU time (robust on a shared machine, with 1 thread); wall: elapsed")
+    ap.add_argument(
+        "--clock",
+        default="cpu",
+        choices=sorted(CLOCKS),
+        help="cpu: the main thread's CPU time (robust on a shared machine, with 1 thread); wall: elapsed",
+    )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", category=FutureWarning)  # transformers: past_key_values renamed
@@ -97,9 +106,12 @@ def main() -> None:
     n_params = sum(p.numel() for p in base.parameters())
     from artemis.sparse.kernels import kernel_status
 
-    print(f"Llama {n_params / 1e6:.1f}M parameters, torch {torch.__version__}, {args.threads} thread(s), "
-          f"MKL {torch.backends.mkl.is_available()}, clock {args.clock}, backend {args.backend}, "
-          f"kernels: {kernel_status()['reason']}", flush=True)
+    print(
+        f"Llama {n_params / 1e6:.1f}M parameters, torch {torch.__version__}, {args.threads} thread(s), "
+        f"MKL {torch.backends.mkl.is_available()}, clock {args.clock}, backend {args.backend}, "
+        f"kernels: {kernel_status()['reason']}",
+        flush=True,
+    )
     rows = []
     for s in [float(v) for v in args.sparsities.split(",")]:
         pruned = copy.deepcopy(base)
@@ -109,35 +121,50 @@ def main() -> None:
         for b in [int(v) for v in args.batches.split(",")]:
             auto_model = copy.deepcopy(pruned)
             t0 = time.perf_counter()
-            report = sparsify_for_inference(auto_model, batch_size=b, min_sparsity=0.5, repeats=15, clock=args.clock,
-                                            backend=args.backend)
+            report = sparsify_for_inference(
+                auto_model, batch_size=b, min_sparsity=0.5, repeats=15, clock=args.clock, backend=args.backend
+            )
             pick_s = time.perf_counter() - t0
             forced_model = copy.deepcopy(pruned)
-            sparsify_for_inference(forced_model, batch_size=b, min_sparsity=0.5, min_speedup=0.0, repeats=3,
-                                   backend=args.backend)
+            sparsify_for_inference(
+                forced_model, batch_size=b, min_sparsity=0.5, min_speedup=0.0, repeats=3, backend=args.backend
+            )
             dense, auto, forced = decode_ms([pruned, auto_model, forced_model], b, args.tokens, args.clock)
             del auto_model, forced_model
             measured = [e for e in report.values() if "speedup" in e]
             n_sparse = sum(e["choice"] == "sparse" for e in measured)
             kinds = sorted({e["backend"] for e in measured if e["choice"] == "sparse"})
-            by_kind = ", ".join(f"{sum(e['choice'] == 'sparse' and e['backend'] == k for e in measured)} {k}" for k in kinds)
+            by_kind = ", ".join(
+                f"{sum(e['choice'] == 'sparse' and e['backend'] == k for e in measured)} {k}" for k in kinds
+            )
             layer_dense = sum(e["dense_us"] for e in measured)
-            layer_best = sum(min(e["dense_us"], e["sparse_us"]) if e["choice"] == "sparse" else e["dense_us"] for e in measured)
+            layer_best = sum(
+                min(e["dense_us"], e["sparse_us"]) if e["choice"] == "sparse" else e["dense_us"] for e in measured
+            )
             row = {
-                "sparsity": s, "batch": b, "dense_ms": round(dense, 2), "auto_ms": round(auto, 2),
-                "forced_sparse_ms": round(forced, 2), "auto_speedup": round(dense / auto, 3),
-                "forced_speedup": round(dense / forced, 3), "layers_sparse": f"{n_sparse}/{len(measured)}" + (f" ({by_kind})" if by_kind else ""),
+                "sparsity": s,
+                "batch": b,
+                "dense_ms": round(dense, 2),
+                "auto_ms": round(auto, 2),
+                "forced_sparse_ms": round(forced, 2),
+                "auto_speedup": round(dense / auto, 3),
+                "forced_speedup": round(dense / forced, 3),
+                "layers_sparse": f"{n_sparse}/{len(measured)}" + (f" ({by_kind})" if by_kind else ""),
                 "pruned_linear_speedup": round(layer_dense / layer_best, 3) if layer_best else None,
                 "selection_seconds": round(pick_s, 1),
             }
             rows.append(row)
             print(json.dumps(row), flush=True)
     print()
-    print("| sparsity | batch | dense ms/token | auto ms/token | speed-up (auto) | all-sparse ms/token | speed-up (all sparse) | layers on a sparse kernel | pruned linears speed-up |")
+    print(
+        "| sparsity | batch | dense ms/token | auto ms/token | speed-up (auto) | all-sparse ms/token | speed-up (all sparse) | layers on a sparse kernel | pruned linears speed-up |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['sparsity']:.0%} | {r['batch']} | {r['dense_ms']} | {r['auto_ms']} | {r['auto_speedup']}× | "
-              f"{r['forced_sparse_ms']} | {r['forced_speedup']}× | {r['layers_sparse']} | {r['pruned_linear_speedup']}× |")
+        print(
+            f"| {r['sparsity']:.0%} | {r['batch']} | {r['dense_ms']} | {r['auto_ms']} | {r['auto_speedup']}× | "
+            f"{r['forced_sparse_ms']} | {r['forced_speedup']}× | {r['layers_sparse']} | {r['pruned_linear_speedup']}× |"
+        )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)

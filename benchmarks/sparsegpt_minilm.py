@@ -57,6 +57,7 @@ def ensure_activation_metric() -> str:
             self.sq = {}
             self.handles = []
             for t in targets:
+
                 def hook(mod, args, key=t.key):
                     x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
                     v = (x * x).sum(0)
@@ -92,12 +93,22 @@ def main() -> None:
     ap.add_argument("--eval", type=int, default=256, help="held-out test sentences")
     ap.add_argument("--calib", type=int, default=128, help="calibration sentences")
     ap.add_argument("--quick", action="store_true", help="only the 50%% unstructured rows")
-    ap.add_argument("--sections", default="50,24,70", help="comma list of: 50 (50%% unstructured), 24 (2:4), 70 (OWL vs uniform)")
+    ap.add_argument(
+        "--sections", default="50,24,70", help="comma list of: 50 (50%% unstructured), 24 (2:4), 70 (OWL vs uniform)"
+    )
     ap.add_argument("--only", default=None, help="run only the rows whose label contains this text")
-    ap.add_argument("--skip-slow", action="store_true", help="leave out the rows whose result is implied by others "
-                    "(magnitude-mask reconstruction at 2:4, SparseGPT at 70%%)")
-    ap.add_argument("--dampening", type=float, default=None, help="sparsegpt_dampening of the SparseGPT rows "
-                    "(default: the config default, 0.01)")
+    ap.add_argument(
+        "--skip-slow",
+        action="store_true",
+        help="leave out the rows whose result is implied by others "
+        "(magnitude-mask reconstruction at 2:4, SparseGPT at 70%%)",
+    )
+    ap.add_argument(
+        "--dampening",
+        type=float,
+        default=None,
+        help="sparsegpt_dampening of the SparseGPT rows (default: the config default, 0.01)",
+    )
     ap.add_argument("--json", default=None, help="also write the results here")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -157,8 +168,13 @@ def main() -> None:
         obs = {**mag, "scope": "layer", **sg, "sparsegpt_mask": "obs"}
         run("50% SparseGPT (OBS-chosen mask, per row)", 0.5, **obs, sparsegpt_obs_scope="row")
         run("50% SparseGPT (OBS-chosen mask, layer, dense targets)", 0.5, **obs, sparsegpt_target="dense")
-        run("50% SparseGPT (OBS-chosen mask, per row, dense targets)", 0.5, **obs,
-            sparsegpt_obs_scope="row", sparsegpt_target="dense")
+        run(
+            "50% SparseGPT (OBS-chosen mask, per row, dense targets)",
+            0.5,
+            **obs,
+            sparsegpt_obs_scope="row",
+            sparsegpt_target="dense",
+        )
     if "24" in sections:
         p = {"pattern": "2:4"}
         run("2:4 magnitude", 0.5, **mag, **p)
@@ -180,10 +196,12 @@ def main() -> None:
     print()
     tokens = sum(int(b["attention_mask"].sum()) for b in calib)
     damp = f", sparsegpt_dampening {args.dampening}" if args.dampening is not None else ""
-    print(f"MiniLM, calibration {args.calib} train sentences ({tokens} tokens){damp}, evaluation {args.eval} test sentences, "
-          f"torch {torch.__version__}, {args.threads} thread(s)")
-    print(f"| configuration | measured sparsity | mean cosine vs dense | time (s) |")
-    print(f"|---|---|---|---|")
+    print(
+        f"MiniLM, calibration {args.calib} train sentences ({tokens} tokens){damp}, evaluation {args.eval} test sentences, "
+        f"torch {torch.__version__}, {args.threads} thread(s)"
+    )
+    print("| configuration | measured sparsity | mean cosine vs dense | time (s) |")
+    print("|---|---|---|---|")
     for r in rows:
         extra = f" (OWL layer sparsity {r['owl_range'][0]}–{r['owl_range'][1]})" if "owl_range" in r else ""
         print(f"| {r['label']}{extra} | {r['sparsity']:.4f} | {r['cosine']:.4f} | {r['seconds']} |")

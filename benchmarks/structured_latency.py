@@ -51,17 +51,20 @@ def build_llama(seed: int = 0):
 
     torch.manual_seed(seed)
     cfg = LlamaConfig(
-        vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
-        num_attention_heads=12, num_key_value_heads=4, max_position_embeddings=512,
+        vocab_size=32000,
+        hidden_size=768,
+        intermediate_size=2048,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        num_key_value_heads=4,
+        max_position_embeddings=512,
         tie_word_embeddings=True,
     )
     return LlamaForCausalLM(cfg).eval()
 
 
 def structured_prune(model, sparsity: float):
-    mgr = create_pruning_manager(
-        {"pruning": {"method": "structured_sparsity", "final_sparsity": sparsity}}, model
-    )
+    mgr = create_pruning_manager({"pruning": {"method": "structured_sparsity", "final_sparsity": sparsity}}, model)
     mgr.apply_pruning(sparsity)
     mgr.finalize()
     return mgr.get_pruning_summary()["structured"]
@@ -125,16 +128,26 @@ def latency(args) -> dict:
                 per = {k: [a + b for a, b in zip(v["backbone"], v[head])] for k, v in times.items()}
             med = {k: statistics.median(v) for k, v in per.items()}
             results[f"b{batch}_{part}"] = {
-                k: {"median_ms": med[k] * 1e3, "min_ms": min(per[k]) * 1e3, "speedup": med["dense"] / med[k],
-                    "rounds": len(per[k])}
+                k: {
+                    "median_ms": med[k] * 1e3,
+                    "min_ms": min(per[k]) * 1e3,
+                    "speedup": med["dense"] / med[k],
+                    "rounds": len(per[k]),
+                }
                 for k in models
             }
             mins = {k: min(v) for k, v in per.items()}
             for k in models:
                 results[f"b{batch}_{part}"][k]["speedup_of_min"] = mins["dense"] / mins[k]
-            print(f"batch {batch} {part}: " + ", ".join(
-                f"{k} median {med[k] * 1e3:.1f} ms ({med['dense'] / med[k]:.2f}x), min {mins[k] * 1e3:.1f} ms "
-                f"({mins['dense'] / mins[k]:.2f}x)" for k in models), flush=True)
+            print(
+                f"batch {batch} {part}: "
+                + ", ".join(
+                    f"{k} median {med[k] * 1e3:.1f} ms ({med['dense'] / med[k]:.2f}x), min {mins[k] * 1e3:.1f} ms "
+                    f"({mins['dense'] / mins[k]:.2f}x)"
+                    for k in models
+                ),
+                flush=True,
+            )
     return {"models": info, "latency": results}
 
 
@@ -177,10 +190,14 @@ def quality(args) -> dict:
     dense = AutoModel.from_pretrained(path).eval()
     evals = tokenize_batches(builtin_corpus("validation", limit=args.eval_sentences), tok, batch_size=32, max_length=64)
     ref = embed(dense, evals)
-    calib = tokenize_batches(builtin_corpus("train", limit=args.calibration_sentences), tok, batch_size=16, max_length=64)
+    calib = tokenize_batches(
+        builtin_corpus("train", limit=args.calibration_sentences), tok, batch_size=16, max_length=64
+    )
     trains, teacher = [], []
     if args.recovery_steps:
-        trains = tokenize_batches(builtin_corpus("train", limit=args.train_sentences), tok, batch_size=16, max_length=64)
+        trains = tokenize_batches(
+            builtin_corpus("train", limit=args.train_sentences), tok, batch_size=16, max_length=64
+        )
         teacher = [embed(dense, [b]) for b in trains]
     out = {}
     for s in (0.3, 0.5):
@@ -191,7 +208,8 @@ def quality(args) -> dict:
         removed = mgr_s.pruning_metrics["parameters_pruned"]
         m_act = copy.deepcopy(dense)
         mgr_a = create_pruning_manager(
-            {"pruning": {"method": "structured_sparsity", "final_sparsity": s, "importance_metric": "activation"}}, m_act
+            {"pruning": {"method": "structured_sparsity", "final_sparsity": s, "importance_metric": "activation"}},
+            m_act,
         )
         mgr_a.apply_pruning(s, calibration_data=calib)
         mgr_a.finalize()

@@ -32,7 +32,8 @@ def run(with_manager: bool, steps: int, batch: dict, packed: bool = False) -> tu
         from artemis import create_pruning_manager
 
         mgr = create_pruning_manager(
-            {"pruning": {"final_sparsity": 0.6, "pruning_interval": 50, "packed_masks": packed}}, model,
+            {"pruning": {"final_sparsity": 0.6, "pruning_interval": 50, "packed_masks": packed}},
+            model,
             total_steps=steps,
         )
     t0 = time.perf_counter()

@@ -77,7 +77,7 @@ def train(
     """The training loop: forward, backward, ``manager.step()``, ``optimizer.step()``."""
     for t in range(start, stop):
         loss = model(**batch_fn(t)).loss
-        (backward or (lambda l: l.backward()))(loss)
+        (backward or (lambda loss: loss.backward()))(loss)
         manager.step()
         optimizer.step()
         optimizer.zero_grad()

@@ -56,10 +56,15 @@ def test_pattern_config_sets_final_sparsity_and_normalises():
         ({"sparsegpt_dampening": 0}, r"sparsegpt_dampening must be in \(0, 1\]"),
         ({"sparsegpt_blocksize": 0}, r"sparsegpt_blocksize must be at least 1"),
         ({"sparsegpt_obs_scope": "rows"}, r"unknown sparsegpt_obs_scope 'rows'; valid: 'layer', 'row'"),
-        ({"sparsegpt_obs_scope": "row"}, r"sparsegpt_obs_scope 'row' only applies with sparsegpt_mask: obs and no pattern "
-         r"\(sparsegpt_mask is 'metric'"),
-        ({"sparsegpt_obs_scope": "row", "sparsegpt_mask": "obs", "pattern": "2:4"},
-         r"sparsegpt_obs_scope 'row' only applies.*pattern is '2:4'"),
+        (
+            {"sparsegpt_obs_scope": "row"},
+            r"sparsegpt_obs_scope 'row' only applies with sparsegpt_mask: obs and no pattern "
+            r"\(sparsegpt_mask is 'metric'",
+        ),
+        (
+            {"sparsegpt_obs_scope": "row", "sparsegpt_mask": "obs", "pattern": "2:4"},
+            r"sparsegpt_obs_scope 'row' only applies.*pattern is '2:4'",
+        ),
         ({"sparsegpt_target": "teacher"}, r"unknown sparsegpt_target 'teacher'; valid: 'pruned', 'dense'"),
         ({"scope": "owls"}, r"unknown scope 'owls'; valid: 'global', 'layer', 'row', 'owl'"),
     ],
@@ -91,7 +96,9 @@ def test_nm_4_8_and_intermediate_sparsity_hand_computed():
     mgr = create_pruning_manager({"pruning": {"targets": ["*"], "pattern": "4:8"}}, net)
     mgr.apply_magnitude_pruning(0.25)  # 2 of every 8 pruned: the two smallest |w| (last two columns)
     assert mgr.masks["0.weight"].int().tolist() == [[1, 1, 1, 1, 1, 1, 0, 0]] * 2
-    with pytest.raises(ConfigError, match=r"sparsity 0.3 is not reachable with pattern '4:8'.*0, 0.125, 0.25, 0.375, 0.5"):
+    with pytest.raises(
+        ConfigError, match=r"sparsity 0.3 is not reachable with pattern '4:8'.*0, 0.125, 0.25, 0.375, 0.5"
+    ):
         mgr.apply_magnitude_pruning(0.3)
     mgr.apply_magnitude_pruning(0.5)
     assert mgr.masks["0.weight"].int().tolist() == [[1, 1, 1, 1, 0, 0, 0, 0]] * 2
@@ -114,9 +121,18 @@ def test_nm_exact_counts_on_llama_and_gpt2(metric_pattern):
 def test_nm_progressive_prunes_round_s_m_per_group():
     model = tiny_llama()
     mgr = create_pruning_manager(
-        {"pruning": {"pattern": "4:8", "pruning_start": 0.0, "pruning_end": 1.0, "pruning_interval": 1,
-                     "schedule": "linear", "initial_sparsity": 0.0}},
-        model, total_steps=4,
+        {
+            "pruning": {
+                "pattern": "4:8",
+                "pruning_start": 0.0,
+                "pruning_end": 1.0,
+                "pruning_interval": 1,
+                "schedule": "linear",
+                "initial_sparsity": 0.0,
+            }
+        },
+        model,
+        total_steps=4,
     )
     seen = []
     for _ in range(4):
@@ -132,7 +148,9 @@ def test_nm_progressive_prunes_round_s_m_per_group():
 
 def test_nm_rejects_indivisible_layer():
     net = nn.Sequential(nn.Linear(6, 4))
-    with pytest.raises(ModelError, match=r"pattern '2:4': layer 0 has weight \(out, in\) = \(4, 6\); its in_features must divide by 4"):
+    with pytest.raises(
+        ModelError, match=r"pattern '2:4': layer 0 has weight \(out, in\) = \(4, 6\); its in_features must divide by 4"
+    ):
         create_pruning_manager({"pruning": {"targets": ["*"], "pattern": "2:4"}}, net)
 
 
@@ -276,7 +294,9 @@ def test_manager_sparsegpt_keeps_masks_and_lowers_error():
 
 def test_manager_sparsegpt_obs_mode_with_2_4():
     model = tiny_llama()
-    mgr = create_pruning_manager({"pruning": {"pattern": "2:4", "reconstruction": "sparsegpt", "sparsegpt_mask": "obs"}}, model)
+    mgr = create_pruning_manager(
+        {"pruning": {"pattern": "2:4", "reconstruction": "sparsegpt", "sparsegpt_mask": "obs"}}, model
+    )
     mgr.apply_pruning(0.5, calibration_data=_calib(2))
     for t in mgr.method.targets:
         rows = t.rows_view(mgr.masks[t.key])
@@ -289,8 +309,11 @@ def test_manager_sparsegpt_dense_target_and_row_scope():
     calib = _calib()
     cfg = {"scope": "layer", "reconstruction": "sparsegpt", "sparsegpt_mask": "obs"}
     runs = {}
-    for name, extra in (("pruned", {}), ("dense", {"sparsegpt_target": "dense"}),
-                        ("row", {"sparsegpt_obs_scope": "row"})):
+    for name, extra in (
+        ("pruned", {}),
+        ("dense", {"sparsegpt_target": "dense"}),
+        ("row", {"sparsegpt_obs_scope": "row"}),
+    ):
         model = tiny_llama()
         mgr = create_pruning_manager({"pruning": {**cfg, **extra}}, model)
         mgr.apply_pruning(0.5, calibration_data=calib)
@@ -333,7 +356,9 @@ def test_reconstruct_layers_shares_hessians_of_same_input_layers(target):
 
 def test_sparsegpt_needs_calibration_data():
     mgr = create_pruning_manager({"pruning": {"reconstruction": "sparsegpt"}}, tiny_llama())
-    with pytest.raises(CalibrationError, match=r"reconstruction: sparsegpt needs calibration batches.*set_calibration_data"):
+    with pytest.raises(
+        CalibrationError, match=r"reconstruction: sparsegpt needs calibration batches.*set_calibration_data"
+    ):
         mgr.apply_pruning(0.5)
     with pytest.raises(CalibrationError, match=r"reconstruction: sparsegpt needs calibration batches"):
         mgr.apply_magnitude_pruning(0.5)
@@ -350,9 +375,18 @@ def test_sparsegpt_needs_calibration_data():
 def test_sparsegpt_progressive_runs_at_each_event_and_masks_shrink():
     model = tiny_llama()
     mgr = create_pruning_manager(
-        {"pruning": {"reconstruction": "sparsegpt", "pruning_start": 0.0, "pruning_end": 1.0,
-                     "pruning_interval": 2, "final_sparsity": 0.5, "sparsegpt_mask": "obs"}},
-        model, total_steps=5,
+        {
+            "pruning": {
+                "reconstruction": "sparsegpt",
+                "pruning_start": 0.0,
+                "pruning_end": 1.0,
+                "pruning_interval": 2,
+                "final_sparsity": 0.5,
+                "sparsegpt_mask": "obs",
+            }
+        },
+        model,
+        total_steps=5,
     )
     mgr.set_calibration_data(_calib(2))
     prev = None
@@ -380,7 +414,9 @@ def test_owl_sparsities_weighted_mean_and_counts_exact():
     counts = allocate_counts(s, sizes, count_to_prune(sum(sizes), 0.7))
     assert sum(counts) == count_to_prune(sum(sizes), 0.7)
     assert all(abs(c - v * n) < 1 for c, v, n in zip(counts, s, sizes))
-    with pytest.raises(ValueError, match=r"OWL gives unit 0 a sparsity of 1.2000 \(target 0.8, owl_lambda 0.4\).*lower owl_lambda"):
+    with pytest.raises(
+        ValueError, match=r"OWL gives unit 0 a sparsity of 1.2000 \(target 0.8, owl_lambda 0.4\).*lower owl_lambda"
+    ):
         owl_sparsities([0.0, 1.0], [1, 1], target=0.8, lam=0.4)
     assert owl_sparsities([0.3, 0.3], [5, 9], 0.6, 0.1) == [0.6, 0.6]
 
@@ -424,6 +460,7 @@ def test_owl_lambda_scales_with_the_event_sparsity():
     """A progressive event below final_sparsity uses λ·s/final, so the small first targets
     stay valid (λ = 0.08 fixed would give a negative block sparsity at s = 0.05); a one-shot
     prune uses λ at its own target."""
+
     def spread(s, final):
         model = tiny_llama(layers=4)
         mgr = create_pruning_manager({"pruning": {"scope": "owl", "final_sparsity": final}}, model)
@@ -440,8 +477,18 @@ def test_owl_lambda_scales_with_the_event_sparsity():
     assert spread(0.35, 0.7) == pytest.approx(0.16, abs=2e-3)  # one-shot: its own target is final
     model = tiny_llama(layers=4)
     mgr = create_pruning_manager(
-        {"pruning": {"scope": "owl", "final_sparsity": 0.7, "pruning_start": 0.0, "pruning_end": 1.0,
-                     "pruning_interval": 2}}, model, total_steps=7)
+        {
+            "pruning": {
+                "scope": "owl",
+                "final_sparsity": 0.7,
+                "pruning_start": 0.0,
+                "pruning_end": 1.0,
+                "pruning_interval": 2,
+            }
+        },
+        model,
+        total_steps=7,
+    )
     mgr.set_calibration_data(_calib(2))
     spreads = []
     for step in range(7):

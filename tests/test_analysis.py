@@ -2,11 +2,10 @@
 
 import pytest
 import torch
-import torch.nn as nn
 
 from artemis import CalibrationError, ConfigError
-from artemis.evaluation.analysis import best_sparsity, format_sweep_table, sparsity_sweep
 from artemis.core.schedule import round_half_up
+from artemis.evaluation.analysis import best_sparsity, format_sweep_table, sparsity_sweep
 from artemis.evaluation.quality import embedding_cosine, mean_pool, sentence_embeddings
 from tests.fixtures import lm_batch, tiny_llama
 
@@ -43,8 +42,9 @@ def test_sweep_restores_bit_for_bit_and_reports(metric):
             return {"loss": float(m(**batch).loss), "zeros": zeros}
 
     cfg = {"pruning": {"importance_metric": metric}}
-    rows = sparsity_sweep(model, cfg, [0.7, 0.3, 0.5], evaluate, calib() if metric != "magnitude" else None,
-                          progress=False)
+    rows = sparsity_sweep(
+        model, cfg, [0.7, 0.3, 0.5], evaluate, calib() if metric != "magnitude" else None, progress=False
+    )
     assert _same(model, before)
     assert _hooks(model) == 0
     if metric != "magnitude":
@@ -80,7 +80,9 @@ def test_sweep_levels_match_one_shot_pruning():
     from artemis import create_pruning_manager
 
     ref = tiny_llama()
-    create_pruning_manager({"pruning": {"importance_metric": "activation"}}, ref).apply_pruning(0.5, data, progress=False)
+    create_pruning_manager({"pruning": {"importance_metric": "activation"}}, ref).apply_pruning(
+        0.5, data, progress=False
+    )
     for n, p in ref.named_parameters():
         if n.endswith("proj.weight"):
             assert torch.equal(masks[0][n], p != 0), n
@@ -153,8 +155,9 @@ def test_minilm_activation_at_50_percent(minilm_dir):
     def evaluate(m):
         return {"cosine": embedding_cosine(sentence_embeddings(m, tok, held_out), dense)}
 
-    row = sparsity_sweep(model, {"pruning": {"importance_metric": "activation"}}, [0.5], evaluate, calib,
-                         progress=False)[0]
+    row = sparsity_sweep(
+        model, {"pruning": {"importance_metric": "activation"}}, [0.5], evaluate, calib, progress=False
+    )[0]
     assert row["metrics"]["cosine"] >= 0.85, row
     assert row["measured_sparsity"] == pytest.approx(0.5, abs=1e-6)
     assert embedding_cosine(sentence_embeddings(model, tok, held_out), dense) == pytest.approx(1.0, abs=1e-6)

@@ -36,7 +36,10 @@ def _mgr(model, metric="activation"):
         ([{}], r"calibration batch 0 is an empty dict"),
         ([{"input_ids": [[1, 2]]}], r"'input_ids' is a Python list, not a tensor; tokenize with return_tensors='pt'"),
         ([{"flag": True}], r"calibration batch 0 \(dict\{flag: bool\}\) holds no tensor"),
-        ([torch.ones(2, 4), torch.ones(2, 5)], r"calibration batch 1 \(float32\(2, 5\)\) failed in the model: RuntimeError"),
+        (
+            [torch.ones(2, 4), torch.ones(2, 5)],
+            r"calibration batch 1 \(float32\(2, 5\)\) failed in the model: RuntimeError",
+        ),
     ],
 )
 def test_bad_calibration_data(data, pattern):
@@ -75,7 +78,10 @@ def test_model_restored_when_a_batch_raises():
     assert mgr.metric.accumulator_bytes() == 0 and mgr.metric.steps_seen == 0
     # a model error mid-way is wrapped with the batch index and shapes, and the model is restored too
     bad = {"input_ids": torch.full((2, 4), 10_000)}
-    with pytest.raises(CalibrationError, match=r"calibration batch 1 \(dict\{input_ids: int64\(2, 4\)\}\) failed in the model: IndexError"):
+    with pytest.raises(
+        CalibrationError,
+        match=r"calibration batch 1 \(dict\{input_ids: int64\(2, 4\)\}\) failed in the model: IndexError",
+    ):
         mgr.calibrate([lm_batch(), bad], progress=False)
     assert model.training and mgr.metric.steps_seen == 0
 
@@ -97,7 +103,9 @@ def test_batch_encoding_is_accepted(minilm_dir):
 
     tok = AutoTokenizer.from_pretrained(minilm_dir)
     model = AutoModel.from_pretrained(minilm_dir)
-    mgr = create_pruning_manager({"pruning": {"importance_metric": "activation", "targets": ["*layer.0.attention.self.query"]}}, model)
+    mgr = create_pruning_manager(
+        {"pruning": {"importance_metric": "activation", "targets": ["*layer.0.attention.self.query"]}}, model
+    )
     enc = tok(["A first sentence.", "And a somewhat longer second sentence here."], padding=True, return_tensors="pt")
     assert type(enc).__name__ == "BatchEncoding"
     mgr.calibrate([enc], progress=False)
@@ -116,7 +124,10 @@ def test_loss_errors():
     mgr = _mgr(net, "gradient_sensitivity")
     with pytest.raises(CalibrationError, match=r"has no 'loss'"):
         mgr.calibrate([torch.ones(2, 4)], progress=False)
-    with pytest.raises(CalibrationError, match=r"loss_fn\(outputs, batch\) for calibration batch 0 must be a scalar tensor, got \(2, 2\)"):
+    with pytest.raises(
+        CalibrationError,
+        match=r"loss_fn\(outputs, batch\) for calibration batch 0 must be a scalar tensor, got \(2, 2\)",
+    ):
         mgr.calibrate([torch.ones(2, 4)], loss_fn=lambda out, b: out, progress=False)
     with pytest.raises(CalibrationError, match="does not depend on any pruned weight"):
         mgr.calibrate([torch.ones(2, 4)], loss_fn=lambda out, b: torch.tensor(1.0), progress=False)

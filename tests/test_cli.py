@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -38,15 +37,37 @@ def models_dir(tmp_path_factory):
     llama.save_pretrained(root / "llama")
     tok.save_pretrained(root / "llama")
     torch.manual_seed(0)
-    bert = BertModel(BertConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                num_attention_heads=4, max_position_embeddings=256))
+    bert = BertModel(
+        BertConfig(
+            vocab_size=len(tok),
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=256,
+        )
+    )
     bert.save_pretrained(root / "bert")
     tok.save_pretrained(root / "bert")
     return root
 
 
-FAST = ["--batch-size", "2", "--max-length", "32", "--eval-texts", "16", "--pruning-interval", "2",
-        "--set", "evaluation.latency_repeats=2", "--set", "evaluation.latency_warmup=0", "-q", "--no-plots"]
+FAST = [
+    "--batch-size",
+    "2",
+    "--max-length",
+    "32",
+    "--eval-texts",
+    "16",
+    "--pruning-interval",
+    "2",
+    "--set",
+    "evaluation.latency_repeats=2",
+    "--set",
+    "evaluation.latency_warmup=0",
+    "-q",
+    "--no-plots",
+]
 
 
 def _zeros_over_targets(model) -> float:
@@ -61,11 +82,21 @@ def _zeros_over_targets(model) -> float:
 
 
 def test_prune_end_to_end_causal_lm(models_dir, tmp_path, capsys):
-    from transformers import AutoModelForCausalLM
 
     out = tmp_path / "run"
-    argv = ["prune", "--model", str(models_dir / "llama"), "--steps", "6", "--eval-every", "3",
-            "--final-sparsity", "0.5", "-o", str(out)] + [a for a in FAST if a != "--no-plots"]
+    argv = [
+        "prune",
+        "--model",
+        str(models_dir / "llama"),
+        "--steps",
+        "6",
+        "--eval-every",
+        "3",
+        "--final-sparsity",
+        "0.5",
+        "-o",
+        str(out),
+    ] + [a for a in FAST if a != "--no-plots"]
     assert main(argv) == 0
     table = capsys.readouterr().out
     assert "perplexity" in table and "50.00%" in table
@@ -114,7 +145,9 @@ def test_prune_encoder_distillation_and_one_shot(models_dir, tmp_path):
 
 
 def test_encoder_without_distillation_is_a_clear_error(models_dir, tmp_path, capsys):
-    code = main(["prune", "--model", str(models_dir / "bert"), "--steps", "2", "--no-distill", "-o", str(tmp_path)] + FAST)
+    code = main(
+        ["prune", "--model", str(models_dir / "bert"), "--steps", "2", "--no-distill", "-o", str(tmp_path)] + FAST
+    )
     assert code == 2
     err = capsys.readouterr().err
     assert "training an encoder needs distillation" in err and "Traceback" not in err
@@ -140,21 +173,55 @@ def test_killed_run_resumes_with_same_masks(models_dir, tmp_path):
         assert torch.equal(a[k] == 0, b[k] == 0), f"mask differs for {k}"
         assert torch.equal(a[k], b[k]), f"weights differ for {k}"
     # a checkpoint from another configuration is refused
-    code = main(["prune", "--model", str(models_dir / "llama"), "--steps", "7", "--resume", "-o", str(tmp_path / "cut"),
-                 "--stop-after", "4"] + FAST)
+    code = main(
+        [
+            "prune",
+            "--model",
+            str(models_dir / "llama"),
+            "--steps",
+            "7",
+            "--resume",
+            "-o",
+            str(tmp_path / "cut"),
+            "--stop-after",
+            "4",
+        ]
+        + FAST
+    )
     assert code == 2
 
 
 def test_sweep(models_dir, tmp_path, capsys):
     out = tmp_path / "sweep"
-    code = main(["sweep", "--model", str(models_dir / "llama"), "--sparsities", "0.3,0.7", "--threshold", "1e9",
-                 "-o", str(out), "--max-length", "32", "--eval-texts", "16", "--set", "evaluation.latency_repeats=1", "-q"])
+    code = main(
+        [
+            "sweep",
+            "--model",
+            str(models_dir / "llama"),
+            "--sparsities",
+            "0.3,0.7",
+            "--threshold",
+            "1e9",
+            "-o",
+            str(out),
+            "--max-length",
+            "32",
+            "--eval-texts",
+            "16",
+            "--set",
+            "evaluation.latency_repeats=1",
+            "-q",
+        ]
+    )
     assert code == 0
     res = json.loads((out / "sweep.json").read_text())
     assert [r["sparsity"] for r in res["rows"]] == [0.3, 0.7]
     # the default metric (activation, row scope, calibrated once on the dense model) rounds
     # each row's count of zeros to a whole number: close to, not exactly at, each level
-    assert [r["measured_sparsity"] for r in res["rows"]] == [pytest.approx(0.3, abs=0.005), pytest.approx(0.7, abs=0.005)]
+    assert [r["measured_sparsity"] for r in res["rows"]] == [
+        pytest.approx(0.3, abs=0.005),
+        pytest.approx(0.7, abs=0.005),
+    ]
     assert res["rows"][0]["size_mb"] > res["rows"][1]["size_mb"]
     assert res["recommended_sparsity"] == 0.7 and (out / "sweep.png").is_file()
     assert "recommended sparsity" in capsys.readouterr().out
@@ -178,10 +245,14 @@ def test_help_everywhere(sub, capsys):
         (["prune", "--model", "/nonexistent/model"], r"model.base_model '/nonexistent/model': cannot load"),
         (["prune", "--set", "training.stepz=3"], r"unknown key 'stepz' \(did you mean 'steps'\?\)"),
         (["prune", "--set", "fine_tuning.method=magic"], r"unknown fine_tuning.method 'magic'; valid: 'full'"),
-        (["prune", "--set", "model.hybrid_lora_adapter=true", "--steps", "0"],
-         r"training.steps: 0 is one-shot pruning and trains nothing, but model.hybrid_lora_adapter: true needs training"),
-        (["prune", "--set", "fine_tuning.efficiency_transformer.adaptive_layer_selection=true"],
-         r"efficiency_transformer options are set but method is 'full'"),
+        (
+            ["prune", "--set", "model.hybrid_lora_adapter=true", "--steps", "0"],
+            r"training.steps: 0 is one-shot pruning and trains nothing, but model.hybrid_lora_adapter: true needs training",
+        ),
+        (
+            ["prune", "--set", "fine_tuning.efficiency_transformer.adaptive_layer_selection=true"],
+            r"efficiency_transformer options are set but method is 'full'",
+        ),
         (["prune", "--set", "model.load_in_8bit=true"], r"load_in_8bit: true needs"),
         (["eval", "/nonexistent/dir"], r"records no base model"),
     ],
@@ -227,7 +298,10 @@ def test_export_needs_or_uses_the_exporter(models_dir, tmp_path, capsys):
 
 def test_low_resource_mode_runs_with_checkpointing_and_no_teacher(models_dir, tmp_path):
     out = tmp_path / "low"
-    assert main(["prune", "--model", str(models_dir / "llama"), "--steps", "2", "--low-resource", "-o", str(out)] + FAST) == 0
+    assert (
+        main(["prune", "--model", str(models_dir / "llama"), "--steps", "2", "--low-resource", "-o", str(out)] + FAST)
+        == 0
+    )
     r = json.loads((out / "report.json").read_text())["runtime"]
     assert r["gradient_checkpointing"] is True and r["distillation"] is False
     assert (r["batch_size"], r["gradient_accumulation_steps"]) == (1, 2)
@@ -252,12 +326,17 @@ def test_prune_runs_the_seed_combined_config(tmp_path):
     tiny_llama(layers=4, vocab_size=len(tok)).save_pretrained(model_path)
     tok.save_pretrained(model_path)
     cfg = {
-        "model": {"base_model": str(model_path), "tokenizer": str(model_path), "load_in_8bit": False,
-                  "hybrid_lora_adapter": True,
-                  "pruning": {"enabled": True, "sparsity_target": 0.6, "method": "magnitude_progressive"}},
-        "fine_tuning": {"method": "efficiency_transformer",
-                        "efficiency_transformer": {"adaptive_layer_selection": True,
-                                                   "cross_layer_parameter_sharing": True}},
+        "model": {
+            "base_model": str(model_path),
+            "tokenizer": str(model_path),
+            "load_in_8bit": False,
+            "hybrid_lora_adapter": True,
+            "pruning": {"enabled": True, "sparsity_target": 0.6, "method": "magnitude_progressive"},
+        },
+        "fine_tuning": {
+            "method": "efficiency_transformer",
+            "efficiency_transformer": {"adaptive_layer_selection": True, "cross_layer_parameter_sharing": True},
+        },
     }
     path = tmp_path / "combined.yaml"
     path.write_text(yaml.safe_dump(cfg))
@@ -297,17 +376,33 @@ def test_multi_process_launch_is_refused_before_any_work(models_dir, tmp_path, c
     assert not out.exists()  # nothing written
 
 
-@pytest.mark.parametrize("extra", [
-    ["--set", "pruning.reconstruction=sparsegpt"],
-    ["--set", "pruning.scope=owl", "--set", "pruning.importance_metric=activation"],
-])
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ["--set", "pruning.reconstruction=sparsegpt"],
+        ["--set", "pruning.scope=owl", "--set", "pruning.importance_metric=activation"],
+    ],
+)
 def test_prune_with_sparsegpt_or_owl_gets_calibration_batches(models_dir, tmp_path, extra):
     # one-shot and progressive: both need batches at every pruning event (issue 9), which the
     # command builds from data.calibration_texts training texts
     for steps in ("0", "4"):
         out = tmp_path / f"run{steps}"
-        argv = ["prune", "--model", str(models_dir / "llama"), "--steps", steps, "-o", str(out),
-                "--set", "data.calibration_texts=16"] + FAST + extra
+        argv = (
+            [
+                "prune",
+                "--model",
+                str(models_dir / "llama"),
+                "--steps",
+                steps,
+                "-o",
+                str(out),
+                "--set",
+                "data.calibration_texts=16",
+            ]
+            + FAST
+            + extra
+        )
         assert main(argv) == 0, steps
         r = json.loads((out / "report.json").read_text())
         # the embedded default's activation metric prunes round(0.6 · columns) per row: 0.5955 here
@@ -316,15 +411,36 @@ def test_prune_with_sparsegpt_or_owl_gets_calibration_batches(models_dir, tmp_pa
 
 def test_sweep_with_sparsegpt(models_dir, tmp_path):
     out = tmp_path / "sweep"
-    code = main(["sweep", "--model", str(models_dir / "llama"), "--sparsities", "0.5", "-o", str(out),
-                 "--max-length", "32", "--eval-texts", "16", "--set", "evaluation.latency_repeats=1", "-q",
-                 "--set", "pruning.reconstruction=sparsegpt", "--set", "data.calibration_texts=16"])
+    code = main(
+        [
+            "sweep",
+            "--model",
+            str(models_dir / "llama"),
+            "--sparsities",
+            "0.5",
+            "-o",
+            str(out),
+            "--max-length",
+            "32",
+            "--eval-texts",
+            "16",
+            "--set",
+            "evaluation.latency_repeats=1",
+            "-q",
+            "--set",
+            "pruning.reconstruction=sparsegpt",
+            "--set",
+            "data.calibration_texts=16",
+        ]
+    )
     assert code == 0
 
 
 def test_calibration_texts_must_be_positive(models_dir, tmp_path, capsys):
-    code = main(["prune", "--model", str(models_dir / "llama"), "-o", str(tmp_path / "x"),
-                 "--set", "data.calibration_texts=0"] + FAST)
+    code = main(
+        ["prune", "--model", str(models_dir / "llama"), "-o", str(tmp_path / "x"), "--set", "data.calibration_texts=0"]
+        + FAST
+    )
     assert code == 2
     assert "data.calibration_texts" in capsys.readouterr().err
 

@@ -3,10 +3,15 @@ from pydantic import ValidationError
 
 from artemis import ConfigError, PruningConfig, load_pruning_config
 
-
 SEED = {
-    "enabled": True, "method": "magnitude_progressive", "initial_sparsity": 0.0, "final_sparsity": 0.6,
-    "pruning_start": 0.2, "pruning_end": 0.8, "pruning_interval": 50, "importance_metric": "magnitude",
+    "enabled": True,
+    "method": "magnitude_progressive",
+    "initial_sparsity": 0.0,
+    "final_sparsity": 0.6,
+    "pruning_start": 0.2,
+    "pruning_end": 0.8,
+    "pruning_interval": 50,
+    "importance_metric": "magnitude",
     "quantization_aware": True,
 }
 
@@ -15,8 +20,13 @@ def test_plain_and_combined_forms():
     cfg = load_pruning_config({"pruning": SEED})
     assert cfg.final_sparsity == 0.6 and cfg.schedule == "cubic" and cfg.scope is None
     combined = load_pruning_config(
-        {"model": {"base_model": "x", "pruning": {"enabled": True, "sparsity_target": 0.6, "method": "magnitude_progressive"}},
-         "fine_tuning": {"method": "efficiency_transformer"}}
+        {
+            "model": {
+                "base_model": "x",
+                "pruning": {"enabled": True, "sparsity_target": 0.6, "method": "magnitude_progressive"},
+            },
+            "fine_tuning": {"method": "efficiency_transformer"},
+        }
     )
     assert combined.final_sparsity == 0.6
     assert load_pruning_config(cfg) is cfg

@@ -97,7 +97,9 @@ def test_sharded_global_masks_equal_single_process_with_ties(seed):
 
         def rank_fn(coll):
             local = [f if rep else _chunks(f)[coll.rank] for f, rep in zip(full, replicated)]
-            return global_masks([(lambda t=t: t) for t in local], numels, sparsity, collective=coll, replicated=replicated)
+            return global_masks(
+                [(lambda t=t: t) for t in local], numels, sparsity, collective=coll, replicated=replicated
+            )
 
         per_rank = _run_ranks(rank_fn)
         pruned = 0

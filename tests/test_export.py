@@ -9,9 +9,9 @@ import torch
 import torch.nn as nn
 
 from artemis import CheckpointError, ConfigError, create_pruning_manager, load_pruned, save_pruned
+from artemis.core.sizing import model_compressed_bytes, model_dense_bytes
 from artemis.sparse.checkpoint import META_NAME, WEIGHTS_NAME, bitmask_compress, bitmask_decompress
 from artemis.sparse.quantization import Int8Linear, quantize_int8
-from artemis.core.sizing import model_compressed_bytes, model_dense_bytes
 from tests.fixtures import lm_batch, tiny_bert, tiny_gpt2, tiny_llama
 
 BUILDERS = {"llama": tiny_llama, "gpt2": tiny_gpt2, "bert": tiny_bert}
@@ -122,8 +122,9 @@ def test_int8_export_round_trip_keeps_every_zero(tmp_path, kind, dtype):
     zeros = {t.name: int((t.param == 0).sum()) for t in mgr.method.targets}
     info = save_pruned(model, tmp_path, manager=mgr, quantize="int8")
     assert sorted(info["int8_modules"]) == sorted(zeros)
-    assert all(isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D"
-               for n, m in model.named_modules() if n in zeros)  # the model itself is unchanged
+    assert all(
+        isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D" for n, m in model.named_modules() if n in zeros
+    )  # the model itself is unchanged
     back = load_pruned(tmp_path)
     ref = quantize_int8(model)  # what the export encodes, made in memory
     _assert_bit_identical(ref, back)
@@ -270,7 +271,7 @@ def test_corrupted_byte_names_the_tensor(saved):
     f = saved / WEIGHTS_NAME
     data = bytearray(f.read_bytes())
     (n,) = struct.unpack("<Q", bytes(data[:8]))
-    header = json.loads(bytes(data[8:8 + n]))
+    header = json.loads(bytes(data[8 : 8 + n]))
     start, _ = header[f"{P}.compressed"]["data_offsets"]
     data[8 + n + start + 3] ^= 0x40
     f.write_bytes(bytes(data))
@@ -284,8 +285,11 @@ def test_corrupted_byte_names_the_tensor(saved):
 
 def test_bitmask_size_mismatch_names_tensor_and_file(saved):
     _rewrite(saved, lambda t: t.__setitem__(f"{P}.bitmask", t[f"{P}.bitmask"][:, :-1].contiguous()))
-    with pytest.raises(CheckpointError, match=rf"tensor '{P}\.weight' in .*model\.safetensors: bitmask .*"
-                                              r"does not match the shape"):
+    with pytest.raises(
+        CheckpointError,
+        match=rf"tensor '{P}\.weight' in .*model\.safetensors: bitmask .*"
+        r"does not match the shape",
+    ):
         load_pruned(saved)
 
 
@@ -310,6 +314,7 @@ def test_missing_dense_tensor(saved):
 def test_shape_does_not_match_model(saved):
     def grow(t):
         t["model.norm.weight"] = torch.ones(65)
+
     _rewrite(saved, grow)
     with pytest.raises(CheckpointError, match=r"'model\.norm\.weight' has shape \(65,\); the model expects \(64,\)"):
         load_pruned(saved)
@@ -341,7 +346,9 @@ def test_format_1_folders_with_crc32_still_load(saved):
     assert all(torch.equal(back[k], v) for k, v in expected.items())
     meta["checksums"][f"{P}.compressed"] ^= 1
     (saved / META_NAME).write_text(json.dumps(meta))
-    with pytest.raises(CheckpointError, match=rf"tensor '{P}\.compressed' is corrupted \(CRC-32 0x[0-9a-f]+, expected 0x"):
+    with pytest.raises(
+        CheckpointError, match=rf"tensor '{P}\.compressed' is corrupted \(CRC-32 0x[0-9a-f]+, expected 0x"
+    ):
         load_pruned(saved)
     meta["format_version"] = 2
     meta["checksum"] = "md5"
@@ -391,6 +398,7 @@ def test_first_corrupted_tensor_is_reported_with_parallel_workers(saved):
     def corrupt(t):
         t[f"{P}.compressed"][0] += 1
         t["model.norm.weight"][0] += 1
+
     from safetensors.torch import load_file, save_file
 
     tensors = load_file(str(saved / WEIGHTS_NAME))
@@ -407,6 +415,7 @@ def test_bad_int8_checkpoint_leaves_a_passed_model_untouched(tmp_path):
 
     def grow(t):
         t["model.norm.weight"] = torch.ones(65)
+
     _rewrite(tmp_path, grow)
     target = BUILDERS["llama"]()
     before = {k: v.clone() for k, v in target.state_dict().items()}

@@ -258,7 +258,7 @@ def test_sparsity_preserving_merge_exact_and_reports_cost(packed):
     from peft.tuners.lora import LoraLayer
 
     expected = {}
-    for name, m in pm.named_modules():
+    for m in pm.modules():
         if isinstance(m, LoraLayer):
             w = m.get_base_layer().weight
             expected[id(w)] = (w + m.get_delta_weight("default")).detach().clone()
@@ -273,7 +273,9 @@ def test_sparsity_preserving_merge_exact_and_reports_cost(packed):
     zeros_after = sum(_zeros(mgr._params[k]) for k in masks)
     assert zeros_after == zeros_before
     assert report.layers_merged == report.masked_layers == 14
-    assert report.sparsity_after == pytest.approx(report.sparsity_before) and report.sparsity_before == pytest.approx(0.5, abs=1e-3)
+    assert report.sparsity_after == pytest.approx(report.sparsity_before) and report.sparsity_before == pytest.approx(
+        0.5, abs=1e-3
+    )
     assert report.sparsity_plain_merge < 0.01  # a plain merge would have densified everything
     assert 0.2 < report.delta_energy_lost < 0.8
     assert report.output_cosine is not None and 0.5 < report.output_cosine <= 1.0 + 1e-6
@@ -342,14 +344,20 @@ def test_load_in_8bit_without_backend(monkeypatch):
 
 
 def test_unknown_finetuning_method_and_keys():
-    with pytest.raises(ConfigError, match=r"fine_tuning.method: unknown fine-tuning method 'lora_magic'; "
-                       r"valid: 'full', 'efficiency_transformer'"):
+    with pytest.raises(
+        ConfigError,
+        match=r"fine_tuning.method: unknown fine-tuning method 'lora_magic'; "
+        r"valid: 'full', 'efficiency_transformer'",
+    ):
         check_run_options({}, {"method": "lora_magic"})
     with pytest.raises(ConfigError, match=r"did you mean 'efficiency_transformer'"):
         load_finetuning_config({"method": "efficiency_transformers"})
-    with pytest.raises(ConfigError, match=r"unknown key 'adaptive_layer_selectoin' \(did you mean 'adaptive_layer_selection'"):
-        load_finetuning_config({"method": "efficiency_transformer",
-                                "efficiency_transformer": {"adaptive_layer_selectoin": True}})
+    with pytest.raises(
+        ConfigError, match=r"unknown key 'adaptive_layer_selectoin' \(did you mean 'adaptive_layer_selection'"
+    ):
+        load_finetuning_config(
+            {"method": "efficiency_transformer", "efficiency_transformer": {"adaptive_layer_selectoin": True}}
+        )
     with pytest.raises(ConfigError, match="set method: 'efficiency_transformer' to use them"):
         load_finetuning_config({"efficiency_transformer": {"cross_layer_parameter_sharing": True}})
     with pytest.raises(ConfigError, match="model.hybrid_lora_adapter must be true or false, got 'yes'"):
@@ -370,16 +378,25 @@ def test_combined_configuration_end_to_end():
     dense = _snapshot(model)
     calib = [lm_batch(seed=s) for s in range(2)]
     total = 6
-    session = prepare_finetuning(model, cfg, calibration_data=calib, total_steps=total,
-                                 distillation={"enabled": True, "temperature": 2.0, "alpha": 0.5})
+    session = prepare_finetuning(
+        model,
+        cfg,
+        calibration_data=calib,
+        total_steps=total,
+        distillation={"enabled": True, "temperature": 2.0, "alpha": 0.5},
+    )
     blocks = model.model.layers
-    (i, j), = session.shared_pairs
+    ((i, j),) = session.shared_pairs
     assert j == i + 1
     assert len(session.trainable_layers) >= 2  # ceil(0.5·4), plus a tied partner
     for p, q in zip(blocks[i].parameters(), blocks[j].parameters()):
         assert p is q
     # adapters only on selected blocks
-    adapted = {int(n.split("layers.")[1].split(".")[0]) for n, _ in session.model.named_parameters(remove_duplicate=False) if "lora_A" in n}
+    adapted = {
+        int(n.split("layers.")[1].split(".")[0])
+        for n, _ in session.model.named_parameters(remove_duplicate=False)
+        if "lora_A" in n
+    }
     assert adapted == set(session.trainable_layers)
     assert session.teacher is not None and not any(p.requires_grad for p in session.teacher.parameters())
 
@@ -407,8 +424,11 @@ def test_combined_configuration_end_to_end():
             src = n.replace(f"layers.{j}.", f"layers.{i}.")
             assert torch.equal(p, dense[src.replace("base_model.model.", "").replace(".base_layer", "")]), n
     not_selected = [b for b in range(4) if b not in session.trainable_layers]
-    pre_merge = {n: p.detach().clone() for n, p in model.named_parameters(remove_duplicate=False)
-                 if any(f"layers.{b}." in n for b in not_selected) and "lora_" not in n}
+    pre_merge = {
+        n: p.detach().clone()
+        for n, p in model.named_parameters(remove_duplicate=False)
+        if any(f"layers.{b}." in n for b in not_selected) and "lora_" not in n
+    }
 
     base, report = session.merge(eval_batches=[lm_batch(seed=999)])
     assert report.sparsity_after == pytest.approx(report.sparsity_before)

@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from artemis.sparse import kernels
 from artemis.core.errors import CheckpointError
+from artemis.sparse import kernels
 from artemis.sparse.checkpoint import bitmask_compress, bitmask_decompress
 from artemis.sparse.inference import SparseLinear, sparsify_for_inference
 
@@ -47,8 +47,15 @@ def decoder(request, monkeypatch):
 def test_status_names_the_switch(monkeypatch):
     monkeypatch.setenv(kernels.ENV_SWITCH, "0")
     status = kernels.kernel_status()
-    assert status == {"decode_1byte": False, "decode_2byte": False, "decode_4byte": False, "matvec": False,
-                      "matvec_isa": None, "llvmlite": None, "reason": "turned off by ARTEMIS_KERNELS=0"}
+    assert status == {
+        "decode_1byte": False,
+        "decode_2byte": False,
+        "decode_4byte": False,
+        "matvec": False,
+        "matvec_isa": None,
+        "llvmlite": None,
+        "reason": "turned off by ARTEMIS_KERNELS=0",
+    }
     assert not kernels.decode_ready(4) and not kernels.matvec_ready()
 
 
@@ -102,21 +109,31 @@ def test_decode_errors_are_the_same_on_both_paths(decoder):
     parts = bitmask_compress(w)
     bad = dict(parts, row_offsets=parts["row_offsets"].clone())
     bad["row_offsets"][3] += 1
-    with pytest.raises(CheckpointError, match=r"tensor 'l.weight' in f: l.row_offsets does not match the bitmask's row counts"):
+    with pytest.raises(
+        CheckpointError, match=r"tensor 'l.weight' in f: l.row_offsets does not match the bitmask's row counts"
+    ):
         bitmask_decompress(bad, name="l.weight", file="f")
     short = dict(parts, compressed=parts["compressed"][:-1])
     n = parts["compressed"].numel()
-    with pytest.raises(CheckpointError, match=rf"the bitmask marks {n} non-zero weights but l.compressed holds {n - 1} values"):
+    with pytest.raises(
+        CheckpointError, match=rf"the bitmask marks {n} non-zero weights but l.compressed holds {n - 1} values"
+    ):
         bitmask_decompress(short, name="l.weight", file="f")
     for first in (-3, 5, 2**40):  # a corrupted first offset, and a layout that skips leading values
         moved = dict(parts, row_offsets=parts["row_offsets"] + first)
         with pytest.raises(CheckpointError, match="l.row_offsets does not match the bitmask's row counts"):
             bitmask_decompress(moved, name="l.weight", file="f")
-    padded = dict(parts, compressed=torch.cat([torch.ones(5), parts["compressed"]]), row_offsets=parts["row_offsets"] + 5)
+    padded = dict(
+        parts, compressed=torch.cat([torch.ones(5), parts["compressed"]]), row_offsets=parts["row_offsets"] + 5
+    )
     with pytest.raises(CheckpointError, match=rf"marks {n} non-zero weights but l.compressed holds {n + 5} values"):
         bitmask_decompress(padded, name="l.weight", file="f")
-    empty_rows = {"compressed": torch.ones(1), "bitmask": torch.zeros(0, 5, dtype=torch.uint8),
-                  "shape": torch.tensor([0, 40]), "row_offsets": torch.zeros(0, dtype=torch.int64)}
+    empty_rows = {
+        "compressed": torch.ones(1),
+        "bitmask": torch.zeros(0, 5, dtype=torch.uint8),
+        "shape": torch.tensor([0, 40]),
+        "row_offsets": torch.zeros(0, dtype=torch.int64),
+    }
     with pytest.raises(CheckpointError, match="marks 0 non-zero weights but l.compressed holds 1 values"):
         bitmask_decompress(empty_rows, name="l.weight", file="f")
 
@@ -185,7 +202,10 @@ def test_bitmask_linear_errors(monkeypatch):
     with pytest.raises(ValueError, match=r"backend 'bitmask' runs on CPU with float32 weights; got torch.float64"):
         SparseLinear(torch.zeros(4, 4, dtype=torch.float64), backend="bitmask")
     monkeypatch.setenv(kernels.ENV_SWITCH, "off")
-    with pytest.raises(ValueError, match=r"backend 'bitmask' is not available here: turned off by ARTEMIS_KERNELS=off; use backend='csr'"):
+    with pytest.raises(
+        ValueError,
+        match=r"backend 'bitmask' is not available here: turned off by ARTEMIS_KERNELS=off; use backend='csr'",
+    ):
         SparseLinear(torch.eye(4), backend="bitmask")
     monkeypatch.delenv(kernels.ENV_SWITCH)
     if kernels.matvec_ready():
@@ -217,9 +237,8 @@ def test_bitmask_linear_gives_input_gradients_and_survives_copies():
 
 @needs_kernels
 def test_sparsify_auto_times_both_cpu_kernels_and_keeps_the_fastest():
-    from tests.fixtures import lm_batch, tiny_llama
-
     from artemis import create_pruning_manager
+    from tests.fixtures import lm_batch, tiny_llama
 
     model = tiny_llama()
     create_pruning_manager({"pruning": {"scope": "layer"}}, model).apply_magnitude_pruning(0.7)
@@ -300,7 +319,16 @@ def test_avx512_without_vbmi2_decodes_narrow_values_the_avx2_way():
         v = vals.view({1: torch.uint8, 2: torch.int16, 4: torch.int32}[vals.element_size()]).numpy()
         out = np.zeros(7 * 45, dtype=v.dtype)
         bits = parts["bitmask"].numpy()
-        end = compiled.decode[v.itemsize](bits.ctypes.data, bits.shape[1], v.ctypes.data, v.size,
-                                          parts["row_offsets"].numpy().ctypes.data, 45, out.ctypes.data, 0, 7)
+        end = compiled.decode[v.itemsize](
+            bits.ctypes.data,
+            bits.shape[1],
+            v.ctypes.data,
+            v.size,
+            parts["row_offsets"].numpy().ctypes.data,
+            45,
+            out.ctypes.data,
+            0,
+            7,
+        )
         assert end == v.size
         assert torch.equal(torch.from_numpy(out.reshape(7, 45)).view(dtype), w)

@@ -10,6 +10,7 @@ import torch.nn as nn
 
 from artemis import create_pruning_manager
 from artemis.core.errors import CalibrationError, CheckpointError, ConfigError, ModelError, PruningStateError
+from artemis.core.sizing import MIB, model_dense_bytes
 from artemis.methods.layer_dropout import (
     BlockGate,
     block_influence,
@@ -18,7 +19,6 @@ from artemis.methods.layer_dropout import (
     layer_magnitude,
     layers_for_sparsity,
 )
-from artemis.core.sizing import MIB, model_dense_bytes
 from tests.fixtures import lm_batch, tiny_bert, tiny_gpt2, tiny_llama
 
 
@@ -122,7 +122,9 @@ def test_finalized_size_matches_summary():
     assert after["pruning_metrics"]["compressed_model_size_mb"] == pytest.approx(model_dense_bytes(model) / MIB)
     assert before["compressed_model_size_mb"] == pytest.approx(after["pruning_metrics"]["compressed_model_size_mb"])
     assert after["measured_sparsity"] == 0.5
-    assert after["pruning_metrics"]["parameters_pruned"] == 4 * sum(p.numel() for p in model.model.layers[0].parameters())
+    assert after["pruning_metrics"]["parameters_pruned"] == 4 * sum(
+        p.numel() for p in model.model.layers[0].parameters()
+    )
 
 
 # ---------------------------------------------------------------- metric choices
@@ -178,7 +180,9 @@ def test_activation_without_statistics_is_a_clear_error():
 
 
 def test_unknown_metric_for_layer_dropout():
-    with pytest.raises(ConfigError, match="for method 'layer_dropout'; valid: 'magnitude', 'gradient_sensitivity', 'activation'"):
+    with pytest.raises(
+        ConfigError, match="for method 'layer_dropout'; valid: 'magnitude', 'gradient_sensitivity', 'activation'"
+    ):
         create_pruning_manager(_cfg(importance_metric="wanda"), tiny_llama())
 
 
@@ -241,11 +245,16 @@ def test_progressive_magnitude_without_training():
 
 def test_fade_out_schedule_and_identity():
     model = tiny_llama(layers=4)
-    cfg = _cfg(final_sparsity=0.25, pruning_start=0.0, pruning_end=0.0, pruning_interval=1, layer_dropout={"fade_steps": 4})
+    cfg = _cfg(
+        final_sparsity=0.25, pruning_start=0.0, pruning_end=0.0, pruning_interval=1, layer_dropout={"fade_steps": 4}
+    )
     mgr = create_pruning_manager(cfg, model, total_steps=10)
     batch = lm_batch()
     calls = []
-    handles = [layer.mlp.register_forward_hook(lambda m, a, o, i=i: calls.append(i)) for i, layer in enumerate(model.model.layers)]
+    handles = [
+        layer.mlp.register_forward_hook(lambda m, a, o, i=i: calls.append(i))
+        for i, layer in enumerate(model.model.layers)
+    ]
     alphas = []
     for _ in range(6):
         mgr.step()
@@ -363,9 +372,17 @@ def test_qwen2_layer_types_follow_the_kept_layers(tmp_path):
     from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(0)
-    cfg = Qwen2Config(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                      num_attention_heads=4, num_key_value_heads=2, use_sliding_window=True,
-                      sliding_window=4, max_window_layers=2)
+    cfg = Qwen2Config(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        use_sliding_window=True,
+        sliding_window=4,
+        max_window_layers=2,
+    )
     model = Qwen2ForCausalLM(cfg).eval()
     assert model.config.layer_types == ["full_attention", "full_attention", "sliding_attention", "sliding_attention"]
     mgr = create_pruning_manager(_cfg(), model)
@@ -424,7 +441,9 @@ def test_model_without_layers():
 def test_gpt2_inverse_layer_idx_scaling_is_refused():
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    model = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, scale_attn_by_inverse_layer_idx=True))
+    model = GPT2LMHeadModel(
+        GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, scale_attn_by_inverse_layer_idx=True)
+    )
     with pytest.raises(ModelError, match="scale_attn_by_inverse_layer_idx is True"):
         create_pruning_manager(_cfg(), model)
 

@@ -8,12 +8,17 @@ import torch.nn as nn
 
 from artemis import ConfigError, ModelError, PruningStateError, create_pruning_manager
 from artemis.pruning import PruningConfig, PruningManager
-from tests.fixtures import lm_batch, tiny_bert, tiny_gpt2, tiny_llama
+from tests.fixtures import lm_batch, tiny_gpt2, tiny_llama
 
 SEED_CONFIG = {
-    "method": "magnitude_progressive", "initial_sparsity": 0.0, "final_sparsity": 0.6,
-    "pruning_start": 0.2, "pruning_end": 0.8, "pruning_interval": 50,
-    "importance_metric": "magnitude", "quantization_aware": True,
+    "method": "magnitude_progressive",
+    "initial_sparsity": 0.0,
+    "final_sparsity": 0.6,
+    "pruning_start": 0.2,
+    "pruning_end": 0.8,
+    "pruning_interval": 50,
+    "importance_metric": "magnitude",
+    "quantization_aware": True,
 }
 
 
@@ -30,17 +35,26 @@ def test_seed_loop_verbatim(capsys):
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
     # --- the loop of the issue, verbatim ---
     from artemis.pruning import create_pruning_manager
-    pruning_config = {"method": "magnitude_progressive", "initial_sparsity": 0.0, "final_sparsity": 0.6,
-                      "pruning_start": 0.2, "pruning_end": 0.8, "pruning_interval": 50,
-                      "importance_metric": "magnitude", "quantization_aware": True}
+
+    pruning_config = {
+        "method": "magnitude_progressive",
+        "initial_sparsity": 0.0,
+        "final_sparsity": 0.6,
+        "pruning_start": 0.2,
+        "pruning_end": 0.8,
+        "pruning_interval": 50,
+        "importance_metric": "magnitude",
+        "quantization_aware": True,
+    }
     pruning_manager = create_pruning_manager({"pruning": pruning_config}, model)
     model.pruning_manager = pruning_manager
-    for step in range(total_steps):
+    for _step in range(total_steps):
         loss = model(**inputs).loss
         loss.backward()
         pruning_manager.step(total_steps=total_steps)
         pruning_manager.apply_mask_to_gradients()
-        optimizer.step(); optimizer.zero_grad()
+        optimizer.step()
+        optimizer.zero_grad()
     pruning_manager.prepare_for_quantization()
     summary = pruning_manager.get_pruning_summary()
     print(f"Model size reduction: {summary['pruning_metrics']['model_size_reduction']:.2%}")
@@ -59,9 +73,7 @@ def test_weights_stay_zero_with_adamw_without_gradient_masking():
     model.train()
     inputs = lm_batch()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.01)
-    mgr = create_pruning_manager(
-        {"pruning": {**SEED_CONFIG, "pruning_interval": 5}}, model, total_steps=40
-    )
+    mgr = create_pruning_manager({"pruning": {**SEED_CONFIG, "pruning_interval": 5}}, model, total_steps=40)
     for _ in range(40):
         model(**inputs).loss.backward()
         mgr.step()
@@ -81,12 +93,16 @@ def test_sgd_momentum_state_cleared():
     model = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 1))
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     x = torch.randn(16, 8)
-    mgr = create_pruning_manager({"pruning": {"targets": ["*"], "final_sparsity": 0.5, "pruning_start": 0.5,
-                                              "pruning_end": 0.5}}, model, total_steps=6)
+    mgr = create_pruning_manager(
+        {"pruning": {"targets": ["*"], "final_sparsity": 0.5, "pruning_start": 0.5, "pruning_end": 0.5}},
+        model,
+        total_steps=6,
+    )
     for _ in range(6):
         model(x).pow(2).mean().backward()
         mgr.step()
-        opt.step(); opt.zero_grad()
+        opt.step()
+        opt.zero_grad()
     for key, mask in mgr.masks.items():
         buf = opt.state[mgr._params[key]]["momentum_buffer"]
         assert torch.count_nonzero(buf[~mask]) == 0
@@ -118,9 +134,13 @@ def test_layer_scope_and_overrides(llama):
 
 
 def test_targets_and_exclude(llama):
-    mgr = create_pruning_manager({"pruning": {**SEED_CONFIG, "targets": ["re:.*\\.(q|k)_proj"],
-                                              "exclude": ["model.layers.0.*"]}}, llama)
-    assert [t.name for t in mgr.method.targets] == ["model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.k_proj"]
+    mgr = create_pruning_manager(
+        {"pruning": {**SEED_CONFIG, "targets": ["re:.*\\.(q|k)_proj"], "exclude": ["model.layers.0.*"]}}, llama
+    )
+    assert [t.name for t in mgr.method.targets] == [
+        "model.layers.1.self_attn.q_proj",
+        "model.layers.1.self_attn.k_proj",
+    ]
     with pytest.raises(ModelError, match=r"pattern 'nothing\*' matches no Linear/Conv1D module"):
         create_pruning_manager({"pruning": {**SEED_CONFIG, "targets": ["nothing*"]}}, llama)
     with pytest.raises(ModelError, match="layer_sparsity: pattern 'zzz' matches none"):
@@ -262,11 +282,15 @@ def _train(packed, steps=30, resume=None, stop_at=None, reconstruction=False):
         start = mgr.current_step
     for step in range(start, steps):
         if step == stop_at:
-            return {"model": {k: v.clone() for k, v in model.state_dict().items()},
-                    "opt": opt.state_dict(), "mgr": mgr.state_dict()}
+            return {
+                "model": {k: v.clone() for k, v in model.state_dict().items()},
+                "opt": opt.state_dict(),
+                "mgr": mgr.state_dict(),
+            }
         model(**inputs).loss.backward()
         mgr.step()
-        opt.step(); opt.zero_grad()
+        opt.step()
+        opt.zero_grad()
     return mgr, model
 
 
@@ -318,10 +342,19 @@ def test_packed_masks_with_progressive_sparsegpt_match_bool_masks():
     for packed in (False, True):
         model = tiny_llama()
         mgr = create_pruning_manager(
-            {"pruning": {"reconstruction": "sparsegpt", "pruning_start": 0.0, "pruning_end": 1.0,
-                         "pruning_interval": 2, "final_sparsity": 0.5, "sparsegpt_mask": "obs",
-                         "packed_masks": packed}},
-            model, total_steps=5,
+            {
+                "pruning": {
+                    "reconstruction": "sparsegpt",
+                    "pruning_start": 0.0,
+                    "pruning_end": 1.0,
+                    "pruning_interval": 2,
+                    "final_sparsity": 0.5,
+                    "sparsegpt_mask": "obs",
+                    "packed_masks": packed,
+                }
+            },
+            model,
+            total_steps=5,
         )
         mgr.set_calibration_data(calib)
         for _ in range(5):

@@ -1,5 +1,5 @@
-import torch
 import pytest
+import torch
 
 from artemis.core.masks import count_to_prune, global_masks, layer_mask, nm_masks, row_masks, score_keys
 

@@ -121,12 +121,14 @@ def test_activation_during_training_with_schedule_frees_statistics():
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
     mgr = create_pruning_manager(
         {"pruning": {"importance_metric": "activation", "final_sparsity": 0.5, "pruning_interval": 2}},
-        model, total_steps=10,
+        model,
+        total_steps=10,
     )
     for _ in range(10):
         model(**lm_batch()).loss.backward()
         mgr.step()
-        opt.step(); opt.zero_grad()
+        opt.step()
+        opt.zero_grad()
     t = mgr.method.targets[0]
     assert torch.all((t.param == 0).sum(dim=1) == t.param.shape[1] // 2)
     assert mgr.get_pruning_summary()["scope"] == "row"
@@ -193,16 +195,25 @@ def test_gradient_sensitivity_during_training_and_after_the_last_event():
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     mgr = create_pruning_manager(
-        {"pruning": {"importance_metric": "gradient_sensitivity", "final_sparsity": 0.5, "pruning_interval": 3,
-                     "pruning_start": 0.2, "pruning_end": 0.6}},
-        model, total_steps=20,
+        {
+            "pruning": {
+                "importance_metric": "gradient_sensitivity",
+                "final_sparsity": 0.5,
+                "pruning_interval": 3,
+                "pruning_start": 0.2,
+                "pruning_end": 0.6,
+            }
+        },
+        model,
+        total_steps=20,
     )  # events at 4, 7, 10, 12
     sizes = []
     for step in range(20):
         model(**lm_batch(seed=step)).loss.backward()
         mgr.step()
         sizes.append(mgr.metric.accumulator_bytes())
-        opt.step(); opt.zero_grad()
+        opt.step()
+        opt.zero_grad()
     n = sum(t.numel for t in mgr.method.targets)
     assert sizes[3] == 4 * n and sizes[4] == 0 and sizes[5] == 4 * n
     assert all(s == 0 for s in sizes[12:])  # nothing accumulated once the schedule is done
@@ -220,9 +231,14 @@ def test_accumulator_dtype_option(name, dtype, size):
 
 
 def test_metric_options_validated():
-    with pytest.raises(ConfigError, match=r"unknown option 'dtype' for importance_metric 'gradient_sensitivity'; valid: 'accumulator_dtype'"):
+    with pytest.raises(
+        ConfigError,
+        match=r"unknown option 'dtype' for importance_metric 'gradient_sensitivity'; valid: 'accumulator_dtype'",
+    ):
         _mgr(_linear(torch.ones(2, 2)), "gradient_sensitivity", metric_options={"dtype": "bfloat16"})
-    with pytest.raises(ConfigError, match=r"accumulator_dtype: Input should be 'float32', 'bfloat16' or 'float16' \(got 'int8'\)"):
+    with pytest.raises(
+        ConfigError, match=r"accumulator_dtype: Input should be 'float32', 'bfloat16' or 'float16' \(got 'int8'\)"
+    ):
         _mgr(_linear(torch.ones(2, 2)), "gradient_sensitivity", metric_options={"accumulator_dtype": "int8"})
     with pytest.raises(ConfigError, match="importance_metric 'activation' takes no metric_options"):
         _mgr(_linear(torch.ones(2, 2)), "activation", metric_options={"x": 1})
@@ -231,7 +247,10 @@ def test_metric_options_validated():
 # ------------------------------------------------------------------ errors
 def test_activation_before_statistics():
     mgr = _mgr(_linear(torch.ones(2, 4)), "activation")
-    with pytest.raises(CalibrationError, match=r"no activation statistics yet: run manager.calibrate\(batches\) or pass calibration_data"):
+    with pytest.raises(
+        CalibrationError,
+        match=r"no activation statistics yet: run manager.calibrate\(batches\) or pass calibration_data",
+    ):
         mgr.apply_pruning(0.5)
     assert torch.all(mgr.model[0].weight == 1)
 
@@ -241,15 +260,21 @@ def test_activation_unused_layer_named():
     net.forward = lambda x: net["used"](x)
     mgr = _mgr(net, "activation")
     mgr.calibrate([torch.randn(2, 4)], progress=False)
-    with pytest.raises(CalibrationError, match=r"1 of 2 pruned layers saw no input tokens \(for example \['unused.weight'\]\)"):
+    with pytest.raises(
+        CalibrationError, match=r"1 of 2 pruned layers saw no input tokens \(for example \['unused.weight'\]\)"
+    ):
         mgr.apply_pruning(0.5)
 
 
 def test_gradient_sensitivity_without_gradients():
     mgr = _mgr(_linear(torch.ones(2, 4)), "gradient_sensitivity")
-    with pytest.raises(CalibrationError, match=r"has seen no gradients .* call manager.step\(\) after loss.backward\(\)"):
+    with pytest.raises(
+        CalibrationError, match=r"has seen no gradients .* call manager.step\(\) after loss.backward\(\)"
+    ):
         mgr.apply_pruning(0.5)
-    mgr2 = create_pruning_manager({"pruning": {"importance_metric": "gradient_sensitivity"}}, tiny_llama(), total_steps=10)
+    mgr2 = create_pruning_manager(
+        {"pruning": {"importance_metric": "gradient_sensitivity"}}, tiny_llama(), total_steps=10
+    )
     with pytest.raises(CalibrationError, match="has seen no gradients"):
         for _ in range(10):
             mgr2.step()  # no backward() ever

@@ -130,8 +130,15 @@ def test_quantization_aware_training_after_pruning_end():
     model = tiny_llama()
     model.train()
     batch = lm_batch()
-    cfg = {"pruning": {"final_sparsity": 0.5, "pruning_start": 0.0, "pruning_end": 0.5,
-                       "pruning_interval": 2, "quantization_aware": True}}
+    cfg = {
+        "pruning": {
+            "final_sparsity": 0.5,
+            "pruning_start": 0.0,
+            "pruning_end": 0.5,
+            "pruning_interval": 2,
+            "quantization_aware": True,
+        }
+    }
     mgr = create_pruning_manager(cfg, model, total_steps=12)  # t_e = 6
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     layer = model.model.layers[0].mlp.up_proj
@@ -174,8 +181,15 @@ def test_quantization_aware_off_by_default(llama):
 
 
 def test_quantization_aware_resumes_after_pruning_end():
-    cfg = {"pruning": {"final_sparsity": 0.5, "pruning_start": 0.0, "pruning_end": 0.5,
-                       "pruning_interval": 2, "quantization_aware": True}}
+    cfg = {
+        "pruning": {
+            "final_sparsity": 0.5,
+            "pruning_start": 0.0,
+            "pruning_end": 0.5,
+            "pruning_interval": 2,
+            "quantization_aware": True,
+        }
+    }
     a = tiny_llama()
     mgr = create_pruning_manager(cfg, a, total_steps=12)
     for _ in range(8):

@@ -59,14 +59,18 @@ def test_masks_hand_computed_llama():
     mgr.apply_pruning(0.5)
     m = mgr.masks
     p = "model.layers.0"
-    q = torch.ones(64, 64, dtype=torch.bool); q[:32] = False
-    kv = torch.ones(32, 64, dtype=torch.bool); kv[:16] = False
-    o = torch.ones(64, 64, dtype=torch.bool); o[:, :32] = False
+    q = torch.ones(64, 64, dtype=torch.bool)
+    q[:32] = False
+    kv = torch.ones(32, 64, dtype=torch.bool)
+    kv[:16] = False
+    o = torch.ones(64, 64, dtype=torch.bool)
+    o[:, :32] = False
     assert torch.equal(m[f"{p}.self_attn.q_proj.weight"], q)
     assert torch.equal(m[f"{p}.self_attn.k_proj.weight"], kv)
     assert torch.equal(m[f"{p}.self_attn.v_proj.weight"], kv)
     assert torch.equal(m[f"{p}.self_attn.o_proj.weight"], o)
-    rows = torch.ones(128, 64, dtype=torch.bool); rows[64:] = False
+    rows = torch.ones(128, 64, dtype=torch.bool)
+    rows[64:] = False
     assert torch.equal(m[f"{p}.mlp.gate_proj.weight"], rows)
     assert torch.equal(m[f"{p}.mlp.up_proj.weight"], rows)
     assert torch.equal(m[f"{p}.mlp.down_proj.weight"], rows.t())
@@ -94,7 +98,9 @@ def test_masks_gpt2_fused_qkv_and_biases():
     w = mgr.masks["transformer.h.0.attn.c_attn.weight"]
     assert torch.equal(w, cols.unsqueeze(0).expand(64, 192))
     assert torch.equal(mgr.masks["transformer.h.0.attn.c_attn.bias"], cols)
-    proj = torch.ones(64, 64, dtype=torch.bool); proj[16:32] = False; proj[48:64] = False
+    proj = torch.ones(64, 64, dtype=torch.bool)
+    proj[16:32] = False
+    proj[48:64] = False
     assert torch.equal(mgr.masks["transformer.h.0.attn.c_proj.weight"], proj)
     assert "transformer.h.0.attn.c_proj.bias" not in mgr.masks  # output bias is not per head
     mgr.finalize()
@@ -138,8 +144,13 @@ def test_llama_summary_counts_hand_computed():
     # per layer: attention 4096+2048+2048+4096, mlp 3·64·128, norms 128 → 36992; embeddings 2·8192 + 64
     assert s["parameters_before"] == 90432 and s["block_parameters_before"] == 73984
     assert s["layers"][0] == {
-        "block": 0, "heads_kept": 2, "heads_total": 4, "kv_heads_kept": 1, "kv_heads_total": 2,
-        "neurons_kept": 64, "neurons_total": 128,
+        "block": 0,
+        "heads_kept": 2,
+        "heads_total": 4,
+        "kv_heads_kept": 1,
+        "kv_heads_total": 2,
+        "neurons_kept": 64,
+        "neurons_total": 128,
     }
     mgr.finalize()
     s = mgr.get_pruning_summary()["structured"]
@@ -188,8 +199,14 @@ def test_other_llama_family_members(family, tmp_path):
 
     torch.manual_seed(0)
     cfg = AutoConfig.for_model(
-        family, vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+        family,
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
     )
     model = AutoModelForCausalLM.from_config(cfg).eval()
     ids = lm_batch()["input_ids"]
@@ -338,17 +355,29 @@ def test_non_dividing_head_count():
 
 def test_unrecognised_model_lists_supported():
     net = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8))
-    with pytest.raises(ModelError, match=r"no recognised attention/MLP blocks.*Supported: bert \(bert.*gpt2.*llama \(llama, mistral, qwen2"):
+    with pytest.raises(
+        ModelError,
+        match=r"no recognised attention/MLP blocks.*Supported: bert \(bert.*gpt2.*llama \(llama, mistral, qwen2",
+    ):
         create_pruning_manager(structured(), net)
 
 
 def test_llama_family_member_with_fused_projections_is_rejected():
     from transformers import Phi3Config, Phi3ForCausalLM
 
-    cfg = Phi3Config(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
-                     num_attention_heads=4, num_key_value_heads=2, pad_token_id=0)
+    cfg = Phi3Config(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        pad_token_id=0,
+    )
     model = Phi3ForCausalLM(cfg)
-    with pytest.raises(ModelError, match=r"does not support Phi3ForCausalLM \(architecture 'llama', model_type 'phi3'\)"):
+    with pytest.raises(
+        ModelError, match=r"does not support Phi3ForCausalLM \(architecture 'llama', model_type 'phi3'\)"
+    ):
         create_pruning_manager(structured(), model)
 
 
@@ -359,7 +388,9 @@ def test_config_keys_are_checked():
         create_pruning_manager(structured(structured_units=["heads"]), tiny_llama())
     with pytest.raises(ConfigError, match=r"unknown structured_widths 'ragged'"):
         create_pruning_manager(structured(structured_widths="ragged"), tiny_llama())
-    with pytest.raises(ConfigError, match=r"pruning.targets \(\['\*.mlp.\*'\]\) is not supported by method 'structured_sparsity'"):
+    with pytest.raises(
+        ConfigError, match=r"pruning.targets \(\['\*.mlp.\*'\]\) is not supported by method 'structured_sparsity'"
+    ):
         create_pruning_manager(structured(targets=["*.mlp.*"]), tiny_llama())
 
 

@@ -12,8 +12,8 @@ import yaml
 
 from artemis.core.errors import CheckpointError, ConfigError
 from artemis.evaluation.quality import embedding_fidelity, mean_pool, perplexity
-from artemis.train.run_config import EMBEDDED_DEFAULT, RunConfig, apply_overrides, load_run_config
 from artemis.train.distillation import causal_kd_loss, embedding_cosine_loss, hidden_state_loss
+from artemis.train.run_config import EMBEDDED_DEFAULT, apply_overrides, load_run_config
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "configs"
 
@@ -32,7 +32,9 @@ def test_causal_kd_loss_hand_computed():
     # masked tokens do not count
     t2 = torch.cat([t, torch.zeros(1, 1, 2)], 1)
     s2 = torch.cat([s, torch.tensor([[[5.0, -5.0]]])], 1)
-    assert float(causal_kd_loss(s2, t2, temperature=1.0, attention_mask=torch.tensor([[1, 0]]))) == pytest.approx(expected, rel=1e-6)
+    assert float(causal_kd_loss(s2, t2, temperature=1.0, attention_mask=torch.tensor([[1, 0]]))) == pytest.approx(
+        expected, rel=1e-6
+    )
 
 
 def test_embedding_and_hidden_losses_hand_computed():
@@ -86,9 +88,15 @@ def test_mean_pool_and_perplexity_of_a_uniform_model():
 def test_run_config_defaults_and_forms():
     cfg = load_run_config(None)
     assert cfg.pruning.final_sparsity == 0.6 and cfg.model.base_model == "builtin:all-MiniLM-L6-v2"
-    combined = load_run_config({"model": {"base_model": "x", "pruning": {"sparsity_target": 0.5}},
-                                "fine_tuning": {"method": "efficiency_transformer",
-                                                "efficiency_transformer": {"adaptive_layer_selection": True}}})
+    combined = load_run_config(
+        {
+            "model": {"base_model": "x", "pruning": {"sparsity_target": 0.5}},
+            "fine_tuning": {
+                "method": "efficiency_transformer",
+                "efficiency_transformer": {"adaptive_layer_selection": True},
+            },
+        }
+    )
     assert combined.pruning.final_sparsity == 0.5 and combined.model.pruning is None
     assert combined.fine_tuning.efficiency_transformer.adaptive_layer_selection is True
     assert combined.to_dict()["pruning"]["final_sparsity"] == 0.5
@@ -113,7 +121,11 @@ def test_every_example_config_validates(path):
 
     data = yaml.safe_load(path.read_text())
     section = data.get("pruning") or data.get("model", {}).get("pruning", {})
-    missing = [n for n, reg in ((section.get("method"), METHODS), (section.get("importance_metric"), METRICS)) if n and n not in reg]
+    missing = [
+        n
+        for n, reg in ((section.get("method"), METHODS), (section.get("importance_metric"), METRICS))
+        if n and n not in reg
+    ]
     if missing:
         # the method/metric arrives with another issue; the schema rejects it by name until then
         with pytest.raises(ConfigError, match=f"unknown .*'{missing[0]}'"):
@@ -125,14 +137,19 @@ def test_every_example_config_validates(path):
 
 def test_example_set_is_complete_and_default_matches():
     names = {p.name for p in EXAMPLES.glob("*.yaml")}
-    assert {"magnitude_progressive.yaml", "structured_sparsity.yaml", "layer_dropout.yaml", "combined_llama.yaml",
-            "minilm_default.yaml"} <= names
+    assert {
+        "magnitude_progressive.yaml",
+        "structured_sparsity.yaml",
+        "layer_dropout.yaml",
+        "combined_llama.yaml",
+        "minilm_default.yaml",
+    } <= names
     assert yaml.safe_load((EXAMPLES / "minilm_default.yaml").read_text()) == EMBEDDED_DEFAULT
 
 
 def test_unsupported_options_name_the_fix():
-    from artemis.train.run_config import ModelSection
     from artemis.train.loading import check_supported
+    from artemis.train.run_config import ModelSection
 
     check_supported(ModelSection(), "efficiency_transformer")  # implemented (artemis.finetune)
     check_supported(ModelSection(hybrid_lora_adapter=True), "efficiency_transformer")  # peft is installed here
@@ -143,8 +160,8 @@ def test_unsupported_options_name_the_fix():
 def test_hybrid_lora_without_peft_names_the_package(monkeypatch):
     import sys
 
-    from artemis.train.run_config import ModelSection
     from artemis.train.loading import check_supported
+    from artemis.train.run_config import ModelSection
 
     monkeypatch.setitem(sys.modules, "peft", None)  # import peft -> ImportError
     with pytest.raises(ConfigError, match=r"hybrid_lora_adapter: true needs the 'peft' package.*pip install"):
@@ -152,18 +169,24 @@ def test_hybrid_lora_without_peft_names_the_package(monkeypatch):
 
 
 def test_fine_tuning_section_takes_the_finetune_options():
-    cfg = load_run_config({"fine_tuning": {"method": "efficiency_transformer",
-                                           "efficiency_transformer": {"cross_layer_parameter_sharing": True,
-                                                                      "shared_layer_pairs": 2},
-                                           "lora": {"r": 4}}})
+    cfg = load_run_config(
+        {
+            "fine_tuning": {
+                "method": "efficiency_transformer",
+                "efficiency_transformer": {"cross_layer_parameter_sharing": True, "shared_layer_pairs": 2},
+                "lora": {"r": 4},
+            }
+        }
+    )
     assert cfg.fine_tuning.efficiency_transformer.shared_layer_pairs == 2 and cfg.fine_tuning.lora.r == 4
     with pytest.raises(ConfigError, match=r"fine_tuning.lora.r: .*r must be a positive rank, got 0"):
         load_run_config({"fine_tuning": {"lora": {"r": 0}}})
     with pytest.raises(ConfigError, match=r"efficiency_transformer options are set but method is 'full'"):
         load_run_config({"fine_tuning": {"efficiency_transformer": {"adaptive_layer_selection": True}}})
     with pytest.raises(ConfigError, match=r"unknown key 'shared_pairs' \(did you mean 'shared_layer_pairs'\?\)"):
-        load_run_config({"fine_tuning": {"method": "efficiency_transformer",
-                                         "efficiency_transformer": {"shared_pairs": 1}}})
+        load_run_config(
+            {"fine_tuning": {"method": "efficiency_transformer", "efficiency_transformer": {"shared_pairs": 1}}}
+        )
 
 
 # ----------------------------------------------------------------- Trainer callback
@@ -183,9 +206,18 @@ def _trainer(model, out, callback, max_steps=6):
     from transformers import Trainer, TrainingArguments
 
     args = TrainingArguments(
-        output_dir=str(out), max_steps=max_steps, per_device_train_batch_size=2, learning_rate=1e-3,
-        save_strategy="steps", save_steps=3, logging_steps=100, report_to=[], use_cpu=True,
-        dataloader_num_workers=0, seed=0, disable_tqdm=True,
+        output_dir=str(out),
+        max_steps=max_steps,
+        per_device_train_batch_size=2,
+        learning_rate=1e-3,
+        save_strategy="steps",
+        save_steps=3,
+        logging_steps=100,
+        report_to=[],
+        use_cpu=True,
+        dataloader_num_workers=0,
+        seed=0,
+        disable_tqdm=True,
     )
     return Trainer(model=model, args=args, train_dataset=_Blocks(), callbacks=[callback])
 
@@ -204,7 +236,9 @@ def test_pruning_callback_with_a_real_trainer_and_resume(tmp_path):
     assert mgr.current_step == 6 and mgr.total_steps == 6
     assert mgr.get_pruning_summary()["measured_sparsity"] == pytest.approx(0.5, abs=1e-3)
     # training really happened, and the pruned weights stayed exactly zero through Adam steps
-    assert not torch.equal(before["model.layers.0.mlp.up_proj.weight"], model.state_dict()["model.layers.0.mlp.up_proj.weight"])
+    assert not torch.equal(
+        before["model.layers.0.mlp.up_proj.weight"], model.state_dict()["model.layers.0.mlp.up_proj.weight"]
+    )
     for key, mask in mgr.masks.items():
         assert torch.all(mgr._params[key][~mask] == 0)
     state = torch.load(tmp_path / "a" / "checkpoint-3" / STATE_FILE, weights_only=False)
@@ -220,7 +254,9 @@ def test_pruning_callback_with_a_real_trainer_and_resume(tmp_path):
     # a checkpoint written without the callback cannot restore masks: clear error
     (tmp_path / "a" / "checkpoint-3" / STATE_FILE).unlink()
     with pytest.raises(CheckpointError, match="was not written with PruningCallback attached"):
-        _trainer(tiny_llama(), tmp_path / "a", PruningCallback(cfg)).train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-3"))
+        _trainer(tiny_llama(), tmp_path / "a", PruningCallback(cfg)).train(
+            resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-3")
+        )
 
 
 def test_pruning_callback_rejects_bad_config():
@@ -260,5 +296,13 @@ def test_runtime_plan_low_resource_mode_and_auto_distillation(monkeypatch):
     assert plan.distillation is False and "exceeds half the free memory" in plan.distillation_reason
     forced = apply_overrides(cfg, {"distillation.enabled": True})
     assert plan_runtime(forced, model, "causal_lm").distillation is True
-    with pytest.raises(ConfigError, match="no CUDA device is visible") if not torch.cuda.is_available() else pytest.raises(ConfigError, match="not a device"):
-        plan_runtime(apply_overrides(cfg, {"training.device": "cuda:0" if not torch.cuda.is_available() else "gpu"}), model, "causal_lm")
+    with (
+        pytest.raises(ConfigError, match="no CUDA device is visible")
+        if not torch.cuda.is_available()
+        else pytest.raises(ConfigError, match="not a device")
+    ):
+        plan_runtime(
+            apply_overrides(cfg, {"training.device": "cuda:0" if not torch.cuda.is_available() else "gpu"}),
+            model,
+            "causal_lm",
+        )

@@ -7,9 +7,6 @@ Example:
 """
 
 from artemis import _moved
-
-_moved.install()  # old import paths (artemis.export, artemis.config, ...) keep working
-
 from artemis.core.config import PruningConfig, load_pruning_config
 from artemis.core.errors import (
     ArtemisError,
@@ -19,11 +16,13 @@ from artemis.core.errors import (
     ModelError,
     PruningStateError,
 )
-from artemis.sparse.checkpoint import load_pruned, save_pruned
 from artemis.core.manager import PruningManager
 from artemis.pruning import create_pruning_manager
+from artemis.sparse.checkpoint import load_pruned, save_pruned
 
 __version__ = "0.1.0"
+
+_moved.install()  # old import paths (artemis.export, artemis.config, ...) keep working
 
 __all__ = [
     "__version__",

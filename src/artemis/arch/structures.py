@@ -219,12 +219,16 @@ class StructureAdapter:
     def mlp(self, model: nn.Module, block: nn.Module, prefix: str, index: int) -> StructureGroup:
         raise NotImplementedError
 
-    def groups(self, model: nn.Module, blocks: nn.ModuleList, prefixes: Sequence[str], kinds: Sequence[str]) -> list[StructureGroup]:
+    def groups(
+        self, model: nn.Module, blocks: nn.ModuleList, prefixes: Sequence[str], kinds: Sequence[str]
+    ) -> list[StructureGroup]:
         """Every structure group of ``kinds`` in every block, block by block."""
         out: list[StructureGroup] = []
         for i, (block, prefix) in enumerate(zip(blocks, prefixes)):
             for kind in kinds:
-                out.append(self.attention(model, block, prefix, i) if kind == ATTENTION else self.mlp(model, block, prefix, i))
+                out.append(
+                    self.attention(model, block, prefix, i) if kind == ATTENTION else self.mlp(model, block, prefix, i)
+                )
         return out
 
     # ---------------------------------------------------------------- surgery
@@ -479,7 +483,10 @@ class BertStructures(StructureAdapter):
         n = fc.weight.shape[0]
         if proj.weight.shape[1] != n:
             raise ModelError(f"block {index} ({prefix}): intermediate/output widths differ")
-        slices = [UnitSlice(f"{prefix}.intermediate.dense", fc, "out", 1), UnitSlice(f"{prefix}.output.dense", proj, "in", 1)]
+        slices = [
+            UnitSlice(f"{prefix}.intermediate.dense", fc, "out", 1),
+            UnitSlice(f"{prefix}.output.dense", proj, "in", 1),
+        ]
         return StructureGroup(MLP, index, prefix, n, slices)
 
     def update_config(self, config, widths):

@@ -80,11 +80,25 @@ def _add_overrides(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("config overrides")
     for flag, (key, typ, helptext) in OVERRIDES.items():
         g.add_argument(flag, dest=flag[2:].replace("-", "_"), type=typ, default=None, help=f"{helptext} [{key}]")
-    g.add_argument("--distill", dest="distill", action="store_true", default=None, help="force distillation on [distillation.enabled]")
+    g.add_argument(
+        "--distill",
+        dest="distill",
+        action="store_true",
+        default=None,
+        help="force distillation on [distillation.enabled]",
+    )
     g.add_argument("--no-distill", dest="distill", action="store_false", help="turn distillation off")
-    g.add_argument("--low-resource", action="store_true", default=None, help="low_resource_mode [efficiency.low_resource_mode]")
-    g.add_argument("--set", dest="set", action="append", default=[], metavar="KEY=VALUE",
-                   help="any config key, dotted (training.weight_decay=0.01); VALUE is parsed as YAML; repeatable")
+    g.add_argument(
+        "--low-resource", action="store_true", default=None, help="low_resource_mode [efficiency.low_resource_mode]"
+    )
+    g.add_argument(
+        "--set",
+        dest="set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="any config key, dotted (training.weight_decay=0.01); VALUE is parsed as YAML; repeatable",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -97,33 +111,51 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
-    p = sub.add_parser("prune", help="train with progressive pruning, evaluate, save and report",
-                       description="Prune a model as CONFIG says (no CONFIG: the embedded default, all-MiniLM-L6-v2 to 60%%).")
+    p = sub.add_parser(
+        "prune",
+        help="train with progressive pruning, evaluate, save and report",
+        description="Prune a model as CONFIG says (no CONFIG: the embedded default, all-MiniLM-L6-v2 to 60%%).",
+    )
     p.add_argument("config", nargs="?", help="YAML run config (default: the embedded MiniLM run)")
     p.add_argument("-o", "--output", help="output folder (default: config output_dir, else ./artemis-output)")
     p.add_argument("--resume", action="store_true", help="resume from OUTPUT/checkpoint if it exists")
-    p.add_argument("--stop-after", type=int, default=None, metavar="N",
-                   help="stop after N steps with a checkpoint (resume later with --resume)")
+    p.add_argument(
+        "--stop-after",
+        type=int,
+        default=None,
+        metavar="N",
+        help="stop after N steps with a checkpoint (resume later with --resume)",
+    )
     p.add_argument("--no-plots", action="store_true", help="do not draw plots")
     _add_overrides(p)
     _add_common(p)
     p.set_defaults(func=_cmd_prune)
 
-    s = sub.add_parser("sweep", help="one-shot pruning at several sparsities: quality and size table",
-                       description="One-shot prune a copy of the model at each sparsity, evaluate, recommend a level.")
+    s = sub.add_parser(
+        "sweep",
+        help="one-shot pruning at several sparsities: quality and size table",
+        description="One-shot prune a copy of the model at each sparsity, evaluate, recommend a level.",
+    )
     s.add_argument("config", nargs="?", help="YAML run config (default: the embedded MiniLM run)")
     s.add_argument("--sparsities", default="0.3,0.5,0.7,0.9", help="comma-separated levels (default: %(default)s)")
-    s.add_argument("--threshold", type=float, default=None,
-                   help="quality threshold for the recommendation (default: evaluation.quality_threshold, else "
-                        "cosine 0.95 for encoders, 1.1 x dense perplexity for causal LMs)")
+    s.add_argument(
+        "--threshold",
+        type=float,
+        default=None,
+        help="quality threshold for the recommendation (default: evaluation.quality_threshold, else "
+        "cosine 0.95 for encoders, 1.1 x dense perplexity for causal LMs)",
+    )
     s.add_argument("-o", "--output", help="output folder for sweep.json/sweep.md/sweep.png")
     s.add_argument("--no-plots", action="store_true")
     _add_overrides(s)
     _add_common(s)
     s.set_defaults(func=_cmd_sweep)
 
-    e = sub.add_parser("eval", help="evaluate a saved pruned model against its dense base",
-                       description="Evaluate MODEL_DIR (written by artemis prune) against the dense reference model.")
+    e = sub.add_parser(
+        "eval",
+        help="evaluate a saved pruned model against its dense base",
+        description="Evaluate MODEL_DIR (written by artemis prune) against the dense reference model.",
+    )
     e.add_argument("model_dir", help="folder written by `artemis prune` (OUTPUT/model)")
     e.add_argument("--reference", help="dense reference model (default: the base model recorded in MODEL_DIR)")
     e.add_argument("--eval-texts", type=int, default=256, help="held-out texts/blocks (default: %(default)s)")
@@ -134,8 +166,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(e)
     e.set_defaults(func=_cmd_eval)
 
-    x = sub.add_parser("export", help="re-export a saved model (compressed, optionally int8)",
-                       description="Load MODEL_DIR and write it again with artemis.save_pruned.")
+    x = sub.add_parser(
+        "export",
+        help="re-export a saved model (compressed, optionally int8)",
+        description="Load MODEL_DIR and write it again with artemis.save_pruned.",
+    )
     x.add_argument("model_dir")
     x.add_argument("-o", "--output", required=True, help="destination folder")
     x.add_argument("--quantize", choices=["int8"], default=None, help="store int8 values")
@@ -184,7 +219,9 @@ def _load_config(args: argparse.Namespace):
     return apply_overrides(cfg, overrides) if overrides else cfg
 
 
-def _print_table(console: Any, title: str, rows: Sequence[tuple[str, str, str]], headers=("measure", "dense", "pruned")) -> None:
+def _print_table(
+    console: Any, title: str, rows: Sequence[tuple[str, str, str]], headers=("measure", "dense", "pruned")
+) -> None:
     from rich.table import Table
 
     table = Table(title=title)
@@ -223,13 +260,19 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     workflows.refuse_multi_process("prune")
     out = _output_dir(args, cfg, "artemis-output")
     out.mkdir(parents=True, exist_ok=True)
-    report = workflows.run_prune(cfg, out, resume=args.resume, stop_after=args.stop_after, progress=not args.quiet, plots=not args.no_plots)
+    report = workflows.run_prune(
+        cfg, out, resume=args.resume, stop_after=args.stop_after, progress=not args.quiet, plots=not args.no_plots
+    )
     console = Console()
     if report.get("stopped_early"):
-        console.print(f"stopped after step {report['step']}; checkpoint in {report['checkpoint']} (resume with --resume)")
+        console.print(
+            f"stopped after step {report['step']}; checkpoint in {report['checkpoint']} (resume with --resume)"
+        )
         return 0
     _print_table(console, f"Artemis: {report['model']} pruned ({report['task']})", _report_rows(report))
-    console.print(f"model: {report['saved']['path']}   report: {out / 'report.md'}   time: {report['timing']['total']:.0f} s")
+    console.print(
+        f"model: {report['saved']['path']}   report: {out / 'report.md'}   time: {report['timing']['total']:.0f} s"
+    )
     return 0
 
 
@@ -254,21 +297,38 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     out = Path(args.output) if args.output else None
     res = workflows.run_sweep(cfg, levels, args.threshold, out, plots=not args.no_plots)
     rows = [("0 (dense)", f"{res['dense']['quality']:.4f}", "", f"{res['dense']['latency_ms']:.2f}")]
-    rows += [(f"{r['sparsity']:.2f}", f"{r['quality']:.4f}", f"{r['size_mb']:.1f}", f"{r['latency_ms']:.2f}") for r in res["rows"]]
+    rows += [
+        (f"{r['sparsity']:.2f}", f"{r['quality']:.4f}", f"{r['size_mb']:.1f}", f"{r['latency_ms']:.2f}")
+        for r in res["rows"]
+    ]
     console = Console()
-    _print_table(console, f"Sweep: {res['model']} ({res['metric']})", rows, headers=("sparsity", res["metric"], "size MiB", "latency ms"))
+    _print_table(
+        console,
+        f"Sweep: {res['model']} ({res['metric']})",
+        rows,
+        headers=("sparsity", res["metric"], "size MiB", "latency ms"),
+    )
     rec = res["recommended_sparsity"]
     cmp = ">=" if res["higher_is_better"] else "<="
-    console.print(f"recommended sparsity ({res['metric']} {cmp} {res['threshold']:.4f}): "
-                  + (f"{rec:.2f}" if rec is not None else "none of the levels meets the threshold"))
+    console.print(
+        f"recommended sparsity ({res['metric']} {cmp} {res['threshold']:.4f}): "
+        + (f"{rec:.2f}" if rec is not None else "none of the levels meets the threshold")
+    )
     return 0
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    report = workflows.run_eval(Path(args.model_dir), args.reference, num_texts=args.eval_texts, eval_data=args.eval_data,
-                      max_length=args.max_length, device=args.device, output=Path(args.output) if args.output else None)
+    report = workflows.run_eval(
+        Path(args.model_dir),
+        args.reference,
+        num_texts=args.eval_texts,
+        eval_data=args.eval_data,
+        max_length=args.max_length,
+        device=args.device,
+        output=Path(args.output) if args.output else None,
+    )
     _print_table(Console(), f"Artemis eval: {report['model']} vs {report['reference']}", _report_rows(report))
     return 0
 
@@ -313,4 +373,3 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:
         print("artemis: interrupted", file=sys.stderr)
         return 130
-

@@ -13,16 +13,13 @@ Example:
 
 from __future__ import annotations
 
-import argparse
-import copy
 import dataclasses
 import json
 import logging
 import resource
-import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 __all__ = ["run_prune", "run_sweep", "run_eval", "run_export", "disk_mib", "refuse_multi_process"]
 
@@ -43,8 +40,13 @@ class _Evaluator:
                 from artemis.core.errors import ConfigError
 
                 raise ConfigError(f"evaluation needs at least 2 held-out texts, the eval data holds {len(self.texts)}")
-            enc = tokenizer(self.texts[: ev.latency_batch_size], padding=True, truncation=True,
-                            max_length=max_length, return_tensors="pt")
+            enc = tokenizer(
+                self.texts[: ev.latency_batch_size],
+                padding=True,
+                truncation=True,
+                max_length=max_length,
+                return_tensors="pt",
+            )
             self.latency_batch = dict(enc)
             self.quick_texts = self.texts[:64]
         else:
@@ -60,7 +62,11 @@ class _Evaluator:
     def measure_dense(self, model: Any) -> dict:
         from artemis.evaluation.quality import encode_sentences, forward_latency_ms, perplexity
 
-        out: dict[str, Any] = {"latency_ms": forward_latency_ms(model, self.latency_batch, repeats=self.ev.latency_repeats, warmup=self.ev.latency_warmup)}
+        out: dict[str, Any] = {
+            "latency_ms": forward_latency_ms(
+                model, self.latency_batch, repeats=self.ev.latency_repeats, warmup=self.ev.latency_warmup
+            )
+        }
         if self.task == "encoder":
             self.dense_emb = encode_sentences(model, self.tokenizer, self.texts, max_length=self.max_length)
             self.dense_quick = self.dense_emb[: len(self.quick_texts)]
@@ -72,9 +78,15 @@ class _Evaluator:
     def measure(self, model: Any) -> dict:
         from artemis.evaluation.quality import embedding_fidelity, encode_sentences, forward_latency_ms, perplexity
 
-        out: dict[str, Any] = {"latency_ms": forward_latency_ms(model, self.latency_batch, repeats=self.ev.latency_repeats, warmup=self.ev.latency_warmup)}
+        out: dict[str, Any] = {
+            "latency_ms": forward_latency_ms(
+                model, self.latency_batch, repeats=self.ev.latency_repeats, warmup=self.ev.latency_warmup
+            )
+        }
         if self.task == "encoder":
-            fid = embedding_fidelity(self.dense_emb, encode_sentences(model, self.tokenizer, self.texts, max_length=self.max_length))
+            fid = embedding_fidelity(
+                self.dense_emb, encode_sentences(model, self.tokenizer, self.texts, max_length=self.max_length)
+            )
             out["quality"] = fid["cosine_mean"]
             out["nn_agreement"] = fid["nn_agreement"]
             out["cosine_min"] = fid["cosine_min"]
@@ -179,15 +191,22 @@ def refuse_multi_process(command: str) -> None:
         )
 
 
-def run_prune(cfg: Any, output: Path, *, resume: bool = False, stop_after: Optional[int] = None,
-              progress: bool = True, plots: bool = True) -> dict:
+def run_prune(
+    cfg: Any,
+    output: Path,
+    *,
+    resume: bool = False,
+    stop_after: Optional[int] = None,
+    progress: bool = True,
+    plots: bool = True,
+) -> dict:
     """Run ``artemis prune`` for a validated :class:`~artemis.train.run_config.RunConfig`;
     return the report dict (also written to ``output``)."""
     import torch
 
+    from artemis.core.manager import PruningManager
     from artemis.data.corpus import calibration_batches
     from artemis.evaluation.quality import parameter_stats, size_stats
-    from artemis.core.manager import PruningManager
     from artemis.evaluation.report import write_report
     from artemis.train.loading import check_supported, load_model_and_tokenizer
     from artemis.train.loop import plan_runtime, train_with_pruning
@@ -199,8 +218,14 @@ def run_prune(cfg: Any, output: Path, *, resume: bool = False, stop_after: Optio
     if cfg.training.steps == 0 and (cfg.model.hybrid_lora_adapter or cfg.fine_tuning.method != "full"):
         from artemis.core.errors import ConfigError
 
-        needs = [n for n, on in (("model.hybrid_lora_adapter: true", cfg.model.hybrid_lora_adapter),
-                                 (f"fine_tuning.method: {cfg.fine_tuning.method}", cfg.fine_tuning.method != "full")) if on]
+        needs = [
+            n
+            for n, on in (
+                ("model.hybrid_lora_adapter: true", cfg.model.hybrid_lora_adapter),
+                (f"fine_tuning.method: {cfg.fine_tuning.method}", cfg.fine_tuning.method != "full"),
+            )
+            if on
+        ]
         raise ConfigError(
             f"training.steps: 0 is one-shot pruning and trains nothing, but {' and '.join(needs)} needs training; "
             "set training.steps >= 1"
@@ -220,21 +245,34 @@ def run_prune(cfg: Any, output: Path, *, resume: bool = False, stop_after: Optio
     finetune = None
     if cfg.training.steps > 0:
         res = train_with_pruning(
-            model, tok, cfg, task, train_texts=train_texts, output_dir=output, resume=resume,
-            eval_fn=evaluator.quick if cfg.training.eval_every else None, stop_after=stop_after, progress=progress,
+            model,
+            tok,
+            cfg,
+            task,
+            train_texts=train_texts,
+            output_dir=output,
+            resume=resume,
+            eval_fn=evaluator.quick if cfg.training.eval_every else None,
+            stop_after=stop_after,
+            progress=progress,
         )
         manager, history, resumed_from, plan = res.manager, res.history, res.resumed_from, res.plan
         finetune = res.finetune
         if res.stopped_early:
             timing["train"] = time.perf_counter() - t1
-            return {"stopped_early": True, "step": history[-1]["step"] if history else 0,
-                    "checkpoint": str(output / "checkpoint"), "timing": timing}
+            return {
+                "stopped_early": True,
+                "step": history[-1]["step"] if history else 0,
+                "checkpoint": str(output / "checkpoint"),
+                "timing": timing,
+            }
     else:
         manager = PruningManager(model, cfg.pruning)
         calib = None
         if manager.metric.needs_activations or manager.metric.needs_gradients or manager.needs_calibration_data:
-            calib = calibration_batches(task, tok, train_texts, max_length=cfg.training.max_length,
-                                        n=cfg.data.calibration_texts)
+            calib = calibration_batches(
+                task, tok, train_texts, max_length=cfg.training.max_length, n=cfg.data.calibration_texts
+            )
         manager.apply_pruning(cfg.pruning.final_sparsity, calibration_data=calib)
     timing["prune_and_train"] = time.perf_counter() - t1
 
@@ -246,8 +284,10 @@ def run_prune(cfg: Any, output: Path, *, resume: bool = False, stop_after: Optio
         ft_summary["distillation"] = plan.distillation  # the loop owns the teacher, not the session
     if finetune is not None and finetune.hybrid_lora:
         # fold the adapters in and re-apply the masks (W ← (W + ΔW) ⊙ M) while the manager still holds them
-        merge_batches = [{k: v.to(plan.device) for k, v in b.items()}
-                         for b in calibration_batches(task, tok, eval_texts, max_length=cfg.training.max_length, n=16)]
+        merge_batches = [
+            {k: v.to(plan.device) for k, v in b.items()}
+            for b in calibration_batches(task, tok, eval_texts, max_length=cfg.training.max_length, n=16)
+        ]
         if task == "causal_lm":
             merge_batches = [{**b, "labels": b["input_ids"]} for b in merge_batches]
         model, merge_report = finetune.merge(merge_batches)
@@ -267,8 +307,12 @@ def run_prune(cfg: Any, output: Path, *, resume: bool = False, stop_after: Optio
         from artemis.finetune.efficiency import untie_shared_layers
 
         untie_shared_layers(model, finetune.shared_pairs)
-    fmt = _save_model(model.cpu(), tok, model_dir, {"base_model": cfg.model.base_model, "task": task,
-                                                     "tokenizer": cfg.model.tokenizer})
+    fmt = _save_model(
+        model.cpu(),
+        tok,
+        model_dir,
+        {"base_model": cfg.model.base_model, "task": task, "tokenizer": cfg.model.tokenizer},
+    )
     sizes["on_disk"] = disk_mib(model_dir)
     timing["save"] = time.perf_counter() - t3
     timing["total"] = time.perf_counter() - t0
@@ -290,8 +334,18 @@ def run_prune(cfg: Any, output: Path, *, resume: bool = False, stop_after: Optio
         "latency_ms": {"dense": dense["latency_ms"], "pruned": pruned["latency_ms"], "device": plan.device},
         "parameters": parameter_stats(model),
         "saved": {"path": str(model_dir), "format": fmt},
-        "runtime": {k: getattr(plan, k) for k in ("device", "batch_size", "gradient_accumulation_steps",
-                                                   "gradient_checkpointing", "distillation", "distillation_reason", "bf16")},
+        "runtime": {
+            k: getattr(plan, k)
+            for k in (
+                "device",
+                "batch_size",
+                "gradient_accumulation_steps",
+                "gradient_checkpointing",
+                "distillation",
+                "distillation_reason",
+                "bf16",
+            )
+        },
         "resumed_from_step": resumed_from,
         "timing": timing,
         "memory": memory,
@@ -307,16 +361,17 @@ def run_prune(cfg: Any, output: Path, *, resume: bool = False, stop_after: Optio
     return write_report(output, report, plots=plots)
 
 
-def run_sweep(cfg: Any, sparsities: Sequence[float], threshold: Optional[float], output: Optional[Path],
-              plots: bool = True) -> dict:
+def run_sweep(
+    cfg: Any, sparsities: Sequence[float], threshold: Optional[float], output: Optional[Path], plots: bool = True
+) -> dict:
     """One-shot prune the model at each sparsity with :func:`artemis.evaluation.analysis.sparsity_sweep`
     (statistics for activation/gradient metrics are gathered once, on the dense model; after
     each level the dense weights are restored bit for bit, so every level starts from the
     same weights and no per-level copy of the model is made), evaluate, recommend."""
-    from artemis.evaluation.analysis import sparsity_sweep
     from artemis.data.corpus import calibration_batches
-    from artemis.metrics import METRICS
+    from artemis.evaluation.analysis import sparsity_sweep
     from artemis.evaluation.report import plot_sweep, write_json
+    from artemis.metrics import METRICS
     from artemis.train.loading import check_supported, load_model_and_tokenizer
     from artemis.train.loop import _resolve_device
 
@@ -331,23 +386,40 @@ def run_sweep(cfg: Any, sparsities: Sequence[float], threshold: Optional[float],
     metric_cls = METRICS.get(cfg.pruning.importance_metric)
     calib = None
     if metric_cls.needs_activations or metric_cls.needs_gradients or cfg.pruning.needs_calibration_batches:
-        calib = calibration_batches(task, tok, train_texts, max_length=cfg.training.max_length, n=cfg.data.calibration_texts)
+        calib = calibration_batches(
+            task, tok, train_texts, max_length=cfg.training.max_length, n=cfg.data.calibration_texts
+        )
     swept = sparsity_sweep(model, cfg.pruning, sparsities, evaluator.measure, calibration_data=calib, progress=False)
     rows = []
     for r in swept:
         m = r["metrics"]
-        rows.append({"sparsity": r["sparsity"], "measured_sparsity": r["measured_sparsity"], "quality": m["quality"],
-                     "size_mb": r["model_size_mb"], "latency_ms": m["latency_ms"],
-                     **({"nn_agreement": m["nn_agreement"]} if "nn_agreement" in m else {})})
+        rows.append(
+            {
+                "sparsity": r["sparsity"],
+                "measured_sparsity": r["measured_sparsity"],
+                "quality": m["quality"],
+                "size_mb": r["model_size_mb"],
+                "latency_ms": m["latency_ms"],
+                **({"nn_agreement": m["nn_agreement"]} if "nn_agreement" in m else {}),
+            }
+        )
     higher_better = task == "encoder"
     if threshold is None:
         threshold = cfg.evaluation.quality_threshold
     if threshold is None:
         threshold = 0.95 if higher_better else 1.1 * dense["quality"]
     ok = [r["sparsity"] for r in rows if (r["quality"] >= threshold if higher_better else r["quality"] <= threshold)]
-    result = {"model": cfg.model.base_model, "task": task, "metric": evaluator.metric, "dense": dense,
-              "threshold": threshold, "higher_is_better": higher_better, "rows": rows,
-              "recommended_sparsity": max(ok) if ok else None, "config": cfg.to_dict()}
+    result = {
+        "model": cfg.model.base_model,
+        "task": task,
+        "metric": evaluator.metric,
+        "dense": dense,
+        "threshold": threshold,
+        "higher_is_better": higher_better,
+        "rows": rows,
+        "recommended_sparsity": max(ok) if ok else None,
+        "config": cfg.to_dict(),
+    }
     if output is not None:
         output.mkdir(parents=True, exist_ok=True)
         result["plots"] = plot_sweep(output, rows, evaluator.metric, threshold) if plots else []
@@ -355,18 +427,26 @@ def run_sweep(cfg: Any, sparsities: Sequence[float], threshold: Optional[float],
     return result
 
 
-def run_eval(model_dir: Path, reference: Optional[str], *, num_texts: int = 256, eval_data: Optional[str] = None,
-             max_length: int = 128, device: str = "auto", output: Optional[Path] = None) -> dict:
+def run_eval(
+    model_dir: Path,
+    reference: Optional[str],
+    *,
+    num_texts: int = 256,
+    eval_data: Optional[str] = None,
+    max_length: int = 128,
+    device: str = "auto",
+    output: Optional[Path] = None,
+) -> dict:
     """Evaluate a saved model against its dense reference; return (and optionally write) a report."""
-    from artemis.data.corpus import load_texts
+    from artemis.arch import get_adapter
     from artemis.core.errors import ConfigError
+    from artemis.core.targets import find_targets
+    from artemis.data.corpus import load_texts
     from artemis.evaluation.quality import parameter_stats, size_stats
     from artemis.evaluation.report import write_report
-    from artemis.train.run_config import EvaluationSection, ModelSection
-    from artemis.core.targets import find_targets
-    from artemis.arch import get_adapter
     from artemis.train.loading import load_model_and_tokenizer
     from artemis.train.loop import _resolve_device
+    from artemis.train.run_config import EvaluationSection, ModelSection
 
     ev = EvaluationSection(num_texts=num_texts)  # validate flags before loading anything
     meta = _read_meta(model_dir)
@@ -393,10 +473,16 @@ def run_eval(model_dir: Path, reference: Optional[str], *, num_texts: int = 256,
     for k in ("nn_agreement", "cosine_min"):
         if k in pruned:
             quality[k] = pruned[k]
-    report = {"model": str(model_dir), "reference": ref, "task": task,
-              "sparsity": parameter_stats(model, prunable)["sparsity"], "quality": quality, "size_mb": sizes,
-              "latency_ms": {"dense": dense["latency_ms"], "pruned": pruned["latency_ms"], "device": str(dev)},
-              "parameters": parameter_stats(model)}
+    report = {
+        "model": str(model_dir),
+        "reference": ref,
+        "task": task,
+        "sparsity": parameter_stats(model, prunable)["sparsity"],
+        "quality": quality,
+        "size_mb": sizes,
+        "latency_ms": {"dense": dense["latency_ms"], "pruned": pruned["latency_ms"], "device": str(dev)},
+        "parameters": parameter_stats(model),
+    }
     if output is not None:
         write_report(output, report, plots=False)
     return report
@@ -411,7 +497,9 @@ def run_export(model_dir: Path, output: Path, quantize: Optional[str] = None) ->
     try:
         from artemis.sparse.checkpoint import save_pruned  # issue 4
     except ImportError:
-        raise ConfigError("artemis export needs the compressed exporter (artemis.sparse.checkpoint), which this build lacks") from None
+        raise ConfigError(
+            "artemis export needs the compressed exporter (artemis.sparse.checkpoint), which this build lacks"
+        ) from None
     meta = _read_meta(model_dir)
     model = _load_saved(model_dir, meta.get("task"))
     tok = AutoTokenizer.from_pretrained(model_dir)
@@ -431,5 +519,3 @@ def run_export(model_dir: Path, output: Path, quantize: Optional[str] = None) ->
 
     write_json(output / "artemis_run.json", {**meta, "format": "artemis.save_pruned", "quantize": quantize})
     return str(output)
-
-

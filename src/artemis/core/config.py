@@ -351,15 +351,16 @@ class PruningConfig(ConfigSection):
         if supported is not None:  # the method scores its own units (e.g. whole layers)
             if v not in supported:
                 raise ValueError(
-                    f"unknown importance_metric {v!r} for method {method!r}; valid: "
-                    + ", ".join(map(repr, supported))
+                    f"unknown importance_metric {v!r} for method {method!r}; valid: " + ", ".join(map(repr, supported))
                 )
             return v
         if v not in METRICS:
             raise ValueError(METRICS.unknown_message(v))
         return v
 
-    @field_validator("schedule", "scope", "reconstruction", "sparsegpt_obs_scope", "sparsegpt_target", "structured_widths")
+    @field_validator(
+        "schedule", "scope", "reconstruction", "sparsegpt_obs_scope", "sparsegpt_target", "structured_widths"
+    )
     @classmethod
     def _check_choice(cls, v: Optional[str], info) -> Optional[str]:
         if v is None and info.field_name == "scope":  # None: the metric's default scope
@@ -494,8 +495,7 @@ class PruningConfig(ConfigSection):
             )
         if self.scope == "owl" and self.layer_sparsity:
             raise ValueError(
-                "layer_sparsity does not apply with scope 'owl': OWL chooses every layer's sparsity; "
-                "remove one of them"
+                "layer_sparsity does not apply with scope 'owl': OWL chooses every layer's sparsity; remove one of them"
             )
         return self
 
@@ -508,7 +508,7 @@ def format_validation_error(err: ValidationError, where: str) -> str:
         field = f"{where}.{loc}" if loc else where
         msg = e.get("msg", "")
         if msg.startswith("Value error, "):
-            msg = msg[len("Value error, "):]
+            msg = msg[len("Value error, ") :]
         value = e.get("input")
         shown = "" if isinstance(value, Mapping) else f" (got {value!r})"
         if "got " in msg:
@@ -529,9 +529,7 @@ def read_yaml(path: Union[str, os.PathLike]) -> dict:
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise ConfigError(
-            f"config file {str(p)!r} must hold a mapping at the top level, got {type(data).__name__}"
-        )
+        raise ConfigError(f"config file {str(p)!r} must hold a mapping at the top level, got {type(data).__name__}")
     return data
 
 
@@ -567,9 +565,7 @@ def load_pruning_config(source: Union[PruningConfig, Mapping, str, os.PathLike])
     try:
         if "pruning" in source:
             if isinstance(source.get("model"), Mapping) and "pruning" in source["model"]:
-                raise ConfigError(
-                    "both 'pruning' and 'model.pruning' are present; keep one pruning section"
-                )
+                raise ConfigError("both 'pruning' and 'model.pruning' are present; keep one pruning section")
             return _validate_pruning(source["pruning"], "pruning")
         model = source.get("model")
         if isinstance(model, Mapping) and "pruning" in model:

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import logging
 import weakref
-from typing import Any, Callable, Iterable, Mapping, Optional, Union
+from typing import Any, Callable, Iterable, Mapping, Optional
 
 import torch
 import torch.nn as nn
@@ -52,10 +52,10 @@ from artemis.core.distributed import (
 )
 from artemis.core.errors import CalibrationError, CheckpointError, ConfigError, PruningStateError
 from artemis.core.masks import MaskStore
-from artemis.methods import METHODS, PruningMethod
-from artemis.metrics import METRICS, ImportanceMetric
 from artemis.core.schedule import is_pruning_event, pruning_window, sparsity_at
 from artemis.core.sizing import MIB, model_compressed_bytes, model_dense_bytes
+from artemis.methods import METHODS, PruningMethod
+from artemis.metrics import METRICS, ImportanceMetric
 
 __all__ = ["PruningManager", "STATE_FORMAT_VERSION"]
 
@@ -169,8 +169,8 @@ class PruningManager:
     def _quant_modules(self) -> list[nn.Module]:
         """The pruned ``Linear``/``Conv1D`` layers still in the model (QAT and int8 scales);
         for a method whose units are not such layers, every one inside the blocks."""
-        from artemis.sparse.quantization import default_quant_targets
         from artemis.core.targets import is_prunable_module
+        from artemis.sparse.quantization import default_quant_targets
 
         present = set(self.model.modules())
         mods = [t.module for t in self.method.targets if t.module in present and is_prunable_module(t.module)]
@@ -337,7 +337,9 @@ class PruningManager:
         for key, mask in new_masks.items():
             p = local_tensor(self._params[key])
             if mask.shape != p.shape or mask.dtype != torch.bool:
-                raise ValueError(f"mask for {key} has shape {tuple(mask.shape)}/{mask.dtype}; expected {tuple(p.shape)}/bool")
+                raise ValueError(
+                    f"mask for {key} has shape {tuple(mask.shape)}/{mask.dtype}; expected {tuple(p.shape)}/bool"
+                )
         if distributed:
             replicated = [k for k in new_masks if self.sharding is None or not self.sharding.is_sharded(k)]
             if replicated and not _all_equal([int(new_masks[k].sum()) for k in replicated]):
@@ -360,10 +362,17 @@ class PruningManager:
             c = self.config
             chosen = new_masks  # the full-size masks of this event (no second, unpacked copy)
             self.last_reconstruction = reconstruct_layers(
-                self.model, self.method.targets, chosen, self.calibration_data,
-                blocksize=c.sparsegpt_blocksize, dampening=c.sparsegpt_dampening,
-                select=c.sparsegpt_mask, priors=old_masks, pattern=self.method.event_pattern(chosen),
-                per_row=c.sparsegpt_obs_scope == "row", target=c.sparsegpt_target,
+                self.model,
+                self.method.targets,
+                chosen,
+                self.calibration_data,
+                blocksize=c.sparsegpt_blocksize,
+                dampening=c.sparsegpt_dampening,
+                select=c.sparsegpt_mask,
+                priors=old_masks,
+                pattern=self.method.event_pattern(chosen),
+                per_row=c.sparsegpt_obs_scope == "row",
+                target=c.sparsegpt_target,
             )
             for key, mask in chosen.items():  # select 'obs' may have moved the pruned weights
                 self.masks[key] = mask
@@ -700,8 +709,11 @@ class PruningManager:
         self.metric.load_state_dict(state.get("metric", {}))
         self.method.load_state_dict(state.get("method", {}))
         if (
-            self.config.enabled and self.config.quantization_aware and self.total_steps is not None
-            and self._fake_quant is None and self._step > self._window(self.total_steps)[1]
+            self.config.enabled
+            and self.config.quantization_aware
+            and self.total_steps is not None
+            and self._fake_quant is None
+            and self._step > self._window(self.total_steps)[1]
         ):
             self._enable_quantization_aware()  # resumed after pruning_end: QAT was on
         self._refresh_metrics()

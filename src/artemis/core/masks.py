@@ -78,6 +78,7 @@ class ShardCollective(Protocol):
         """``t`` (int64, CPU, same shape on every rank) of every rank, in rank order."""
         ...
 
+
 # Radix passes over the 31 significant bits of a non-negative float32: 11 + 10 + 10 bits.
 _PASSES = ((20, 2048), (10, 1024), (0, 1024))
 

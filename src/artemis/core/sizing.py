@@ -140,10 +140,16 @@ def stored_weight_bytes(
     if quantize == "int8" and t.dtype != torch.int8:
         q = t.t() if transposed and t.dim() == 2 else t  # only its shape is used
         vb = 1
-        body = sparse_tensor_bytes(q, value_bytes=1, nnz=nnz) if stores_sparse(q, quantize="int8", nnz=nnz) else q.numel()
+        body = (
+            sparse_tensor_bytes(q, value_bytes=1, nnz=nnz) if stores_sparse(q, quantize="int8", nnz=nnz) else q.numel()
+        )
         return body + SCALE_BYTES * _rows_cols(q.shape)[0]
     vb = 1 if t.dtype == torch.int8 else t.element_size()
-    return sparse_tensor_bytes(t, value_bytes=vb, nnz=nnz) if stores_sparse(t, quantize=quantize, nnz=nnz) else t.numel() * vb
+    return (
+        sparse_tensor_bytes(t, value_bytes=vb, nnz=nnz)
+        if stores_sparse(t, quantize=quantize, nnz=nnz)
+        else t.numel() * vb
+    )
 
 
 def unique_state_tensors(model: nn.Module) -> Iterable[tuple[str, Tensor]]:

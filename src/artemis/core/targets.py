@@ -146,11 +146,7 @@ def find_targets(
     elif block_prefixes is not None:
         selected = [(n, m) for n, m in candidates if block_of(n) is not None]
     else:
-        selected = [
-            (n, m)
-            for n, m in candidates
-            if m is not output_emb and id(m.weight) not in embedding_params
-        ]
+        selected = [(n, m) for n, m in candidates if m is not output_emb and id(m.weight) not in embedding_params]
     for pattern in exclude:
         if not any(match_pattern(pattern, n) for n, _ in candidates):
             raise ModelError(f"pruning.exclude: pattern {pattern!r} matches no Linear/Conv1D module")

@@ -70,6 +70,7 @@ def describe_batch(batch: Any) -> str:
         >>> describe_batch({"input_ids": torch.zeros(2, 3, dtype=torch.long), "flag": True})
         'dict{input_ids: int64(2, 3), flag: bool}'
     """
+
     def one(v: Any) -> str:
         if isinstance(v, Tensor):
             return f"{str(v.dtype).replace('torch.', '')}{tuple(v.shape)}"
@@ -231,8 +232,13 @@ def run_calibration(
     saved_requires = [p.requires_grad for p in params]
     saved_grads = [p.grad for p in params]
     total = len(data) if hasattr(data, "__len__") else None  # type: ignore[arg-type]
-    bar = tqdm(total=total, desc=f"calibrating ({metric.name})", unit="batch",
-               disable=None if progress is None else not progress, leave=False)
+    bar = tqdm(
+        total=total,
+        desc=f"calibrating ({metric.name})",
+        unit="batch",
+        disable=None if progress is None else not progress,
+        leave=False,
+    )
     metric.reset()
     n = 0
     ok = False

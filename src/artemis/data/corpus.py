@@ -29,7 +29,6 @@ import json
 import os
 import pkgutil
 import re
-import sys
 import warnings
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence, Union
@@ -224,7 +223,9 @@ def load_texts(
     return texts
 
 
-def tokenize_batches(texts: Sequence[str], tokenizer: Any, *, batch_size: int = 16, max_length: int = 128) -> list[dict]:
+def tokenize_batches(
+    texts: Sequence[str], tokenizer: Any, *, batch_size: int = 16, max_length: int = 128
+) -> list[dict]:
     """Tokenize ``texts`` into padded batches of dicts (``input_ids``, ``attention_mask``, ...)."""
     if batch_size < 1:
         raise ConfigError(f"batch_size must be at least 1, got {batch_size}")
@@ -267,7 +268,9 @@ def token_blocks(texts: Sequence[str], tokenizer: Any, *, block_size: int = 128,
     ]
 
 
-def calibration_batches(task: str, tokenizer: Any, texts: Sequence[str], *, max_length: int = 128, n: int = 128) -> list[dict]:
+def calibration_batches(
+    task: str, tokenizer: Any, texts: Sequence[str], *, max_length: int = 128, n: int = 128
+) -> list[dict]:
     """``n`` calibration sequences from ``texts`` (metric statistics, SparseGPT, OWL).
 
     ``task="encoder"``: the first ``n`` texts, one sequence each (batches of 16, padded, with

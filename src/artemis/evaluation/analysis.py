@@ -137,9 +137,7 @@ def sparsity_sweep(
     batches = list(calibration_data) if calibration_data is not None and first.needs_calibration_data else None
     data = batches if batches is not None else calibration_data
     try:
-        if data is not None and (
-            first.metric.needs_activations or first.metric.needs_gradients or batches is None
-        ):
+        if data is not None and (first.metric.needs_activations or first.metric.needs_gradients or batches is None):
             first.calibrate(data, loss_fn=loss_fn, progress=progress)
             stats = first.metric.state_dict()
         first.close()
@@ -169,7 +167,8 @@ def sparsity_sweep(
     finally:
         first.close()
         restore()
-        del dense, stats
+        dense.clear()
+        stats = None
     return rows
 
 

@@ -34,8 +34,8 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from artemis.data.calibration import model_device
 from artemis.core.sizing import MIB, model_compressed_bytes, model_dense_bytes
+from artemis.data.calibration import model_device
 
 __all__ = [
     "mean_pool",
@@ -103,7 +103,10 @@ def sentence_embeddings(
     try:
         for i in range(0, len(texts), batch_size):
             enc = tokenizer(
-                list(texts[i : i + batch_size]), padding=True, truncation=True, max_length=max_length,
+                list(texts[i : i + batch_size]),
+                padding=True,
+                truncation=True,
+                max_length=max_length,
                 return_tensors="pt",
             )
             enc = {k: v.to(device) for k, v in enc.items()}
@@ -140,7 +143,9 @@ def embedding_fidelity(dense: Tensor, pruned: Tensor) -> dict[str, float]:
         ValueError: the shapes differ or there are fewer than 2 texts.
     """
     if dense.shape != pruned.shape or dense.dim() != 2:
-        raise ValueError(f"embeddings must be two (texts, dim) tensors of one shape, got {tuple(dense.shape)} and {tuple(pruned.shape)}")
+        raise ValueError(
+            f"embeddings must be two (texts, dim) tensors of one shape, got {tuple(dense.shape)} and {tuple(pruned.shape)}"
+        )
     if dense.shape[0] < 2:
         raise ValueError("nearest-neighbour agreement needs at least 2 texts")
     d = torch.nn.functional.normalize(dense.float(), dim=-1)

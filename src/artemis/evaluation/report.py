@@ -86,14 +86,23 @@ def format_markdown(report: Mapping[str, Any]) -> str:
     layers = report.get("layers")
     if layers:
         lines += ["", "## Per-layer sparsity", "", "| layer | shape | sparsity |", "|---|---|---|"]
-        lines += [f"| {l['name']} | {'×'.join(map(str, l['shape']))} | {l['sparsity']:.2%} |" for l in layers]
+        lines += [
+            f"| {layer['name']} | {'×'.join(map(str, layer['shape']))} | {layer['sparsity']:.2%} |" for layer in layers
+        ]
     plots = report.get("plots")
     if plots:
         lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots]
     if "config" in report:
         import yaml
 
-        lines += ["", "## Config that ran", "", "```yaml", yaml.safe_dump(report["config"], sort_keys=False).rstrip(), "```"]
+        lines += [
+            "",
+            "## Config that ran",
+            "",
+            "```yaml",
+            yaml.safe_dump(report["config"], sort_keys=False).rstrip(),
+            "```",
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -109,8 +118,12 @@ def _pyplot():
     return plt
 
 
-def plot_run(out_dir: os.PathLike, history: Sequence[Mapping[str, Any]], layers: Sequence[Mapping[str, Any]],
-             quality_metric: str = "quality") -> list[str]:
+def plot_run(
+    out_dir: os.PathLike,
+    history: Sequence[Mapping[str, Any]],
+    layers: Sequence[Mapping[str, Any]],
+    quality_metric: str = "quality",
+) -> list[str]:
     """Write the run's plots into ``out_dir``; return the file names written."""
     plt = _pyplot()
     if plt is None:
@@ -134,15 +147,16 @@ def plot_run(out_dir: os.PathLike, history: Sequence[Mapping[str, Any]], layers:
             written.append("quality_vs_step.png")
     if layers:
         fig, ax = plt.subplots(figsize=(7, max(3.0, 0.18 * len(layers))))
-        ax.barh([l["name"] for l in layers], [l["sparsity"] for l in layers])
+        ax.barh([layer["name"] for layer in layers], [layer["sparsity"] for layer in layers])
         ax.invert_yaxis(), ax.set_xlabel("sparsity"), ax.tick_params(axis="y", labelsize=6), ax.set_xlim(0, 1)
         fig.tight_layout(), fig.savefig(out / "layer_sparsity.png", dpi=100), plt.close(fig)
         written.append("layer_sparsity.png")
     return written
 
 
-def plot_sweep(out_dir: os.PathLike, rows: Sequence[Mapping[str, Any]], quality_metric: str,
-               threshold: Optional[float] = None) -> list[str]:
+def plot_sweep(
+    out_dir: os.PathLike, rows: Sequence[Mapping[str, Any]], quality_metric: str, threshold: Optional[float] = None
+) -> list[str]:
     """Quality and compressed size vs sparsity (``sweep.png``); return the files written."""
     plt = _pyplot()
     if plt is None:
@@ -165,8 +179,9 @@ def write_report(out_dir: os.PathLike, report: dict, *, plots: bool = True) -> d
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if plots:
-        report["plots"] = plot_run(out, report.get("history", []), report.get("layers", []),
-                                   report.get("quality", {}).get("metric", "quality"))
+        report["plots"] = plot_run(
+            out, report.get("history", []), report.get("layers", []), report.get("quality", {}).get("metric", "quality")
+        )
     write_json(out / "report.json", report)
     (out / "report.md").write_text(format_markdown(report), encoding="utf-8")
     return report

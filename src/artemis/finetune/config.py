@@ -59,8 +59,6 @@ FINETUNE_METHODS = ("full", "efficiency_transformer")
 LAYER_IMPORTANCE_METRICS = ("activation", "magnitude")
 
 
-
-
 class LoRAConfig(ConfigSection):
     """``fine_tuning.lora``: the Hybrid LoRA-Adapter (used when ``model.hybrid_lora_adapter``).
 
@@ -197,9 +195,7 @@ class FineTuningConfig(ConfigSection):
 
             close = difflib.get_close_matches(str(v), FINETUNE_METHODS, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ValueError(
-                f"unknown fine-tuning method {v!r}; valid: {', '.join(map(repr, FINETUNE_METHODS))}{hint}"
-            )
+            raise ValueError(f"unknown fine-tuning method {v!r}; valid: {', '.join(map(repr, FINETUNE_METHODS))}{hint}")
         return v
 
     @model_validator(mode="after")

@@ -49,8 +49,8 @@ from torch import Tensor
 
 from artemis.arch import get_adapter, unwrap_model
 from artemis.core.errors import ConfigError, ModelError, PruningStateError
-from artemis.finetune.config import require_peft
 from artemis.core.targets import is_prunable_module, match_pattern
+from artemis.finetune.config import require_peft
 
 if TYPE_CHECKING:  # pragma: no cover
     from artemis.core.manager import PruningManager
@@ -77,7 +77,7 @@ def normalize_param_name(name: str) -> str:
     'model.layers.0.mlp.up_proj.weight'
     """
     if name.startswith("base_model.model."):
-        name = name[len("base_model.model."):]
+        name = name[len("base_model.model.") :]
     return name.replace(".base_layer.", ".")
 
 
@@ -133,9 +133,7 @@ def masks_by_parameter(model: nn.Module, masks: MasksLike) -> Mapping[int, Tenso
         store = masks.masks
         keys = {id(masks._params[k]): k for k in store}
         return _MasksById(store, keys)  # read (unpacked) one at a time, when used
-    params = {
-        normalize_param_name(n): p for n, p in unwrap_model(model).named_parameters(remove_duplicate=False)
-    }
+    params = {normalize_param_name(n): p for n, p in unwrap_model(model).named_parameters(remove_duplicate=False)}
     out: dict[int, Tensor] = {}
     for key, mask in masks.items():
         p = params.get(normalize_param_name(key))
@@ -398,6 +396,9 @@ def merge_lora_preserving_sparsity(
         after_out, report.loss_merged = _outputs(base, batches)
         cos = [torch.nn.functional.cosine_similarity(a, b, dim=-1).mean() for a, b in zip(before_out, after_out)]
         report.output_cosine = float(torch.stack(cos).mean())
-    logger.info("merged %d adapters; %.2f%% of the update energy fell on pruned weights",
-                report.layers_merged, 100 * report.delta_energy_lost)
+    logger.info(
+        "merged %d adapters; %.2f%% of the update energy fell on pruned weights",
+        report.layers_merged,
+        100 * report.delta_energy_lost,
+    )
     return base, report

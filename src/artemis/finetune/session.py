@@ -272,16 +272,24 @@ def apply_finetuning(
     if hybrid_lora_adapter:
         lc = ft.lora
         layers = trainable if scores is not None else None
-        train_model = attach_lora(model, manager, r=lc.r, alpha=lc.alpha, target_modules=lc.target_modules,
-                                  layers=layers, dropout=lc.dropout)
+        train_model = attach_lora(
+            model, manager, r=lc.r, alpha=lc.alpha, target_modules=lc.target_modules, layers=layers, dropout=lc.dropout
+        )
         if pairs:
             share_adjacent_layers(model, pairs, adapter=adapter)  # tie the new adapters too
     elif scores is not None:
         freeze_layers(model, trainable, adapter=adapter)
 
     session = FinetuneSession(
-        model=train_model, base_model=model, manager=manager, config=ft, layer_scores=scores,
-        similarity=sim, trainable_layers=trainable, shared_pairs=pairs, hybrid_lora=hybrid_lora_adapter,
+        model=train_model,
+        base_model=model,
+        manager=manager,
+        config=ft,
+        layer_scores=scores,
+        similarity=sim,
+        trainable_layers=trainable,
+        shared_pairs=pairs,
+        hybrid_lora=hybrid_lora_adapter,
     )
     logger.info("fine-tuning setup: %s", session.summary())
     return session
@@ -346,8 +354,11 @@ def prepare_finetuning(
         return PruningManager(m, pruning_cfg, total_steps=total_steps)
 
     session = apply_finetuning(
-        model, ft, hybrid_lora_adapter=bool(model_section.get("hybrid_lora_adapter", False)),
-        calibration_data=calibration_data, create_manager=make_manager if pruning_cfg is not None else None,
+        model,
+        ft,
+        hybrid_lora_adapter=bool(model_section.get("hybrid_lora_adapter", False)),
+        calibration_data=calibration_data,
+        create_manager=make_manager if pruning_cfg is not None else None,
     )
     session.teacher = teacher
     session.distillation = dist

@@ -42,8 +42,8 @@ from artemis.core.registry import Registry
 
 if TYPE_CHECKING:  # pragma: no cover
     from artemis.core.manager import PruningManager
-    from artemis.metrics.base import ImportanceMetric
     from artemis.core.targets import PrunableTarget
+    from artemis.metrics.base import ImportanceMetric
 
 __all__ = ["PruningMethod", "METHODS", "TargetFn"]
 

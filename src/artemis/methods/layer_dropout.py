@@ -62,8 +62,7 @@ from __future__ import annotations
 import inspect
 import logging
 import math
-from contextlib import nullcontext
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterable, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -71,10 +70,10 @@ from torch import Tensor
 
 from artemis.arch.layers import check_block_removal, remove_blocks
 from artemis.core.errors import CalibrationError, CheckpointError, ConfigError, ModelError
-from artemis.methods.base import METHODS, PruningMethod, TargetFn
-from artemis.metrics.base import ImportanceMetric
 from artemis.core.schedule import round_half_up
 from artemis.core.sizing import dense_tensor_bytes
+from artemis.methods.base import METHODS, PruningMethod, TargetFn
+from artemis.metrics.base import ImportanceMetric
 
 if TYPE_CHECKING:  # pragma: no cover
     from artemis.core.manager import PruningManager
@@ -111,9 +110,7 @@ def layers_for_sparsity(sparsity: float, num_layers: int) -> int:
     return round_half_up(sparsity * num_layers + 1e-9)
 
 
-def block_influence(
-    x_in: Tensor, x_out: Tensor, token_weights: Optional[Tensor] = None
-) -> tuple[float, float]:
+def block_influence(x_in: Tensor, x_out: Tensor, token_weights: Optional[Tensor] = None) -> tuple[float, float]:
     """Sum over tokens of ``1 − cos(x_in, x_out)`` and the token count.
 
     Args:
@@ -290,9 +287,7 @@ class LayerImportance(ImportanceMetric):
     def __init__(self, name: str = "magnitude", **options: Any) -> None:
         super().__init__(**options)
         if name not in LAYER_METRICS:
-            raise ConfigError(
-                f"unknown layer importance metric {name!r}; valid: {', '.join(map(repr, LAYER_METRICS))}"
-            )
+            raise ConfigError(f"unknown layer importance metric {name!r}; valid: {', '.join(map(repr, LAYER_METRICS))}")
         self.name = name  # type: ignore[misc]
         self.needs_gradients = name == "gradient_sensitivity"  # type: ignore[misc]
         self.needs_activations = name == "activation"  # type: ignore[misc]
@@ -368,11 +363,15 @@ class LayerImportance(ImportanceMetric):
         missing = [i for i in layers if self.counts.get(i, 0) == 0]
         if missing:
             if self.needs_gradients:
-                how = ("call manager.step() after loss.backward() during training, or pass "
-                       "calibration batches with labels (the model must return a loss)")
+                how = (
+                    "call manager.step() after loss.backward() during training, or pass "
+                    "calibration batches with labels (the model must return a loss)"
+                )
             else:
-                how = ("run training forward passes, or pass calibration batches "
-                       "(apply_pruning(s, calibration_data) or manager.calibrate(data))")
+                how = (
+                    "run training forward passes, or pass calibration batches "
+                    "(apply_pruning(s, calibration_data) or manager.calibrate(data))"
+                )
             raise CalibrationError(
                 f"layer importance {self.name!r} has no statistics for layers {missing} since the last "
                 f"pruning event; {how}"
@@ -476,10 +475,14 @@ class LayerDropoutMethod(PruningMethod):
         cfg = self.config
         for key in ("targets", "scope"):
             if getattr(cfg, key) is not None:
-                raise ConfigError(f"pruning.{key} is not used by method 'layer_dropout' (it removes whole layers); remove it")
+                raise ConfigError(
+                    f"pruning.{key} is not used by method 'layer_dropout' (it removes whole layers); remove it"
+                )
         for key in ("exclude", "layer_sparsity"):
             if getattr(cfg, key):
-                raise ConfigError(f"pruning.{key} is not used by method 'layer_dropout' (it removes whole layers); remove it")
+                raise ConfigError(
+                    f"pruning.{key} is not used by method 'layer_dropout' (it removes whole layers); remove it"
+                )
         check_block_removal(self.adapter)
         assert self.adapter.blocks is not None
         self.blocks: list[nn.Module] = list(self.adapter.blocks)
@@ -503,9 +506,10 @@ class LayerDropoutMethod(PruningMethod):
             seen.update(id(p) for p in params)
             self.block_params.append(params)
             self.block_numel.append(sum(p.numel() for p in params))
-            self.block_bytes.append(sum(dense_tensor_bytes(p) for p in params)
-                                    + sum(dense_tensor_bytes(b) for _, b in block.named_buffers()
-                                          if _is_persistent(block, _)))
+            self.block_bytes.append(
+                sum(dense_tensor_bytes(p) for p in params)
+                + sum(dense_tensor_bytes(b) for _, b in block.named_buffers() if _is_persistent(block, _))
+            )
         self.drop_order: list[int] = []
         self.dropped: set[int] = set()
         self.fade_age: dict[int, int] = {}
@@ -554,7 +558,10 @@ class LayerDropoutMethod(PruningMethod):
             self._drop(index)
         logger.info(
             "layer_dropout: dropped layers %s (scores %s); %d of %d dropped",
-            chosen, [round(scores[i], 6) for i in chosen], len(self.dropped), self.num_layers,
+            chosen,
+            [round(scores[i], 6) for i in chosen],
+            len(self.dropped),
+            self.num_layers,
         )
         return {}
 
@@ -669,7 +676,11 @@ class LayerDropoutMethod(PruningMethod):
                 f"pruning state is for a model with {state.get('num_layers')} layers; this model has {self.num_layers}"
             )
         order = [int(i) for i in state.get("drop_order", [])]
-        if len(set(order)) != len(order) or any(not 0 <= i < self.num_layers for i in order) or len(order) >= self.num_layers:
+        if (
+            len(set(order)) != len(order)
+            or any(not 0 <= i < self.num_layers for i in order)
+            or len(order) >= self.num_layers
+        ):
             raise CheckpointError(f"pruning state has an invalid drop_order {order} for {self.num_layers} layers")
         for gate in self.gates.values():
             gate.remove()

@@ -45,9 +45,9 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from artemis.data.calibration import model_device
 from artemis.core.errors import CalibrationError
 from artemis.core.masks import count_to_prune
+from artemis.data.calibration import model_device
 
 __all__ = [
     "HessianAccumulator",
@@ -199,11 +199,15 @@ def sparsegpt_prune(
         raise ValueError(f"sparsegpt_prune needs a 2-D weight (out, in), got shape {tuple(weight.shape)}")
     rows, cols = weight.shape
     if tuple(hessian.shape) != (cols, cols):
-        raise ValueError(f"Hessian has shape {tuple(hessian.shape)}; expected ({cols}, {cols}) for weight {tuple(weight.shape)}")
+        raise ValueError(
+            f"Hessian has shape {tuple(hessian.shape)}; expected ({cols}, {cols}) for weight {tuple(weight.shape)}"
+        )
     if (mask is None) == (sparsity is None and pattern is None):
         raise ValueError("give either mask= or sparsity=/pattern= to sparsegpt_prune, not both or neither")
     if mask is not None and (tuple(mask.shape) != tuple(weight.shape) or mask.dtype != torch.bool):
-        raise ValueError(f"mask must be a bool tensor of shape {tuple(weight.shape)}, got {tuple(mask.shape)}/{mask.dtype}")
+        raise ValueError(
+            f"mask must be a bool tensor of shape {tuple(weight.shape)}, got {tuple(mask.shape)}/{mask.dtype}"
+        )
     if pattern is not None:
         n_keep, m = pattern
         if not (0 < n_keep < m) or cols % m:
@@ -217,7 +221,9 @@ def sparsegpt_prune(
     if blocksize < 1:
         raise ValueError(f"blocksize must be at least 1, got {blocksize}")
     if per_row and (sparsity is None or pattern is not None):
-        raise ValueError("per_row=True applies only when the mask is chosen here with sparsity= (not mask= or pattern=)")
+        raise ValueError(
+            "per_row=True applies only when the mask is chosen here with sparsity= (not mask= or pattern=)"
+        )
 
     w = weight.detach().to(torch.float32).clone()  # (out, in), updated in place
     hinv = _inverse_hessian_factor(hessian.detach().to(device=w.device, dtype=torch.float32), dampening)
@@ -304,9 +310,11 @@ def reconstruction_extra_bytes(
     """
     b = min(blocksize, in_features)
     extra = 4 * (in_features * in_features + out_features * in_features) if dense_target else 0
-    return 4 * (3 * in_features * in_features + 2 * out_features * in_features + 2 * out_features * b) + (
-        out_features * in_features
-    ) + extra
+    return (
+        4 * (3 * in_features * in_features + 2 * out_features * in_features + 2 * out_features * b)
+        + (out_features * in_features)
+        + extra
+    )
 
 
 def check_calibration_batches(batches: Any) -> list:
@@ -470,12 +478,7 @@ def _layer_statistics(
     def later_hook(module: nn.Module, args: tuple) -> None:
         if state["x_obj"] is None:  # called before t: not a sharer; let the pass go on
             return
-        if (
-            args
-            and args[0] is state["x_obj"]
-            and args[0]._version == state["x_version"]
-            and id(module) in later_keys
-        ):
+        if args and args[0] is state["x_obj"] and args[0]._version == state["x_version"] and id(module) in later_keys:
             state["batch_same"].add(later_keys[id(module)])
             return
         raise _StopForward

@@ -73,9 +73,9 @@ from artemis.arch.structures import (
     supported_structures,
 )
 from artemis.core.errors import CheckpointError, ConfigError, ModelError
+from artemis.core.targets import PrunableTarget
 from artemis.methods.base import METHODS, PruningMethod, TargetFn
 from artemis.metrics.base import ImportanceMetric
-from artemis.core.targets import PrunableTarget
 
 __all__ = ["StructuredMethod", "plan_unit_counts", "load_pruned_model", "STRUCTURE_FORMAT_VERSION"]
 
@@ -379,7 +379,9 @@ class StructuredMethod(PruningMethod):
         self._plain = plain
         self._finalized = True
         self.targets = [
-            PrunableTarget(name=t.name, module=self.model.get_submodule(t.name), transposed=t.transposed, block_index=t.block_index)
+            PrunableTarget(
+                name=t.name, module=self.model.get_submodule(t.name), transposed=t.transposed, block_index=t.block_index
+            )
             for t in self.targets
         ]
 
@@ -491,7 +493,9 @@ def load_pruned_model(path: Union[str, os.PathLike], model_class: Any = None, **
     structures = get_structure_adapter(adapter.name, model)
     widths = info["layers"]
     if len(widths) != adapter.num_blocks:
-        raise CheckpointError(f"{str(path)!r}: artemis_structure lists {len(widths)} blocks, the model has {adapter.num_blocks}")
+        raise CheckpointError(
+            f"{str(path)!r}: artemis_structure lists {len(widths)} blocks, the model has {adapter.num_blocks}"
+        )
     for i, (block, prefix) in enumerate(zip(adapter.blocks, adapter.block_prefixes())):
         w = widths[i]
         if "kv_heads" in w:

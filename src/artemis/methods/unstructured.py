@@ -31,9 +31,9 @@ from torch import Tensor
 
 from artemis.core.distributed import local_tensor
 from artemis.core.masks import count_to_prune, global_masks, layer_mask, nm_masks, row_masks
+from artemis.core.targets import PrunableTarget, find_targets
 from artemis.methods.base import METHODS, PruningMethod, TargetFn
 from artemis.metrics.base import ImportanceMetric
-from artemis.core.targets import PrunableTarget, find_targets
 
 __all__ = ["UnstructuredMethod", "rows_count_mask"]
 

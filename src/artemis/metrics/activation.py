@@ -43,8 +43,8 @@ from torch import Tensor
 
 from artemis.core.distributed import all_reduce_sum_, is_dtensor, local_slice, local_tensor
 from artemis.core.errors import CalibrationError
-from artemis.metrics.base import METRICS, ImportanceMetric
 from artemis.core.targets import PrunableTarget
+from artemis.metrics.base import METRICS, ImportanceMetric
 
 __all__ = ["ActivationMetric", "activation_scores"]
 

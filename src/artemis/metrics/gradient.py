@@ -44,10 +44,15 @@ from torch import Tensor
 
 from artemis.core.distributed import local_tensor
 from artemis.core.errors import CalibrationError
-from artemis.metrics.base import METRICS, ImportanceMetric
 from artemis.core.targets import PrunableTarget
+from artemis.metrics.base import METRICS, ImportanceMetric
 
-__all__ = ["GradientSensitivityMetric", "GradientSensitivityOptions", "gradient_sensitivity_scores", "ACCUMULATOR_DTYPES"]
+__all__ = [
+    "GradientSensitivityMetric",
+    "GradientSensitivityOptions",
+    "gradient_sensitivity_scores",
+    "ACCUMULATOR_DTYPES",
+]
 
 ACCUMULATOR_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from artemis.metrics.base import METRICS, ImportanceMetric
 from artemis.core.targets import PrunableTarget
+from artemis.metrics.base import METRICS, ImportanceMetric
 
 __all__ = ["MagnitudeMetric", "magnitude_scores"]
 

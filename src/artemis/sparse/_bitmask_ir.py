@@ -95,13 +95,16 @@ def _decode(module: ir.Module, width: int, isa: str = "avx512") -> None:
     mvec = ir.VectorType(I1, lanes)
     bvec = ir.VectorType(I8, step)
     sfx = f"v{lanes}i{8 * width}"
-    fn = ir.Function(module, ir.FunctionType(I64, [PTR, I64, PTR, I64, I64.as_pointer(), I64, PTR, I64, I64]),
-                     f"decode_w{width}")
+    fn = ir.Function(
+        module, ir.FunctionType(I64, [PTR, I64, PTR, I64, I64.as_pointer(), I64, PTR, I64, I64]), f"decode_w{width}"
+    )
     bits, bstride, vals, nvals, offsets, cols, out, r0, r1 = fn.args
     b = ir.IRBuilder(fn.append_basic_block("entry"))
     ctpop = _intrinsic(module, f"llvm.ctpop.i{lanes}", mty, [mty])
     mstore = _intrinsic(module, f"llvm.masked.store.{sfx}.p0", ir.VoidType(), [vec, vec.as_pointer(), I32, mvec])
-    mload = _intrinsic(module, f"llvm.masked.load.v{step}i8.p0", bvec, [bvec.as_pointer(), I32, ir.VectorType(I1, step), bvec])
+    mload = _intrinsic(
+        module, f"llvm.masked.load.v{step}i8.p0", bvec, [bvec.as_pointer(), I32, ir.VectorType(I1, step), bvec]
+    )
     ebase = b.bitcast(vals, ety.as_pointer())
     obase = b.bitcast(out, ety.as_pointer())
     expand = _chunk_expander(module, b, width, isa, b.gep(ebase, [nvals]))
@@ -117,8 +120,15 @@ def _decode(module: ir.Module, width: int, isa: str = "avx512") -> None:
         return b.load(b.bitcast(b.gep(brow, [b.mul(c, _c(step))]), mty.as_pointer()), align=1)
 
     def tail_mask(brow):
-        mb = b.call(mload, [b.bitcast(b.gep(brow, [b.mul(full, _c(step))]), bvec.as_pointer()), _c(1, I32),
-                            tail_bmask, ir.Constant(bvec, None)])
+        mb = b.call(
+            mload,
+            [
+                b.bitcast(b.gep(brow, [b.mul(full, _c(step))]), bvec.as_pointer()),
+                _c(1, I32),
+                tail_bmask,
+                ir.Constant(bvec, None),
+            ],
+        )
         return b.bitcast(b.select(tail_bmask, mb, ir.Constant(bvec, [0] * step)), mty)
 
     def popcount(m):
@@ -145,7 +155,9 @@ def _decode(module: ir.Module, width: int, isa: str = "avx512") -> None:
         with b.if_then(has_tail):
             m = tail_mask(brow)
             v = expand(p_end, m)
-            b.call(mstore, [v, b.bitcast(b.gep(orow, [b.mul(full, _c(lanes))]), vec.as_pointer()), _c(1, I32), tail_lanes])
+            b.call(
+                mstore, [v, b.bitcast(b.gep(orow, [b.mul(full, _c(lanes))]), vec.as_pointer()), _c(1, I32), tail_lanes]
+            )
         return [b.add(k, count)]
 
     # k starts at offsets[r0], which must lie in [0, nvals] (unsigned compare: a negative
@@ -170,8 +182,12 @@ def _chunk_expander(module: ir.Module, b: ir.IRBuilder, width: int, isa: str, en
     if isa == "avx512":
         lanes = 64 // width
         vec = ir.VectorType(ety, lanes)
-        expand = _intrinsic(module, f"llvm.masked.expandload.v{lanes}i{8 * width}", vec,
-                            [ety.as_pointer(), ir.VectorType(I1, lanes), vec])
+        expand = _intrinsic(
+            module,
+            f"llvm.masked.expandload.v{lanes}i{8 * width}",
+            vec,
+            [ety.as_pointer(), ir.VectorType(I1, lanes), vec],
+        )
         return lambda p, m: b.call(expand, [p, b.bitcast(m, ir.VectorType(I1, lanes)), ir.Constant(vec, None)])
     if end is None and width != 4:
         raise ValueError("the AVX2 expand without `end` needs 4-byte items (a native masked load)")
@@ -180,19 +196,22 @@ def _chunk_expander(module: ir.Module, b: ir.IRBuilder, width: int, isa: str, en
     table = _perm_table(module)
     permd = _intrinsic(module, "llvm.x86.avx2.permd", v32, [v32, v32])
     ctpop8 = _intrinsic(module, "llvm.ctpop.i8", I8, [I8])
-    mload = _intrinsic(module, f"llvm.masked.load.v8i{8 * width}.p0", vec,
-                       [vec.as_pointer(), I32, ir.VectorType(I1, 8), vec])
+    mload = _intrinsic(
+        module, f"llvm.masked.load.v8i{8 * width}.p0", vec, [vec.as_pointer(), I32, ir.VectorType(I1, 8), vec]
+    )
     lane_ids = ir.Constant(v32, list(range(8)))
     lane_bits = ir.Constant(v32, [1 << j for j in range(8)])
     zeros = ir.Constant(vec, [0] * 8)
 
     def splat(v):
-        return b.shuffle_vector(b.insert_element(ir.Constant(v32, None), v, _c(0, I32)), ir.Constant(v32, None),
-                                ir.Constant(v32, [0] * 8))
+        return b.shuffle_vector(
+            b.insert_element(ir.Constant(v32, None), v, _c(0, I32)), ir.Constant(v32, None), ir.Constant(v32, [0] * 8)
+        )
 
     def masked_load(p, n):  # exactly n items, the other lanes 0
-        return b.call(mload, [b.bitcast(p, vec.as_pointer()), _c(1, I32), b.icmp_unsigned("<", lane_ids, splat(n)),
-                              zeros])
+        return b.call(
+            mload, [b.bitcast(p, vec.as_pointer()), _c(1, I32), b.icmp_unsigned("<", lane_ids, splat(n)), zeros]
+        )
 
     def expand(p, m):
         n = b.zext(b.call(ctpop8, [m]), I32)
@@ -284,7 +303,9 @@ def _matvec(module: ir.Module, isa: str) -> None:
     fp = F32.as_pointer()
     fn = ir.Function(
         module,
-        ir.FunctionType(ir.VoidType(), [I16.as_pointer(), I64, fp, I64.as_pointer(), fp, I64, fp, fp, I64, I64, I64, I64]),
+        ir.FunctionType(
+            ir.VoidType(), [I16.as_pointer(), I64, fp, I64.as_pointer(), fp, I64, fp, fp, I64, I64, I64, I64]
+        ),
         f"matvec_rows_{isa}",
     )
     masks, chunks, vals, offsets, x, xstride, bias, out, ostride, batch, r0, r1 = fn.args

@@ -153,8 +153,9 @@ def check_parts(parts: dict[str, Tensor], name: str, file: str) -> SparseParts:
         raise CheckpointError(f"{where}: {prefix}.row_offsets has shape {tuple(offsets.shape)}; expected {(rows,)}")
     vals = _as_int_numpy(values)
     kernel = kernels.decode_ready(vals.itemsize) and rows > 0 and cols > 0
-    sp = SparseParts(rows, cols, bits_np, values, vals, np.ascontiguousarray(offsets.to(torch.int64).numpy()),
-                      where, prefix, kernel)
+    sp = SparseParts(
+        rows, cols, bits_np, values, vals, np.ascontiguousarray(offsets.to(torch.int64).numpy()), where, prefix, kernel
+    )
     if not kernel or sp.offsets[0] != 0:  # else the compiled decoder checks the counts as it goes
         _check_counts(sp)
     return sp

@@ -50,20 +50,21 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import struct
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator, NamedTuple, Optional, Union
+from typing import Any, Callable, Iterator, Optional, Union
 
 import numpy as np
 import torch
 import torch.nn as nn
 from torch import Tensor
 
+from artemis.core.errors import CheckpointError, ConfigError
+from artemis.core.sizing import QUANTIZE_CHOICES, stores_sparse, unique_state_tensors
 from artemis.sparse.bitmask import (
     SPARSE_KEYS,
     as_dense,
@@ -74,8 +75,6 @@ from artemis.sparse.bitmask import (
     empty_dense,
     nonzero_mask,
 )
-from artemis.core.errors import CheckpointError, ConfigError
-from artemis.core.sizing import QUANTIZE_CHOICES, stores_sparse, unique_state_tensors
 
 __all__ = [
     "save_pruned",
@@ -94,8 +93,15 @@ READABLE_VERSIONS = (1, 2)  # 1: CRC-32 checksums (no "checksum" key)
 WEIGHTS_NAME = "model.safetensors"
 META_NAME = "artemis_export.json"
 _DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
     "BOOL": torch.bool,
 }
 
@@ -131,8 +137,8 @@ def _dtype_name(dt: torch.dtype) -> str:
 # ---------------------------------------------------------------- saving
 def _candidate_weights(model: nn.Module, manager: Any) -> tuple[dict[int, str], Optional[bool]]:
     """``id(weight) -> module name`` of the weights that may be stored sparse."""
-    from artemis.sparse.quantization import Int8Linear
     from artemis.core.targets import is_prunable_module
+    from artemis.sparse.quantization import Int8Linear
 
     names = {id(m): n for n, m in model.named_modules()}
     out: dict[int, str] = {}
@@ -177,8 +183,12 @@ def _quantization_config(sparse_modules: list[str], int8_modules: list[str], spa
                     "group_0": {
                         "targets": int8_modules,
                         "weights": {
-                            "num_bits": 8, "type": "int", "symmetric": True, "strategy": "channel",
-                            "dynamic": False, "observer": "minmax",
+                            "num_bits": 8,
+                            "type": "int",
+                            "symmetric": True,
+                            "strategy": "channel",
+                            "dynamic": False,
+                            "observer": "minmax",
                         },
                         "input_activations": None,
                         "output_activations": None,
@@ -222,8 +232,8 @@ def save_pruned(
         ConfigError: ``quantize`` is not None or ``"int8"``.
     """
     from artemis.arch import unwrap_model
-    from artemis.sparse.quantization import Int8Linear, default_quant_targets, quantize_weight_int8
     from artemis.core.targets import conv1d_class
+    from artemis.sparse.quantization import Int8Linear, default_quant_targets, quantize_weight_int8
 
     if quantize not in QUANTIZE_CHOICES:
         raise ConfigError(f"save_pruned: quantize must be None or 'int8', got {quantize!r}")
@@ -277,8 +287,11 @@ def save_pruned(
             tensors[f"{mname}.weight_scale"] = s[:, None].contiguous()
             bias = getattr(m, "bias", None)
             int8_modules[mname] = {
-                "in_features": int(q.shape[1]), "out_features": int(q.shape[0]), "transposed": transposed,
-                "bias": bias is not None, "bias_dtype": _dtype_name(bias.dtype if bias is not None else t.dtype),
+                "in_features": int(q.shape[1]),
+                "out_features": int(q.shape[0]),
+                "transposed": transposed,
+                "bias": bias is not None,
+                "bias_dtype": _dtype_name(bias.dtype if bias is not None else t.dtype),
             }
             continue
         if id(t) in candidates and t.dim() == 2:
@@ -288,8 +301,11 @@ def save_pruned(
     for n, m in model.named_modules():
         if isinstance(m, Int8Linear):
             int8_modules[n] = {
-                "in_features": m.in_features, "out_features": m.out_features, "transposed": False,
-                "bias": m.bias is not None, "bias_dtype": _dtype_name(m.bias.dtype if m.bias is not None else torch.float32),
+                "in_features": m.in_features,
+                "out_features": m.out_features,
+                "transposed": False,
+                "bias": m.bias is not None,
+                "bias_dtype": _dtype_name(m.bias.dtype if m.bias is not None else torch.float32),
             }
     # tied / shared tensors are stored once; the other names are aliases
     aliases: dict[str, str] = {}
@@ -517,8 +533,18 @@ def _bins(costs: list[int], n: int) -> list[list[int]]:
 
 
 def _load_into(
-    root: Path, meta: dict, meta_file: Path, wfile: Path, stored: dict[str, Tensor], checksums: dict, algo: str,
-    model: Optional[nn.Module], device: Any, verify: bool, pool: Optional[ThreadPoolExecutor], workers: int,
+    root: Path,
+    meta: dict,
+    meta_file: Path,
+    wfile: Path,
+    stored: dict[str, Tensor],
+    checksums: dict,
+    algo: str,
+    model: Optional[nn.Module],
+    device: Any,
+    verify: bool,
+    pool: Optional[ThreadPoolExecutor],
+    workers: int,
 ) -> nn.Module:
     from artemis.sparse.quantization import Int8Linear, _set_submodule
 
@@ -540,8 +566,7 @@ def _load_into(
     # the sparse tensors are checked and decoded while the checksums run and the model is built
     sparse = list(dict.fromkeys(meta.get("sparse_modules", [])))
     jobs = [
-        (mname, {k: stored.pop(f"{mname}.{k}") for k in SPARSE_KEYS if f"{mname}.{k}" in stored})
-        for mname in sparse
+        (mname, {k: stored.pop(f"{mname}.{k}") for k in SPARSE_KEYS if f"{mname}.{k}" in stored}) for mname in sparse
     ]
 
     def decode(idx: list[int]) -> list[tuple[int, Any]]:
@@ -573,7 +598,9 @@ def _load_into(
         got, want = crcs.get(i), checksums.get(k)
         if verify and got != want:
             expected = f"{want:#x}" if isinstance(want, int) else repr(want)
-            raise CheckpointError(f"{wfile}: tensor {k!r} is corrupted ({_CHECKSUM_LABEL[algo]} {got:#x}, expected {expected})")
+            raise CheckpointError(
+                f"{wfile}: tensor {k!r} is corrupted ({_CHECKSUM_LABEL[algo]} {got:#x}, expected {expected})"
+            )
     decoded = dict(item for wait in decode_waits for item in wait())
     for i in range(len(jobs)):
         if isinstance(decoded[i], CheckpointError):
@@ -591,10 +618,15 @@ def _load_into(
         try:
             model.get_submodule(name)
         except AttributeError:
-            raise CheckpointError(f"{meta_file}: int8 module {name!r} does not exist in {type(model).__name__}") from None
+            raise CheckpointError(
+                f"{meta_file}: int8 module {name!r} does not exist in {type(model).__name__}"
+            ) from None
         int8_new[name] = Int8Linear(
-            int(info["in_features"]), int(info["out_features"]), bool(info["bias"]),
-            bias_dtype=getattr(torch, info.get("bias_dtype", "float32")), init=False,
+            int(info["in_features"]),
+            int(info["out_features"]),
+            bool(info["bias"]),
+            bias_dtype=getattr(torch, info.get("bias_dtype", "float32")),
+            init=False,
         )
     expected = {
         k: tuple(v.shape)

@@ -56,8 +56,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from artemis.sparse import kernels
 from artemis.core.targets import conv1d_class, match_pattern
+from artemis.sparse import kernels
 
 __all__ = ["SparseLinear", "sparsify_for_inference", "time_call", "time_pair", "BACKENDS", "CLOCKS"]
 
@@ -107,9 +107,7 @@ class SparseLinear(nn.Module):
         self.nnz = int(torch.count_nonzero(w))
         if backend == "csr":
             if w.device.type != "cpu" or w.dtype not in (torch.float32, torch.float64):
-                raise ValueError(
-                    f"backend 'csr' runs on CPU with float32/float64 weights; got {w.dtype} on {w.device}"
-                )
+                raise ValueError(f"backend 'csr' runs on CPU with float32/float64 weights; got {w.dtype} on {w.device}")
             self.register_buffer("weight", _to_csr_int32(w.contiguous()), persistent=False)
         elif backend == "bitmask":
             if w.device.type != "cpu" or w.dtype != torch.float32:
@@ -195,10 +193,16 @@ class SparseLinear(nn.Module):
         if key == self.__dict__.get("_checked_key"):
             return key[:4]
         ok = (
-            m.dtype == torch.int16 and v.dtype == torch.float32 and o.dtype == torch.int64 and bias.dtype == torch.float32
+            m.dtype == torch.int16
+            and v.dtype == torch.float32
+            and o.dtype == torch.int64
+            and bias.dtype == torch.float32
             and all(t.device.type == "cpu" and t.is_contiguous() for t in (m, v, o, bias))
-            and tuple(m.shape) == (self.out_features, self.chunks) and tuple(o.shape) == (self.out_features,)
-            and tuple(bias.shape) == (self.out_features,) and v.dim() == 1 and v.numel() == self.nnz
+            and tuple(m.shape) == (self.out_features, self.chunks)
+            and tuple(o.shape) == (self.out_features,)
+            and tuple(bias.shape) == (self.out_features,)
+            and v.dim() == 1
+            and v.numel() == self.nnz
         )
         if not ok:
             raise RuntimeError(
@@ -225,8 +229,20 @@ class SparseLinear(nn.Module):
         x2 = F.pad(x2, (0, pad)) if pad else x2.contiguous()
         batch = x2.shape[0]
         out = torch.empty(batch, self.out_features, dtype=torch.float32)
-        kernels.matvec(masks, self.chunks, values, offsets, x2.data_ptr(), x2.shape[1], bias, out.data_ptr(),
-                       self.out_features, batch, self.out_features, threads=torch.get_num_threads())
+        kernels.matvec(
+            masks,
+            self.chunks,
+            values,
+            offsets,
+            x2.data_ptr(),
+            x2.shape[1],
+            bias,
+            out.data_ptr(),
+            self.out_features,
+            batch,
+            self.out_features,
+            threads=torch.get_num_threads(),
+        )
         return out if x.dtype == torch.float32 else out.to(x.dtype)
 
     def dense_weight(self) -> Tensor:
@@ -235,8 +251,12 @@ class SparseLinear(nn.Module):
             return self.weight.to_dense() if self.weight.layout != torch.strided else self.weight.clone()
         from artemis.sparse.bitmask import bitmask_decompress
 
-        parts = {"compressed": self.values, "bitmask": self.masks.view(torch.uint8), "row_offsets": self.row_offsets,
-                 "shape": torch.tensor([self.out_features, self.chunks * 16])}
+        parts = {
+            "compressed": self.values,
+            "bitmask": self.masks.view(torch.uint8),
+            "row_offsets": self.row_offsets,
+            "shape": torch.tensor([self.out_features, self.chunks * 16]),
+        }
         return bitmask_decompress(parts, name="SparseLinear.weight")[:, : self.in_features].contiguous()
 
     def extra_repr(self) -> str:
@@ -316,8 +336,14 @@ WINDOW_BYTES = 256 << 20  # sparsify_for_inference: dense weight bytes timed tog
 
 
 def _measure_window(
-    model: nn.Module, window: list[tuple[str, nn.Module]], report: dict[str, dict[str, Any]], backend: str,
-    batch_size: int, min_speedup: float, repeats: int, clock: str,
+    model: nn.Module,
+    window: list[tuple[str, nn.Module]],
+    report: dict[str, dict[str, Any]],
+    backend: str,
+    batch_size: int,
+    min_speedup: float,
+    repeats: int,
+    clock: str,
 ) -> None:
     """Build, time and choose for the layers of one window (see :func:`sparsify_for_inference`)."""
     built: dict[str, dict[str, SparseLinear]] = {}

@@ -96,8 +96,11 @@ def _find_status(switch: str) -> dict[str, Any]:
         isa = "avx2"  # also where ARTEMIS_KERNELS=avx2 asks for it on an AVX-512 CPU (to compare)
         features = ",".join(("+" if on and not name.startswith("avx512") else "-") + name for name, on in host.items())
     else:
-        return {**off, "llvmlite": version,
-                "reason": "this CPU has neither AVX-512 nor AVX2+FMA: the numpy decoder and the CSR kernel are used"}
+        return {
+            **off,
+            "llvmlite": version,
+            "reason": "this CPU has neither AVX-512 nor AVX2+FMA: the numpy decoder and the CSR kernel are used",
+        }
     narrow = {"avx512bw", "avx512vbmi2"} <= feats
     try:
         _compile(isa, features, narrow)
@@ -105,14 +108,26 @@ def _find_status(switch: str) -> dict[str, Any]:
         logger.warning("artemis.sparse.kernels: compiling the bitmask kernels failed (%s); using the fallbacks", exc)
         return {**off, "llvmlite": version, "reason": f"compiling the kernels failed: {exc}"}
     if isa == "avx2":
-        return {"decode_1byte": True, "decode_2byte": True, "decode_4byte": True, "matvec": True,
-                "matvec_isa": "avx2", "llvmlite": version,
-                "reason": "AVX2 (no AVX-512" + (", by ARTEMIS_KERNELS=avx2" if "avx512f" in feats else "")
-                + "): 8-lane kernels with vpermps/vpermd"}
+        return {
+            "decode_1byte": True,
+            "decode_2byte": True,
+            "decode_4byte": True,
+            "matvec": True,
+            "matvec_isa": "avx2",
+            "llvmlite": version,
+            "reason": "AVX2 (no AVX-512"
+            + (", by ARTEMIS_KERNELS=avx2" if "avx512f" in feats else "")
+            + "): 8-lane kernels with vpermps/vpermd",
+        }
     return {
-        "decode_1byte": True, "decode_2byte": True, "decode_4byte": True, "matvec": True, "matvec_isa": "avx512",
+        "decode_1byte": True,
+        "decode_2byte": True,
+        "decode_4byte": True,
+        "matvec": True,
+        "matvec_isa": "avx512",
         "llvmlite": version,
-        "reason": "AVX-512 expand instructions available" if narrow
+        "reason": "AVX-512 expand instructions available"
+        if narrow
         else "AVX-512 without avx512vbmi2: 1- and 2-byte values decode with the AVX2 method",
     }
 
@@ -154,12 +169,9 @@ class _Compiled:
         self._engine.finalize_object()
         i64 = ctypes.c_int64
         self.decode = {
-            w: ctypes.CFUNCTYPE(i64, *[i64] * 9)(self._engine.get_function_address(f"decode_w{w}"))
-            for w in (1, 2, 4)
+            w: ctypes.CFUNCTYPE(i64, *[i64] * 9)(self._engine.get_function_address(f"decode_w{w}")) for w in (1, 2, 4)
         }
-        self.matvec_rows = ctypes.CFUNCTYPE(None, *[i64] * 12)(
-            self._engine.get_function_address(f"matvec_rows_{isa}")
-        )
+        self.matvec_rows = ctypes.CFUNCTYPE(None, *[i64] * 12)(self._engine.get_function_address(f"matvec_rows_{isa}"))
 
 
 _KERNELS: dict[str, _Compiled] = {}  # kept for the life of the process: callers hold raw function pointers
@@ -180,8 +192,9 @@ def _compiled() -> _Compiled:
     return _KERNELS[isa]
 
 
-def decode_rows(bits: np.ndarray, vals: np.ndarray, offsets: np.ndarray, cols: int, out: np.ndarray,
-                r0: int, r1: int) -> int:
+def decode_rows(
+    bits: np.ndarray, vals: np.ndarray, offsets: np.ndarray, cols: int, out: np.ndarray, r0: int, r1: int
+) -> int:
     """Decode rows ``r0 .. r1-1`` of a bitmask matrix into the flat ``out``; call only where
     :func:`decode_ready` is true.
 
@@ -199,11 +212,21 @@ def decode_rows(bits: np.ndarray, vals: np.ndarray, offsets: np.ndarray, cols: i
     """
     rows = bits.shape[0] if bits.ndim == 2 else -1
     ok = (
-        bits.ndim == 2 and bits.dtype == np.uint8 and bits.flags.c_contiguous and bits.shape[1] == -(-cols // 8)
-        and offsets.dtype == np.int64 and offsets.flags.c_contiguous and offsets.shape == (rows,)
-        and vals.ndim == 1 and vals.flags.c_contiguous and out.flags.c_contiguous
-        and vals.itemsize == out.itemsize and out.itemsize in (1, 2, 4) and out.size >= rows * cols
-        and 0 <= r0 < r1 <= rows and cols >= 1
+        bits.ndim == 2
+        and bits.dtype == np.uint8
+        and bits.flags.c_contiguous
+        and bits.shape[1] == -(-cols // 8)
+        and offsets.dtype == np.int64
+        and offsets.flags.c_contiguous
+        and offsets.shape == (rows,)
+        and vals.ndim == 1
+        and vals.flags.c_contiguous
+        and out.flags.c_contiguous
+        and vals.itemsize == out.itemsize
+        and out.itemsize in (1, 2, 4)
+        and out.size >= rows * cols
+        and 0 <= r0 < r1 <= rows
+        and cols >= 1
     )
     if not ok:
         raise ValueError(
@@ -238,7 +261,9 @@ def _parallel_driver(isa: str) -> Optional[Callable]:
     try:
         import numba
     except ImportError:
-        logger.info("artemis.sparse.kernels: numba is not installed; the sparse matrix-vector kernel runs on one thread")
+        logger.info(
+            "artemis.sparse.kernels: numba is not installed; the sparse matrix-vector kernel runs on one thread"
+        )
         return None
     kernel = _KERNELS[isa].matvec_rows
     _numba_owner.pid = os.getpid()
@@ -246,14 +271,38 @@ def _parallel_driver(isa: str) -> Optional[Callable]:
     @numba.njit(parallel=True, nogil=True)
     def run(masks, chunks, vals, offsets, x, xstride, bias, out, ostride, batch, rows, blocks):  # pragma: no cover
         for i in numba.prange(blocks):
-            kernel(masks, chunks, vals, offsets, x, xstride, bias, out, ostride, batch,
-                   rows * i // blocks, rows * (i + 1) // blocks)
+            kernel(
+                masks,
+                chunks,
+                vals,
+                offsets,
+                x,
+                xstride,
+                bias,
+                out,
+                ostride,
+                batch,
+                rows * i // blocks,
+                rows * (i + 1) // blocks,
+            )
 
     return run
 
 
-def matvec(masks: int, chunks: int, vals: int, offsets: int, x: int, xstride: int, bias: int, out: int,
-           ostride: int, batch: int, rows: int, threads: int = 1) -> None:
+def matvec(
+    masks: int,
+    chunks: int,
+    vals: int,
+    offsets: int,
+    x: int,
+    xstride: int,
+    bias: int,
+    out: int,
+    ostride: int,
+    batch: int,
+    rows: int,
+    threads: int = 1,
+) -> None:
     """``out[b, r] = bias[r] + Σ_j W[r, j] · x[b, j]`` for ``b < batch``, ``r < rows``, in float32,
     with ``W`` as uint16 chunk masks ``(rows, chunks)``, float32 values and int64 row
     offsets; arguments are data pointers and strides in items (no checks; call only where

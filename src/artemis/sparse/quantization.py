@@ -292,8 +292,14 @@ class Int8Linear(nn.Module):
     _unsupported: set = set()
 
     def __init__(
-        self, in_features: int, out_features: int, bias: bool = True, *, bias_dtype: torch.dtype = torch.float32,
-        device: Optional[torch.device] = None, init: bool = True,
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        *,
+        bias_dtype: torch.dtype = torch.float32,
+        device: Optional[torch.device] = None,
+        init: bool = True,
     ) -> None:
         super().__init__()
         self.in_features = in_features
@@ -316,7 +322,9 @@ class Int8Linear(nn.Module):
         w = module.weight
         out_f, in_f = (w.shape[1], w.shape[0]) if transposed else (w.shape[0], w.shape[1])
         bias = getattr(module, "bias", None)
-        new = cls(in_f, out_f, bias is not None, bias_dtype=bias.dtype if bias is not None else w.dtype, device=w.device)
+        new = cls(
+            in_f, out_f, bias is not None, bias_dtype=bias.dtype if bias is not None else w.dtype, device=w.device
+        )
         q, s = quantize_weight_int8(w, transposed, scale)
         new.weight.copy_(q)
         new.weight_scale.copy_(s[:, None])

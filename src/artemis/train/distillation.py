@@ -40,8 +40,9 @@ def _token_mean(values: Tensor, mask: Optional[Tensor]) -> Tensor:
     return (values * m).sum() / m.sum().clamp_min(1.0)
 
 
-def causal_kd_loss(student_logits: Tensor, teacher_logits: Tensor, *, temperature: float = 2.0,
-                   attention_mask: Optional[Tensor] = None) -> Tensor:
+def causal_kd_loss(
+    student_logits: Tensor, teacher_logits: Tensor, *, temperature: float = 2.0, attention_mask: Optional[Tensor] = None
+) -> Tensor:
     """``T²·KL(teacher ‖ student)`` on temperature-softened logits (batch, tokens, vocab),
     averaged over unmasked tokens."""
     t = temperature
@@ -56,8 +57,9 @@ def embedding_cosine_loss(student: Tensor, teacher: Tensor) -> Tensor:
     return (1.0 - F.cosine_similarity(student.float(), teacher.float(), dim=-1)).mean()
 
 
-def hidden_state_loss(student: Sequence[Tensor], teacher: Sequence[Tensor],
-                      attention_mask: Optional[Tensor] = None) -> Tensor:
+def hidden_state_loss(
+    student: Sequence[Tensor], teacher: Sequence[Tensor], attention_mask: Optional[Tensor] = None
+) -> Tensor:
     """Relative squared error ``Σ‖s−t‖²/Σ‖t‖²`` over unmasked tokens, averaged over the
     pairs of hidden states (each (batch, tokens, dim))."""
     if len(student) != len(teacher) or not student:

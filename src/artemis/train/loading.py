@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -109,7 +109,9 @@ def load_model_and_tokenizer(section: ModelSection) -> LoadedModel:
     try:
         hf_config = AutoConfig.from_pretrained(path, **kw)
     except (OSError, ValueError) as exc:
-        raise ModelError(f"model.base_model {section.base_model!r}: cannot load its config ({_first_line(exc)})") from None
+        raise ModelError(
+            f"model.base_model {section.base_model!r}: cannot load its config ({_first_line(exc)})"
+        ) from None
     task = detect_task(hf_config, section.task)
     if section.dtype != "auto":
         kw["dtype"] = _DTYPES[section.dtype]
@@ -117,7 +119,9 @@ def load_model_and_tokenizer(section: ModelSection) -> LoadedModel:
     try:
         model = cls.from_pretrained(path, **kw)
     except (OSError, ValueError) as exc:
-        raise ModelError(f"model.base_model {section.base_model!r}: cannot load the model ({_first_line(exc)})") from None
+        raise ModelError(
+            f"model.base_model {section.base_model!r}: cannot load the model ({_first_line(exc)})"
+        ) from None
     try:
         tokenizer = AutoTokenizer.from_pretrained(tok_path, trust_remote_code=section.trust_remote_code)
     except (OSError, ValueError, TypeError) as exc:

@@ -49,11 +49,11 @@ import torch.nn as nn
 from torch import Tensor
 
 from artemis.core.errors import CheckpointError, ConfigError
-from artemis.evaluation.quality import mean_pool
 from artemis.core.manager import PruningManager
-from artemis.train.run_config import RunConfig
 from artemis.core.sizing import model_dense_bytes
+from artemis.evaluation.quality import mean_pool
 from artemis.train.distillation import causal_kd_loss, embedding_cosine_loss, hidden_state_loss
+from artemis.train.run_config import RunConfig
 
 __all__ = [
     "TrainResult",
@@ -167,7 +167,9 @@ def plan_runtime(cfg: RunConfig, model: nn.Module, task: str) -> RuntimePlan:
 def _fingerprint(cfg: RunConfig) -> str:
     data = cfg.to_dict()
     keep = {k: data[k] for k in ("model", "pruning", "fine_tuning", "distillation", "data")}
-    keep["training"] = {k: v for k, v in data["training"].items() if k not in ("checkpoint_every", "eval_every", "device")}
+    keep["training"] = {
+        k: v for k, v in data["training"].items() if k not in ("checkpoint_every", "eval_every", "device")
+    }
     keep["efficiency"] = data["efficiency"]
     return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -175,7 +177,9 @@ def _fingerprint(cfg: RunConfig) -> str:
 class _Batches:
     """Deterministic micro-batches: batch ``i`` depends only on ``(seed, i)``."""
 
-    def __init__(self, task: str, texts: Sequence[str], tokenizer: Any, batch_size: int, max_length: int, seed: int) -> None:
+    def __init__(
+        self, task: str, texts: Sequence[str], tokenizer: Any, batch_size: int, max_length: int, seed: int
+    ) -> None:
         self.task, self.tokenizer, self.bs, self.max_length, self.seed = task, tokenizer, batch_size, max_length, seed
         self.texts = list(texts)
         if task == "causal_lm":
@@ -184,7 +188,9 @@ class _Batches:
             ids = concatenated_token_ids(self.texts, tokenizer)
             n = len(ids) // max_length
             if n == 0:
-                raise ConfigError(f"the training text holds {len(ids)} tokens, fewer than one block of training.max_length={max_length}")
+                raise ConfigError(
+                    f"the training text holds {len(ids)} tokens, fewer than one block of training.max_length={max_length}"
+                )
             self.blocks = torch.tensor(ids[: n * max_length]).view(n, max_length)
             self.n = n
         else:
@@ -198,12 +204,19 @@ class _Batches:
         if self.task == "causal_lm":
             ids = self.blocks[idx]
             return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
-        enc = self.tokenizer([self.texts[j] for j in idx.tolist()], padding=True, truncation=True,
-                             max_length=self.max_length, return_tensors="pt")
+        enc = self.tokenizer(
+            [self.texts[j] for j in idx.tolist()],
+            padding=True,
+            truncation=True,
+            max_length=self.max_length,
+            return_tensors="pt",
+        )
         return dict(enc)
 
 
-def _loss(task: str, model: nn.Module, teacher: Optional[nn.Module], batch: dict, cfg: RunConfig) -> tuple[Tensor, dict]:
+def _loss(
+    task: str, model: nn.Module, teacher: Optional[nn.Module], batch: dict, cfg: RunConfig
+) -> tuple[Tensor, dict]:
     d = cfg.distillation
     want_hidden = teacher is not None and d.hidden_weight > 0
     parts: dict[str, float] = {}
@@ -213,8 +226,14 @@ def _loss(task: str, model: nn.Module, teacher: Optional[nn.Module], batch: dict
         parts["lm"] = float(loss.detach())
         if teacher is not None:
             with torch.no_grad():
-                tout = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=want_hidden)
-            kd = causal_kd_loss(out.logits, tout.logits, temperature=d.temperature, attention_mask=batch["attention_mask"])
+                tout = teacher(
+                    input_ids=batch["input_ids"],
+                    attention_mask=batch["attention_mask"],
+                    output_hidden_states=want_hidden,
+                )
+            kd = causal_kd_loss(
+                out.logits, tout.logits, temperature=d.temperature, attention_mask=batch["attention_mask"]
+            )
             parts["kd"] = float(kd.detach())
             loss = d.alpha * kd + (1.0 - d.alpha) * loss
             if want_hidden:
@@ -227,7 +246,9 @@ def _loss(task: str, model: nn.Module, teacher: Optional[nn.Module], batch: dict
     with torch.no_grad():
         tout = teacher(**batch, output_hidden_states=want_hidden)
     mask = batch["attention_mask"]
-    emb = embedding_cosine_loss(mean_pool(out.last_hidden_state.float(), mask), mean_pool(tout.last_hidden_state.float(), mask))
+    emb = embedding_cosine_loss(
+        mean_pool(out.last_hidden_state.float(), mask), mean_pool(tout.last_hidden_state.float(), mask)
+    )
     parts["embedding"] = float(emb.detach())
     loss = d.embedding_weight * emb
     if want_hidden:
@@ -323,9 +344,13 @@ def train_with_pruning(
             p.requires_grad_(False)
     if plan.gradient_checkpointing:
         # transformers 5 renamed gradient_checkpointing_enable (deprecated) to activation_checkpointing_enable
-        enable = getattr(model, "activation_checkpointing_enable", None) or getattr(model, "gradient_checkpointing_enable", None)
+        enable = getattr(model, "activation_checkpointing_enable", None) or getattr(
+            model, "gradient_checkpointing_enable", None
+        )
         if enable is None:
-            raise ConfigError(f"gradient checkpointing needs a Hugging Face model; {type(model).__name__} has no gradient_checkpointing_enable()")
+            raise ConfigError(
+                f"gradient checkpointing needs a Hugging Face model; {type(model).__name__} has no gradient_checkpointing_enable()"
+            )
         enable()
         if getattr(getattr(model, "config", None), "use_cache", None):
             model.config.use_cache = False
@@ -345,11 +370,18 @@ def train_with_pruning(
         n_calib = ft.efficiency_transformer.calibration_batches if ft.efficiency_transformer is not None else 4
         calib = [{k: v.to(device) for k, v in batches(i).items()} for i in range(n_calib)]
         finetune = apply_finetuning(
-            model, section, hybrid_lora_adapter=cfg.model.hybrid_lora_adapter, calibration_data=calib,
+            model,
+            section,
+            hybrid_lora_adapter=cfg.model.hybrid_lora_adapter,
+            calibration_data=calib,
             create_manager=lambda m: PruningManager(m, cfg.pruning, total_steps=t.steps),
         )
         manager = finetune.manager
-        if cfg.model.hybrid_lora_adapter and plan.gradient_checkpointing and hasattr(model, "enable_input_require_grads"):
+        if (
+            cfg.model.hybrid_lora_adapter
+            and plan.gradient_checkpointing
+            and hasattr(model, "enable_input_require_grads")
+        ):
             model.enable_input_require_grads()  # frozen embeddings: checkpointed blocks still need an input grad
     else:
         manager = PruningManager(model, cfg.pruning, total_steps=t.steps)
@@ -381,7 +413,9 @@ def train_with_pruning(
         except Exception as exc:  # truncated or foreign file
             raise CheckpointError(f"cannot read checkpoint {str(ckpt_path)!r}: {exc}") from None
         if state.get("format_version") != CHECKPOINT_FORMAT_VERSION:
-            raise CheckpointError(f"checkpoint {str(ckpt_path)!r} has format_version {state.get('format_version')!r}; expected {CHECKPOINT_FORMAT_VERSION}")
+            raise CheckpointError(
+                f"checkpoint {str(ckpt_path)!r} has format_version {state.get('format_version')!r}; expected {CHECKPOINT_FORMAT_VERSION}"
+            )
         if state.get("fingerprint") != fingerprint:
             raise CheckpointError(
                 f"checkpoint {str(ckpt_path)!r} was written by a different configuration; "
@@ -401,19 +435,24 @@ def train_with_pruning(
 
     def checkpoint(step: int) -> None:
         assert ckpt_path is not None
-        _save_checkpoint(ckpt_path, {
-            "format_version": CHECKPOINT_FORMAT_VERSION,
-            "fingerprint": fingerprint,
-            "step": step,
-            "model": model.state_dict(),
-            "manager": manager.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "rng": torch.get_rng_state(),
-            "history": result.history,
-        })
+        _save_checkpoint(
+            ckpt_path,
+            {
+                "format_version": CHECKPOINT_FORMAT_VERSION,
+                "fingerprint": fingerprint,
+                "step": step,
+                "model": model.state_dict(),
+                "manager": manager.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "rng": torch.get_rng_state(),
+                "history": result.history,
+            },
+        )
 
-    autocast = (lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)) if plan.bf16 else contextlib.nullcontext
+    autocast = (
+        (lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)) if plan.bf16 else contextlib.nullcontext
+    )
     params = [p for p in model.parameters() if p.requires_grad]
     t0 = time.perf_counter()
     bar = tqdm(total=t.steps, initial=start, disable=not progress, desc="pruning", unit="step", dynamic_ncols=True)

@@ -69,9 +69,18 @@ DEFAULT_MODEL = "builtin:all-MiniLM-L6-v2"
 #: importing ``transformers.trainer_utils`` to validate a config costs seconds; a test
 #: checks the list against transformers' ``SchedulerType``; ``reduce_lr_on_plateau`` and
 #: ``greedy`` need a metric the loop does not feed them).
-LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
-                 "inverse_sqrt", "cosine_with_min_lr", "cosine_warmup_with_min_lr",
-                 "warmup_stable_decay")
+LR_SCHEDULERS = (
+    "linear",
+    "cosine",
+    "cosine_with_restarts",
+    "polynomial",
+    "constant",
+    "constant_with_warmup",
+    "inverse_sqrt",
+    "cosine_with_min_lr",
+    "cosine_warmup_with_min_lr",
+    "warmup_stable_decay",
+)
 
 #: Fine-tuning methods ``artemis prune`` knows, with whether this build implements them.
 FINE_TUNING_METHODS = {"full": True, "efficiency_transformer": True}
@@ -106,8 +115,6 @@ EMBEDDED_DEFAULT: dict[str, Any] = {
     "distillation": {"enabled": "auto", "hidden_weight": 3.0, "embedding_weight": 1.0},
     "evaluation": {"num_texts": 256},
 }
-
-
 
 
 class ModelSection(ConfigSection):
@@ -163,8 +170,10 @@ class FineTuningSection(ConfigSection):
     @model_validator(mode="after")
     def _options_need_method(self) -> "FineTuningSection":
         et = self.efficiency_transformer
-        if self.method != "efficiency_transformer" and et is not None and (
-            et.adaptive_layer_selection or et.cross_layer_parameter_sharing
+        if (
+            self.method != "efficiency_transformer"
+            and et is not None
+            and (et.adaptive_layer_selection or et.cross_layer_parameter_sharing)
         ):
             raise ValueError(
                 f"efficiency_transformer options are set but method is {self.method!r}; "
@@ -362,4 +371,6 @@ def apply_overrides(cfg: RunConfig, overrides: Mapping[str, Any]) -> RunConfig:
     try:
         return RunConfig.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError("command-line override: " + format_validation_error(exc, "config").replace("config.", "", 1)) from None
+        raise ConfigError(
+            "command-line override: " + format_validation_error(exc, "config").replace("config.", "", 1)
+        ) from None
