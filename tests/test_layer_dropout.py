@@ -11,14 +11,9 @@ import torch.nn as nn
 from artemis import create_pruning_manager
 from artemis.core.errors import CalibrationError, CheckpointError, ConfigError, ModelError, PruningStateError
 from artemis.core.sizing import MIB, model_dense_bytes
-from artemis.methods.layer_dropout import (
-    BlockGate,
-    block_influence,
-    choose_layers_to_drop,
-    layer_gradient_sensitivity,
-    layer_magnitude,
-    layers_for_sparsity,
-)
+from artemis.arch.gates import BlockGate
+from artemis.methods.layer_dropout import choose_layers_to_drop, layers_for_sparsity
+from artemis.metrics.blocks import influence_terms, layer_gradient_sensitivity, layer_magnitude
 from tests.fixtures import lm_batch, tiny_bert, tiny_gpt2, tiny_llama
 
 
@@ -52,15 +47,22 @@ def test_layer_count_rounding():
     assert layers_for_sparsity(0.0624, 8) == 0
 
 
-def test_block_influence_hand_computed():
+def test_old_block_influence_name_warns_and_is_the_per_batch_term():
+    import artemis.methods.layer_dropout as ld
+
+    with pytest.warns(DeprecationWarning, match=r"now artemis\.metrics\.blocks\.influence_terms"):
+        assert ld.block_influence is influence_terms
+
+
+def test_influence_terms_hand_computed():
     x = torch.tensor([[[1.0, 0.0], [1.0, 1.0]]])
     y = torch.tensor([[[-2.0, 0.0], [1.0, 1.0]]])  # cos = -1 and 1
-    assert block_influence(x, y) == (2.0, 2)
+    assert influence_terms(x, y) == (2.0, 2)
     # padding (weight 0) counts for nothing: the shared measure of layer dropout and finetune
-    assert block_influence(x, y, torch.tensor([[0.0, 1.0]])) == (pytest.approx(0.0, abs=1e-6), 1.0)
-    assert block_influence(x, y, torch.tensor([[1.0, 0.0]])) == (pytest.approx(2.0), 1.0)
+    assert influence_terms(x, y, torch.tensor([[0.0, 1.0]])) == (pytest.approx(0.0, abs=1e-6), 1.0)
+    assert influence_terms(x, y, torch.tensor([[1.0, 0.0]])) == (pytest.approx(2.0), 1.0)
     with pytest.raises(ValueError, match="token_weights has 3 entries for 2 tokens"):
-        block_influence(x, y, torch.ones(3))
+        influence_terms(x, y, torch.ones(3))
 
 
 def test_layer_magnitude_and_gradient_sensitivity():

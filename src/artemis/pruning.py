@@ -1,4 +1,4 @@
-"""The seed API: ``from artemis.pruning import create_pruning_manager``.
+"""The specification API: ``from artemis.pruning import create_pruning_manager``.
 
 Example:
     >>> import torch.nn as nn

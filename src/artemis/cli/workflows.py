@@ -492,30 +492,13 @@ def run_export(model_dir: Path, output: Path, quantize: Optional[str] = None) ->
     """Load ``model_dir`` and write it with ``artemis.save_pruned`` (compressed)."""
     from transformers import AutoTokenizer
 
-    from artemis.core.errors import ConfigError
+    from artemis.evaluation.report import write_json
+    from artemis.sparse.checkpoint import save_pruned
 
-    try:
-        from artemis.sparse.checkpoint import save_pruned  # issue 4
-    except ImportError:
-        raise ConfigError(
-            "artemis export needs the compressed exporter (artemis.sparse.checkpoint), which this build lacks"
-        ) from None
     meta = _read_meta(model_dir)
     model = _load_saved(model_dir, meta.get("task"))
     tok = AutoTokenizer.from_pretrained(model_dir)
     output.mkdir(parents=True, exist_ok=True)
-    import inspect
-
-    params = inspect.signature(save_pruned).parameters
-    kw: dict[str, Any] = {}
-    if quantize:
-        kw["quantize"] = quantize
-    if "tokenizer" in params:
-        kw["tokenizer"] = tok
-    save_pruned(model, output, **kw)
-    if "tokenizer" not in params:
-        tok.save_pretrained(output)
-    from artemis.evaluation.report import write_json
-
+    save_pruned(model, output, tokenizer=tok, **({"quantize": quantize} if quantize else {}))
     write_json(output / "artemis_run.json", {**meta, "format": "artemis.save_pruned", "quantize": quantize})
     return str(output)

@@ -1,6 +1,6 @@
 """Typed options of fine-tuning on a pruned model, and the checks that need the machine.
 
-The seed's combined configuration spreads these over two sections::
+The specification's combined configuration spreads these over two sections::
 
     model:
       load_in_8bit: true          # -> check_8bit_backend()
@@ -13,7 +13,7 @@ The seed's combined configuration spreads these over two sections::
         cross_layer_parameter_sharing: true
 
 :class:`FineTuningConfig` validates the ``fine_tuning`` section (extra keys are
-rejected with a suggestion, like every Artemis config). Keys the seed leaves out
+rejected with a suggestion, like every Artemis config). Keys the specification leaves out
 (LoRA rank, how many layers to train, how many pairs to share) have defaults and are
 documented in ``docs/finetune.md``.
 

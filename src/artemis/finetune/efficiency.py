@@ -39,9 +39,10 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from artemis.arch import ArchitectureAdapter, get_adapter, unwrap_model
-from artemis.core.errors import CalibrationError, ConfigError, ModelError
-from artemis.methods.layer_dropout import block_influence as block_influence_sum
+from artemis.arch import ArchitectureAdapter
+from artemis.arch.gates import CACHE_ARGS, block_hidden
+from artemis.core.errors import ConfigError, ModelError
+from artemis.metrics.blocks import block_influence, feed_batches, layer_importance, model_blocks, token_weights
 
 __all__ = [
     "block_influence",
@@ -55,165 +56,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-_CACHE_KWARGS = ("past_key_value", "past_key_values", "cache", "layer_past")
-
-
-def _blocks(model: nn.Module, adapter: Optional[ArchitectureAdapter]) -> nn.ModuleList:
-    adapter = adapter if adapter is not None else get_adapter(unwrap_model(model))
-    if adapter.blocks is None or len(adapter.blocks) == 0:
-        raise ModelError(
-            f"{type(model).__name__} has no transformer blocks the {adapter.name!r} adapter can find; "
-            "layer selection and sharing work on block lists (model.layers, encoder.layer, ...)"
-        )
-    return adapter.blocks
-
-
-def _first_tensor(x: Any) -> Tensor:
-    if isinstance(x, Tensor):
-        return x
-    if isinstance(x, (tuple, list)) and x and isinstance(x[0], Tensor):
-        return x[0]
-    if hasattr(x, "last_hidden_state"):
-        return x.last_hidden_state
-    raise ModelError(f"cannot find the hidden state in a block output of type {type(x).__name__}")
-
-
-def _run(model: nn.Module, data: Iterable[dict], limit: Optional[int]) -> int:
-    device = next(model.parameters()).device
-    n = 0
-    for batch in data:
-        if limit is not None and n >= limit:
-            break
-        if not isinstance(batch, dict):
-            raise CalibrationError(f"calibration batches must be dicts of tensors, got {type(batch).__name__}")
-        batch = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items() if k != "labels"}
-        model(**batch)
-        n += 1
-    if n == 0:
-        raise CalibrationError("no calibration batches were given; the layer scores need at least one")
-    return n
-
-
-def _token_weights(batch_mask: Optional[Tensor], hidden: Tensor) -> Tensor:
-    # (batch, tokens) weights: 1 on real tokens, 0 on padding
-    if batch_mask is not None and batch_mask.shape == hidden.shape[:2]:
-        return batch_mask.to(hidden.dtype)
-    return torch.ones(hidden.shape[:2], dtype=hidden.dtype, device=hidden.device)
-
-
-@torch.no_grad()
-def block_influence(
-    model: nn.Module,
-    data: Iterable[dict],
-    *,
-    adapter: Optional[ArchitectureAdapter] = None,
-    max_batches: Optional[int] = None,
-) -> Tensor:
-    """Block Influence ``1 − cos(input, output)`` of every block, averaged over the real
-    (non-padding) tokens; the per-batch measure is
-    :func:`artemis.methods.layer_dropout.block_influence`, the one layer dropout ranks with.
-
-    Args:
-        model: the model (not modified; put in eval mode by the caller for determinism).
-        data: batches (dicts of model inputs; ``labels`` are dropped, an
-            ``attention_mask`` excludes padding from the average).
-        adapter: the architecture adapter (found from the model when ``None``).
-        max_batches: stop after this many batches.
-
-    Returns:
-        A float32 tensor ``(num_blocks,)``; higher means the block changes its input more.
-
-    Raises:
-        CalibrationError: no batches.
-    """
-    blocks = _blocks(model, adapter)
-    sums = torch.zeros(len(blocks), dtype=torch.float64)
-    counts = torch.zeros(len(blocks), dtype=torch.float64)
-    current_mask: list[Optional[Tensor]] = [None]
-    inputs: dict[int, Tensor] = {}
-    handles = []
-
-    def pre(i: int):
-        def hook(mod: nn.Module, args: tuple, kwargs: dict) -> None:
-            inputs[i] = args[0] if args else kwargs["hidden_states"]
-
-        return hook
-
-    def post(i: int):
-        def hook(mod: nn.Module, args: tuple, out: Any) -> None:
-            x = inputs.pop(i)  # (batch, tokens, hidden)
-            s, n = block_influence_sum(x, _first_tensor(out), _token_weights(current_mask[0], x))
-            sums[i] += s
-            counts[i] += n
-
-        return hook
-
-    for i, block in enumerate(blocks):
-        handles.append(block.register_forward_pre_hook(pre(i), with_kwargs=True))
-        handles.append(block.register_forward_hook(post(i)))
-
-    def masked(data: Iterable[dict]):
-        for batch in data:
-            current_mask[0] = batch.get("attention_mask") if isinstance(batch, dict) else None
-            yield batch
-
-    try:
-        _run(model, masked(data), max_batches)
-    finally:
-        for h in handles:
-            h.remove()
-    return (sums / counts.clamp_min(1)).float()
-
-
-@torch.no_grad()
-def _magnitude_importance(blocks: nn.ModuleList) -> Tensor:
-    out = []
-    for block in blocks:
-        sq, n = 0.0, 0
-        for m in block.modules():
-            w = getattr(m, "weight", None)
-            if isinstance(w, Tensor) and w.dim() == 2:
-                sq += float(w.float().pow(2).sum())
-                n += w.numel()
-        out.append(math.sqrt(sq / n) if n else 0.0)
-    return torch.tensor(out, dtype=torch.float32)
-
-
-def layer_importance(
-    model: nn.Module,
-    adapter: Optional[ArchitectureAdapter] = None,
-    data: Optional[Iterable[dict]] = None,
-    metric: str = "activation",
-    *,
-    max_batches: Optional[int] = None,
-) -> Tensor:
-    """Importance score of every transformer block (higher = more worth training).
-
-    Args:
-        model: the model (not modified).
-        adapter: its architecture adapter (found when ``None``).
-        data: calibration batches; needed by ``activation``.
-        metric: ``activation`` (Block Influence, :func:`block_influence`) or
-            ``magnitude`` (RMS of the block's 2-D weights).
-        max_batches: batches used by ``activation``.
-
-    Returns:
-        float32 tensor ``(num_blocks,)``.
-
-    Raises:
-        ConfigError: unknown metric. CalibrationError: ``activation`` without data.
-    """
-    if metric == "activation":
-        if data is None:
-            raise CalibrationError(
-                "layer importance 'activation' (Block Influence) needs calibration batches; "
-                "pass data=... or use metric='magnitude'"
-            )
-        return block_influence(model, data, adapter=adapter, max_batches=max_batches)
-    if metric == "magnitude":
-        return _magnitude_importance(_blocks(model, adapter))
-    raise ConfigError(f"unknown layer importance metric {metric!r}; valid: 'activation', 'magnitude'")
 
 
 def select_trainable_layers(
@@ -271,7 +113,7 @@ def freeze_layers(
     Raises:
         ConfigError: an index out of range.
     """
-    blocks = _blocks(model, adapter)
+    blocks = model_blocks(model, adapter)
     bad = [i for i in trainable if not 0 <= i < len(blocks)]
     if bad:
         raise ConfigError(f"trainable layer indices {bad} are out of range for {len(blocks)} blocks")
@@ -314,7 +156,7 @@ def adjacent_similarity(
     Returns:
         float32 tensor ``(num_blocks − 1,)`` in [−1, 1]; higher = more alike.
     """
-    blocks = _blocks(model, adapter)
+    blocks = model_blocks(model, adapter)
     n = len(blocks)
     if n < 2:
         raise ModelError(f"cross-layer sharing needs at least 2 blocks; the model has {n}")
@@ -327,7 +169,7 @@ def adjacent_similarity(
 
     def pre(i: int):
         def hook(mod: nn.Module, args: tuple, kwargs: dict) -> None:
-            kw = {k: (None if k in _CACHE_KWARGS else v) for k, v in kwargs.items()}
+            kw = {k: (None if k in CACHE_ARGS else v) for k, v in kwargs.items()}
             if "use_cache" in kw:
                 kw["use_cache"] = False
             captured[i] = (args, kw)
@@ -336,7 +178,7 @@ def adjacent_similarity(
 
     def post(i: int):
         def hook(mod: nn.Module, args: tuple, out: Any) -> None:
-            outputs[i] = _first_tensor(out)
+            outputs[i] = block_hidden(out)
 
         return hook
 
@@ -358,9 +200,9 @@ def adjacent_similarity(
                     args, kw = captured[i + 1]
                     x = (args[0] if args else kw["hidden_states"]).float()
                     y_next = outputs[i + 1].float()
-                    y_here = _first_tensor(blocks[i](*args, **kw)).float()
+                    y_here = block_hidden(blocks[i](*args, **kw)).float()
                     cos = torch.nn.functional.cosine_similarity(y_here - x, y_next - x, dim=-1)
-                    w = _token_weights(current_mask[0], cos)
+                    w = token_weights(current_mask[0], cos)
                     sums[i] += float((cos * w).sum())
                     counts[i] += float(w.sum())
             finally:
@@ -370,7 +212,7 @@ def adjacent_similarity(
                     handles.append(block.register_forward_hook(post(j)))
 
     try:
-        _run(model, each(data), max_batches)
+        feed_batches(model, each(data), max_batches)
     finally:
         for h in handles:
             h.remove()
@@ -428,7 +270,7 @@ def share_adjacent_layers(
         ConfigError: an index out of range or a block in two pairs; nothing is changed.
         ModelError: the two blocks have parameters of different shapes.
     """
-    blocks = _blocks(model, adapter)
+    blocks = model_blocks(model, adapter)
     n = len(blocks)
     seen: set[int] = set()
     plan: list[tuple[nn.Module, str, nn.Parameter]] = []
@@ -473,7 +315,7 @@ def untie_shared_layers(
     Returns:
         Number of parameters copied.
     """
-    blocks = _blocks(model, adapter)
+    blocks = model_blocks(model, adapter)
     copied = 0
     for i, j in pairs:
         src = {id(p) for p in blocks[i].parameters()}

@@ -1,6 +1,6 @@
 """Putting it together: pruning + Hybrid LoRA-Adapter + Efficiency-Transformer + distillation.
 
-:func:`prepare_finetuning` takes the seed's combined run configuration (the ``model``
+:func:`prepare_finetuning` takes the specification's combined run configuration (the ``model``
 and ``fine_tuning`` sections) and a model, and returns a :class:`FinetuneSession`
 whose ``model`` is ready for any training loop. The order matters and is fixed here:
 

