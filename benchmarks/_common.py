@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import resource
+from pathlib import Path
 
 import torch
 
@@ -77,3 +79,43 @@ def random_llama(cfg, dtype=torch.float32, seed: int = 0):
             dim = cfg.hidden_size // cfg.num_attention_heads
             b.copy_(1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)))
     return model.eval()
+
+
+RESULTS = Path(__file__).resolve().parent / "results"
+"""Where the scripts write their raw JSON output (linked from BENCHMARKS.md)."""
+
+
+def write_json(path, data) -> None:
+    """Write ``data`` as indented JSON to ``path`` (parent folders created) and say where."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
+    print(f"(raw output: {p})")
+
+
+class TeeStdout:
+    """Copy everything printed to stdout into ``self.lines`` as well (for the raw JSON of the
+    scripts whose results are the tables they print)."""
+
+    def __init__(self):
+        import sys
+
+        self._sys = sys
+        self._buf = []
+        self.lines: list[str] = []
+
+    def write(self, text: str) -> int:
+        self._buf.append(text)
+        return self._real.write(text)
+
+    def flush(self) -> None:
+        self._real.flush()
+
+    def __enter__(self) -> TeeStdout:
+        self._real = self._sys.stdout
+        self._sys.stdout = self
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._sys.stdout = self._real
+        self.lines = "".join(self._buf).splitlines()

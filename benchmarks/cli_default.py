@@ -13,7 +13,8 @@ Usage (from the repository root):
 Extra arguments are passed to `artemis prune` unchanged. The runs use
 ``OMP_NUM_THREADS`` from the environment (default 2); on a machine shared with other
 jobs, ``OMP_NUM_THREADS=1`` is much faster (two OpenMP threads spin-wait for each other
-when the scheduler gives them less than two cores; see docs/benchmarks/cli_default.md). Results are printed as a
+when the scheduler gives them less than two cores; see docs/benchmarks/cli_default.md).
+Results are printed as a
 Markdown table and written to benchmarks/results/cli_default.json.
 """
 
@@ -76,6 +77,9 @@ def run(args: list[str], out: Path) -> dict:
 
 def main() -> None:
     extra = sys.argv[1:]
+    if extra in (["-h"], ["--help"]):
+        print(__doc__)
+        return
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         results["one_shot"] = run(["--steps", "0"], Path(tmp) / "oneshot")

@@ -163,6 +163,9 @@ def main() -> None:
     ap.add_argument("--width", type=int, default=D, help="block width d (Linear layers d x 4d and 4d x d)")
     ap.add_argument("--worker", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
+    ap.add_argument(
+        "--json", default=None, help="raw output (default: benchmarks/results/distributed_threshold_d<width>.json)"
+    )
     args = ap.parse_args()
     if args.worker is not None:
         worker(args.worker, args.repeats, args.out, args.width)
@@ -184,6 +187,10 @@ def main() -> None:
             if proc.returncode != 0:
                 raise SystemExit(f"torchrun failed for {blocks} blocks:\n{(proc.stdout + proc.stderr)[-4000:]}")
             results.append([json.loads(Path(out, f"b{blocks}_r{r}.json").read_text()) for r in range(2)])
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from _common import machine, write_json
+
+    print(f"machine: {machine()}")
     print(f"torch {torch.__version__}, 2 processes (gloo, CPU, 1 thread each), float32 weights")
     print(
         "| params | d | local params (rank 0) | largest shard | one histogram all-reduce extra peak MiB | threshold extra peak MiB (max rank) | x largest-shard fp32 "
@@ -206,6 +213,9 @@ def main() -> None:
             f"| {t_mib:.1f} | {t_mib / shard_mib:.1f} | {a_mib:.1f} | {g_mib:.1f} | {g_mib / max(t_mib, 1e-9):.1f} "
             f"| {a_s:.3f} | {a_s / r0['params'] * 1e8:.3f} | {g_s:.3f} | {exact} |"
         )
+
+    out_json = args.json or ROOT / "benchmarks" / "results" / f"distributed_threshold_d{args.width}.json"
+    write_json(out_json, {"command": " ".join(sys.argv), "machine": machine(), "per_size_per_rank": results})
 
 
 if __name__ == "__main__":

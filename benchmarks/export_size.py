@@ -253,7 +253,15 @@ def main() -> dict:
 
 
 if __name__ == "__main__":
+    if sys.argv[1:2] in (["-h"], ["--help"]):
+        print(__doc__)
+        raise SystemExit(0)
     res = main()
     print(json.dumps(res, indent=1))
-    if len(sys.argv) > 1:
-        Path(sys.argv[1]).write_text(json.dumps(res, indent=1))
+    # raw output: the path given as the only argument, else benchmarks/results/export_size.json
+    out_path = (
+        Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).resolve().parent / "results" / "export_size.json"
+    )
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    out_path.write_text(json.dumps(res, indent=1) + "\n")
+    print(f"(raw output: {out_path})")

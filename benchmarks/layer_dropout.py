@@ -316,16 +316,22 @@ def main() -> None:
     ap.add_argument("--interval", type=int, default=5)
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--seeds", type=int, default=1)
+    ap.add_argument("--json", default=None, help="raw output (default: benchmarks/results/layer_dropout_<part>.json)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    print(f"machine: {machine()}")
-    print(f"command: {' '.join(sys.argv)}")
-    if args.part in ("choice", "all"):
-        part_choice(args)
-    if args.part in ("latency", "all"):
-        part_latency(args)
-    if args.part in ("fade", "all"):
-        part_fade(args)
+    from _common import RESULTS, TeeStdout, write_json
+
+    with TeeStdout() as out:
+        print(f"machine: {machine()}")
+        print(f"command: {' '.join(sys.argv)}")
+        if args.part in ("choice", "all"):
+            part_choice(args)
+        if args.part in ("latency", "all"):
+            part_latency(args)
+        if args.part in ("fade", "all"):
+            part_fade(args)
+    # the printed tables are this script's results
+    write_json(args.json or RESULTS / f"layer_dropout_{args.part}.json", {"args": vars(args), "stdout": out.lines})
 
 
 if __name__ == "__main__":

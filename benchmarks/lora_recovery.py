@@ -17,6 +17,7 @@ import copy
 import json
 import os
 import time
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -133,7 +134,11 @@ def main():
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--max-length", type=int, default=64)
     ap.add_argument("--only", default=None, help="comma-separated variant names")
-    ap.add_argument("--json", default=None)
+    ap.add_argument(
+        "--json",
+        default=str(Path(__file__).resolve().parent / "results" / "lora.json"),
+        help="raw output (default: %(default)s)",
+    )
     args = ap.parse_args()
     torch.set_num_threads(2)
     torch.manual_seed(0)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -63,6 +64,7 @@ def main() -> None:
         help="also run each metric with its non-default scope (row for magnitude and "
         "gradient_sensitivity, global for activation)",
     )
+    ap.add_argument("--json", default=None, help="raw output (default: benchmarks/results/minilm_metrics[_quick].json)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -120,6 +122,22 @@ def main() -> None:
     print(
         "size (MiB, sparse-bitmask accounting): "
         + ", ".join(f"{x['sparsity']:.0%}: {x['model_size_mb']:.2f}" for x in r)
+    )
+    here = os.path.dirname(os.path.abspath(__file__))
+    sys.path.insert(0, here)
+    from _common import machine, write_json
+
+    default = os.path.join(here, "results", "minilm_metrics_quick.json" if args.quick else "minilm_metrics.json")
+    write_json(
+        args.json or default,
+        {
+            "machine": machine(),
+            "command": " ".join(sys.argv),
+            "levels": levels,
+            "held_out": len(held_out),
+            "dense_weights_restored": same,
+            "results": results,
+        },
     )
 
 

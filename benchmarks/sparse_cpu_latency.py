@@ -33,6 +33,7 @@ import os
 import sys
 import time
 import warnings
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -91,7 +92,11 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=16, help="timed decode steps per measurement")
     ap.add_argument("--batches", default="1,8,64")
     ap.add_argument("--sparsities", default="0.6,0.7")
-    ap.add_argument("--json", default=None)
+    ap.add_argument(
+        "--json",
+        default=None,
+        help="raw output (default: benchmarks/results/sparse_cpu_latency[_avx2]_<n>thread(s).json)",
+    )
     ap.add_argument("--backend", default="auto", choices=["auto", "bitmask", "csr"])
     ap.add_argument(
         "--clock",
@@ -100,6 +105,12 @@ def main() -> None:
         help="cpu: the main thread's CPU time (robust on a shared machine, with 1 thread); wall: elapsed",
     )
     args = ap.parse_args()
+    if args.json is None:
+        kind = "_avx2" if os.environ.get("ARTEMIS_KERNELS") == "avx2" else ""
+        plural = "thread" if args.threads == 1 else "threads"
+        args.json = str(
+            Path(__file__).resolve().parent / "results" / f"sparse_cpu_latency{kind}_{args.threads}{plural}.json"
+        )
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", category=FutureWarning)  # transformers: past_key_values renamed
     base = build()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import resource
+import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -54,7 +55,23 @@ def main() -> None:
     print(f"layers: {mgr.last_reconstruction['layers']}, largest layer stated extra: {stated:.1f} MiB")
     print(f"measured growth of peak RSS during the reconstruction: {grew:.1f} MiB")
     print(f"all {len(mgr.method.targets)} Hessians at once (float32) would be: {all_h:.1f} MiB")
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from _common import RESULTS, machine, write_json
+
+    write_json(
+        sys.argv[1] if len(sys.argv) > 1 else RESULTS / "sparsegpt_memory.json",
+        {
+            "machine": machine(),
+            "layers": mgr.last_reconstruction["layers"],
+            "stated_largest_layer_mib": stated,
+            "measured_peak_rss_growth_mib": grew,
+            "all_hessians_at_once_mib": all_h,
+        },
+    )
 
 
 if __name__ == "__main__":
+    if sys.argv[1:2] in (["-h"], ["--help"]):
+        print(__doc__)
+        raise SystemExit(0)
     main()

@@ -25,6 +25,7 @@ import os
 import resource
 import sys
 import time
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -109,7 +110,11 @@ def main() -> None:
         default=None,
         help="sparsegpt_dampening of the SparseGPT rows (default: the config default, 0.01)",
     )
-    ap.add_argument("--json", default=None, help="also write the results here")
+    ap.add_argument(
+        "--json",
+        default=str(Path(__file__).resolve().parent / "results" / "sparsegpt_minilm.json"),
+        help="raw output (default: %(default)s)",
+    )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 

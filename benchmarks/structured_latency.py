@@ -254,7 +254,7 @@ def main() -> None:
     ap.add_argument("--recovery-lr", type=float, default=5e-5)
     ap.add_argument("--skip-latency", action="store_true")
     ap.add_argument("--skip-quality", action="store_true")
-    ap.add_argument("--json", help="write the results to this file")
+    ap.add_argument("--json", help="raw output (default: benchmarks/results/structured_<latency|quality>_<n>t.json)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     res = {"threads": args.threads, "torch": torch.__version__}
@@ -262,9 +262,15 @@ def main() -> None:
         res.update(latency(args))
     if not args.skip_quality:
         res["quality"] = quality(args)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(res, f, indent=2)
+    if not args.json:
+        part = "latency" if args.skip_quality else "quality" if args.skip_latency else "all"
+        args.json = os.path.join(
+            os.path.dirname(os.path.abspath(__file__)), "results", f"structured_{part}_{args.threads}t.json"
+        )
+    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+    with open(args.json, "w") as f:
+        json.dump(res, f, indent=2)
+    print(f"(raw output: {args.json})")
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from _common import llama_config, machine, random_llama  # noqa: E402
+from _common import RESULTS, llama_config, machine, random_llama, write_json  # noqa: E402
 
 
 def run(with_manager: bool, steps: int, batch: dict, packed: bool = False) -> tuple[float, float]:
@@ -56,6 +56,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--packed-masks", action="store_true", help="also time packed_masks: true")
+    ap.add_argument("--json", default=None, help="raw output (default: benchmarks/results/training_overhead_<n>t.json)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     g = torch.Generator().manual_seed(0)
@@ -69,7 +70,22 @@ def main() -> None:
         if args.packed_masks:
             packed.append(run(True, args.steps, batch, packed=True)[0])
     b, p = max(base), max(pruned)
-    print(f"machine: {machine()}")
+    from statistics import median
+
+    res = {
+        "machine": machine(),
+        "command": " ".join(sys.argv),
+        "steps": args.steps,
+        "repeats": args.repeats,
+        "threads": args.threads,
+        "steps_per_s": {"dense": base, "manager": pruned, "manager_packed": packed},
+        "final_sparsity": sparsity,
+        "overhead_best": b / p - 1,
+        "overhead_median": median(base) / median(pruned) - 1,
+        "overhead_packed_best": (b / max(packed) - 1) if packed else None,
+        "overhead_packed_median": (median(base) / median(packed) - 1) if packed else None,
+    }
+    print(f"machine: {res['machine']}")
     print(f"{args.steps} steps, batch 8x128, best of {args.repeats} alternating runs")
     print("| run | steps/s | final sparsity |")
     print("|---|---|---|")
@@ -80,6 +96,11 @@ def main() -> None:
         q = max(packed)
         print(f"| with PruningManager, `packed_masks: true` | {q:.2f} | |")
         print(f"| **overhead, packed masks** | **{(b / q - 1) * 100:.1f}%** | |")
+    print(f"(median of the runs: overhead {res['overhead_median'] * 100:.1f}%", end="")
+    if packed:
+        print(f", packed {res['overhead_packed_median'] * 100:.1f}%", end="")
+    print(")")
+    write_json(args.json or RESULTS / f"training_overhead_{args.threads}t.json", res)
 
 
 if __name__ == "__main__":
