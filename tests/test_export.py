@@ -1,7 +1,9 @@
 """save_pruned / load_pruned: bit-exact round trips, honest sizes, int8, clear errors on bad files."""
 
 import json
+import os
 import struct
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -324,18 +326,18 @@ def test_format_version_checked(saved):
     meta = json.loads((saved / META_NAME).read_text())
     meta["format_version"] = 99
     (saved / META_NAME).write_text(json.dumps(meta))
-    with pytest.raises(CheckpointError, match="format_version 99; this Artemis reads versions 1, 2"):
+    with pytest.raises(CheckpointError, match="format_version 99; this Artemis reads versions 1, 2, 3"):
         load_pruned(saved)
 
 
 def test_format_1_folders_with_crc32_still_load(saved):
-    """Format 1 stored CRC-32 checksums and no "checksum" key; format 2 writes XXH3-64."""
+    """Format 1 stored CRC-32 checksums and no "checksum" key; formats 2 and 3 write XXH3-64."""
     import zlib
 
     from safetensors.torch import load_file
 
     meta = json.loads((saved / META_NAME).read_text())
-    assert meta["format_version"] == 2 and meta["checksum"] == "xxh3_64"
+    assert meta["format_version"] == 3 and meta["checksum"] == "xxh3_64"
     expected = load_pruned(saved).state_dict()
     tensors = load_file(str(saved / WEIGHTS_NAME))
     meta["format_version"] = 1
@@ -425,3 +427,174 @@ def test_bad_int8_checkpoint_leaves_a_passed_model_untouched(tmp_path):
     assert {n: type(m) for n, m in target.named_modules()} == kinds  # no Int8Linear swapped in
     after = target.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+# ------------------------------------------------------------ format 3 and dense
+def test_config_json_is_covered_by_the_checksums(saved):
+    meta = json.loads((saved / META_NAME).read_text())
+    assert set(meta["files"]) == {"config.json"}
+    cfg = json.loads((saved / "config.json").read_text())
+    cfg["num_attention_heads"] = 8
+    (saved / "config.json").write_text(json.dumps(cfg, indent=2))
+    with pytest.raises(CheckpointError, match=r"config\.json: the file was changed after save_pruned wrote it \(XXH3"):
+        load_pruned(saved)
+    del meta["files"]
+    (saved / META_NAME).write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match=r"artemis_export\.json: config\.json has no checksum"):
+        load_pruned(saved)
+
+
+def test_config_marker_for_stock_loaders(saved):
+    from artemis.sparse.checkpoint import LOAD_HINT, QUANT_METHOD
+
+    cfg = json.loads((saved / "config.json").read_text())
+    assert cfg["quantization_config"]["quant_method"] == QUANT_METHOD == "artemis"
+    # not a *.safetensors name: stock transformers raises with this text instead of loading
+    assert cfg["transformers_weights"] == LOAD_HINT and not LOAD_HINT.endswith(".safetensors")
+    assert "artemis.load_pruned" in LOAD_HINT and "import artemis" in LOAD_HINT
+
+
+def _old_quantization_config(qc):
+    """What format 1/2 wrote: compressed-tensors' quant_method, no transformers_weights."""
+    return {**qc, "quant_method": "compressed-tensors", "version": "artemis-export-1"}
+
+
+@pytest.mark.parametrize("quantize", [None, "int8"])
+def test_format_2_folders_with_compressed_tensors_config_still_load(tmp_path, quantize):
+    model, mgr = _pruned("llama", sparsity=0.5)
+    save_pruned(model, tmp_path, manager=mgr, quantize=quantize)
+    expected = load_pruned(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg["quantization_config"] = _old_quantization_config(cfg["quantization_config"])
+    del cfg["transformers_weights"]
+    (tmp_path / "config.json").write_text(json.dumps(cfg, indent=2))
+    meta = json.loads((tmp_path / META_NAME).read_text())
+    meta["format_version"] = 2
+    del meta["files"]
+    (tmp_path / META_NAME).write_text(json.dumps(meta))
+    back = load_pruned(tmp_path)
+    _assert_bit_identical(expected, back)
+    assert not hasattr(back.config, "quantization_config") or back.config.quantization_config is None
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_dense_format_is_a_plain_hugging_face_folder(tmp_path, kind):
+    from transformers import AutoModelForCausalLM
+
+    model, mgr = _pruned(kind, torch.bfloat16)
+    info = save_pruned(model, tmp_path, manager=mgr, format="dense")
+    assert info["format"] == "dense" and info["sparse_modules"] == [] and "model.safetensors" in info["files"]
+    assert not (tmp_path / META_NAME).exists()
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    assert "quantization_config" not in cfg and "transformers_weights" not in cfg
+    stock = AutoModelForCausalLM.from_pretrained(str(tmp_path))
+    assert not getattr(stock, "is_quantized", False)
+    for k, v in model.state_dict().items():
+        assert torch.equal(stock.state_dict()[k], v), k  # the zeros in place
+    assert info["bytes_on_disk"] >= model_dense_bytes(model)
+    with pytest.raises(CheckpointError, match="looks like a plain Hugging Face folder.*from_pretrained"):
+        load_pruned(tmp_path)
+
+
+def test_dense_format_plain_module_and_refusals(tmp_path):
+    from safetensors.torch import load_model
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
+    with torch.no_grad():
+        net[0].weight[:, :8] = 0
+    info = save_pruned(net, tmp_path / "plain", format="dense")
+    assert info["files"] == [WEIGHTS_NAME]
+    fresh = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
+    load_model(fresh, str(tmp_path / "plain" / WEIGHTS_NAME))
+    _assert_bit_identical(net, fresh)
+    with pytest.raises(ConfigError, match="format must be one of 'compressed', 'dense', got 'gguf'"):
+        save_pruned(net, tmp_path / "x", format="gguf")
+    model, mgr = _pruned("llama", sparsity=0.5)
+    with pytest.raises(ConfigError, match="quantize='int8' needs format='compressed'"):
+        save_pruned(model, tmp_path / "x", manager=mgr, quantize="int8", format="dense")
+    quantize_int8(model, [t.name for t in mgr.method.targets])
+    with pytest.raises(ConfigError, match="is an Int8Linear"):
+        save_pruned(model, tmp_path / "x", format="dense")
+    assert not (tmp_path / "x").exists()
+
+
+# ------------------------------------------------------------------ atomic writes
+def _siblings(dest):
+    return sorted(p.name for p in dest.parent.iterdir() if p.name.startswith(f".{dest.name}."))
+
+
+class _FailingTokenizer:
+    def __init__(self, exc):
+        self.exc = exc
+
+    def save_pretrained(self, path):
+        (Path(path) / "tokenizer.json").write_text("{}")
+        raise self.exc
+
+
+@pytest.mark.parametrize("exc", [OSError("disk full"), KeyboardInterrupt()])
+def test_failed_write_leaves_no_orphan_and_the_old_output(tmp_path, exc):
+    dest = tmp_path / "out"
+    model, mgr = _pruned("llama")
+    save_pruned(model, dest, manager=mgr)
+    before = {p.name: p.read_bytes() for p in dest.iterdir()}
+    with pytest.raises(type(exc)):
+        save_pruned(model, dest, manager=mgr, tokenizer=_FailingTokenizer(exc))
+    assert {p.name: p.read_bytes() for p in dest.iterdir()} == before
+    assert _siblings(dest) == []
+    with pytest.raises(type(exc)):
+        save_pruned(model, tmp_path / "new", manager=mgr, tokenizer=_FailingTokenizer(exc))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # nothing half-written
+
+
+def test_stale_temp_of_a_killed_run_is_cleaned(tmp_path):
+    import subprocess
+    import sys
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    dest = tmp_path / "out"
+    stale = tmp_path / f".out.artemis-tmp-{dead.pid}-0badc0de"
+    stale.mkdir()
+    (stale / WEIGHTS_NAME).write_bytes(b"half")
+    live = tmp_path / f".out.artemis-tmp-{os.getppid()}-00000000"  # a writer still running: kept
+    live.mkdir()
+    other = tmp_path / ".other.artemis-tmp-1-00000000"  # another destination's: not ours to judge
+    other.mkdir()
+    model, mgr = _pruned("llama")
+    save_pruned(model, dest, manager=mgr)
+    assert not stale.exists() and live.exists() and other.exists()
+    load_pruned(dest)
+
+
+@pytest.mark.parametrize("exchange", [True, False])
+def test_overwrite_replaces_the_whole_output(tmp_path, monkeypatch, exchange):
+    import artemis.sparse.checkpoint as ckpt
+
+    if not exchange:  # the two-rename fallback (no renameat2)
+        monkeypatch.setattr(ckpt, "_exchange", lambda a, b: False)
+    dest = tmp_path / "out"
+    a, mgr_a = _pruned("llama", seed=1)
+    save_pruned(a, dest, manager=mgr_a)
+    (dest / "artemis_run.json").write_text("{}")
+    (dest / "stale-extra.bin").write_bytes(b"x")
+    b, mgr_b = _pruned("gpt2")
+    save_pruned(b, dest, manager=mgr_b)
+    assert not (dest / "stale-extra.bin").exists() and not (dest / "artemis_run.json").exists()
+    _assert_bit_identical(b, load_pruned(dest))
+    assert _siblings(dest) == []
+
+
+def test_refuses_to_replace_a_folder_with_other_files(tmp_path):
+    model, mgr = _pruned("llama")
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(CheckpointError, match="the folder exists and holds other files"):
+        save_pruned(model, tmp_path, manager=mgr)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(CheckpointError, match="exists and is not a folder"):
+        save_pruned(model, tmp_path / "file", manager=mgr)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert save_pruned(model, empty, manager=mgr)["path"] == str(empty)

@@ -18,11 +18,15 @@ from artemis.core.errors import (
 )
 from artemis.core.manager import PruningManager
 from artemis.pruning import create_pruning_manager
+from artemis.sparse import hf_quantizer
 from artemis.sparse.checkpoint import load_pruned, save_pruned
 
 __version__ = "0.1.0"
 
 _moved.install()  # old import paths (artemis.export, artemis.config, ...) keep working
+# the "artemis" quantizer, registered with transformers when its quantizer registry is
+# imported: from_pretrained and SentenceTransformer then read save_pruned folders
+hf_quantizer.install()
 
 __all__ = [
     "__version__",

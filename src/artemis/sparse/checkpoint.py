@@ -2,30 +2,51 @@
 
 A checkpoint is a folder:
 
-* ``config.json`` — the Hugging Face config (absent for a plain ``torch.nn.Module``),
-  with a compressed-tensors ``quantization_config`` entry whose ``sparsity_config`` has
-  ``format: "sparse-bitmask"`` when any weight is stored sparse (and ``format:
-  "int-quantized"`` with a channel-wise int8 ``config_groups`` entry for ``quantize="int8"``);
+* ``config.json`` — the Hugging Face config (absent for a plain ``torch.nn.Module``).
+  When any weight is stored sparse or int8 it carries the Artemis marker: a
+  ``quantization_config`` with ``quant_method: "artemis"`` (its ``sparsity_config`` has
+  compressed-tensors' schema, ``format: "sparse-bitmask"``, and ``format:
+  "int-quantized"`` with a channel-wise int8 ``config_groups`` entry for ``quantize="int8"``)
+  and a ``transformers_weights`` entry whose text says what the folder is and how to load
+  it. Stock transformers ignores an unknown ``quant_method`` with a warning but refuses a
+  ``transformers_weights`` that is not a ``.safetensors`` name, so ``from_pretrained``
+  without Artemis raises with that text instead of initialising the pruned weights at
+  random. ``import artemis`` registers the ``artemis`` quantizer
+  (:mod:`artemis.sparse.hf_quantizer`), which decodes the folder inside ``from_pretrained``;
 * ``model.safetensors`` — every tensor. A pruned weight ``<module>.weight`` is stored in
   compressed-tensors' ``sparse-bitmask`` layout as ``<module>.compressed`` (the non-zero
   values, row-major), ``<module>.bitmask`` (uint8, one bit per weight, each row packed
   with ``numpy.packbits(..., bitorder="little")``), ``<module>.shape`` (int64) and
   ``<module>.row_offsets`` (int64, index of each row's first value) — the layout
-  compressed-tensors' ``BitmaskCompressor`` wrote and vLLM / llm-compressor read — when
-  that is smaller than storing it dense; an int8 layer adds ``<module>.weight_scale``
-  (float32, ``(out, 1)``) and its values are int8;
+  compressed-tensors' ``BitmaskCompressor`` wrote — when that is smaller than storing it
+  dense; an int8 layer adds ``<module>.weight_scale`` (float32, ``(out, 1)``) and its
+  values are int8;
 * ``artemis_export.json`` — format version, model class, which modules are sparse or
-  int8, tied-weight aliases and a checksum of every stored tensor (XXH3-64, named in
-  its ``checksum`` key; format 1 folders used CRC-32 and are still read);
+  int8, tied-weight aliases, a checksum of every stored tensor (XXH3-64, named in its
+  ``checksum`` key; format 1 folders used CRC-32 and are still read) and, from format 3,
+  of every other file ``load_pruned`` reads (``config.json``, in its ``files`` key);
 * the tokenizer files, when a tokenizer is passed; ``generation_config.json`` when the
-  model has one.
+  model has one; a sentence-transformers model's own files (``modules.json``,
+  ``config_sentence_transformers.json``, ``sentence_bert_config.json``, ``1_Pooling/``,
+  ...) when the source folder has them.
+
+``save_pruned(..., format="dense")`` writes a plain Hugging Face folder instead (the
+zeros in place, ``save_pretrained``'s files, no marker) for tools that read only dense
+checkpoints (vLLM, llama.cpp's converter, ONNX export).
+
+Every folder is written to a temporary sibling (``.<name>.artemis-tmp-<pid>-<hex>``) and
+renamed into place at the end: an error or an interruption leaves no half-written
+output, a stale temporary folder of a killed run is removed by the next write to the
+same destination, and an existing output is swapped atomically where the OS can
+(``renameat2(RENAME_EXCHANGE)`` on Linux), else by two renames.
 
 Why not compressed-tensors' own compressor: version 0.20 removed it (only
 ``BitmaskConfig`` and the legacy ``pack_bitmasks`` helpers remain, and
 ``ModelCompressor.update_config`` now writes an empty ``sparsity_config``), and
 importing the package takes many seconds. Artemis writes the same documented layout
 with the same two numpy calls (``packbits``/``unpackbits``, little bit order, per row);
-the tests check the bytes against compressed-tensors' helpers.
+the tests check the bytes against compressed-tensors' helpers. Folders of format 1 and
+2 (``quant_method: "compressed-tensors"``, no marker) are still read by ``load_pruned``.
 
 The bytes written are the bytes :mod:`artemis.core.sizing` predicts (the manager's
 ``model_size_reduction``) up to the safetensors header and the JSON files. Zeros come
@@ -48,10 +69,14 @@ Example:
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
+import secrets
+import shutil
 import struct
+import sys
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -84,14 +109,34 @@ __all__ = [
     "EXPORT_FORMAT_VERSION",
     "WEIGHTS_NAME",
     "META_NAME",
+    "QUANT_METHOD",
+    "SAVE_FORMATS",
 ]
 
 logger = logging.getLogger(__name__)
 
-EXPORT_FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, 2)  # 1: CRC-32 checksums (no "checksum" key)
+# 1: CRC-32 checksums (no "checksum" key); 2: XXH3-64; 3: the Artemis marker in config.json
+# (quant_method "artemis", transformers_weights) and checksums of config.json ("files")
+EXPORT_FORMAT_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
 WEIGHTS_NAME = "model.safetensors"
 META_NAME = "artemis_export.json"
+CONFIG_NAME = "config.json"
+#: ``quantization_config.quant_method`` of a compressed folder (the transformers plugin's name)
+QUANT_METHOD = "artemis"
+#: what ``save_pruned(format=...)`` writes
+SAVE_FORMATS = ("compressed", "dense")
+# config.json's ``transformers_weights``: stock transformers (no ``import artemis``) raises
+# "The transformers file in the config seems to be incorrect: ...: <this text>" at load time
+# (it accepts only a *.safetensors name there); the artemis quantizer removes it.
+MARKER_PREFIX = "ARTEMIS COMPRESSED CHECKPOINT"
+LOAD_HINT = (
+    f"{MARKER_PREFIX} (written by artemis.save_pruned: pruned weights stored as sparse-bitmask/int8 tensors, "
+    f"config.json quantization_config.quant_method={QUANT_METHOD!r}); stock transformers cannot decode it and "
+    "would initialise those weights at random. Load it with artemis.load_pruned(folder), or run `import artemis` "
+    "first (it registers the 'artemis' quantizer for AutoModel*.from_pretrained and SentenceTransformer); "
+    "artemis.save_pruned(model, folder, format='dense') writes a plain Hugging Face folder"
+)
 _DTYPES = {
     "F64": torch.float64,
     "F32": torch.float32,
@@ -163,8 +208,9 @@ def _hf_config(model: nn.Module) -> Any:
 
 
 def _quantization_config(sparse_modules: list[str], int8_modules: list[str], sparsity: float) -> dict[str, Any]:
-    """The compressed-tensors ``quantization_config`` entry of ``config.json``."""
-    qc: dict[str, Any] = {"quant_method": "compressed-tensors", "version": "artemis-export-1"}
+    """The ``quantization_config`` entry of ``config.json``: compressed-tensors' schema for the
+    layout (``sparsity_config``, ``config_groups``) under ``quant_method: "artemis"``."""
+    qc: dict[str, Any] = {"quant_method": QUANT_METHOD, "version": f"artemis-export-{EXPORT_FORMAT_VERSION}"}
     if sparse_modules:
         qc["sparsity_config"] = {
             "format": "sparse-bitmask",
@@ -199,6 +245,179 @@ def _quantization_config(sparse_modules: list[str], int8_modules: list[str], spa
     return qc
 
 
+# ------------------------------------------------------- atomic folders
+_TMP_TAG = "artemis-tmp"
+_OLD_TAG = "artemis-old"
+_RENAME_EXCHANGE = 2  # linux/fs.h
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid() or os.name == "nt":  # on Windows os.kill(pid, 0) would terminate the process
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True  # exists (another user's) or cannot tell: keep it
+    return True
+
+
+def _clean_stale(dest: Path) -> None:
+    """Remove ``.<name>.artemis-tmp-<pid>-*`` / ``artemis-old`` siblings of ``dest`` left by
+    a run that was killed (its process is gone); another live writer's are kept."""
+    prefix = f".{dest.name}."
+    try:
+        siblings = list(dest.parent.iterdir())
+    except OSError:
+        return
+    for p in siblings:
+        rest = p.name[len(prefix) :] if p.name.startswith(prefix) else ""
+        tag, _, tail = rest.partition("-")
+        tag2, _, tail = tail.partition("-")
+        if f"{tag}-{tag2}" not in (_TMP_TAG, _OLD_TAG):
+            continue
+        pid = tail.partition("-")[0]
+        if pid.isdigit() and not _pid_alive(int(pid)) and p.is_dir() and not p.is_symlink():
+            logger.info("removing %s, left by an interrupted save_pruned", p)
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically (Linux ``renameat2(RENAME_EXCHANGE)``); False where unsupported."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd = -100
+    rc = fn(at_fdcwd, os.fsencode(str(a)), at_fdcwd, os.fsencode(str(b)), _RENAME_EXCHANGE)
+    return rc == 0
+
+
+def _looks_like_output(folder: Path) -> bool:
+    names = {p.name for p in folder.iterdir()}
+    known = {
+        META_NAME,
+        CONFIG_NAME,
+        WEIGHTS_NAME,
+        "model.safetensors.index.json",
+        "modules.json",
+        "artemis_run.json",
+        "tokenizer_config.json",
+    }
+    return not names or bool(names & known)
+
+
+@contextmanager
+def _atomic_folder(dest: Path) -> Iterator[Path]:
+    """Yield a new temporary sibling of ``dest``; on success it replaces ``dest``."""
+    if dest.is_symlink():
+        dest = dest.resolve()
+    if dest.exists():
+        if not dest.is_dir():
+            raise CheckpointError(f"{dest}: exists and is not a folder")
+        if not _looks_like_output(dest):
+            raise CheckpointError(
+                f"{dest}: the folder exists and holds other files; save_pruned replaces the whole output folder, so "
+                f"it only overwrites an empty folder or a model folder (one with {CONFIG_NAME}, {WEIGHTS_NAME} or "
+                f"{META_NAME}). Choose a new path or empty it"
+            )
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    _clean_stale(dest)
+    tmp = dest.parent / f".{dest.name}.{_TMP_TAG}-{os.getpid()}-{secrets.token_hex(4)}"
+    tmp.mkdir()  # the process umask applies, as for a plain mkdir
+    try:
+        yield tmp
+        _replace_folder(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _replace_folder(tmp: Path, dest: Path) -> None:
+    try:
+        os.rename(tmp, dest)  # dest absent or an empty folder: one atomic rename
+        return
+    except OSError as exc:
+        if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST) and not isinstance(exc, FileExistsError):
+            raise
+    if _exchange(tmp, dest):  # dest now holds the new files, tmp the old ones
+        shutil.rmtree(tmp, ignore_errors=True)
+        return
+    old = dest.parent / f".{dest.name}.{_OLD_TAG}-{os.getpid()}-{secrets.token_hex(4)}"
+    os.rename(dest, old)
+    try:
+        os.rename(tmp, dest)
+    except BaseException:
+        os.rename(old, dest)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+# ------------------------------------------------- sentence-transformers
+def _sentence_transformers_source(model: nn.Module, source_dir: Any) -> Optional[Path]:
+    """The folder whose sentence-transformers files are copied: ``source_dir``, else the
+    local folder the model was loaded from (``config._name_or_path``) when it has a
+    ``modules.json``; ``source_dir=False`` copies none."""
+    if source_dir is False:
+        return None
+    if source_dir is not None:
+        src = Path(source_dir)
+        if not (src / "modules.json").is_file():
+            raise ConfigError(
+                f"save_pruned: source_dir {str(src)!r} has no modules.json (not a sentence-transformers folder)"
+            )
+        return src
+    cfg = getattr(model, "config", None)
+    name = getattr(cfg, "_name_or_path", None) or getattr(cfg, "name_or_path", None)
+    if isinstance(name, (str, os.PathLike)) and str(name) and os.path.isfile(os.path.join(name, "modules.json")):
+        return Path(name)
+    return None
+
+
+def _copy_sentence_transformers_files(src: Path, out: Path) -> list[str]:
+    """Copy ``modules.json``, ``config_sentence_transformers.json``, ``sentence_*_config.json``
+    and the folders of the modules listed in ``modules.json`` (``1_Pooling/``, ...)."""
+    copied: list[str] = []
+    try:
+        modules = json.loads((src / "modules.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"save_pruned: {src / 'modules.json'} cannot be read ({exc})") from None
+    names = ["modules.json", "config_sentence_transformers.json"]
+    names += sorted(p.name for p in src.glob("sentence_*_config.json"))
+    for name in names:
+        if (src / name).is_file():
+            shutil.copy2(src / name, out / name)
+            copied.append(name)
+    root = src.resolve()
+    for entry in modules if isinstance(modules, list) else []:
+        rel = entry.get("path", "") if isinstance(entry, dict) else ""
+        if not rel:
+            continue
+        folder = (src / rel).resolve()
+        if folder.parent != root or not folder.is_dir():  # only first-level module folders
+            continue
+        shutil.copytree(folder, out / folder.name, dirs_exist_ok=True)
+        copied.append(folder.name + "/")
+    return copied
+
+
+def _file_checksum(file: Path, algo: str) -> int:
+    """The checksum of a file's bytes (the same function as a uint8 tensor of them)."""
+    data = file.read_bytes()
+    if algo == "crc32":
+        return zlib.crc32(data) if data else 0
+    import xxhash
+
+    return xxhash.xxh3_64_intdigest(data) if data else 0
+
+
+# -------------------------------------------------------- save_pruned
 @torch.no_grad()
 def save_pruned(
     model: nn.Module,
@@ -207,37 +426,135 @@ def save_pruned(
     quantize: Optional[str] = None,
     tokenizer: Any = None,
     manager: Any = None,
+    format: str = "compressed",
+    source_dir: Union[str, os.PathLike, None, bool] = None,
 ) -> dict[str, Any]:
-    """Write ``model`` to the folder ``path`` with its sparse weights compressed.
+    """Write ``model`` to the folder ``path`` with its sparse weights compressed (or dense).
 
     Args:
         model: a pruned model (Hugging Face or any ``nn.Module``). Its masks should be
             folded (``manager.finalize()``); the weights as they are now are written.
-        path: the output folder (created; existing files of the same names are replaced).
+        path: the output folder. It is written to a temporary sibling and renamed into
+            place at the end, replacing an existing output as a whole (an empty folder or
+            a model folder; a folder with other files is refused).
         quantize: ``None`` (values in their own dtype) or ``"int8"`` (the pruned layers as
             sparsity-keeping symmetric per-channel int8, as :func:`artemis.sparse.quantization.quantize_int8`
-            would make them; the model itself is not changed).
+            would make them; the model itself is not changed). Compressed format only.
         tokenizer: saved alongside with ``save_pretrained`` when given.
         manager: the :class:`~artemis.core.manager.PruningManager`; default ``model.pruning_manager``
             if set. It decides which weights are candidates for sparse storage (none for a
             structural method, whose smaller model is saved dense); without one, every
             ``Linear``/``Conv1D`` weight is a candidate. A candidate is stored sparse when
             that is smaller than dense (:func:`artemis.core.sizing.stores_sparse`).
+        format: ``"compressed"`` (default: the sparse-bitmask / int8 folder that
+            :func:`load_pruned`, or transformers after ``import artemis``, reads) or
+            ``"dense"`` (a plain Hugging Face folder, zeros in place: ``save_pretrained``'s
+            ``model.safetensors`` and ``config.json`` without the Artemis marker, for vLLM,
+            llama.cpp's converter, ONNX; a plain ``nn.Module`` gets ``model.safetensors`` only).
+        source_dir: a sentence-transformers folder whose module files (``modules.json``,
+            ``config_sentence_transformers.json``, ``sentence_*_config.json`` and the module
+            folders such as ``1_Pooling/``) are copied, so that ``SentenceTransformer(path)``
+            keeps its pooling and normalisation. Default: the folder the model was loaded
+            from (``model.config._name_or_path``) when it is a local folder with a
+            ``modules.json``; ``False`` copies none.
 
     Returns:
-        ``{"path", "bytes_on_disk", "dense_bytes", "sparse_modules", "int8_modules", "files"}``;
+        ``{"path", "format", "bytes_on_disk", "dense_bytes", "sparse_modules", "int8_modules", "files"}``;
         ``bytes_on_disk`` counts the weights and JSON files (not the tokenizer).
 
     Raises:
-        ConfigError: ``quantize`` is not None or ``"int8"``.
+        ConfigError: ``quantize`` is not None or ``"int8"``, ``format`` is unknown,
+            ``format="dense"`` with int8 (asked for or already in the model), or ``source_dir``
+            has no ``modules.json``.
+        CheckpointError: ``path`` exists and is a file or a folder holding other files.
     """
     from artemis.arch import unwrap_model
-    from artemis.core.targets import conv1d_class
-    from artemis.sparse.quantization import Int8Linear, default_quant_targets, quantize_weight_int8
 
     if quantize not in QUANTIZE_CHOICES:
         raise ConfigError(f"save_pruned: quantize must be None or 'int8', got {quantize!r}")
+    if format not in SAVE_FORMATS:
+        raise ConfigError(f"save_pruned: format must be one of {', '.join(map(repr, SAVE_FORMATS))}, got {format!r}")
     model = unwrap_model(model)
+    _check_saveable(model, format, quantize)
+    st_source = _sentence_transformers_source(model, source_dir)
+    with _atomic_folder(Path(os.path.abspath(path))) as tmp:
+        if format == "dense":
+            info = _write_dense(model, tmp)
+        else:
+            info = _write_compressed(model, tmp, quantize, manager)
+        if st_source is not None:
+            info["files"] += _copy_sentence_transformers_files(st_source, tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+        if format == "compressed":
+            info["meta"]["files"] = {
+                name: _file_checksum(tmp / name, CHECKSUM) for name in (CONFIG_NAME,) if (tmp / name).is_file()
+            }
+            (tmp / META_NAME).write_text(json.dumps(info["meta"], indent=1, sort_keys=True) + "\n", encoding="utf-8")
+            info["files"].append(META_NAME)
+        counted = [f for f in info["files"] if not f.endswith("/") and (tmp / f).is_file()]
+        bytes_on_disk = sum((tmp / f).stat().st_size for f in counted)
+    from artemis.core.sizing import model_dense_bytes
+
+    out = Path(os.path.abspath(path))
+    return {
+        "path": str(out.resolve() if out.is_symlink() else out),
+        "format": format,
+        "bytes_on_disk": bytes_on_disk,
+        "dense_bytes": model_dense_bytes(model),
+        "sparse_modules": info["sparse_modules"],
+        "int8_modules": info["int8_modules"],
+        "files": info["files"],
+    }
+
+
+def _check_saveable(model: nn.Module, format: str, quantize: Optional[str]) -> None:
+    from artemis.sparse.inference import SparseLinear
+    from artemis.sparse.quantization import Int8Linear
+
+    sparse = [n for n, m in model.named_modules() if isinstance(m, SparseLinear)]
+    if sparse:
+        raise ConfigError(
+            f"save_pruned: {sparse[0]!r} is a SparseLinear (an inference-only layer whose weight is not in the state "
+            "dict); save the model before sparsify_for_inference, or load it with sparse_backend='dense'"
+        )
+    if format == "dense":
+        if quantize is not None:
+            raise ConfigError(
+                "save_pruned: format='dense' writes floating-point weights; quantize='int8' needs format='compressed'"
+            )
+        int8 = [n for n, m in model.named_modules() if isinstance(m, Int8Linear)]
+        if int8:
+            raise ConfigError(
+                f"save_pruned: format='dense' writes floating-point weights, but {int8[0]!r} is an Int8Linear "
+                "(a plain Hugging Face folder has no int8 layout); save it with format='compressed'"
+            )
+
+
+def _write_dense(model: nn.Module, out: Path) -> dict[str, Any]:
+    """A plain Hugging Face folder (``save_pretrained``), or ``model.safetensors`` for a torch module."""
+    cfg = _hf_config(model)
+    if cfg is None or not hasattr(model, "save_pretrained"):
+        from safetensors.torch import save_model
+
+        save_model(model, str(out / WEIGHTS_NAME), metadata={"format": "pt"})
+        return {"files": [WEIGHTS_NAME], "sparse_modules": [], "int8_modules": []}
+    model.save_pretrained(str(out))
+    cfg_path = out / CONFIG_NAME
+    data = json.loads(cfg_path.read_text(encoding="utf-8"))
+    qc = data.get("quantization_config")
+    if isinstance(qc, dict) and qc.get("quant_method") in (QUANT_METHOD, "compressed-tensors"):
+        data.pop("quantization_config")  # the weights written are plain dense tensors
+    data.pop("transformers_weights", None)
+    cfg_path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    files = sorted(p.name for p in out.iterdir() if p.is_file())
+    return {"files": files, "sparse_modules": [], "int8_modules": []}
+
+
+def _write_compressed(model: nn.Module, out: Path, quantize: Optional[str], manager: Any) -> dict[str, Any]:
+    from artemis.core.targets import conv1d_class
+    from artemis.sparse.quantization import Int8Linear, default_quant_targets, quantize_weight_int8
+
     if manager is None:
         manager = getattr(model, "pruning_manager", None)
     candidates = _candidate_weights(model, manager)
@@ -314,8 +631,6 @@ def save_pruned(
         if target is not None and target != name:
             aliases[name] = target
 
-    out = Path(path)
-    out.mkdir(parents=True, exist_ok=True)
     from safetensors.torch import save_file
 
     save_file(tensors, str(out / WEIGHTS_NAME), metadata={"format": "pt"})
@@ -323,15 +638,17 @@ def save_pruned(
     cfg = _hf_config(model)
     if cfg is not None:
         cfg.save_pretrained(str(out))
-        cfg_path = out / "config.json"
+        cfg_path = out / CONFIG_NAME
         data = json.loads(cfg_path.read_text(encoding="utf-8"))
         data.pop("quantization_config", None)
+        data.pop("transformers_weights", None)
         if sparse_modules or int8_modules:
             data["quantization_config"] = _quantization_config(
                 sorted(sparse_modules), sorted(int8_modules), zeros / total if total else 0.0
             )
+            data["transformers_weights"] = LOAD_HINT
         cfg_path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        files.append("config.json")
+        files.append(CONFIG_NAME)
         gen = getattr(model, "generation_config", None)
         if gen is not None and hasattr(gen, "save_pretrained"):
             try:
@@ -353,19 +670,11 @@ def save_pruned(
         "checksum": CHECKSUM,
         "checksums": {k: CHECKSUMS[CHECKSUM](v) for k, v in tensors.items()},
     }
-    (out / META_NAME).write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n", encoding="utf-8")
-    files.append(META_NAME)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(str(out))
-    from artemis.core.sizing import model_dense_bytes
-
     return {
-        "path": str(out),
-        "bytes_on_disk": sum((out / f).stat().st_size for f in files),
-        "dense_bytes": model_dense_bytes(model),
+        "files": files,
         "sparse_modules": sorted(sparse_modules),
         "int8_modules": sorted(int8_modules),
-        "files": files,
+        "meta": meta,
     }
 
 
@@ -421,11 +730,56 @@ def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
         torch.set_default_dtype(old)
 
 
+def read_export_meta(root: Path, verify: bool = True) -> tuple[dict, str]:
+    """``artemis_export.json`` of the folder ``root`` with its format version checked, and the
+    checksum algorithm of its tensors; with ``verify``, also checks every file it lists a
+    checksum for (``config.json`` from format 3).
+
+    Raises:
+        CheckpointError: a missing or unreadable ``artemis_export.json``, an unknown format
+            version or checksum, a listed file that is missing or was changed after saving.
+    """
+    meta_file = root / META_NAME
+    if not meta_file.is_file() and (root / CONFIG_NAME).is_file() and (root / WEIGHTS_NAME).is_file():
+        raise CheckpointError(
+            f"{meta_file}: file is missing; {root} looks like a plain Hugging Face folder (save_pruned(..., "
+            "format='dense') writes these): load it with transformers' from_pretrained"
+        )
+    meta = _read_json(meta_file)
+    version = meta.get("format_version")
+    if version not in READABLE_VERSIONS:
+        raise CheckpointError(
+            f"{meta_file}: format_version {version!r}; this Artemis reads versions "
+            f"{', '.join(map(str, READABLE_VERSIONS))}"
+        )
+    algo = meta.get("checksum", "crc32") if version >= 2 else "crc32"
+    if algo not in CHECKSUMS:
+        raise CheckpointError(f"{meta_file}: checksum {algo!r} is unknown; valid: {', '.join(map(repr, CHECKSUMS))}")
+    files = meta.get("files", {}) if version >= 3 else {}
+    if not isinstance(files, dict):
+        raise CheckpointError(f"{meta_file}: 'files' must be an object, got {type(files).__name__}")
+    if version >= 3 and meta.get("library") == "transformers" and CONFIG_NAME not in files:
+        raise CheckpointError(f"{meta_file}: {CONFIG_NAME} has no checksum (the 'files' entry is incomplete)")
+    for name, want in sorted(files.items()):
+        file = root / name
+        if not file.is_file():
+            raise CheckpointError(f"{file}: file is missing; is this a folder written by artemis.save_pruned?")
+        if verify:
+            got = _file_checksum(file, algo)
+            if got != want:
+                expected = f"{want:#x}" if isinstance(want, int) else repr(want)
+                raise CheckpointError(
+                    f"{file}: the file was changed after save_pruned wrote it ({_CHECKSUM_LABEL[algo]} {got:#x}, "
+                    f"expected {expected} in {META_NAME}); restore it or save the model again"
+                )
+    return meta, algo
+
+
 def _build_hf_model(path: Path, meta: dict) -> nn.Module:
     import transformers
     from transformers import AutoConfig
 
-    _read_json(path / "config.json")
+    _read_json(path / CONFIG_NAME)
     cls = getattr(transformers, meta.get("model_class", ""), None)
     if cls is None:
         raise CheckpointError(
@@ -435,8 +789,11 @@ def _build_hf_model(path: Path, meta: dict) -> nn.Module:
     try:
         config = AutoConfig.from_pretrained(str(path))
     except Exception as exc:
-        raise CheckpointError(f"{path / 'config.json'}: cannot be read as a transformers config ({exc})") from None
-    config.__dict__.pop("quantization_config", None)  # our layout is decoded here, not by transformers
+        raise CheckpointError(f"{path / CONFIG_NAME}: cannot be read as a transformers config ({exc})") from None
+    # our layout is decoded here, not by transformers (format 1/2: compressed-tensors' entry; 3: the marker)
+    config.__dict__.pop("quantization_config", None)
+    config.__dict__.pop("transformers_weights", None)
+    config._name_or_path = str(path)  # save_pruned finds a sentence-transformers folder's files from here
     try:
         from transformers.initialization import no_init_weights  # transformers 5
     except ImportError:  # pragma: no cover - transformers 4.x
@@ -467,8 +824,9 @@ def load_pruned(
             ``torch.nn.Module`` checkpoint; for a Hugging Face one it is built from
             ``config.json``). Its tensors are replaced, dtypes included.
         device: move the model there after loading.
-        verify: check every tensor's checksum (XXH3-64; CRC-32 in format-1 folders): a
-            corrupted byte raises instead of loading.
+        verify: check every tensor's checksum (XXH3-64; CRC-32 in format-1 folders) and,
+            from format 3, that of ``config.json``: a corrupted byte or an edited config
+            raises instead of loading.
         workers: threads that check and decode tensors in parallel (numpy and zlib release
             the GIL); default ``torch.get_num_threads()``. ``1`` decodes in this thread.
 
@@ -487,16 +845,7 @@ def load_pruned(
     if not root.is_dir():
         raise CheckpointError(f"{root}: folder does not exist")
     meta_file = root / META_NAME
-    meta = _read_json(meta_file)
-    version = meta.get("format_version")
-    if version not in READABLE_VERSIONS:
-        raise CheckpointError(
-            f"{meta_file}: format_version {version!r}; this Artemis reads versions "
-            f"{', '.join(map(str, READABLE_VERSIONS))}"
-        )
-    algo = meta.get("checksum", "crc32") if version >= 2 else "crc32"
-    if algo not in CHECKSUMS:
-        raise CheckpointError(f"{meta_file}: checksum {algo!r} is unknown; valid: {', '.join(map(repr, CHECKSUMS))}")
+    meta, algo = read_export_meta(root, verify)
     wfile = root / WEIGHTS_NAME
     _check_safetensors(wfile)
     try:
