@@ -80,3 +80,76 @@ def test_alias_twice_and_no_section():
         load_pruning_config({"training": {}})
     with pytest.raises(ConfigError, match="model.pruning.final_sparsity"):
         load_pruning_config({"model": {"pruning": {"final_sparsity": 3}}})
+
+
+def test_method_options_keep_their_flat_keys_and_defaults():
+    cfg = load_pruning_config({"pruning": {"reconstruction": "sparsegpt", "sparsegpt_blocksize": 64, "owl_m": 3}})
+    assert (cfg.reconstruction, cfg.sparsegpt_blocksize, cfg.owl_m, cfg.owl_lambda) == ("sparsegpt", 64, 3.0, 0.08)
+    assert cfg.structured_widths == "uniform" and cfg.layer_dropout is None  # other methods' defaults
+    assert cfg.needs_calibration_batches
+    dumped = cfg.model_dump()
+    assert dumped["sparsegpt_blocksize"] == 64 and dumped["layer_dropout"] is None
+    assert load_pruning_config({"pruning": dumped}) == cfg  # the dump is a valid pruning section
+
+
+def test_method_options_are_owned_by_their_method():
+    from artemis.methods import METHODS
+    from artemis.methods.owl import OWLOptions
+    from artemis.methods.sparsegpt import SparseGPTOptions
+    from artemis.methods.structured import StructuredOptions
+
+    assert METHODS.get("magnitude_progressive").options_models == (SparseGPTOptions, OWLOptions)
+    assert METHODS.get("structured_sparsity").options_models == (StructuredOptions,)
+    cfg = load_pruning_config({"pruning": {"method": "structured_sparsity", "structured_units": ["mlp_neurons"]}})
+    assert cfg.method_options(StructuredOptions).structured_units == ["mlp_neurons"]
+    assert not cfg.needs_calibration_batches
+
+
+@pytest.mark.parametrize(
+    "section, pattern",
+    [
+        (
+            {"method": "layer_dropout", "reconstruction": "sparsegpt"},
+            r"reconstruction only apply to method 'magnitude_progressive' \(method is 'layer_dropout'\)",
+        ),
+        ({"method": "structured_sparsity", "scope": "owl"}, r"scope: owl only apply to method 'magnitude_progressive'"),
+        (
+            {"method": "structured_sparsity", "pattern": "2:4"},
+            r"pattern '2:4' only applies to method 'magnitude_progressive'",
+        ),
+        ({"structured_widths": "per_layer"}, r"structured_widths only apply to method 'structured_sparsity'"),
+        ({"layer_dropout": {"fade_steps": 2}}, r"the layer_dropout section is only used by method 'layer_dropout'"),
+        ({"method": "layer_dropout", "layer_dropout": {"fade_step": 2}}, r"unknown key 'fade_step'"),
+        ({"owl_lamda": 0.1}, r"unknown key 'owl_lamda' \(did you mean 'owl_lambda'\?\)"),
+    ],
+)
+def test_options_of_another_method_fail(section, pattern):
+    with pytest.raises(ConfigError, match=pattern):
+        load_pruning_config({"pruning": section})
+
+
+def test_moved_names_still_import_from_the_config_module():
+    from artemis.core.config import LayerDropoutOptions, parse_nm_pattern
+    from artemis.core.masks import parse_nm_pattern as masks_parse
+    from artemis.methods.layer_dropout import LayerDropoutOptions as moved
+
+    assert LayerDropoutOptions is moved and parse_nm_pattern is masks_parse
+    cfg = load_pruning_config({"pruning": {"method": "layer_dropout", "layer_dropout": {"fade_steps": 3}}})
+    assert isinstance(cfg.layer_dropout, LayerDropoutOptions) and cfg.layer_dropout.fade_steps == 3
+
+
+def test_pattern_is_parsed_at_validation():
+    cfg = load_pruning_config({"pruning": {"pattern": " 4 : 8 "}})
+    assert cfg.pattern == "4:8" and cfg.nm_pattern == (4, 8) and cfg.final_sparsity == 0.5
+    assert PruningConfig().nm_pattern is None
+
+
+def test_a_bad_method_option_assignment_is_refused_and_undone():
+    cfg = PruningConfig()
+    with pytest.raises(ValidationError, match="owl_lambda must be in"):
+        cfg.owl_lambda = 0.0
+    assert cfg.owl_lambda == 0.08
+    cfg.owl_lambda = 0.1
+    assert cfg.owl_lambda == 0.1
+    with pytest.raises(ValidationError, match="unknown key 'owl_lamda'"):
+        cfg.owl_lamda = 0.1

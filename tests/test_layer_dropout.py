@@ -213,9 +213,9 @@ def test_progressive_one_layer_at_a_time_reestimated(metric):
     scored = []
     orig = mgr.method.compute_masks
 
-    def spy(target_fn, m):
+    def spy(target_fn, m, **event):
         n_before = len(mgr.method.drop_order)
-        out = orig(target_fn, m)
+        out = orig(target_fn, m, **event)
         if len(mgr.method.drop_order) > n_before:
             scored.append(sorted(mgr.method.last_scores))
         return out

@@ -1,6 +1,6 @@
 """Typed, validated configuration.
 
-The YAML keys of the seed documentation are a contract. A pruning section can
+The YAML keys of the specification are a contract. A pruning section can
 arrive in three shapes, all accepted by :func:`load_pruning_config` (and so by
 ``create_pruning_manager``):
 
@@ -22,20 +22,49 @@ Example:
     Traceback (most recent call last):
     ...
     artemis.core.errors.ConfigError: pruning: unknown key 'final_sparsty' (did you mean 'final_sparsity'?)...
+
+Keys that belong to one pruning method (``reconstruction``, ``sparsegpt_*``, ``owl_*``,
+``structured_*``, the ``layer_dropout:`` sub-section) are declared by the method, as an
+options model next to its code (:class:`artemis.methods.base.MethodOptions`); this module
+finds them through the method registry, without importing the methods:
+
+    >>> cfg = load_pruning_config({"pruning": {"reconstruction": "sparsegpt"}})
+    >>> cfg.reconstruction, cfg.sparsegpt_blocksize, cfg.needs_calibration_batches
+    ('sparsegpt', 128, True)
+    >>> load_pruning_config({"pruning": {"method": "layer_dropout", "owl_lambda": 0.1}})
+    Traceback (most recent call last):
+    ...
+    artemis.core.errors.ConfigError: pruning: owl_lambda only apply to method 'magnitude_progressive' (method is 'layer_dropout'); ...
 """
 
 from __future__ import annotations
 
 import difflib
+import importlib
 import os
-import re
 from pathlib import Path
-from typing import Any, Literal, Mapping, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Mapping, Optional, Sequence, TypeVar, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from artemis.core.errors import ConfigError
+from artemis.core.masks import parse_nm_pattern
+from artemis.core.registry import METHODS, METRICS
+
+if TYPE_CHECKING:  # pragma: no cover
+    from artemis.methods.base import MethodOptions
+    from artemis.methods.layer_dropout import LayerDropoutOptions
+    from artemis.methods.sparsegpt import RECONSTRUCTIONS, SPARSEGPT_OBS_SCOPES, SPARSEGPT_TARGETS
+    from artemis.methods.structured import STRUCTURED_UNITS, STRUCTURED_WIDTHS
 
 __all__ = [
     "PruningConfig",
@@ -57,46 +86,63 @@ __all__ = [
 
 SCHEDULES = ("cubic", "cubic_decay", "linear")
 SCOPES = ("global", "layer", "row", "owl")
-RECONSTRUCTIONS = ("none", "sparsegpt")
-SPARSEGPT_OBS_SCOPES = ("layer", "row")
-SPARSEGPT_TARGETS = ("pruned", "dense")
-STRUCTURED_UNITS = ("attention_heads", "mlp_neurons")
-STRUCTURED_WIDTHS = ("uniform", "per_layer")
-_CHOICES = {
-    "schedule": SCHEDULES,
-    "scope": SCOPES,
-    "reconstruction": RECONSTRUCTIONS,
-    "sparsegpt_obs_scope": SPARSEGPT_OBS_SCOPES,
-    "sparsegpt_target": SPARSEGPT_TARGETS,
-    "structured_widths": STRUCTURED_WIDTHS,
+_CHOICES = {"schedule": SCHEDULES, "scope": SCOPES}
+
+#: names that moved next to the method that owns them, still importable from here
+_MOVED = {
+    "LayerDropoutOptions": "artemis.methods.layer_dropout",
+    "RECONSTRUCTIONS": "artemis.methods.sparsegpt",
+    "SPARSEGPT_OBS_SCOPES": "artemis.methods.sparsegpt",
+    "SPARSEGPT_TARGETS": "artemis.methods.sparsegpt",
+    "STRUCTURED_UNITS": "artemis.methods.structured",
+    "STRUCTURED_WIDTHS": "artemis.methods.structured",
 }
 
-
-def parse_nm_pattern(pattern: str) -> tuple[int, int]:
-    """``"N:M"`` → ``(N, M)``: keep N weights in every group of M consecutive input weights.
-
-    Example:
-        >>> parse_nm_pattern("2:4")
-        (2, 4)
-        >>> parse_nm_pattern("4:4")
-        Traceback (most recent call last):
-        ...
-        ValueError: pattern is not valid: ...
-    """
-    m = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", str(pattern))
-    if m is None or not (0 < int(m.group(1)) < int(m.group(2)) <= 128):
-        raise ValueError(
-            "pattern is not valid: write 'N:M' with 0 < N < M <= 128 (N kept in every group of M "
-            f"consecutive input weights), for example '2:4' or '4:8'; got {pattern!r}"
-        )
-    return int(m.group(1)), int(m.group(2))
+_O = TypeVar("_O", bound="MethodOptions")
 
 
-def _check_unknown_keys(model_cls: type[BaseModel], data: Any) -> None:
-    """Raise ConfigError for keys the model does not know, with a suggestion."""
+def __getattr__(name: str) -> Any:
+    """``from artemis.core.config import LayerDropoutOptions`` (and the other moved names)."""
+    module = _MOVED.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    # imported on use, not at the top: the methods import this module (a cycle otherwise)
+    return getattr(importlib.import_module(module), name)
+
+
+def _options_models() -> list[type["MethodOptions"]]:
+    """Every registered method's options models, each once."""
+    out: list[type["MethodOptions"]] = []
+    for cls in METHODS.classes():
+        for model in cls.options_models:
+            if model not in out:
+                out.append(model)
+    return out
+
+
+def _option_keys() -> dict[str, type["MethodOptions"]]:
+    """Config key → the options model that declares it (flat keys and sub-section names)."""
+    keys: dict[str, type["MethodOptions"]] = {}
+    for model in _options_models():
+        for key in [model.section] if model.section is not None else list(model.model_fields):
+            keys.setdefault(key, model)
+    return keys
+
+
+def _owners(test: Any) -> list[str]:
+    """The registered methods for which ``test(method class)`` is true."""
+    return [n for n in METHODS.names() if test(METHODS.get(n))]
+
+
+def _either(names: Sequence[str]) -> str:
+    return " or ".join(map(repr, names)) or "none"
+
+
+def _check_unknown_keys(model_cls: type[BaseModel], data: Any, more: Sequence[str] = ()) -> None:
+    """Raise ValueError for keys the model (or ``more``) does not know, with a suggestion."""
     if not isinstance(data, Mapping):
         return
-    known: set[str] = set()
+    known: set[str] = set(more)
     for name, field in model_cls.model_fields.items():
         known.add(name)
         if field.alias:
@@ -145,25 +191,6 @@ def _sparsity(name: str, value: float) -> float:
     return value
 
 
-class LayerDropoutOptions(ConfigSection):
-    """The ``layer_dropout:`` sub-section (only valid with ``method: layer_dropout``).
-
-    Attributes:
-        fade_steps: a dropped layer's contribution to the residual stream is scaled down
-            linearly to zero over this many ``step()`` calls before it becomes the identity
-            (0 or 1: cut at once).
-    """
-
-    fade_steps: int = 0
-
-    @field_validator("fade_steps")
-    @classmethod
-    def _check_fade(cls, v: int) -> int:
-        if v < 0:
-            raise ValueError(f"fade_steps must be >= 0 steps, got {v!r}")
-        return v
-
-
 class PruningConfig(ConfigSection):
     """The ``pruning:`` section.
 
@@ -188,63 +215,48 @@ class PruningConfig(ConfigSection):
             unpack each one where it is applied: 8× less mask memory (Llama-3.1-8B: 0.9 GiB
             instead of 7 GiB) for extra time at every mask application (measured in
             BENCHMARKS.md, core section). Default ``false``.
-        schedule: ``cubic`` (the seed's formula, gentle at the start), ``cubic_decay``
-            (Zhu & Gupta, aggressive at the start) or ``linear``.
+        schedule: ``cubic`` (the cubic schedule of the specification, gentle at the start),
+            ``cubic_decay`` (Zhu & Gupta, aggressive at the start) or ``linear``.
         scope: ``global`` (one threshold across all prunable weights), ``layer`` (each
             weight matrix to the target on its own), ``row`` (each output row on its own,
             as Wanda does) or ``owl`` (outlier-weighted layer-wise sparsity: each block gets
             a sparsity from its share of activation outliers, the sizes-weighted average
-            being exactly the target; needs calibration data). ``None`` means the metric's
-            default (``row`` for ``activation``, ``global`` otherwise).
-        owl_lambda: OWL's spread λ: per-block sparsities lie within target ± 2λ (the
-            outlier ratios are scaled to a range of 2λ), at the final sparsity; a
-            progressive run's earlier events at sparsity ``s`` use ``λ·s/final_sparsity``.
-            In (0, 0.5]; default 0.08.
-        owl_m: OWL's outlier threshold M: a weight is an outlier when its score
-            ``|W_ij|·‖X_j‖`` exceeds M times its layer's mean score. Default 5.
+            being exactly the target; needs calibration data; options in
+            :class:`artemis.methods.owl.OWLOptions`). ``None`` means the metric's default
+            (``row`` for ``activation``, ``global`` otherwise).
         pattern: ``"N:M"`` semi-structured sparsity (``"2:4"``, ``"4:8"``): in every group of
             M consecutive input weights of a row exactly N are kept (chosen by the metric).
             Fixes the final sparsity at 1 − N/M (set ``final_sparsity`` to it or omit it);
-            progressive runs prune round(s(t)·M) weights per group at each event.
-        reconstruction: ``none`` (default) or ``sparsegpt``: after the masks are chosen,
-            update the kept weights of each layer (one layer at a time) to minimise the
-            layer's output error on calibration data (the OBS update with the inverse
-            Hessian of the layer inputs). Needs calibration data (``apply_pruning(s,
-            calibration_data)`` or ``manager.set_calibration_data(batches)``).
-        sparsegpt_blocksize: columns updated together by the reconstruction (default 128).
-        sparsegpt_dampening: fraction of the mean Hessian diagonal added to its diagonal
-            before inversion (default 0.01).
-        sparsegpt_mask: ``metric`` (default): the reconstruction keeps the masks the
-            metric, scope and pattern chose; ``obs``: it keeps only each layer's pruned count
-            (or the N:M pattern) and chooses the weights itself by the OBS saliency
-            ``w²/[H⁻¹]ᵢᵢ²`` while it updates, as the SparseGPT paper does.
-        sparsegpt_obs_scope: with ``sparsegpt_mask: obs`` and no ``pattern``, where the
-            OBS saliency competes: ``layer`` (default; as the paper, each block of columns
-            prunes its share over all rows of the layer) or ``row`` (every output row prunes
-            the same share of its weights in each block, as Wanda's per-row comparison).
-        sparsegpt_target: which output each layer is reconstructed to: ``pruned``
-            (default; as the paper, ``‖W X − Ŵ X‖²`` with ``X`` the layer's inputs in the
-            model pruned so far) or ``dense`` (``‖W X_dense − Ŵ X‖²``: the dense model's
-            output from the pruned model's input, so each layer also corrects the error
-            that the earlier pruned layers left). ``dense`` runs every calibration batch
-            twice per layer and keeps a copy of the pruned weights as they were before the
-            event; it needs enough calibration tokens (several times the widest layer's
-            input size), else it fits the calibration noise.
+            progressive runs prune round(s(t)·M) weights per group at each event. Only for
+            methods with ``supports_pattern`` (``magnitude_progressive``). Parsed once, at
+            validation: :attr:`nm_pattern`.
         targets: module-name patterns selecting the prunable modules (``fnmatch`` globs
             such as ``"*.mlp.*"``, or regular expressions prefixed with ``re:``). Default:
             every ``nn.Linear`` / HF ``Conv1D`` inside the transformer blocks.
         exclude: patterns removed from the targets.
         layer_sparsity: pattern → final sparsity overrides for matching modules.
         total_steps: optional; may instead be passed to ``step()`` or the manager.
-        layer_dropout: options of ``method: layer_dropout`` (:class:`LayerDropoutOptions`).
-        structured_units: ``structured_sparsity`` only: which structures are pruned,
-            any of ``attention_heads`` (KV head groups with their query heads) and
-            ``mlp_neurons``; default both.
-        structured_widths: ``structured_sparsity`` only: ``uniform`` (default; every
-            block keeps the same number of heads and neurons, so the saved model is a
-            plain Hugging Face model) or ``per_layer`` (units ranked across blocks; load
-            the result with ``artemis.methods.structured.load_pruned_model``).
+
+    Method options: the keys a pruning method owns are declared by its options models
+    (``PruningMethod.options_models``) and read as attributes like the keys above
+    (``cfg.owl_lambda``), with their defaults when not given:
+
+    * :class:`artemis.methods.sparsegpt.SparseGPTOptions` — ``reconstruction`` and
+      ``sparsegpt_blocksize``, ``sparsegpt_dampening``, ``sparsegpt_mask``,
+      ``sparsegpt_obs_scope``, ``sparsegpt_target`` (``magnitude_progressive``);
+    * :class:`artemis.methods.owl.OWLOptions` — ``owl_lambda``, ``owl_m``
+      (``magnitude_progressive`` with ``scope: owl``);
+    * :class:`artemis.methods.structured.StructuredOptions` — ``structured_units``,
+      ``structured_widths`` (``structured_sparsity``);
+    * :class:`artemis.methods.layer_dropout.LayerDropoutOptions` — the ``layer_dropout:``
+      sub-section (``layer_dropout``).
+
+    A non-default value of options the configured method does not take fails, naming the
+    methods that take them; the method's cross-field rules run through its
+    ``validate_config``.
     """
+
+    model_config = ConfigDict(extra="allow", populate_by_name=True, validate_assignment=True)
 
     enabled: bool = True
     method: str = "magnitude_progressive"
@@ -263,25 +275,47 @@ class PruningConfig(ConfigSection):
     exclude: list[str] = Field(default_factory=list)
     layer_sparsity: dict[str, float] = Field(default_factory=dict)
     total_steps: Optional[int] = None
-    layer_dropout: Optional[LayerDropoutOptions] = None
-    # --- issue 9: reconstruction, N:M patterns and OWL (see docs/advanced_pruning.md)
-    reconstruction: str = "none"
     pattern: Optional[str] = None
-    owl_lambda: float = 0.08
-    owl_m: float = 5.0
-    sparsegpt_blocksize: int = 128
-    sparsegpt_dampening: float = 0.01
-    sparsegpt_mask: Literal["metric", "obs"] = "metric"
-    sparsegpt_obs_scope: str = "layer"
-    sparsegpt_target: str = "pruned"
-    structured_units: list[str] = Field(default_factory=lambda: list(STRUCTURED_UNITS))
-    structured_widths: str = "uniform"
+
+    _nm: Optional[tuple[int, int]] = PrivateAttr(default=None)
+    _options: dict[Any, Any] = PrivateAttr(default_factory=dict)
+
+    @property
+    def nm_pattern(self) -> Optional[tuple[int, int]]:
+        """``(N, M)`` of ``pattern``, parsed at validation (None without a pattern)."""
+        return self._nm
 
     @property
     def needs_calibration_batches(self) -> bool:
-        """Whether every pruning event needs calibration batches of its own
-        (``reconstruction: sparsegpt``, or ``scope: owl`` without a pattern)."""
-        return self.reconstruction != "none" or (self.scope == "owl" and self.pattern is None)
+        """Whether every pruning event needs calibration batches of its own (the method's
+        ``calibration_need``: ``reconstruction: sparsegpt``, or ``scope: owl`` without a
+        pattern)."""
+        return METHODS.get(self.method).calibration_need(self) is not None
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        extra = self.__pydantic_extra__
+        if name.startswith("_") or name in type(self).model_fields or extra is None:
+            super().__setattr__(name, value)
+            return
+        # a method option is an extra attribute, stored before it is validated: undo a bad one
+        saved = dict(extra)
+        try:
+            super().__setattr__(name, value)
+        except ValidationError:
+            object.__setattr__(self, "__pydantic_extra__", saved)
+            self._validate_method_options()
+            raise
+
+    def method_options(self, model: type[_O]) -> Optional[_O]:
+        """The validated instance of a method's options ``model`` (None for a sub-section
+        that is not given, or a model no registered method declares)."""
+        return self._options.get(model)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _unknown_keys(cls, data: Any) -> Any:
+        _check_unknown_keys(cls, data, more=list(_option_keys()))
+        return data
 
     @model_validator(mode="before")
     @classmethod
@@ -334,8 +368,6 @@ class PruningConfig(ConfigSection):
     @field_validator("method")
     @classmethod
     def _check_method(cls, v: str) -> str:
-        from artemis.methods import METHODS
-
         if v not in METHODS:
             raise ValueError(METHODS.unknown_message(v))
         return v
@@ -343,11 +375,8 @@ class PruningConfig(ConfigSection):
     @field_validator("importance_metric")
     @classmethod
     def _check_metric(cls, v: str, info) -> str:
-        from artemis.methods import METHODS
-        from artemis.metrics import METRICS
-
         method = info.data.get("method")
-        supported = getattr(METHODS.get(method), "supported_metrics", None) if method in METHODS else None
+        supported = METHODS.get(method).supported_metrics if method in METHODS else None
         if supported is not None:  # the method scores its own units (e.g. whole layers)
             if v not in supported:
                 raise ValueError(
@@ -358,9 +387,7 @@ class PruningConfig(ConfigSection):
             raise ValueError(METRICS.unknown_message(v))
         return v
 
-    @field_validator(
-        "schedule", "scope", "reconstruction", "sparsegpt_obs_scope", "sparsegpt_target", "structured_widths"
-    )
+    @field_validator("schedule", "scope")
     @classmethod
     def _check_choice(cls, v: Optional[str], info) -> Optional[str]:
         if v is None and info.field_name == "scope":  # None: the metric's default scope
@@ -373,34 +400,6 @@ class PruningConfig(ConfigSection):
         if v is not None:
             n, m = parse_nm_pattern(v)
             return f"{n}:{m}"
-        return v
-
-    @field_validator("owl_lambda")
-    @classmethod
-    def _check_owl_lambda(cls, v: float) -> float:
-        if not (0.0 < v <= 0.5):
-            raise ValueError(f"owl_lambda must be in (0, 0.5], got {v!r}")
-        return v
-
-    @field_validator("owl_m")
-    @classmethod
-    def _check_owl_m(cls, v: float) -> float:
-        if not (v > 0.0):
-            raise ValueError(f"owl_m must be > 0 (outlier = score above owl_m × the layer mean), got {v!r}")
-        return v
-
-    @field_validator("sparsegpt_blocksize")
-    @classmethod
-    def _check_blocksize(cls, v: int) -> int:
-        if v < 1:
-            raise ValueError(f"sparsegpt_blocksize must be at least 1 column, got {v!r}")
-        return v
-
-    @field_validator("sparsegpt_dampening")
-    @classmethod
-    def _check_damp(cls, v: float) -> float:
-        if not (0.0 < v <= 1.0):
-            raise ValueError(f"sparsegpt_dampening must be in (0, 1], got {v!r}")
         return v
 
     @field_validator("layer_sparsity")
@@ -417,29 +416,47 @@ class PruningConfig(ConfigSection):
             raise ValueError("targets is an empty list; omit it to use the default targets")
         return v
 
-    @field_validator("structured_units")
-    @classmethod
-    def _check_structured_units(cls, v: list[str]) -> list[str]:
-        if not v:
-            raise ValueError(f"structured_units is empty; use one or both of {', '.join(map(repr, STRUCTURED_UNITS))}")
-        for u in v:
-            if u not in STRUCTURED_UNITS:
-                one_of("structured unit", u, STRUCTURED_UNITS)
-        if len(set(v)) != len(v):
-            raise ValueError(f"structured_units lists a unit twice: {v!r}")
-        return v
+    def _validate_method_options(self) -> None:
+        """Validate the keys of every registered method's options models (flat keys and
+        sub-sections, kept as extra attributes so that ``cfg.<key>`` reads them) and keep
+        the validated instances for :meth:`method_options`."""
+        extra = self.__pydantic_extra__
+        if extra is None:  # pragma: no cover - extra="allow" always gives a dict
+            extra = self.__pydantic_extra__ = {}
+        keys = _option_keys()
+        _check_unknown_keys(type(self), {k: v for k, v in extra.items() if k not in keys}, more=list(keys))
+        options: dict[Any, Any] = {}
+        errors: list[Any] = []
+        for model in _options_models():
+            if model.section is None:
+                given = {k: extra[k] for k in model.model_fields if k in extra}
+                loc: tuple[str, ...] = ()
+            else:
+                given = extra.get(model.section)
+                loc = (model.section,)
+                if given is None or isinstance(given, model):
+                    extra[model.section] = options[model] = given
+                    continue
+            try:
+                value = model.model_validate(given)
+            except ValidationError as exc:
+                errors += [
+                    {"type": e["type"], "loc": loc + tuple(e["loc"]), "input": e["input"], "ctx": e.get("ctx", {})}
+                    for e in exc.errors()
+                ]
+                continue
+            if model.section is None:
+                extra.update({k: getattr(value, k) for k in model.model_fields})
+            else:
+                extra[model.section] = value
+            options[model] = value
+        if errors:
+            raise ValidationError.from_exception_data(type(self).__name__, errors)
+        self._options = options
 
     @model_validator(mode="after")
     def _cross_field(self) -> "PruningConfig":
-        defaults = {"structured_units": list(STRUCTURED_UNITS), "structured_widths": "uniform"}
-        structured_keys = {k for k, d in defaults.items() if getattr(self, k) != d}
-        if structured_keys and self.method != "structured_sparsity":
-            raise ValueError(
-                f"{', '.join(sorted(structured_keys))} only apply to method 'structured_sparsity' "
-                f"(method is {self.method!r}); remove them or change the method"
-            )
-        from artemis.metrics import METRICS
-
+        self._validate_method_options()
         if self.importance_metric in METRICS:
             METRICS.get(self.importance_metric).validate_options(self.metric_options)
         if self.pruning_start > self.pruning_end:
@@ -447,23 +464,14 @@ class PruningConfig(ConfigSection):
                 f"pruning_start ({self.pruning_start}) is after pruning_end ({self.pruning_end}); "
                 "pruning_start must be <= pruning_end"
             )
-        if self.layer_dropout is not None and self.method != "layer_dropout":
-            raise ValueError(
-                f"the layer_dropout section is only used by method 'layer_dropout' (method is "
-                f"{self.method!r}); remove it or set method: layer_dropout"
-            )
         if self.initial_sparsity > self.final_sparsity:
             raise ValueError(
                 f"initial_sparsity ({self.initial_sparsity}) is above final_sparsity "
                 f"({self.final_sparsity}); sparsity can only grow during pruning"
             )
-        if self.sparsegpt_obs_scope != "layer" and (self.sparsegpt_mask != "obs" or self.pattern is not None):
-            raise ValueError(
-                f"sparsegpt_obs_scope {self.sparsegpt_obs_scope!r} only applies with sparsegpt_mask: obs and no "
-                f"pattern (sparsegpt_mask is {self.sparsegpt_mask!r}, pattern is {self.pattern!r}); remove it"
-            )
+        self._nm = None
         if self.pattern is not None:
-            n, m = parse_nm_pattern(self.pattern)
+            n, m = self._nm = parse_nm_pattern(self.pattern)
             if abs(self.final_sparsity - (1.0 - n / m)) > 1e-9:
                 raise ValueError(
                     f"pattern {self.pattern!r} prunes exactly {1.0 - n / m:g} of every group, but "
@@ -479,24 +487,27 @@ class PruningConfig(ConfigSection):
                     f"layer_sparsity does not apply with pattern {self.pattern!r}: every layer is "
                     f"{self.pattern}; remove layer_sparsity or pattern"
                 )
-        extras = [
-            name
-            for name, on in (
-                (f"reconstruction: {self.reconstruction}", self.reconstruction != "none"),
-                (f"pattern: {self.pattern}", self.pattern is not None),
-                ("scope: owl", self.scope == "owl"),
-            )
-            if on
-        ]
-        if extras and self.method != "magnitude_progressive":
+        method = METHODS.get(self.method)
+        if self.pattern is not None and not method.supports_pattern:
             raise ValueError(
-                f"{', '.join(extras)} applies to unstructured pruning only (method "
-                f"'magnitude_progressive'), not to method {self.method!r}"
+                f"pattern {self.pattern!r} only applies to method {_either(_owners(lambda c: c.supports_pattern))} "
+                f"(method is {self.method!r}); remove it or change the method"
             )
-        if self.scope == "owl" and self.layer_sparsity:
+        for model, options in self._options.items():
+            used = options.in_use(self) if options is not None and model not in method.options_models else []
+            if not used:
+                continue
+            owners = _owners(lambda c, model=model: model in c.options_models)
+            if model.section is not None:
+                raise ValueError(
+                    f"the {model.section} section is only used by method {_either(owners)} (method is "
+                    f"{self.method!r}); remove it or set method: {' or '.join(owners)}"
+                )
             raise ValueError(
-                "layer_sparsity does not apply with scope 'owl': OWL chooses every layer's sparsity; remove one of them"
+                f"{', '.join(used)} only apply to method {_either(owners)} (method is {self.method!r}); "
+                "remove them or change the method"
             )
+        method.validate_config(self)
         return self
 
 

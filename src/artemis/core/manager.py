@@ -11,8 +11,12 @@ Lifecycle::
 
 One-shot use: ``apply_magnitude_pruning(s)`` or ``apply_pruning(s, calibration_data)``.
 
-Masks are kept as ``torch.bool`` tensors (one byte per prunable weight) on the
-weight's device. Keeping pruned weights at zero needs no call from the user: a global
+Masks are kept on the weight's device as ``torch.bool`` tensors (one byte per prunable
+weight), or bit-packed (one bit per weight, unpacked where a mask is applied) with
+``packed_masks: true`` (:class:`~artemis.core.masks.MaskStore`); reading
+``manager.masks[key]`` always gives a bool mask.
+
+Keeping pruned weights at zero needs no call from the user: a global
 optimizer *pre*-step hook zeroes the pruned entries of every optimizer state tensor
 shaped like the weight (momentum, Adam moments) the first time an optimizer steps
 after a mask changed and zeroes the gradients of pruned weights before every step
@@ -54,8 +58,11 @@ from artemis.core.errors import CalibrationError, CheckpointError, ConfigError, 
 from artemis.core.masks import MaskStore
 from artemis.core.schedule import is_pruning_event, pruning_window, sparsity_at
 from artemis.core.sizing import MIB, model_compressed_bytes, model_dense_bytes
+from artemis.core.targets import is_prunable_module
+from artemis.data.calibration import check_calibration_batches, run_calibration
 from artemis.methods import METHODS, PruningMethod
 from artemis.metrics import METRICS, ImportanceMetric
+from artemis.sparse.quantization import default_quant_targets, enable_fake_quant, prepare_model_for_quantization
 
 __all__ = ["PruningManager", "STATE_FORMAT_VERSION"]
 
@@ -80,7 +87,12 @@ class PruningManager:
             ``parameters_pruned``, ``parameters_prunable``, ``target_sparsity``,
             ``compressed_model_size_mb`` and ``pruning_events``; updated at every pruning
             event and by ``get_pruning_summary()``.
-        masks: ``{parameter key: bool keep-mask}``.
+        masks: ``{parameter key: bool keep-mask}`` (a :class:`~artemis.core.masks.MaskStore`:
+            bit-packed inside with ``packed_masks: true``, bool when read).
+        calibration_data: the batches kept by :meth:`set_calibration_data` for the methods
+            whose every pruning event needs them (None otherwise).
+        last_reconstruction: the report of the last pruning event's
+            ``PruningMethod.reconstruct`` (SparseGPT), or None.
 
     Example:
         >>> import torch.nn as nn
@@ -116,7 +128,7 @@ class PruningManager:
                 "use DDP, or a method that supports sharding (magnitude_progressive)"
             )
         if self.sharding is not None:
-            self.method.check_sharding(self.sharding)
+            self.method.check_sharding(self.sharding, self.metric)
         self.masks: MaskStore = MaskStore(packed=config.packed_masks)
         self._mask_version: dict[str, int] = {}
         self._opt_seen: "weakref.WeakKeyDictionary[Optimizer, dict[str, int]]" = weakref.WeakKeyDictionary()
@@ -133,7 +145,7 @@ class PruningManager:
         self.baseline_model_size = model_dense_bytes(self.model) / MIB
         self._hooks: list[Any] = []
         self._fake_quant: Any = None  # artemis.sparse.quantization.FakeQuantHandle while QAT is on
-        # issue 9: batches kept for reconstruction / OWL (set_calibration_data, apply_pruning)
+        # batches kept for methods that need them at every event (set_calibration_data, apply_pruning)
         self.calibration_data: Optional[list] = None
         self.last_reconstruction: Optional[dict[str, Any]] = None
         self.pruning_metrics: dict[str, Any] = {}
@@ -162,16 +174,11 @@ class PruningManager:
 
     def _enable_quantization_aware(self) -> None:
         """From ``pruning_end`` on, run the masked layers with fake-quantized int8 weights."""
-        from artemis.sparse.quantization import enable_fake_quant
-
         self._fake_quant = enable_fake_quant(self._quant_modules())
 
     def _quant_modules(self) -> list[nn.Module]:
         """The pruned ``Linear``/``Conv1D`` layers still in the model (QAT and int8 scales);
         for a method whose units are not such layers, every one inside the blocks."""
-        from artemis.core.targets import is_prunable_module
-        from artemis.sparse.quantization import default_quant_targets
-
         present = set(self.model.modules())
         mods = [t.module for t in self.method.targets if t.module in present and is_prunable_module(t.module)]
         if not mods:
@@ -298,7 +305,7 @@ class PruningManager:
         t = self._step
         pruned = False
         if self.config.enabled:
-            self._check_calibration_data()  # issue 9: fail at the first step, not at the first event
+            self._check_calibration_data()  # fail at the first step, not at the first event
             t_s, t_e = self._window(total)
             if t <= t_e:  # statistics are only gathered while a pruning event is still to come
                 self.metric.on_step()
@@ -333,7 +340,10 @@ class PruningManager:
             self._check_params_current()
             metric.all_reduce_(None)
         metric.check_ready()
-        new_masks = self.method.compute_masks(target_fn, metric)  # nothing changed yet
+        previous = self.masks.copy()  # the masks of the previous event (shallow: nothing is unpacked)
+        new_masks = self.method.compute_masks(  # nothing changed yet
+            target_fn, metric, previous=previous, calibration=self.calibration_data, sharding=self.sharding
+        )
         for key, mask in new_masks.items():
             p = local_tensor(self._params[key])
             if mask.shape != p.shape or mask.dtype != torch.bool:
@@ -348,35 +358,19 @@ class PruningManager:
                     "statistics are not the same on every rank; a metric that gathers per-rank statistics must "
                     "sum them in ImportanceMetric.all_reduce_()"
                 )
-        old_masks = self.masks.copy()  # issue 9: earlier masks, kept pruned by the reconstruction
         for key in list(new_masks):
             p = local_tensor(self._params[key])
             mask = new_masks[key] = new_masks[key].to(p.device)
             self.masks[key] = mask
             self._mask_version[key] = self._mask_version.get(key, 0) + 1
-            if self.config.reconstruction == "none":  # the reconstruction needs the unmasked weights
-                p.mul_(mask)
-        if self.config.reconstruction == "sparsegpt":  # issue 9: OBS update of the kept weights
-            from artemis.methods.sparsegpt import reconstruct_layers
-
-            c = self.config
-            chosen = new_masks  # the full-size masks of this event (no second, unpacked copy)
-            self.last_reconstruction = reconstruct_layers(
-                self.model,
-                self.method.targets,
-                chosen,
-                self.calibration_data,
-                blocksize=c.sparsegpt_blocksize,
-                dampening=c.sparsegpt_dampening,
-                select=c.sparsegpt_mask,
-                priors=old_masks,
-                pattern=self.method.event_pattern(chosen),
-                per_row=c.sparsegpt_obs_scope == "row",
-                target=c.sparsegpt_target,
-            )
-            for key, mask in chosen.items():  # select 'obs' may have moved the pruned weights
+        # the method may update the kept weights (it needs them unmasked) and move the pruned ones
+        report = self.method.reconstruct(new_masks, previous=previous, calibration=self.calibration_data)
+        if report is not None:
+            self.last_reconstruction = report
+            for key, mask in new_masks.items():
                 self.masks[key] = mask
-                self._params[key].mul_(mask)
+        for key, mask in new_masks.items():
+            local_tensor(self._params[key]).mul_(mask)
         metric.reset()
         self._events += 1
         self._last_target = target_fn(self.config.final_sparsity)
@@ -408,7 +402,7 @@ class PruningManager:
         metric), with the configured method and scope."""
         self._check_active("apply_magnitude_pruning")
         s = self._check_sparsity(sparsity)
-        self._check_calibration_data()  # issue 9: reconstruction / OWL need batches
+        self._check_calibration_data()  # e.g. reconstruction / OWL need batches
         self._prune(self.method.one_shot_target_fn(s), METRICS.get("magnitude")())
 
     def apply_pruning(
@@ -436,7 +430,7 @@ class PruningManager:
         self._check_active("apply_pruning")
         s = self._check_sparsity(sparsity)
         if calibration_data is not None and self._needs_calibration_data():
-            calibration_data = self.set_calibration_data(calibration_data)  # issue 9
+            calibration_data = self.set_calibration_data(calibration_data)
         self._check_calibration_data()
         stats = self.metric.needs_activations or self.metric.needs_gradients
         if calibration_data is not None and (stats or not self._needs_calibration_data()):
@@ -444,19 +438,20 @@ class PruningManager:
             self.calibrate(calibration_data, loss_fn=loss_fn, progress=progress)
         self._prune(self.method.one_shot_target_fn(s), self.metric)
 
-    # ------------------------------------------------- issue 9: calibration data kept
+    # ------------------------------------------------------- calibration data kept
     @property
     def needs_calibration_data(self) -> bool:
         """Whether every pruning event needs the batches of :meth:`set_calibration_data`
-        (``reconstruction: sparsegpt`` or ``scope: owl``), beyond any metric statistics."""
+        (the method's ``calibration_need``: ``reconstruction: sparsegpt`` or ``scope: owl``),
+        beyond any metric statistics."""
         return self._needs_calibration_data()
 
     def _needs_calibration_data(self) -> bool:
-        return self.config.needs_calibration_batches
+        return self.method.calibration_need(self.config) is not None
 
     def _check_calibration_data(self) -> None:
-        if self._needs_calibration_data() and self.calibration_data is None:
-            need = "reconstruction: sparsegpt" if self.config.reconstruction != "none" else "scope: owl"
+        need = self.method.calibration_need(self.config)
+        if need is not None and self.calibration_data is None:
             raise CalibrationError(
                 f"{need} needs calibration batches at every pruning event: pass "
                 "apply_pruning(s, calibration_data=batches) for one-shot pruning, or call "
@@ -470,8 +465,6 @@ class PruningManager:
         a list, since they are iterated once per layer; keep the set small (SparseGPT
         uses 128 sequences). Returns the list.
         """
-        from artemis.methods.sparsegpt import check_calibration_batches
-
         self.calibration_data = check_calibration_batches(data)
         return self.calibration_data
 
@@ -488,8 +481,6 @@ class PruningManager:
         :func:`artemis.data.calibration.run_calibration` for the batch formats, the loss used
         by gradient metrics and the guarantees on errors. Returns the number of batches.
         """
-        from artemis.data.calibration import run_calibration
-
         self._check_active("calibrate")
         own = getattr(self.metric, "calibrate", None)  # a metric with its own calibration pass
         if callable(own):
@@ -526,7 +517,7 @@ class PruningManager:
         self._finalized = True
         self._refresh_metrics()
         self.masks = MaskStore(packed=self.config.packed_masks)
-        self.calibration_data = None  # issue 9: release the kept batches
+        self.calibration_data = None  # release the kept batches
         return self.model
 
     def prepare_for_quantization(self) -> nn.Module:
@@ -536,8 +527,6 @@ class PruningManager:
         those layers. Returns the model."""
         if not self._finalized:
             self.finalize()
-        from artemis.sparse.quantization import prepare_model_for_quantization
-
         return prepare_model_for_quantization(self.model, self._quant_modules())
 
     @property
@@ -613,7 +602,7 @@ class PruningManager:
             "method": c.method,
             "importance_metric": c.importance_metric,
             "schedule": c.schedule,
-            "scope": self.method.scope(self.metric) if hasattr(self.method, "scope") else c.scope,
+            "scope": self.method.scope(self.metric),
             "architecture": self.adapter.name,
             "step": self._step,
             "total_steps": self.total_steps,
@@ -634,7 +623,7 @@ class PruningManager:
         # Several processes: one entry per prunable weight (all True where nothing is pruned
         # yet) so that a fresh manager's state_dict() is a complete template for
         # torch.distributed.checkpoint.load; FSDP2 masks stay sharded, as DTensors.
-        from torch.distributed.tensor import DTensor
+        from torch.distributed.tensor import DTensor  # here: torch builds without distributed lack it
 
         out: dict[str, Tensor] = {}
         for key, p in self._params.items():

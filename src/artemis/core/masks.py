@@ -36,6 +36,7 @@ Example:
 
 from __future__ import annotations
 
+import re
 from collections.abc import MutableMapping
 from typing import Callable, Optional, Protocol, Sequence
 
@@ -52,6 +53,7 @@ __all__ = [
     "global_masks",
     "layer_mask",
     "row_masks",
+    "parse_nm_pattern",
     "nm_masks",
     "pack_mask",
     "unpack_mask",
@@ -289,6 +291,26 @@ def row_masks(scores: Tensor, sparsity: float) -> Tensor:
     order = torch.sort(s, dim=1, stable=True).indices[:, :k]  # (rows, k) lowest scores
     keep.scatter_(1, order, False)
     return keep
+
+
+def parse_nm_pattern(pattern: str) -> tuple[int, int]:
+    """``"N:M"`` → ``(N, M)``: keep N weights in every group of M consecutive input weights.
+
+    Example:
+        >>> parse_nm_pattern("2:4")
+        (2, 4)
+        >>> parse_nm_pattern("4:4")
+        Traceback (most recent call last):
+        ...
+        ValueError: pattern is not valid: ...
+    """
+    m = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", str(pattern))
+    if m is None or not (0 < int(m.group(1)) < int(m.group(2)) <= 128):
+        raise ValueError(
+            "pattern is not valid: write 'N:M' with 0 < N < M <= 128 (N kept in every group of M "
+            f"consecutive input weights), for example '2:4' or '4:8'; got {pattern!r}"
+        )
+    return int(m.group(1)), int(m.group(2))
 
 
 def nm_masks(scores: Tensor, n: int, m: int) -> Tensor:

@@ -1,5 +1,11 @@
 """A small name → class registry shared by metrics, methods and architecture adapters.
 
+The registries of pruning methods (:data:`METHODS`) and importance metrics
+(:data:`METRICS`) live here, so that the config can ask them for names, options and
+validation rules without importing the methods or metrics. Each fills itself on first
+lookup by importing its built-in package (``artemis.methods``, ``artemis.metrics``),
+whose modules register their classes.
+
 Example:
     >>> from artemis.core.registry import Registry
     >>> colours = Registry("colour")
@@ -16,23 +22,48 @@ Example:
 from __future__ import annotations
 
 import difflib
+import importlib
 import re
-from typing import Callable, Generic, Iterator, TypeVar
+from typing import TYPE_CHECKING, Callable, Generic, Iterator, Optional, TypeVar
 
 from artemis.core.errors import ConfigError
 
-__all__ = ["Registry"]
+if TYPE_CHECKING:  # pragma: no cover
+    from artemis.methods.base import PruningMethod
+    from artemis.metrics.base import ImportanceMetric
+
+__all__ = ["Registry", "METHODS", "METRICS"]
 
 T = TypeVar("T")
 _NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 
 
 class Registry(Generic[T]):
-    """Maps a lower-case name to a class; rejects duplicates and malformed names."""
+    """Maps a lower-case name to a class; rejects duplicates and malformed names.
 
-    def __init__(self, kind: str) -> None:
+    Args:
+        kind: what is registered, for error messages (``"method"``).
+        builtins: dotted name of the package whose import registers the built-in
+            entries; it is imported on the first lookup (``get``, ``in``, ``names`` ...),
+            not on ``register``.
+    """
+
+    def __init__(self, kind: str, *, builtins: Optional[str] = None) -> None:
         self.kind = kind
+        self.builtins = builtins
         self._items: dict[str, T] = {}
+        self._loaded = builtins is None
+
+    def _load_builtins(self) -> None:
+        if self._loaded:
+            return
+        self._loaded = True  # set first: the package's modules register while it is imported
+        try:
+            # imported here, not at the top: the built-in package imports this module
+            importlib.import_module(self.builtins)  # type: ignore[arg-type]
+        except BaseException:
+            self._loaded = False
+            raise
 
     def register(self, name: str, *, overwrite: bool = False) -> Callable[[T], T]:
         """Class decorator registering ``cls`` under ``name``."""
@@ -54,12 +85,14 @@ class Registry(Generic[T]):
         return decorator
 
     def get(self, name: str) -> T:
+        self._load_builtins()
         try:
             return self._items[name]
         except KeyError:
             raise ConfigError(self.unknown_message(name)) from None
 
     def unknown_message(self, name: object) -> str:
+        self._load_builtins()
         valid = ", ".join(repr(n) for n in sorted(self._items))
         msg = f"unknown {self.kind} {name!r}; valid: {valid}"
         close = difflib.get_close_matches(str(name), list(self._items), n=1)
@@ -68,10 +101,23 @@ class Registry(Generic[T]):
         return msg
 
     def names(self) -> list[str]:
+        self._load_builtins()
         return sorted(self._items)
 
+    def classes(self) -> list[T]:
+        """The registered classes, in name order."""
+        return [self._items[n] for n in self.names()]
+
     def __contains__(self, name: object) -> bool:
+        self._load_builtins()
         return name in self._items
 
     def __iter__(self) -> Iterator[str]:
-        return iter(sorted(self._items))
+        return iter(self.names())
+
+
+METHODS: "Registry[type[PruningMethod]]" = Registry("method", builtins="artemis.methods")
+"""Pruning methods by name (the config's ``method``); see :mod:`artemis.methods.base`."""
+
+METRICS: "Registry[type[ImportanceMetric]]" = Registry("importance_metric", builtins="artemis.metrics")
+"""Importance metrics by name (the config's ``importance_metric``); see :mod:`artemis.metrics.base`."""

@@ -44,13 +44,21 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Optional
 
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from artemis.core.errors import CalibrationError
 
 if TYPE_CHECKING:  # pragma: no cover
     from artemis.core.manager import PruningManager
 
-__all__ = ["run_calibration", "forward_batch", "describe_batch", "extract_loss", "model_device"]
+__all__ = [
+    "run_calibration",
+    "forward_batch",
+    "describe_batch",
+    "extract_loss",
+    "model_device",
+    "check_calibration_batches",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -112,6 +120,35 @@ def _check_batch(batch: Any, index: int) -> None:
             )
         return
     raise CalibrationError(f"calibration batch {index} is a {type(batch).__name__}; {_HOW}")
+
+
+def check_calibration_batches(batches: Any) -> list:
+    """Materialise calibration ``batches`` as a list (kept by the manager and iterated at
+    every pruning event, once per layer by the reconstruction) and check them.
+
+    Raises:
+        CalibrationError: not an iterable of dict/tensor batches, or empty.
+    """
+    if isinstance(batches, (dict, Tensor)):
+        raise CalibrationError(
+            "calibration data must be an iterable of batches (a list of dicts or tensors), got a single "
+            f"{type(batches).__name__}; wrap it in a list"
+        )
+    try:
+        out = list(batches)
+    except TypeError:
+        raise CalibrationError(
+            f"calibration data must be an iterable of batches, got {type(batches).__name__}"
+        ) from None
+    if not out:
+        raise CalibrationError("calibration data is empty; pass at least one batch")
+    for i, b in enumerate(out):
+        if not isinstance(b, (dict, Tensor)):
+            raise CalibrationError(
+                f"calibration batch {i} is a {type(b).__name__}; each batch must be a dict of tensors "
+                "(passed as model(**batch)) or a tensor (passed as model(batch))"
+            )
+    return out
 
 
 def forward_batch(model: torch.nn.Module, batch: Any, device: torch.device) -> Any:
@@ -221,8 +258,6 @@ def run_calibration(
         return 0
     if loss_fn is not None and not gradients:
         logger.warning("loss_fn is ignored: importance_metric %r needs no gradients", metric.name)
-
-    from tqdm.auto import tqdm
 
     model = manager.model
     device = model_device(model)

@@ -64,6 +64,7 @@ import warnings
 from typing import Any
 
 import torch.nn as nn
+from pydantic import field_validator
 from torch import Tensor
 
 from artemis.arch.gates import BlockGate
@@ -71,7 +72,7 @@ from artemis.arch.layers import check_block_removal, remove_blocks
 from artemis.core.errors import CheckpointError, ConfigError, ModelError
 from artemis.core.schedule import round_half_up
 from artemis.core.sizing import dense_tensor_bytes
-from artemis.methods.base import METHODS, PruningMethod, TargetFn
+from artemis.methods.base import METHODS, MethodOptions, PruningMethod, TargetFn
 from artemis.metrics.base import ImportanceMetric
 from artemis.metrics.blocks import (
     LAYER_METRICS,
@@ -91,12 +92,38 @@ __all__ = [
     "BlockGate",
     "LayerImportance",
     "LayerDropoutMethod",
+    "LayerDropoutOptions",
 ]
 
 logger = logging.getLogger(__name__)
 
 #: Importance metrics at the level of whole layers.
 # Block-forward arguments that carry a KV cache (transformers 5.x and 4.x names).
+
+
+class LayerDropoutOptions(MethodOptions):
+    """The ``layer_dropout:`` sub-section of the ``pruning:`` section (``method: layer_dropout``).
+
+    Attributes:
+        fade_steps: a dropped layer's contribution to the residual stream is scaled down
+            linearly to zero over this many ``step()`` calls before it becomes the identity
+            (0 or 1: cut at once).
+
+    Example:
+        >>> LayerDropoutOptions(fade_steps=3).fade_steps
+        3
+    """
+
+    section = "layer_dropout"
+
+    fade_steps: int = 0
+
+    @field_validator("fade_steps")
+    @classmethod
+    def _check_fade(cls, v: int) -> int:
+        if v < 0:
+            raise ValueError(f"fade_steps must be >= 0 steps, got {v!r}")
+        return v
 
 
 # ------------------------------------------------------------------ pure functions
@@ -141,6 +168,7 @@ class LayerDropoutMethod(PruningMethod):
     name = "layer_dropout"
     structural = True
     supported_metrics = LAYER_METRICS
+    options_models = (LayerDropoutOptions,)
 
     @classmethod
     def create_metric(cls, name: str, **options: Any) -> ImportanceMetric:
@@ -221,7 +249,8 @@ class LayerDropoutMethod(PruningMethod):
         scorer.bind(self)
         return scorer
 
-    def compute_masks(self, target_fn: TargetFn, metric: ImportanceMetric) -> dict[str, Tensor]:
+    def compute_masks(self, target_fn: TargetFn, metric: ImportanceMetric, **event: Any) -> dict[str, Tensor]:
+        # event (previous masks, calibration, sharding) is not needed: the dropped layers are self.dropped
         sparsity = target_fn(self.config.final_sparsity)
         due = layers_for_sparsity(sparsity, self.num_layers)
         self._check_count(due, sparsity, "sparsity")

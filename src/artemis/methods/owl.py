@@ -25,11 +25,65 @@ from typing import Any, Iterable, Optional, Sequence
 
 import torch
 import torch.nn as nn
+from pydantic import field_validator
 from torch import Tensor
 
 from artemis.core.errors import CalibrationError
+from artemis.data.calibration import check_calibration_batches, forward_batch, model_device
+from artemis.methods.base import MethodOptions
+from artemis.methods.sparsegpt import layer_inputs_2d
 
-__all__ = ["outlier_ratio", "owl_sparsities", "allocate_counts", "collect_input_norms"]
+__all__ = ["OWLOptions", "outlier_ratio", "owl_sparsities", "allocate_counts", "collect_input_norms"]
+
+
+class OWLOptions(MethodOptions):
+    """The OWL keys of the ``pruning:`` section (``magnitude_progressive`` with ``scope: owl``).
+
+    Attributes:
+        owl_lambda: OWL's spread λ: per-block sparsities lie within target ± 2λ (the
+            outlier ratios are scaled to a range of 2λ), at the final sparsity; a
+            progressive run's earlier events at sparsity ``s`` use ``λ·s/final_sparsity``.
+            In (0, 0.5]; default 0.08.
+        owl_m: OWL's outlier threshold M: a weight is an outlier when its score
+            ``|W_ij|·‖X_j‖`` exceeds M times its layer's mean score. Default 5.
+
+    ``scope: owl`` itself is a core key; it counts as a setting of these options (a method
+    that does not take them refuses it), and without a ``pattern`` it needs calibration
+    batches at every pruning event.
+
+    Example:
+        >>> OWLOptions().owl_lambda, OWLOptions(owl_m=3).owl_m
+        (0.08, 3.0)
+    """
+
+    owl_lambda: float = 0.08
+    owl_m: float = 5.0
+
+    @field_validator("owl_lambda")
+    @classmethod
+    def _check_owl_lambda(cls, v: float) -> float:
+        if not (0.0 < v <= 0.5):
+            raise ValueError(f"owl_lambda must be in (0, 0.5], got {v!r}")
+        return v
+
+    @field_validator("owl_m")
+    @classmethod
+    def _check_owl_m(cls, v: float) -> float:
+        if not (v > 0.0):
+            raise ValueError(f"owl_m must be > 0 (outlier = score above owl_m × the layer mean), got {v!r}")
+        return v
+
+    def in_use(self, cfg: Any) -> list[str]:
+        return (["scope: owl"] if cfg.scope == "owl" else []) + super().in_use(cfg)
+
+    def check(self, cfg: Any) -> None:
+        if cfg.scope == "owl" and cfg.layer_sparsity:
+            raise ValueError(
+                "layer_sparsity does not apply with scope 'owl': OWL chooses every layer's sparsity; remove one of them"
+            )
+
+    def calibration_need(self, cfg: Any) -> Optional[str]:
+        return "scope: owl" if cfg.scope == "owl" and cfg.pattern is None else None
 
 
 def outlier_ratio(weight_rows: Tensor, input_norms: Tensor, m: float) -> tuple[int, int]:
@@ -127,9 +181,6 @@ def collect_input_norms(model: nn.Module, targets: Sequence[Any], batches: Itera
     Raises:
         CalibrationError: bad or empty data, or a target never called.
     """
-    from artemis.data.calibration import forward_batch, model_device
-    from artemis.methods.sparsegpt import check_calibration_batches, layer_inputs_2d
-
     data = check_calibration_batches(batches)
     sums: dict[str, Tensor] = {}
     state: dict[str, Optional[Tensor]] = {"token_mask": None}

@@ -39,17 +39,25 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Iterable, Literal, Optional, Sequence
 
 import torch
 import torch.nn as nn
+from pydantic import field_validator
 from torch import Tensor
+from torch.func import functional_call
 
+from artemis.core.config import one_of
 from artemis.core.errors import CalibrationError
 from artemis.core.masks import count_to_prune
-from artemis.data.calibration import model_device
+from artemis.data.calibration import check_calibration_batches, forward_batch, model_device
+from artemis.methods.base import MethodOptions
 
 __all__ = [
+    "SparseGPTOptions",
+    "RECONSTRUCTIONS",
+    "SPARSEGPT_OBS_SCOPES",
+    "SPARSEGPT_TARGETS",
     "HessianAccumulator",
     "sparsegpt_prune",
     "dense_target_weight",
@@ -60,6 +68,93 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+RECONSTRUCTIONS = ("none", "sparsegpt")
+SPARSEGPT_OBS_SCOPES = ("layer", "row")
+SPARSEGPT_TARGETS = ("pruned", "dense")
+
+
+class SparseGPTOptions(MethodOptions):
+    """The reconstruction keys of the ``pruning:`` section (``magnitude_progressive``).
+
+    Attributes:
+        reconstruction: ``none`` (default) or ``sparsegpt``: after the masks are chosen,
+            update the kept weights of each layer (one layer at a time) to minimise the
+            layer's output error on calibration data (the OBS update with the inverse
+            Hessian of the layer inputs, :func:`reconstruct_layers`). Needs calibration data
+            (``apply_pruning(s, calibration_data)`` or ``manager.set_calibration_data(batches)``).
+        sparsegpt_blocksize: columns updated together by the reconstruction (default 128).
+        sparsegpt_dampening: fraction of the mean Hessian diagonal added to its diagonal
+            before inversion (default 0.01).
+        sparsegpt_mask: ``metric`` (default): the reconstruction keeps the masks the
+            metric, scope and pattern chose; ``obs``: it keeps only each layer's pruned count
+            (or the N:M pattern) and chooses the weights itself by the OBS saliency
+            ``w²/[H⁻¹]ᵢᵢ²`` while it updates, as the SparseGPT paper does.
+        sparsegpt_obs_scope: with ``sparsegpt_mask: obs`` and no ``pattern``, where the
+            OBS saliency competes: ``layer`` (default; as the paper, each block of columns
+            prunes its share over all rows of the layer) or ``row`` (every output row prunes
+            the same share of its weights in each block, as Wanda's per-row comparison).
+        sparsegpt_target: which output each layer is reconstructed to: ``pruned``
+            (default; as the paper, ``‖W X − Ŵ X‖²`` with ``X`` the layer's inputs in the
+            model pruned so far) or ``dense`` (``‖W X_dense − Ŵ X‖²``: the dense model's
+            output from the pruned model's input, so each layer also corrects the error
+            that the earlier pruned layers left). ``dense`` runs every calibration batch
+            twice per layer and keeps a copy of the pruned weights as they were before the
+            event; it needs enough calibration tokens (several times the widest layer's
+            input size), else it fits the calibration noise.
+
+    Example:
+        >>> SparseGPTOptions(reconstruction="sparsegpt").sparsegpt_blocksize
+        128
+        >>> SparseGPTOptions(reconstruction="sparsegpt").calibration_need(None)
+        'reconstruction: sparsegpt'
+    """
+
+    reconstruction: str = "none"
+    sparsegpt_blocksize: int = 128
+    sparsegpt_dampening: float = 0.01
+    sparsegpt_mask: Literal["metric", "obs"] = "metric"
+    sparsegpt_obs_scope: str = "layer"
+    sparsegpt_target: str = "pruned"
+
+    @field_validator("reconstruction")
+    @classmethod
+    def _check_reconstruction(cls, v: str) -> str:
+        return one_of("reconstruction", v, RECONSTRUCTIONS)
+
+    @field_validator("sparsegpt_obs_scope")
+    @classmethod
+    def _check_obs_scope(cls, v: str) -> str:
+        return one_of("sparsegpt_obs_scope", v, SPARSEGPT_OBS_SCOPES)
+
+    @field_validator("sparsegpt_target")
+    @classmethod
+    def _check_target(cls, v: str) -> str:
+        return one_of("sparsegpt_target", v, SPARSEGPT_TARGETS)
+
+    @field_validator("sparsegpt_blocksize")
+    @classmethod
+    def _check_blocksize(cls, v: int) -> int:
+        if v < 1:
+            raise ValueError(f"sparsegpt_blocksize must be at least 1 column, got {v!r}")
+        return v
+
+    @field_validator("sparsegpt_dampening")
+    @classmethod
+    def _check_damp(cls, v: float) -> float:
+        if not (0.0 < v <= 1.0):
+            raise ValueError(f"sparsegpt_dampening must be in (0, 1], got {v!r}")
+        return v
+
+    def check(self, cfg: Any) -> None:
+        if self.sparsegpt_obs_scope != "layer" and (self.sparsegpt_mask != "obs" or cfg.pattern is not None):
+            raise ValueError(
+                f"sparsegpt_obs_scope {self.sparsegpt_obs_scope!r} only applies with sparsegpt_mask: obs and no "
+                f"pattern (sparsegpt_mask is {self.sparsegpt_mask!r}, pattern is {cfg.pattern!r}); remove it"
+            )
+
+    def calibration_need(self, cfg: Any) -> Optional[str]:
+        return f"reconstruction: {self.reconstruction}" if self.reconstruction != "none" else None
 
 
 class _StopForward(Exception):
@@ -317,38 +412,8 @@ def reconstruction_extra_bytes(
     )
 
 
-def check_calibration_batches(batches: Any) -> list:
-    """Materialise calibration ``batches`` (reiterated once per layer) as a list and check them.
-
-    Raises:
-        CalibrationError: not an iterable of dict/tensor batches, or empty.
-    """
-    if isinstance(batches, (dict, Tensor)):
-        raise CalibrationError(
-            "calibration data must be an iterable of batches (a list of dicts or tensors), got a single "
-            f"{type(batches).__name__}; wrap it in a list"
-        )
-    try:
-        out = list(batches)
-    except TypeError:
-        raise CalibrationError(
-            f"calibration data must be an iterable of batches, got {type(batches).__name__}"
-        ) from None
-    if not out:
-        raise CalibrationError("calibration data is empty; pass at least one batch")
-    for i, b in enumerate(out):
-        if not isinstance(b, (dict, Tensor)):
-            raise CalibrationError(
-                f"calibration batch {i} is a {type(b).__name__}; each batch must be a dict of tensors "
-                "(passed as model(**batch)) or a tensor (passed as model(batch))"
-            )
-    return out
-
-
 def _run_until(model: nn.Module, batches: Sequence, device: torch.device, state: dict) -> None:
     """Run every batch through ``model`` (no grad), stopping each at ``_StopForward``."""
-    from artemis.data.calibration import forward_batch
-
     for batch in batches:
         state["token_mask"] = batch.get("attention_mask") if isinstance(batch, dict) else None
         state["x_obj"] = None
@@ -364,9 +429,6 @@ def _run_until_paired(
 ) -> None:
     """For every batch: a pass with ``dense_params`` substituted (``state['phase'] = 'dense'``),
     then one with the model's current weights (``'pruned'``), each stopped at ``_StopForward``."""
-    from torch.func import functional_call
-
-    from artemis.data.calibration import forward_batch
 
     class _Dense(nn.Module):  # forward_batch calls it like the model, with the dense weights
         def forward(self, *args: Any, **kwargs: Any) -> Any:

@@ -57,12 +57,15 @@ import logging
 import math
 import os
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Mapping, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
+from pydantic import Field, field_validator
+from safetensors.torch import load_file
 from torch import Tensor
 
+from artemis.arch import get_adapter
 from artemis.arch.structures import (
     ATTENTION,
     MLP,
@@ -72,18 +75,67 @@ from artemis.arch.structures import (
     get_structure_adapter,
     supported_structures,
 )
+from artemis.core.config import one_of
+from artemis.core.distributed import ShardLayout
 from artemis.core.errors import CheckpointError, ConfigError, ModelError
 from artemis.core.targets import PrunableTarget
-from artemis.methods.base import METHODS, PruningMethod, TargetFn
+from artemis.methods.base import METHODS, MethodOptions, PruningMethod, TargetFn
 from artemis.metrics.base import ImportanceMetric
 
-__all__ = ["StructuredMethod", "plan_unit_counts", "load_pruned_model", "STRUCTURE_FORMAT_VERSION"]
+__all__ = [
+    "StructuredMethod",
+    "StructuredOptions",
+    "STRUCTURED_UNITS",
+    "STRUCTURED_WIDTHS",
+    "plan_unit_counts",
+    "load_pruned_model",
+    "STRUCTURE_FORMAT_VERSION",
+]
 
 logger = logging.getLogger(__name__)
 
 STRUCTURE_FORMAT_VERSION = 1
 _UNIT_KIND = {"attention_heads": ATTENTION, "mlp_neurons": MLP}
 _KIND_WORD = {ATTENTION: "attention units (KV head groups)", MLP: "MLP neurons"}
+STRUCTURED_UNITS = ("attention_heads", "mlp_neurons")
+STRUCTURED_WIDTHS = ("uniform", "per_layer")
+
+
+class StructuredOptions(MethodOptions):
+    """The keys of the ``pruning:`` section that shape ``structured_sparsity``.
+
+    Attributes:
+        structured_units: which structures are pruned, any of ``attention_heads`` (KV
+            head groups with their query heads) and ``mlp_neurons``; default both.
+        structured_widths: ``uniform`` (default; every block keeps the same number of
+            heads and neurons, so the saved model is a plain Hugging Face model) or
+            ``per_layer`` (units ranked across blocks; load the result with
+            :func:`load_pruned_model`).
+
+    Example:
+        >>> StructuredOptions(structured_units=["mlp_neurons"]).structured_widths
+        'uniform'
+    """
+
+    structured_units: list[str] = Field(default_factory=lambda: list(STRUCTURED_UNITS))
+    structured_widths: str = "uniform"
+
+    @field_validator("structured_units")
+    @classmethod
+    def _check_structured_units(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError(f"structured_units is empty; use one or both of {', '.join(map(repr, STRUCTURED_UNITS))}")
+        for u in v:
+            if u not in STRUCTURED_UNITS:
+                one_of("structured unit", u, STRUCTURED_UNITS)
+        if len(set(v)) != len(v):
+            raise ValueError(f"structured_units lists a unit twice: {v!r}")
+        return v
+
+    @field_validator("structured_widths")
+    @classmethod
+    def _check_structured_widths(cls, v: str) -> str:
+        return one_of("structured_widths", v, STRUCTURED_WIDTHS)
 
 
 def plan_unit_counts(
@@ -144,6 +196,7 @@ class StructuredMethod(PruningMethod):
 
     name = "structured_sparsity"
     structural = True
+    options_models = (StructuredOptions,)
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
@@ -242,11 +295,11 @@ class StructuredMethod(PruningMethod):
         return dict(zip(self.kinds, counts))
 
     # ---------------------------------------------------------------- masking
-    def _pruned_units(self) -> list[set[int]]:
-        """Units already pruned, read from the manager's masks (unit pruned ⇔ its first
-        index of its first slice is masked)."""
+    def _pruned_units(self, masks: Optional[Mapping[str, Tensor]] = None) -> list[set[int]]:
+        """Units already pruned, read from ``masks`` (default: the manager's current masks;
+        unit pruned ⇔ its first index of its first slice is masked)."""
         out: list[set[int]] = []
-        masks = self.manager.masks
+        masks = self.manager.masks if masks is None else masks
         for g in self.groups:
             s = g.slices[0]
             mask = masks.get(f"{s.name}.weight")
@@ -288,9 +341,17 @@ class StructuredMethod(PruningMethod):
             out.append(total)
         return out
 
-    def compute_masks(self, target_fn: TargetFn, metric: ImportanceMetric) -> dict[str, Tensor]:
+    def compute_masks(
+        self,
+        target_fn: TargetFn,
+        metric: ImportanceMetric,
+        *,
+        previous: Mapping[str, Tensor],
+        calibration: Optional[list] = None,
+        sharding: Optional[ShardLayout] = None,
+    ) -> dict[str, Tensor]:
         sparsity = target_fn(self.config.final_sparsity)
-        pruned = self._pruned_units()
+        pruned = self._pruned_units(previous)
         counts = self.plan(sparsity, pruned)  # raises before anything changes
         scores = self.unit_scores(metric)
         chosen: list[set[int]] = [set() for _ in self.groups]
@@ -439,8 +500,6 @@ class StructuredMethod(PruningMethod):
 
 
 def _read_state_dict(path: Path) -> dict[str, Tensor]:
-    from safetensors.torch import load_file
-
     index = path / "model.safetensors.index.json"
     if index.is_file():
         files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
@@ -472,9 +531,7 @@ def load_pruned_model(path: Union[str, os.PathLike], model_class: Any = None, **
         CheckpointError: the folder has no weights, an unknown structure format, or the
             weights do not match the recorded widths.
     """
-    from transformers import AutoConfig, AutoModel
-
-    from artemis.arch import get_adapter
+    from transformers import AutoConfig, AutoModel  # here: importing transformers takes seconds
 
     model_class = model_class or AutoModel
     path = Path(path)

@@ -13,6 +13,10 @@ Each target weight gets a keep-mask from the configured metric's scores:
 * ``pattern: "N:M"`` — in every group of M consecutive input weights of a row the
   metric's N highest are kept (whatever the scope, which must be unset).
 
+With ``reconstruction: sparsegpt`` (:class:`~artemis.methods.sparsegpt.SparseGPTOptions`)
+the kept weights are then updated layer by layer on the calibration batches
+(:meth:`UnstructuredMethod.reconstruct`, :func:`artemis.methods.sparsegpt.reconstruct_layers`).
+
 Under FSDP2 each rank scores and masks its local shards; ``global`` and ``layer``
 thresholds are found with collectives over the shards (only histograms travel), and
 ``row`` needs whole rows on each rank (dim-0 sharding of an ``(out, in)`` weight).
@@ -24,15 +28,18 @@ next threshold is found), so masks only ever shrink during a run.
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Callable
+from typing import Any, Callable, Mapping, Optional
 
 import torch
 from torch import Tensor
 
-from artemis.core.distributed import local_tensor
+from artemis.core.distributed import ShardLayout, local_tensor
+from artemis.core.errors import CalibrationError, ConfigError, ModelError
 from artemis.core.masks import count_to_prune, global_masks, layer_mask, nm_masks, row_masks
-from artemis.core.targets import PrunableTarget, find_targets
+from artemis.core.targets import PrunableTarget, find_targets, match_pattern
 from artemis.methods.base import METHODS, PruningMethod, TargetFn
+from artemis.methods.owl import OWLOptions, allocate_counts, collect_input_norms, outlier_ratio, owl_sparsities
+from artemis.methods.sparsegpt import SparseGPTOptions, reconstruct_layers
 from artemis.metrics.base import ImportanceMetric
 
 __all__ = ["UnstructuredMethod", "rows_count_mask"]
@@ -65,6 +72,8 @@ class UnstructuredMethod(PruningMethod):
 
     name = "magnitude_progressive"
     supports_sharded_params = True
+    supports_pattern = True
+    options_models = (SparseGPTOptions, OWLOptions)
 
     def setup(self) -> None:
         cfg = self.config
@@ -75,21 +84,17 @@ class UnstructuredMethod(PruningMethod):
             block_prefixes=self.adapter.block_prefixes() if self.adapter.blocks is not None else None,
         )
         self.finals = {t.key: self.resolve_sparsity(t.name) for t in self.targets}
+        self.last_layer_sparsity: dict[str, float] = {}
+        self.owl_ratios: dict[str, float] = {}
+        self.last_reconstruction: Optional[dict[str, Any]] = None
         for pattern in cfg.layer_sparsity:
-            from artemis.core.targets import match_pattern
-
             if not any(match_pattern(pattern, t.name) for t in self.targets):
-                from artemis.core.errors import ModelError
-
                 raise ModelError(
                     f"pruning.layer_sparsity: pattern {pattern!r} matches none of the "
                     f"{len(self.targets)} prunable modules (for example {self.targets[0].name!r})"
                 )
-        if cfg.pattern is not None:  # issue 9: N:M needs in_features divisible by M
-            from artemis.core.config import parse_nm_pattern
-            from artemis.core.errors import ModelError
-
-            _, m = parse_nm_pattern(cfg.pattern)
+        if cfg.nm_pattern is not None:  # N:M needs in_features divisible by M
+            _, m = cfg.nm_pattern
             for t in self.targets:
                 shape = tuple(t.rows_view(t.param).shape)
                 if len(shape) != 2 or shape[1] % m:
@@ -100,11 +105,8 @@ class UnstructuredMethod(PruningMethod):
 
     def one_shot_target_fn(self, sparsity: float) -> TargetFn:
         """As the base class; with an N:M pattern the sparsity must be k/M for k <= M-N."""
-        if self.config.pattern is not None:
-            from artemis.core.config import parse_nm_pattern
-            from artemis.core.errors import ConfigError
-
-            n, m = parse_nm_pattern(self.config.pattern)
+        if self.config.nm_pattern is not None:
+            n, m = self.config.nm_pattern
             k = count_to_prune(m, sparsity)
             if k > m - n or abs(k / m - sparsity) > 1e-9:
                 valid = ", ".join(f"{j / m:g}" for j in range(0, m - n + 1))
@@ -114,9 +116,7 @@ class UnstructuredMethod(PruningMethod):
                 )
         return super().one_shot_target_fn(sparsity)
 
-    def check_sharding(self, layout) -> None:
-        from artemis.core.errors import ModelError
-
+    def check_sharding(self, layout: ShardLayout, metric: ImportanceMetric) -> None:
         cfg = self.config
         if any(layout.is_sharded(t.key) for t in self.targets) and (
             cfg.pattern is not None or cfg.reconstruction != "none" or cfg.scope == "owl"
@@ -126,7 +126,7 @@ class UnstructuredMethod(PruningMethod):
                 f"(got pattern={cfg.pattern!r}, reconstruction={cfg.reconstruction!r}, scope={cfg.scope!r}); "
                 "prune one-shot on an unsharded model, or use scope 'global'/'layer' under FSDP2"
             )
-        if self.scope(self.manager.metric) != "row":
+        if self.scope(metric) != "row":
             return
         for t in self.targets:
             p = t.param
@@ -143,9 +143,11 @@ class UnstructuredMethod(PruningMethod):
     def scope(self, metric: ImportanceMetric) -> str:
         return self.config.scope or metric.default_scope
 
-    def _score_fn(self, target: PrunableTarget, metric: ImportanceMetric) -> Callable[[], Tensor]:
+    def _score_fn(
+        self, target: PrunableTarget, metric: ImportanceMetric, previous: Mapping[str, Tensor]
+    ) -> Callable[[], Tensor]:
         def fn() -> Tensor:
-            old = self.manager.masks.get(target.key)  # read here: a packed mask is unpacked only while used
+            old = previous.get(target.key)  # read here: a packed mask is unpacked only while used
             s = local_tensor(metric.score(target))
             shape = local_tensor(target.param).shape
             if s.shape != shape:
@@ -159,23 +161,32 @@ class UnstructuredMethod(PruningMethod):
 
         return fn
 
-    def compute_masks(self, target_fn: TargetFn, metric: ImportanceMetric) -> dict[str, Tensor]:
+    def compute_masks(
+        self,
+        target_fn: TargetFn,
+        metric: ImportanceMetric,
+        *,
+        previous: Mapping[str, Tensor],
+        calibration: Optional[list] = None,
+        sharding: Optional[ShardLayout] = None,
+    ) -> dict[str, Tensor]:
         scope = self.scope(metric)
-        if self.config.pattern is not None:  # issue 9: N:M
-            return self._nm_masks(target_fn(self.config.final_sparsity), metric)
-        if scope == "owl":  # issue 9: OWL
-            return self._owl_masks(target_fn(self.config.final_sparsity), metric, getattr(target_fn, "one_shot", False))
+        if self.config.nm_pattern is not None:
+            return self._nm_masks(target_fn(self.config.final_sparsity), metric, previous)
+        if scope == "owl":
+            one_shot = getattr(target_fn, "one_shot", False)
+            return self._owl_masks(target_fn(self.config.final_sparsity), metric, previous, calibration, one_shot)
         groups: "OrderedDict[float, list[PrunableTarget]]" = OrderedDict()
         for t in self.targets:
             final = self.finals[t.key]
             s = target_fn(self.config.final_sparsity if final is None else final)
             groups.setdefault(s, []).append(t)
         masks: dict[str, Tensor] = {}
-        layout = self.manager.sharding
+        layout = sharding
         with torch.no_grad():
             for sparsity, targets in groups.items():
                 if scope == "global":
-                    fns = [self._score_fn(t, metric) for t in targets]
+                    fns = [self._score_fn(t, metric, previous) for t in targets]
                     numels = [t.numel for t in targets]
                     if layout is None:
                         ms = global_masks(fns, numels, sparsity)
@@ -187,13 +198,13 @@ class UnstructuredMethod(PruningMethod):
                 elif scope == "layer":
                     for t in targets:
                         if layout is not None and layout.is_sharded(t.key):
-                            fn = self._score_fn(t, metric)
+                            fn = self._score_fn(t, metric, previous)
                             masks[t.key] = global_masks([fn], [t.numel], sparsity, collective=layout.collective)[0]
                         else:
-                            masks[t.key] = layer_mask(self._score_fn(t, metric)(), sparsity)
+                            masks[t.key] = layer_mask(self._score_fn(t, metric, previous)(), sparsity)
                 elif scope == "row":
                     for t in targets:
-                        scores = self._score_fn(t, metric)()
+                        scores = self._score_fn(t, metric, previous)()
                         if scores.dim() != 2:
                             raise ValueError(f"scope 'row' needs 2-D weights; {t.key} is {tuple(scores.shape)}")
                         masks[t.key] = t.rows_view(row_masks(t.rows_view(scores), sparsity)).contiguous()
@@ -201,17 +212,15 @@ class UnstructuredMethod(PruningMethod):
                     raise ValueError(f"unknown scope {scope!r}; valid: 'global', 'layer', 'row', 'owl'")
         return masks
 
-    # ------------------------------------------------------------ issue 9: N:M and OWL
+    # ------------------------------------------------------------ N:M and OWL
     @torch.no_grad()
-    def _nm_masks(self, sparsity: float, metric: ImportanceMetric) -> dict[str, Tensor]:
+    def _nm_masks(self, sparsity: float, metric: ImportanceMetric, previous: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """N:M masks: prune ``round_half_up(sparsity·M)`` (at most M−N) of every group of M."""
-        from artemis.core.config import parse_nm_pattern
-
-        n, m = parse_nm_pattern(self.config.pattern)
+        n, m = self.config.nm_pattern
         k = min(count_to_prune(m, sparsity), m - n)
         masks: dict[str, Tensor] = {}
         for t in self.targets:
-            scores = self._score_fn(t, metric)()
+            scores = self._score_fn(t, metric, previous)()
             if k == 0:
                 masks[t.key] = torch.ones(scores.shape, dtype=torch.bool, device=scores.device)
                 continue
@@ -220,21 +229,24 @@ class UnstructuredMethod(PruningMethod):
         return masks
 
     @torch.no_grad()
-    def _owl_masks(self, sparsity: float, metric: ImportanceMetric, one_shot: bool = False) -> dict[str, Tensor]:
+    def _owl_masks(
+        self,
+        sparsity: float,
+        metric: ImportanceMetric,
+        previous: Mapping[str, Tensor],
+        calibration: Optional[list],
+        one_shot: bool = False,
+    ) -> dict[str, Tensor]:
         """OWL: per-block sparsities from outlier ratios (exact total count), then each
         layer's lowest metric scores pruned (spread evenly over its rows for metrics whose
         default scope is ``row``, as OWL does with Wanda). Weights pruned earlier stay pruned (in a
         progressive run a layer's count is at least its earlier count)."""
-        from artemis.core.errors import CalibrationError
-        from artemis.methods.owl import allocate_counts, collect_input_norms, outlier_ratio, owl_sparsities
-
-        data = getattr(self.manager, "calibration_data", None)
-        if data is None:
+        if calibration is None:
             raise CalibrationError(
                 "scope 'owl' needs calibration data for the activation outliers: pass "
                 "apply_pruning(s, calibration_data=batches) or call manager.set_calibration_data(batches)"
             )
-        norms = collect_input_norms(self.model, self.targets, data)
+        norms = collect_input_norms(self.model, self.targets, calibration)
         units: "OrderedDict[object, list[PrunableTarget]]" = OrderedDict()
         for t in self.targets:
             units.setdefault(("block", t.block_index) if t.block_index is not None else ("layer", t.key), []).append(t)
@@ -258,10 +270,10 @@ class UnstructuredMethod(PruningMethod):
         masks: dict[str, Tensor] = {}
         self.last_layer_sparsity = {}
         for (t, _), c in zip(per_target, counts):
-            old = self.manager.masks.get(t.key)
+            old = previous.get(t.key)
             if old is not None:
                 c = max(c, int((~old).sum()))
-            scores = self._score_fn(t, metric)()
+            scores = self._score_fn(t, metric, previous)()
             if metric.default_scope == "row" and scores.dim() == 2:  # Wanda-like metrics: per row
                 masks[t.key] = t.rows_view(rows_count_mask(t.rows_view(scores), c)).contiguous()
             else:
@@ -270,25 +282,50 @@ class UnstructuredMethod(PruningMethod):
         self.owl_ratios = {str(u[1]): r for u, r in zip(units, ratios)}
         return masks
 
-    def event_pattern(self, masks: dict[str, Tensor]) -> "tuple[int, int] | None":
+    def _event_pattern(self, masks: dict[str, Tensor]) -> "tuple[int, int] | None":
         """``(kept, M)`` per group at this event for an N:M pattern (None without one)."""
-        if self.config.pattern is None:
+        if self.config.nm_pattern is None:
             return None
-        from artemis.core.config import parse_nm_pattern
-
-        _, m = parse_nm_pattern(self.config.pattern)
-        k = round(getattr(self, "last_layer_sparsity", {}).get(next(iter(masks)), 0.0) * m) if masks else 0
+        _, m = self.config.nm_pattern
+        k = round(self.last_layer_sparsity.get(next(iter(masks)), 0.0) * m) if masks else 0
         return (m - k, m) if k > 0 else None
+
+    # ------------------------------------------------------------ reconstruction
+    @torch.no_grad()
+    def reconstruct(
+        self, masks: dict[str, Tensor], *, previous: Mapping[str, Tensor], calibration: Optional[list] = None
+    ) -> Optional[dict[str, Any]]:
+        """With ``reconstruction: sparsegpt``: the OBS update of the kept weights of each
+        target on the ``calibration`` batches (:func:`~artemis.methods.sparsegpt.reconstruct_layers`);
+        with ``sparsegpt_mask: obs`` the pruned weights are chosen again, in ``masks``
+        (the weights ``previous`` pruned stay pruned). Returns its report, or None."""
+        cfg = self.config
+        if cfg.reconstruction == "none":
+            return None
+        self.last_reconstruction = reconstruct_layers(
+            self.model,
+            self.targets,
+            masks,
+            calibration,
+            blocksize=cfg.sparsegpt_blocksize,
+            dampening=cfg.sparsegpt_dampening,
+            select=cfg.sparsegpt_mask,
+            priors=previous,
+            pattern=self._event_pattern(masks),
+            per_row=cfg.sparsegpt_obs_scope == "row",
+            target=cfg.sparsegpt_target,
+        )
+        return self.last_reconstruction
 
     def summary(self) -> dict:
         out: dict = {}
         if self.config.pattern is not None:
             out["pattern"] = self.config.pattern
-        if self.config.scope == "owl" and getattr(self, "last_layer_sparsity", None):
+        if self.config.scope == "owl" and self.last_layer_sparsity:
             out["owl_layer_sparsity"] = dict(self.last_layer_sparsity)
-            out["owl_outlier_ratios"] = dict(getattr(self, "owl_ratios", {}))
+            out["owl_outlier_ratios"] = dict(self.owl_ratios)
         if self.config.reconstruction != "none":
             out["reconstruction"] = self.config.reconstruction
-            if getattr(self.manager, "last_reconstruction", None):
-                out["last_reconstruction"] = dict(self.manager.last_reconstruction)
+            if self.last_reconstruction:
+                out["last_reconstruction"] = dict(self.last_reconstruction)
         return out

@@ -43,7 +43,8 @@ Writing your own::
         def score(self, target):
             return target.param.detach().float() ** 2
 
-and use ``importance_metric: squared`` in the config.
+and use ``importance_metric: squared`` in the config. The registry itself,
+:data:`artemis.core.registry.METRICS`, is re-exported here and by :mod:`artemis.metrics`.
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ import torch.nn as nn
 from pydantic import BaseModel, ValidationError
 from torch import Tensor
 
-from artemis.core.registry import Registry
+from artemis.core.registry import METRICS
 from artemis.core.targets import PrunableTarget
 
 __all__ = ["ImportanceMetric", "METRICS"]
@@ -152,6 +153,3 @@ class ImportanceMetric:
 
     def load_state_dict(self, state: dict) -> None:
         pass
-
-
-METRICS: Registry[type[ImportanceMetric]] = Registry("importance_metric")
