@@ -9,9 +9,9 @@ import torch
 import torch.nn as nn
 
 from artemis import create_pruning_manager
+from artemis.arch.gates import BlockGate
 from artemis.core.errors import CalibrationError, CheckpointError, ConfigError, ModelError, PruningStateError
 from artemis.core.sizing import MIB, model_dense_bytes
-from artemis.arch.gates import BlockGate
 from artemis.methods.layer_dropout import choose_layers_to_drop, layers_for_sparsity
 from artemis.metrics.blocks import influence_terms, layer_gradient_sensitivity, layer_magnitude
 from tests.fixtures import lm_batch, tiny_bert, tiny_gpt2, tiny_llama

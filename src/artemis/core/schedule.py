@@ -53,7 +53,7 @@ def progress(step: int, t_s: int, t_e: int) -> float:
 def shape(p: float, schedule: str) -> float:
     """Fraction of the way from the initial to the final sparsity at progress ``p``.
 
-    ``cubic``: p³ (the seed's formula s_i + (s_f - s_i)·p³, gentle at the start);
+    ``cubic``: p³ (the cubic schedule of the specification, s_i + (s_f - s_i)·p³, gentle at the start);
     ``cubic_decay``: 1 - (1 - p)³ (Zhu & Gupta 2017, aggressive at the start);
     ``linear``: p.
     """
