@@ -260,9 +260,138 @@ def test_sparsegpt_errors():
         sparsegpt_prune(w, h, pattern=(2, 4), per_row=True)
 
 
-def test_extra_bytes_formula():
-    assert reconstruction_extra_bytes(8, 16, blocksize=4) == 4 * (3 * 256 + 2 * 128 + 2 * 32) + 128
-    assert reconstruction_extra_bytes(8, 16, blocksize=4, dense_target=True) == 4 * (4 * 256 + 3 * 128 + 2 * 32) + 128
+# ----------------------------------------------------------------------------- SparseGPT (memory, measured)
+def _peak_allocated_bytes(fn) -> int:
+    """Run ``fn()`` with PyTorch's profiler recording every CPU tensor allocation and free, and
+    return the highest number of bytes allocated during the call and not yet freed. This is
+    what the tensors take (what ``reconstruction_extra_bytes`` counts), without the malloc
+    and LAPACK overhead that a process's RSS adds. (``torch.profiler.profile`` records the
+    same events but turns every op into Python objects afterwards: seconds here.)"""
+    from torch._C._profiler import ProfilerActivity, _ExperimentalConfig
+    from torch.autograd import ProfilerConfig, ProfilerState, _disable_profiler, _enable_profiler, _prepare_profiler
+
+    # state, report_input_shapes, profile_memory, with_stack, with_flops, with_modules, experimental
+    config = ProfilerConfig(ProfilerState.KINETO, False, True, False, False, False, _ExperimentalConfig())
+    activities = {ProfilerActivity.CPU}
+    _prepare_profiler(config, activities)
+    _enable_profiler(config, activities)
+    try:
+        fn()
+    finally:
+        result = _disable_profiler()
+    events = sorted((e for e in result.events() if e.name() == "[memory]"), key=lambda e: e.start_ns())
+    assert events, "the profiler recorded no allocation"
+    live = peak = 0
+    for e in events:
+        live += e.nbytes()  # negative for a free
+        peak = max(peak, live)
+    return peak
+
+
+def _measured_reconstruction(shapes, blocksize, **options):
+    """``reconstruct_layers`` over a chain of linear layers of ``(out, in)`` ``shapes`` (each
+    layer's input is the previous one's output), half of each layer's weights pruned by
+    magnitude: ``(peak allocated bytes, reconstruct_layers' result)``."""
+    torch.manual_seed(0)
+    layers = []
+    for out_f, in_f in shapes:
+        layers += [nn.Linear(in_f, out_f), nn.ReLU()]
+    net = nn.Sequential(*layers[:-1])
+    names = [str(2 * i) for i in range(len(shapes))]
+    mgr = create_pruning_manager({"pruning": {"scope": "layer", "targets": names}}, net)
+    targets = mgr.method.targets
+    assert [t.name for t in targets] == names
+    keep = {t.key: t.param.detach().abs() > t.param.detach().abs().median() for t in targets}
+    calib = [torch.randn(2, 16, shapes[0][1]) for _ in range(2)]
+    out: dict = {}
+    peak = _peak_allocated_bytes(
+        lambda: out.update(reconstruct_layers(net, targets, keep, calib, blocksize=blocksize, **options))
+    )
+    return peak, out
+
+
+def _reconstruction_bound(shapes, blocksize, select="metric", dense_target=False, pattern=None) -> int:
+    """The extra bytes that ``reconstruct_layers`` holds at its peak, as measured below, over
+    layers of ``(out, in)`` ``shapes`` in order: for each layer, ``reconstruction_extra_bytes``
+    (what the docs state) plus what it leaves out, the largest over the layers:
+
+    * the column loop's buffers beyond the two ``out × block`` ones counted: the update of
+      the block's later columns (one more float32 ``out × block``), the block's mask and
+      two ``out`` vectors;
+    * the previous layer's float32 result (and, with dense targets, its target weight
+      ``W*``): ``reconstruct_layers`` still references them while it builds the next
+      layer's Hessian and factorises it;
+    * with ``select='obs'``: the mask choice's block buffers (saliencies, sort indices,
+      ranks, the previous block's still alive): up to 32 bytes per weight of an
+      ``out × block`` block; and without a ``pattern``, the last block counts the pruned
+      weights with ``pruned.sum()``, which converts the ``out × in`` bool mask to int64
+      first (8 bytes per weight).
+
+    With dense targets, the copy of the weights before the event
+    (``dense_copy_bytes``, stated apart) is added by the caller.
+    """
+    bound, previous = 0, 0
+    for out_f, in_f in shapes:
+        block = min(blocksize, in_f)
+        left_out = 5 * out_f * block + 8 * out_f + 4 * previous * (2 if dense_target else 1)
+        if select == "obs":
+            left_out += 32 * out_f * block + (8 * out_f * in_f if pattern is None else 0)
+        bound = max(bound, reconstruction_extra_bytes(out_f, in_f, blocksize, dense_target) + left_out)
+        previous = out_f * in_f
+    return bound
+
+
+@pytest.mark.parametrize("shape", [(64, 256), (128, 128)])
+def test_sparsegpt_memory_of_one_layer_is_within_the_stated_bound(shape):
+    """One layer (nothing before it), the default options, ``in >= out``: the stated figure
+    bounds the measured peak (a taller layer exceeds it: see the xfail test below)."""
+    out_f, in_f = shape
+    peak, rec = _measured_reconstruction([shape], blocksize=128)
+    stated = reconstruction_extra_bytes(out_f, in_f)
+    assert rec["peak_extra_bytes"] == stated
+    # the factorisation holds three in × in float32 matrices and the float32 weight copy at once
+    assert 4 * (3 * in_f * in_f + out_f * in_f) <= peak <= stated
+
+
+MODES = {
+    "metric mask": {},
+    "obs, per layer": {"select": "obs"},
+    "obs, per row": {"select": "obs", "per_row": True},
+    "obs, 2:4": {"select": "obs", "pattern": (2, 4)},
+    "dense target": {"target": "dense"},
+    "dense target, obs per row": {"target": "dense", "select": "obs", "per_row": True},
+}
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize(
+    "shapes, blocksize", [([(256, 64)], 8), ([(64, 16), (16, 64)], 128), ([(32, 32), (32, 32)], 16)]
+)
+def test_sparsegpt_memory_is_within_the_measured_bound(mode, shapes, blocksize):
+    options = MODES[mode]
+    peak, rec = _measured_reconstruction(shapes, blocksize, **options)
+    dense_target = options.get("target") == "dense"
+    assert rec["peak_extra_bytes"] == max(reconstruction_extra_bytes(o, i, blocksize, dense_target) for o, i in shapes)
+    bound = _reconstruction_bound(
+        shapes, blocksize, options.get("select", "metric"), dense_target, options.get("pattern")
+    )
+    bound += rec["dense_copy_bytes"]
+    assert 0.5 * bound <= peak <= bound
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="reconstruction_extra_bytes (docs/advanced_pruning.md, 'Memory.') leaves out buffers that "
+    "reconstruct_layers holds (see _reconstruction_bound): measured 1.007x the stated figure for one 256x64 "
+    "layer, 1.7x for two 32x32 layers with obs per-row masks",
+)
+@pytest.mark.parametrize(
+    "shapes, blocksize, options",
+    [([(256, 64)], 128, {}), ([(32, 32), (32, 32)], 16, {"select": "obs", "per_row": True})],
+)
+def test_sparsegpt_stated_memory_bound_holds(shapes, blocksize, options):
+    peak, rec = _measured_reconstruction(shapes, blocksize, **options)
+    assert peak <= rec["peak_extra_bytes"]
 
 
 # ----------------------------------------------------------------------------- SparseGPT (manager)

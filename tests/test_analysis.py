@@ -137,7 +137,6 @@ def test_evaluate_helpers():
         embedding_cosine(torch.ones(2, 3), torch.ones(3, 3))
 
 
-@pytest.mark.slow
 def test_minilm_activation_at_50_percent(minilm_dir):
     """The issue's anchor, small (the full comparison is benchmarks/minilm_metrics.py):
     Wanda at 50 % keeps MiniLM's sentence embeddings close to the dense ones."""

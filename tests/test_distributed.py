@@ -179,6 +179,7 @@ def metric_references():
     return out
 
 
+@pytest.mark.slow  # the `runs` fixture: two torchrun jobs, about 20 s
 @pytest.mark.parametrize("kind", ["ddp", "fsdp2"])
 @pytest.mark.parametrize("metric", ["activation", "gradient_sensitivity"])
 def test_data_dependent_metrics_give_single_process_masks(runs, metric_references, kind, metric):
@@ -194,6 +195,7 @@ def test_data_dependent_metrics_give_single_process_masks(runs, metric_reference
         assert got["metrics"]["parameters_pruned"] == ref.pruning_metrics["parameters_pruned"]
 
 
+@pytest.mark.slow  # the `runs` fixture: two torchrun jobs, about 20 s
 def test_fsdp2_activation_on_transposed_conv1d_weights(runs):
     model = W.make_gpt2()
     ref = create_pruning_manager(W.GPT2_CONFIG, model, total_steps=W.TOTAL_STEPS)
@@ -205,6 +207,7 @@ def test_fsdp2_activation_on_transposed_conv1d_weights(runs):
             assert torch.equal(got["masks"][key], m), (r, key)
 
 
+@pytest.mark.slow  # the `runs` fixture: two torchrun jobs, about 20 s
 def test_sharded_select_under_torchrun_equals_single_process(runs):
     sel = runs[0]["select"]
     numels = [f.numel() for f in sel["full"]]
@@ -217,6 +220,7 @@ def test_sharded_select_under_torchrun_equals_single_process(runs):
         assert sum(int((~m).sum()) for m in ref) == count_to_prune(sum(numels), sparsity)
 
 
+@pytest.mark.slow  # the `runs` fixture: two torchrun jobs, about 20 s
 @pytest.mark.parametrize("kind", ["ddp", "fsdp2", "accelerate"])
 def test_masks_identical_on_ranks_and_equal_single_process(runs, reference, kind):
     ref = reference.masks
@@ -230,6 +234,7 @@ def test_masks_identical_on_ranks_and_equal_single_process(runs, reference, kind
             assert not bool(w[~got[key]].any())
 
 
+@pytest.mark.slow  # the `runs` fixture: two torchrun jobs, about 20 s
 def test_fsdp2_masks_are_stored_sharded(runs):
     for key, full in runs[0]["fsdp2"]["masks"].items():
         shards = [runs[r]["fsdp2"]["local_masks"][key] for r in range(WORLD)]
@@ -240,6 +245,7 @@ def test_fsdp2_masks_are_stored_sharded(runs):
         assert torch.equal(runs[1]["ddp"]["local_masks"][key], full)
 
 
+@pytest.mark.slow  # the `runs` fixture: two torchrun jobs, about 20 s
 @pytest.mark.parametrize("kind", ["ddp", "fsdp2", "accelerate"])
 def test_final_sparsity_is_exact(runs, reference, kind):
     # two sparsity groups: model.layers.1.mlp.* at 0.7, the rest at 0.5
@@ -258,6 +264,7 @@ def test_final_sparsity_is_exact(runs, reference, kind):
         assert layers == {row["name"]: row["zeros"] for row in reference.get_pruning_summary()["layers"]}
 
 
+@pytest.mark.slow  # the `runs` fixture: two torchrun jobs, about 20 s
 @pytest.mark.parametrize("kind", ["ddp", "fsdp2", "accelerate"])
 def test_killed_and_resumed_run_ends_with_the_same_masks(runs, kind):
     for r in range(WORLD):
@@ -270,6 +277,7 @@ def test_killed_and_resumed_run_ends_with_the_same_masks(runs, kind):
             assert torch.equal(resumed["weights"][key], full["weights"][key]), (kind, r, key)
 
 
+@pytest.mark.slow  # the `runs` fixture: two torchrun jobs, about 20 s
 def test_whole_masks_load_into_fsdp2_shards(runs):
     for r in range(WORLD):
         rec = runs[r]["whole_into_fsdp2"]
@@ -279,6 +287,7 @@ def test_whole_masks_load_into_fsdp2_shards(runs):
             assert torch.equal(rec["masks"][key], m)
 
 
+@pytest.mark.slow  # the `runs` fixture: two torchrun jobs, about 20 s
 @pytest.mark.parametrize("scope", ["layer", "row"])
 def test_fsdp2_one_shot_scopes_equal_single_process(runs, scope):
     model = W.make_model()
@@ -292,6 +301,7 @@ def test_fsdp2_one_shot_scopes_equal_single_process(runs, scope):
         assert got["metrics"]["parameters_pruned"] == manager.pruning_metrics["parameters_pruned"]
 
 
+@pytest.mark.slow  # the `runs` fixture: two torchrun jobs, about 20 s
 def test_fsdp1_is_refused_at_creation(runs):
     for r in range(WORLD):
         msg = runs[r]["fsdp1_error"]
@@ -299,6 +309,7 @@ def test_fsdp1_is_refused_at_creation(runs):
         assert "use_orig_params=True" in msg and "fully_shard" in msg and "fsdp_version: 2" in msg
 
 
+@pytest.mark.slow  # the `runs` fixture: two torchrun jobs, about 20 s
 def test_misuse_raises_instead_of_silently_not_pruning(runs):
     for r in range(WORLD):
         errors = runs[r]["errors"]

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import functools
+import importlib.util
+import logging
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -14,17 +19,23 @@ from artemis.sparse.inference import SparseLinear, sparsify_for_inference
 
 needs_kernels = pytest.mark.skipif(
     not (kernels.decode_ready(2) and kernels.matvec_ready()),
-    reason=f"the compiled kernels need AVX-512 (avx512f/bw/vbmi2): {kernels.kernel_status()['reason']}",
+    reason="no compiled bitmask kernels here (they need llvmlite and an AVX-512 or AVX2+FMA CPU): "
+    + str(kernels.kernel_status()["reason"]),
 )
 
 
-def _has_avx2() -> bool:
+def _cpu_has(*features: str) -> bool:
+    """True when llvmlite is installed and the host CPU has every one of ``features``."""
     try:
         from llvmlite import binding
     except ImportError:
         return False
     feats = binding.get_host_cpu_features()
-    return bool(feats.get("avx2")) and bool(feats.get("fma"))
+    return all(bool(feats.get(f)) for f in features)
+
+
+def _has_avx2() -> bool:
+    return _cpu_has("avx2", "fma")
 
 
 @pytest.fixture(params=["kernel", "avx2", "numpy"])
@@ -35,7 +46,7 @@ def decoder(request, monkeypatch):
         monkeypatch.setenv(kernels.ENV_SWITCH, "0")
     elif request.param == "avx2":
         if not _has_avx2():
-            pytest.skip("the AVX2 kernels need an AVX2+FMA CPU")
+            pytest.skip("the AVX2 kernels need llvmlite and an AVX2+FMA CPU")
         monkeypatch.setenv(kernels.ENV_SWITCH, "avx2")
         if kernels.kernel_status()["matvec_isa"] != "avx2":
             pytest.skip(f"no AVX2 kernels here: {kernels.kernel_status()['reason']}")
@@ -168,7 +179,7 @@ def test_bitmask_linear_matches_dense(n_in, n_out, bias, threads):
         torch.set_num_threads(old)
 
 
-@pytest.mark.skipif(not _has_avx2(), reason="the AVX2 matrix-vector kernel needs an AVX2+FMA CPU")
+@pytest.mark.skipif(not _has_avx2(), reason="the AVX2 matrix-vector kernel needs llvmlite and an AVX2+FMA CPU")
 @pytest.mark.parametrize("threads", [1, 2])
 def test_avx2_matvec_matches_dense(monkeypatch, threads):
     monkeypatch.setenv(kernels.ENV_SWITCH, "avx2")
@@ -189,13 +200,51 @@ def test_avx2_matvec_matches_dense(monkeypatch, threads):
 
 
 @needs_kernels
-def test_bitmask_linear_without_numba_runs_on_one_thread(monkeypatch):
-    lin = _sparse_linear(48, 20, True)
+@pytest.mark.parametrize("how", ["numba not importable", "no parallel driver"])
+def test_bitmask_linear_without_numba_runs_on_one_thread(monkeypatch, caplog, how):
+    """Without Numba, ``kernels.matvec`` runs the compiled row kernel itself, once over all
+    rows, on the calling thread. Its products are bit-identical to the Numba path (each
+    output row is computed by the same code, whichever thread runs it) and match dense."""
+    lin = _sparse_linear(70, 37, True, seed=5)  # 70 inputs: 5 chunks of 16, the last padded
     sp = SparseLinear.from_linear(lin, backend="bitmask")
-    monkeypatch.setattr(kernels, "_parallel_matvec", lambda: None)
-    x = torch.randn(3, 48)
-    with torch.no_grad():
-        torch.testing.assert_close(sp(x), lin(x), rtol=1e-5, atol=1e-5)
+    xs = [torch.randn(shape) for shape in [(70,), (3, 70), (5, 70), (2, 4, 70)]]
+    numba_installed = importlib.util.find_spec("numba") is not None
+    old = torch.get_num_threads()
+    torch.set_num_threads(2)  # matvec asks for the parallel driver only with more than one thread
+    try:
+        if numba_installed:
+            assert kernels._parallel_matvec() is not None  # built (and cached) before the spy below
+        compiled = kernels._compiled()
+        row_kernel = compiled.matvec_rows
+        calls: list = []
+
+        def spy(*args):  # the single-thread call; the Numba driver calls the raw pointer instead
+            calls.append(args[-2:])  # (r0, r1)
+            return row_kernel(*args)
+
+        monkeypatch.setattr(compiled, "matvec_rows", spy)
+        with torch.no_grad():
+            pooled = [sp(x) for x in xs]
+        assert calls == ([] if numba_installed else [(0, 37)] * len(xs))  # with Numba: its pool ran them
+        if how == "numba not importable":
+            monkeypatch.setitem(sys.modules, "numba", None)  # `import numba` raises ImportError
+            fresh = functools.lru_cache(maxsize=None)(kernels._parallel_driver.__wrapped__)
+            monkeypatch.setattr(kernels, "_parallel_driver", fresh)  # the real one keeps its cached driver
+        else:
+            monkeypatch.setattr(kernels, "_parallel_matvec", lambda: None)
+        calls.clear()
+        with caplog.at_level(logging.INFO, logger="artemis.sparse.kernels"), torch.no_grad():
+            single = [sp(x) for x in xs]
+        assert calls == [(0, 37)] * len(xs)  # one call per product, over all 37 rows
+        if how == "numba not importable":
+            assert "numba is not installed; the sparse matrix-vector kernel runs on one thread" in caplog.text
+        with torch.no_grad():
+            for x, y1, yn in zip(xs, single, pooled):
+                assert y1.shape == (*x.shape[:-1], 37)
+                assert torch.equal(y1, yn)
+                torch.testing.assert_close(y1, lin(x), rtol=1e-5, atol=1e-5)
+    finally:
+        torch.set_num_threads(old)
 
 
 def test_bitmask_linear_errors(monkeypatch):
@@ -301,7 +350,10 @@ def test_bitmask_linear_in_a_forked_child_and_from_two_threads():
         torch.set_num_threads(old)
 
 
-@pytest.mark.skipif(not kernels.decode_ready(2) or not _has_avx2(), reason="needs an AVX-512 CPU")
+@pytest.mark.skipif(
+    not (kernels.decode_ready(2) and _cpu_has("avx512f", "avx2", "fma")),
+    reason="needs an AVX-512 (avx512f) CPU with AVX2+FMA and the compiled decoder (llvmlite)",
+)
 def test_avx512_without_vbmi2_decodes_narrow_values_the_avx2_way():
     """A CPU with avx512f but no avx512vbmi2 (Skylake-X) has no 16-bit expand: its 1- and
     2-byte decoders are built with the AVX2 method. Simulated by compiling without vbmi2."""

@@ -33,8 +33,26 @@ def test_seed_import_path():
     assert artemis.PruningManager is PruningManager and artemis.PruningConfig is PruningConfig
 
 
+# Modules that run no docstring example, each with the reason. Every other module must run
+# at least one (a module without examples would pass test_doctests vacuously).
+NO_EXAMPLE = {
+    "artemis.core.errors": "example pending (exception classes only)",
+    "artemis.methods": "example pending (package re-exports)",
+    "artemis.metrics": "example pending (package re-exports)",
+    "artemis.sparse.hf_quantizer": "example pending (new module, still being written)",
+}
+
+
 @pytest.mark.parametrize("name", _modules())
 def test_doctests(name):
     mod = importlib.import_module(name)
     result = doctest.testmod(mod, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
-    assert result.failed == 0
+    assert result.failed == 0, f"{result.failed} of {result.attempted} examples in {name} failed"
+    if name in NO_EXAMPLE:
+        assert result.attempted == 0, f"{name} now runs examples: remove it from NO_EXAMPLE"
+    else:
+        assert result.attempted > 0, f"{name} runs no docstring example; add one (or list it in NO_EXAMPLE, with why)"
+
+
+def test_no_example_list_names_real_modules():
+    assert set(NO_EXAMPLE) <= set(_modules())

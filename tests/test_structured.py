@@ -395,7 +395,6 @@ def test_config_keys_are_checked():
 
 
 # -------------------------------------------------------- real MiniLM
-@pytest.mark.slow
 def test_minilm_half_structured(minilm_dir, tmp_path):
     from transformers import AutoModel, AutoTokenizer
 

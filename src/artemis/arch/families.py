@@ -6,6 +6,16 @@
 * ``gpt2``: GPT-2 (``transformer.h``; fused ``attn.c_attn`` Conv1D).
 * ``bert``: BERT-family encoders, including sentence-transformers' MiniLM
   (``encoder.layer``; ``attention.self.{query,key,value}``).
+
+Example:
+    >>> from transformers import GPT2Config, GPT2LMHeadModel
+    >>> from artemis.arch.families import BertAdapter, GPT2Adapter
+    >>> cfg = GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=32, n_positions=16, bos_token_id=0, eos_token_id=0)
+    >>> model = GPT2LMHeadModel(cfg)
+    >>> GPT2Adapter.matches(model), BertAdapter.matches(model)
+    (True, False)
+    >>> GPT2Adapter().bind(model).block_prefixes()
+    ['transformer.h.0', 'transformer.h.1']
 """
 
 from __future__ import annotations

@@ -31,6 +31,13 @@ Functions (C calling convention; sizes are int64, matrices row-major):
 The decoders check the row offsets and value count themselves (above); callers check
 shapes, dtypes and the bits beyond ``cols``. ``matvec_rows`` checks nothing: its
 operands are built by Artemis (:class:`artemis.sparse.inference.SparseLinear`).
+
+Example (building the IR needs llvmlite only; compiling it is :mod:`artemis.sparse.kernels`' job):
+    >>> from artemis.sparse._bitmask_ir import build_module
+    >>> sorted(f.name for f in build_module("avx2").functions if not f.is_declaration)
+    ['decode_w1', 'decode_w2', 'decode_w4', 'matvec_rows_avx2']
+    >>> "llvm.masked.expandload" in str(build_module("avx512"))
+    True
 """
 
 from __future__ import annotations

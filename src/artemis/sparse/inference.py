@@ -292,9 +292,16 @@ def time_call(fn: Callable[[], Any], *, repeats: int = 20, warmup: int = 3, cloc
     ``clock="cpu"`` measures the calling thread's CPU time (``time.thread_time``): with
     one torch thread it is the work done, robust to other processes sharing the cores.
 
-    Example:
-        >>> time_call(lambda: sum(range(10)), repeats=3, warmup=1) >= 0
-        True
+    Example (a clock that moves only when the timed function runs, so the result is exact):
+        >>> now = [0.0]
+        >>> CLOCKS["demo"] = lambda: now[0]
+        >>> def work():
+        ...     now[0] += 0.25
+        >>> time_call(work, repeats=5, warmup=2, clock="demo")
+        0.25
+        >>> now[0]  # fn is timed against itself: 2 x (2 warm-up + 5 timed) calls of 0.25
+        3.5
+        >>> del CLOCKS["demo"]
     """
     return time_pair(fn, fn, repeats=repeats, warmup=warmup, clock=clock)[0]
 
@@ -305,10 +312,26 @@ def time_pair(
     """Median seconds of ``a()`` and of ``b()``, timed alternately (so that a load change
     on a shared machine hits both alike).
 
-    Example:
-        >>> ta, tb = time_pair(lambda: None, lambda: sum(range(100)), repeats=3)
-        >>> ta >= 0 and tb >= 0
-        True
+    Example (a clock that moves only when ``a`` or ``b`` runs; the median is the middle
+    of the sorted times, the upper one of the two middles for an even ``repeats``):
+        >>> now, log = [0.0], []
+        >>> CLOCKS["demo"] = lambda: now[0]
+        >>> costs = iter([9.0, 1.0, 7.0, 2.0, 3.0])  # a's calls: one warm-up, then 4 timed
+        >>> def a():
+        ...     log.append("a")
+        ...     now[0] += next(costs)
+        >>> def b():
+        ...     log.append("b")
+        ...     now[0] += 0.5
+        >>> time_pair(a, b, repeats=4, warmup=1, clock="demo")
+        (3.0, 0.5)
+        >>> "".join(log)  # taken in turns
+        'ababababab'
+        >>> del CLOCKS["demo"]
+        >>> time_pair(a, b, clock="gpu")
+        Traceback (most recent call last):
+        ...
+        ValueError: unknown clock 'gpu'; valid: 'wall', 'cpu'
     """
     if clock not in CLOCKS:
         raise ValueError(f"unknown clock {clock!r}; valid: {', '.join(map(repr, CLOCKS))}")
