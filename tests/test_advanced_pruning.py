@@ -310,49 +310,6 @@ def _measured_reconstruction(shapes, blocksize, **options):
     return peak, out
 
 
-def _reconstruction_bound(shapes, blocksize, select="metric", dense_target=False, pattern=None) -> int:
-    """The extra bytes that ``reconstruct_layers`` holds at its peak, as measured below, over
-    layers of ``(out, in)`` ``shapes`` in order: for each layer, ``reconstruction_extra_bytes``
-    (what the docs state) plus what it leaves out, the largest over the layers:
-
-    * the column loop's buffers beyond the two ``out × block`` ones counted: the update of
-      the block's later columns (one more float32 ``out × block``), the block's mask and
-      two ``out`` vectors;
-    * the previous layer's float32 result (and, with dense targets, its target weight
-      ``W*``): ``reconstruct_layers`` still references them while it builds the next
-      layer's Hessian and factorises it;
-    * with ``select='obs'``: the mask choice's block buffers (saliencies, sort indices,
-      ranks, the previous block's still alive): up to 32 bytes per weight of an
-      ``out × block`` block; and without a ``pattern``, the last block counts the pruned
-      weights with ``pruned.sum()``, which converts the ``out × in`` bool mask to int64
-      first (8 bytes per weight).
-
-    With dense targets, the copy of the weights before the event
-    (``dense_copy_bytes``, stated apart) is added by the caller.
-    """
-    bound, previous = 0, 0
-    for out_f, in_f in shapes:
-        block = min(blocksize, in_f)
-        left_out = 5 * out_f * block + 8 * out_f + 4 * previous * (2 if dense_target else 1)
-        if select == "obs":
-            left_out += 32 * out_f * block + (8 * out_f * in_f if pattern is None else 0)
-        bound = max(bound, reconstruction_extra_bytes(out_f, in_f, blocksize, dense_target) + left_out)
-        previous = out_f * in_f
-    return bound
-
-
-@pytest.mark.parametrize("shape", [(64, 256), (128, 128)])
-def test_sparsegpt_memory_of_one_layer_is_within_the_stated_bound(shape):
-    """One layer (nothing before it), the default options, ``in >= out``: the stated figure
-    bounds the measured peak (a taller layer exceeds it: see the xfail test below)."""
-    out_f, in_f = shape
-    peak, rec = _measured_reconstruction([shape], blocksize=128)
-    stated = reconstruction_extra_bytes(out_f, in_f)
-    assert rec["peak_extra_bytes"] == stated
-    # the factorisation holds three in × in float32 matrices and the float32 weight copy at once
-    assert 4 * (3 * in_f * in_f + out_f * in_f) <= peak <= stated
-
-
 MODES = {
     "metric mask": {},
     "obs, per layer": {"select": "obs"},
@@ -365,33 +322,23 @@ MODES = {
 
 @pytest.mark.parametrize("mode", list(MODES))
 @pytest.mark.parametrize(
-    "shapes, blocksize", [([(256, 64)], 8), ([(64, 16), (16, 64)], 128), ([(32, 32), (32, 32)], 16)]
+    "shapes, blocksize",
+    [([(64, 256)], 128), ([(256, 64)], 8), ([(256, 64)], 128), ([(64, 16), (16, 64)], 128), ([(32, 32), (32, 32)], 16)],
 )
-def test_sparsegpt_memory_is_within_the_measured_bound(mode, shapes, blocksize):
+def test_sparsegpt_measured_memory_is_within_the_stated_bound(mode, shapes, blocksize):
+    """The peak of the tensors allocated during ``reconstruct_layers`` (measured by the
+    profiler) stays under the bound it reports (``reconstruction_extra_bytes`` of its largest
+    layer, plus the dense copy of the weights for a dense target), and the bound is not loose
+    (at least 40% of it is used)."""
     options = MODES[mode]
     peak, rec = _measured_reconstruction(shapes, blocksize, **options)
+    obs = options.get("select") == "obs" and options.get("pattern") is None
     dense_target = options.get("target") == "dense"
-    assert rec["peak_extra_bytes"] == max(reconstruction_extra_bytes(o, i, blocksize, dense_target) for o, i in shapes)
-    bound = _reconstruction_bound(
-        shapes, blocksize, options.get("select", "metric"), dense_target, options.get("pattern")
+    assert rec["peak_extra_bytes"] == max(
+        reconstruction_extra_bytes(o, i, blocksize, dense_target, obs) for o, i in shapes
     )
-    bound += rec["dense_copy_bytes"]
-    assert 0.5 * bound <= peak <= bound
-
-
-@pytest.mark.xfail(
-    strict=True,
-    reason="reconstruction_extra_bytes (docs/advanced_pruning.md, 'Memory.') leaves out buffers that "
-    "reconstruct_layers holds (see _reconstruction_bound): measured 1.007x the stated figure for one 256x64 "
-    "layer, 1.7x for two 32x32 layers with obs per-row masks",
-)
-@pytest.mark.parametrize(
-    "shapes, blocksize, options",
-    [([(256, 64)], 128, {}), ([(32, 32), (32, 32)], 16, {"select": "obs", "per_row": True})],
-)
-def test_sparsegpt_stated_memory_bound_holds(shapes, blocksize, options):
-    peak, rec = _measured_reconstruction(shapes, blocksize, **options)
-    assert peak <= rec["peak_extra_bytes"]
+    bound = rec["peak_extra_bytes"] + rec["dense_copy_bytes"]
+    assert 0.4 * bound <= peak <= bound
 
 
 # ----------------------------------------------------------------------------- SparseGPT (manager)

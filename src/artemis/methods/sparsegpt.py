@@ -342,7 +342,7 @@ def sparsegpt_prune(
             if i2 < cols:
                 k_row = torch.full((rows,), min(max(k, 0), count), dtype=torch.long, device=w.device)
             else:
-                k_row = (count_to_prune(cols, sparsity) - pruned.sum(1)).clamp(min=0, max=count)
+                k_row = (count_to_prune(cols, sparsity) - torch.count_nonzero(pruned, dim=1)).clamp(min=0, max=count)
             if forced1 is not None:
                 saliency[forced1] = -1.0
                 k_row = torch.maximum(k_row, forced1.sum(1))
@@ -353,7 +353,7 @@ def sparsegpt_prune(
         elif pattern is None:
             # exact overall count: this block prunes its share of round_half_up(s · numel)
             k = count_to_prune(rows * cols, sparsity * i2 / cols) - count_to_prune(rows * cols, sparsity * i1 / cols)
-            k = min(max(k, 0), rows * count) if i2 < cols else max(total_prune - int(pruned.sum()), 0)
+            k = min(max(k, 0), rows * count) if i2 < cols else max(total_prune - int(torch.count_nonzero(pruned)), 0)
             saliency = w1**2 / diag1.unsqueeze(0) ** 2
             if forced1 is not None:
                 saliency[forced1] = -1.0
@@ -389,26 +389,42 @@ def sparsegpt_prune(
 
 
 def reconstruction_extra_bytes(
-    out_features: int, in_features: int, blocksize: int = 128, dense_target: bool = False
+    out_features: int,
+    in_features: int,
+    blocksize: int = 128,
+    dense_target: bool = False,
+    obs: bool = False,
 ) -> int:
-    """Peak extra bytes of :func:`sparsegpt_prune` on one layer (float32): the Hessian sum
-    and its factor work (about 3 ``in²`` matrices), the float32 weight copy and the result,
-    the block buffers and the pruned mask. With ``dense_target`` (``sparsegpt_target:
-    dense``) one more ``in²`` matrix (the cross product of dense and pruned inputs) and
-    one more ``out × in`` (the target weight ``W*``) are held.
+    """Upper bound of the extra bytes :func:`reconstruct_layers` holds while it reconstructs
+    one ``out × in`` layer (float32 work): the Hessian sum and its factor work (3 ``in²``
+    matrices), the float32 weight copy and the result (2 ``out × in``), the pruned mask
+    (1 byte per weight), and the column loop's buffers: three float32 ``out × block``
+    (the block, its error, the update of the later columns), the block's mask and two
+    ``out`` vectors. With ``dense_target`` (``sparsegpt_target: dense``) one more ``in²``
+    matrix (the cross product of dense and pruned inputs) and one more ``out × in`` (the
+    target weight ``W*``) are held. With ``obs`` (``sparsegpt_mask: obs`` without an N:M
+    pattern: the mask chosen while updating) the choice's buffers add up to 32 bytes per
+    weight of a block (saliencies, sort order, ranks) and 128 bytes per row (the per-row
+    counts); with a pattern they fit in the buffers already counted. The weights copied
+    before an event for a dense target are reported apart (``dense_copy_bytes``).
+    ``tests/test_advanced_pruning.py`` measures the peak allocations against this bound.
 
     Example:
         >>> reconstruction_extra_bytes(4, 2, blocksize=2)
-        184
+        256
         >>> reconstruction_extra_bytes(4, 2, blocksize=2, dense_target=True)
-        232
+        304
+        >>> reconstruction_extra_bytes(4, 2, blocksize=2, obs=True)
+        1024
     """
     b = min(blocksize, in_features)
     extra = 4 * (in_features * in_features + out_features * in_features) if dense_target else 0
+    choice = 32 * out_features * b + 128 * out_features if obs else 0
     return (
-        4 * (3 * in_features * in_features + 2 * out_features * in_features + 2 * out_features * b)
-        + (out_features * in_features)
+        4 * (3 * in_features * in_features + 2 * out_features * in_features + 3 * out_features * b)
+        + (out_features * in_features + out_features * b + 8 * out_features)
         + extra
+        + choice
     )
 
 
@@ -683,7 +699,10 @@ def reconstruct_layers(
                 masks[t.key] = t.rows_view(keep).contiguous()
             del h, cross
             t.param.copy_(t.rows_view(new_w))
-            peak = max(peak, reconstruction_extra_bytes(weight.shape[0], weight.shape[1], blocksize, target == "dense"))
+            rows, cols = weight.shape
+            del new_w, weight  # free this layer's float32 result (and W*) before the next layer's Hessian
+            obs = select == "obs" and pattern is None
+            peak = max(peak, reconstruction_extra_bytes(rows, cols, blocksize, target == "dense", obs))
     finally:
         model.train(was_training)
         dense_params.clear()
