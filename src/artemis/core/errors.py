@@ -5,6 +5,14 @@ Every error caused by user input is a ``ValueError`` subclass (so existing
 field, file or module, shows the bad value and says what would be valid.
 Lifecycle misuse (calling ``step()`` after ``finalize()``, say) raises
 :class:`PruningStateError`, a ``RuntimeError``.
+
+Example:
+    >>> from artemis import load_pruning_config
+    >>> try:
+    ...     load_pruning_config({"pruning": {"final_sparsity": 1.5}})
+    ... except ValueError as exc:  # a ConfigError is a ValueError
+    ...     print(type(exc).__name__, str(exc))
+    ConfigError pruning.final_sparsity: final_sparsity must be in [0, 1), got 1.5
 """
 
 from __future__ import annotations

@@ -2,6 +2,13 @@
 
 Importing this package registers the built-in methods; :data:`METHODS` (defined in
 :mod:`artemis.core.registry`) imports it on its first lookup.
+
+Example:
+    >>> from artemis.methods import METHODS
+    >>> METHODS.get("layer_dropout").__name__
+    'LayerDropoutMethod'
+    >>> "magnitude_progressive" in METHODS, "no_such_method" in METHODS
+    (True, False)
 """
 
 from artemis.methods.base import METHODS, MethodOptions, PruningMethod, TargetFn

@@ -38,6 +38,23 @@ warning, but the folder's ``config.json`` also holds ``transformers_weights`` (a
 not a ``*.safetensors`` name) which makes ``from_pretrained`` raise a ``ValueError`` quoting
 that text: what the folder is and how to load it. The quantizer removes that entry from
 the loaded config before transformers looks for the weights.
+
+Example:
+    >>> import tempfile, torch
+    >>> from transformers import AutoModel, BertConfig, BertModel
+    >>> import artemis
+    >>> _ = torch.manual_seed(0)
+    >>> bert = BertModel(BertConfig(vocab_size=32, hidden_size=16, num_hidden_layers=1,
+    ...                             num_attention_heads=2, intermediate_size=32))
+    >>> dense = bert.encoder.layer[0].intermediate.dense
+    >>> with torch.no_grad():
+    ...     dense.weight[:, :12] = 0
+    >>> folder = tempfile.mkdtemp()
+    >>> "encoder.layer.0.intermediate.dense" in artemis.save_pruned(bert, folder)["sparse_modules"]
+    True
+    >>> back = AutoModel.from_pretrained(folder)  # the artemis quantizer decodes it
+    >>> torch.equal(back.encoder.layer[0].intermediate.dense.weight, dense.weight)
+    True
 """
 
 from __future__ import annotations
