@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 from torch import Tensor
 
@@ -58,29 +59,23 @@ __all__ = [
 
 def is_distributed() -> bool:
     """True when ``torch.distributed`` is initialised with more than one process."""
-    import torch.distributed as dist
-
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def world_size() -> int:
     """Number of processes (1 when ``torch.distributed`` is not initialised)."""
-    import torch.distributed as dist
-
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 def rank() -> int:
     """This process's global rank (0 when ``torch.distributed`` is not initialised)."""
-    import torch.distributed as dist
-
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
 def is_dtensor(t: Any) -> bool:
     """True for a ``torch.distributed.tensor.DTensor`` (an FSDP2/TP parameter)."""
     try:
-        from torch.distributed.tensor import DTensor
+        from torch.distributed.tensor import DTensor  # here: torch builds without distributed lack it
     except Exception:  # pragma: no cover - builds without distributed
         return False
     return isinstance(t, DTensor)
@@ -92,8 +87,6 @@ def local_tensor(t: Tensor) -> Tensor:
 
 
 def _collective_device(group: Any) -> torch.device:
-    import torch.distributed as dist
-
     backend = str(dist.get_backend(group))
     if "nccl" in backend and torch.cuda.is_available():
         return torch.device("cuda", torch.cuda.current_device())
@@ -111,23 +104,17 @@ class ProcessGroupCollective:
     """
 
     def __init__(self, group: Any = None) -> None:
-        import torch.distributed as dist
-
         self.group = group
         self.rank = dist.get_rank(group)
         self.size = dist.get_world_size(group)
         self.device = _collective_device(group)
 
     def all_reduce_sum(self, t: Tensor) -> Tensor:
-        import torch.distributed as dist
-
         buf = t.to(self.device, copy=True)
         dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=self.group)
         return buf.cpu()
 
     def all_gather(self, t: Tensor) -> list[Tensor]:
-        import torch.distributed as dist
-
         buf = t.to(self.device).contiguous()
         out = [torch.empty_like(buf) for _ in range(self.size)]
         dist.all_gather(out, buf, group=self.group)
@@ -155,7 +142,7 @@ class ShardLayout:
 def check_no_fsdp1(model: nn.Module) -> None:
     """Raise :class:`ModelError` when ``model`` is or contains an FSDP1 wrapper."""
     try:
-        from torch.distributed.fsdp import FullyShardedDataParallel
+        from torch.distributed.fsdp import FullyShardedDataParallel  # here: absent without distributed
     except Exception:  # pragma: no cover
         return
     for name, m in model.named_modules():
@@ -178,6 +165,7 @@ def inspect_sharding(params: Mapping[str, Tensor]) -> Optional[ShardLayout]:
             support (a mesh of more than one dimension, as in HSDP or FSDP+TP, a
             placement other than ``Shard``/``Replicate``, or parameters on different meshes).
     """
+    # here: only reached with DTensors; the module is absent from torch builds without distributed
     from torch.distributed.tensor import Replicate, Shard
 
     sharded: set[str] = set()
@@ -216,8 +204,6 @@ def all_reduce_sum_(tensors: Iterable[Optional[Tensor]], group: Any = None) -> N
     statistics each rank gathered from its own data (running sums, counts). Tensors
     are flattened into one buffer per dtype and device: one collective per dtype.
     """
-    import torch.distributed as dist
-
     if not is_distributed():
         return
     buckets: dict[tuple[torch.dtype, torch.device], list[Tensor]] = {}
@@ -245,6 +231,7 @@ def shard_like(full: Tensor, param: Tensor) -> Tensor:
     Every rank holds ``full``; nothing is communicated."""
     if not is_dtensor(param):
         return full
+    # here: only reached with DTensors; the module is absent from torch builds without distributed
     from torch.distributed.tensor import distribute_tensor
 
     return distribute_tensor(full.to(param.device), param.device_mesh, param.placements, src_data_rank=None).to_local()
@@ -262,11 +249,13 @@ def local_slice(param: Tensor, dim: int) -> slice:
     """
     if not is_dtensor(param):
         return slice(None)
+    # here: only reached with DTensors; the module is absent from torch builds without distributed
     from torch.distributed.tensor import Shard
 
     placement = param.placements[0]
     if not (isinstance(placement, Shard) and placement.dim == dim % param.dim()):
         return slice(None)
+    # here: only reached with DTensors; the module is absent from torch builds without distributed
     from torch.distributed.tensor import distribute_tensor
 
     # An index vector sharded the same way (dim-d sharding chunks like a 1-D tensor).
@@ -281,8 +270,6 @@ def local_slice(param: Tensor, dim: int) -> slice:
 
 def _all_equal(values: Sequence[int], group: Any = None) -> bool:
     """True when the int vector ``values`` is identical on every rank."""
-    import torch.distributed as dist
-
     t = torch.tensor(list(values), dtype=torch.int64, device=_collective_device(group))
     lo, hi = t.clone(), t.clone()
     dist.all_reduce(lo, op=dist.ReduceOp.MIN, group=group)

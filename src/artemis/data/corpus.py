@@ -33,6 +33,8 @@ import warnings
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence, Union
 
+import torch
+
 from artemis.core.errors import CalibrationError, ConfigError
 
 __all__ = [
@@ -255,8 +257,6 @@ def concatenated_token_ids(texts: Sequence[str], tokenizer: Any) -> list[int]:
 def token_blocks(texts: Sequence[str], tokenizer: Any, *, block_size: int = 128, batch_size: int = 8) -> list[dict]:
     """Concatenate tokenized ``texts`` and cut them into causal-LM blocks of ``block_size``
     tokens, batched as dicts with ``input_ids`` and ``labels``."""
-    import torch
-
     ids = concatenated_token_ids(texts, tokenizer)
     n = len(ids) // block_size
     if n == 0:

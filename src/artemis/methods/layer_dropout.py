@@ -71,7 +71,7 @@ from artemis.arch.gates import BlockGate
 from artemis.arch.layers import check_block_removal, remove_blocks
 from artemis.core.errors import CheckpointError, ConfigError, ModelError
 from artemis.core.schedule import round_half_up
-from artemis.core.sizing import dense_tensor_bytes
+from artemis.core.sizing import MIB, dense_tensor_bytes
 from artemis.methods.base import METHODS, MethodOptions, PruningMethod, TargetFn
 from artemis.metrics.base import ImportanceMetric
 from artemis.metrics.blocks import (
@@ -327,8 +327,6 @@ class LayerDropoutMethod(PruningMethod):
 
     # ---------------------------------------------------------------- reporting
     def update_pruning_metrics(self, metrics: dict[str, Any]) -> None:
-        from artemis.core.sizing import MIB
-
         total_numel = sum(self.block_numel)
         pruned_numel = sum(self.block_numel[i] for i in self.dropped)
         baseline = metrics["baseline_model_size_mb"] * MIB
