@@ -224,7 +224,7 @@ def _trainer(model, out, callback, max_steps=6):
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
 def test_pruning_callback_with_a_real_trainer_and_resume(tmp_path):
-    from artemis.train.integrations import STATE_FILE, PruningCallback
+    from artemis.train.integrations import STATE_FILE, PruningCallback, read_pruning_state
     from tests.fixtures import tiny_llama
 
     cfg = {"pruning": {"final_sparsity": 0.5, "pruning_start": 0.0, "pruning_end": 0.5, "pruning_interval": 1}}
@@ -241,7 +241,7 @@ def test_pruning_callback_with_a_real_trainer_and_resume(tmp_path):
     )
     for key, mask in mgr.masks.items():
         assert torch.all(mgr._params[key][~mask] == 0)
-    state = torch.load(tmp_path / "a" / "checkpoint-3" / STATE_FILE, weights_only=False)
+    state = read_pruning_state(tmp_path / "a" / "checkpoint-3" / STATE_FILE)
     assert state["step"] == 3 and state["masks"]
 
     # resume from checkpoint-3 in a fresh process-like setting: same masks at the end

@@ -12,8 +12,15 @@ One optimizer step (``training.steps`` of them):
    ``warmup_steps``, then ``lr_scheduler``);
 4. every ``checkpoint_every`` steps a checkpoint (model, optimizer, scheduler, RNG,
    the manager's ``state_dict()`` with its masks, the history) is written atomically
-   to ``OUTPUT/checkpoint/training_state.pt``; ``resume=True`` restarts from it with
-   the same masks and the same data order.
+   to ``OUTPUT/checkpoint/training_state.safetensors``; ``resume=True`` restarts from it
+   with the same masks and the same data order.
+
+The checkpoint is safetensors (the tensors) plus JSON in its header (everything else),
+written and read by :func:`artemis.train.loading.save_state_file` /
+:func:`~artemis.train.loading.load_state_file`: resuming never unpickles anything, so a
+crafted checkpoint cannot run code. A ``checkpoint/training_state.pt`` of an earlier
+version is still resumed when ``torch.load(weights_only=True)`` accepts it (plain tensors
+and containers); otherwise resuming fails with a :class:`CheckpointError` that names it.
 
 Losses: causal LMs train on the next-token loss, mixed with distillation when enabled
 (``alpha·KD + (1−alpha)·LM + hidden_weight·hidden``). Encoders have no task loss here,
@@ -29,6 +36,18 @@ every ``nn.Dropout`` and every float ``attention_dropout`` attribute set to 0 fo
 run and restored afterwards. With distillation the student is asked to match the
 teacher exactly, and dropout noise only blurs that target. Set
 ``training.dropout: true`` to keep it.
+
+Example (what ``low_resource_mode`` changes in the plan of a run, before any training):
+    >>> import torch
+    >>> from artemis.train.loop import plan_runtime
+    >>> from artemis.train.run_config import load_run_config
+    >>> cfg = load_run_config({"training": {"batch_size": 8, "device": "cpu", "precision": "fp32"},
+    ...                        "efficiency": {"low_resource_mode": True}})
+    >>> plan = plan_runtime(cfg, torch.nn.Linear(2, 2), "causal_lm")
+    >>> plan.batch_size, plan.gradient_accumulation_steps, plan.gradient_checkpointing, plan.distillation
+    (4, 2, True, False)
+    >>> plan.distillation_reason
+    'off: low_resource_mode keeps no teacher copy'
 """
 
 from __future__ import annotations
@@ -53,6 +72,7 @@ from artemis.core.manager import PruningManager
 from artemis.core.sizing import model_dense_bytes
 from artemis.evaluation.quality import mean_pool
 from artemis.train.distillation import causal_kd_loss, embedding_cosine_loss, hidden_state_loss
+from artemis.train.loading import load_legacy_state_file, load_state_file, save_state_file
 from artemis.train.run_config import RunConfig
 
 __all__ = [
@@ -61,14 +81,19 @@ __all__ = [
     "plan_runtime",
     "train_with_pruning",
     "CHECKPOINT_FILE",
+    "LEGACY_CHECKPOINT_FILE",
     "CHECKPOINT_FORMAT_VERSION",
+    "read_checkpoint",
     "available_memory_bytes",
 ]
 
 logger = logging.getLogger(__name__)
 
-CHECKPOINT_FILE = "checkpoint/training_state.pt"
+CHECKPOINT_FILE = "checkpoint/training_state.safetensors"
+#: where earlier versions wrote the checkpoint (a torch.save pickle)
+LEGACY_CHECKPOINT_FILE = "checkpoint/training_state.pt"
 CHECKPOINT_FORMAT_VERSION = 1
+_CHECKPOINT_KIND = "training_state"
 
 
 @dataclass
@@ -279,10 +304,32 @@ def _dropout_off(model: nn.Module, enabled: bool):
 
 
 def _save_checkpoint(path: Path, state: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    save_state_file(path, state, _CHECKPOINT_KIND)
+
+
+def read_checkpoint(path: os.PathLike, device: Any = "cpu") -> dict:
+    """The training state in checkpoint ``path`` (a :data:`CHECKPOINT_FILE`, or a
+    :data:`LEGACY_CHECKPOINT_FILE` of an earlier version), tensors on ``device``.
+
+    Nothing in the file runs: the current format is safetensors + JSON, and a legacy
+    ``.pt`` file is read with ``torch.load(weights_only=True)``.
+
+    Raises:
+        CheckpointError: the file cannot be read safely, or is not a training state; the
+            message names the file and how to start afresh.
+    """
+    path = Path(path)
+    how = "restart without --resume (resume=False), or delete the checkpoint folder, to start afresh"
+    try:
+        if path.suffix == ".pt":
+            state = load_legacy_state_file(path, device)
+        else:
+            state = load_state_file(path, _CHECKPOINT_KIND, device)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{exc}; {how}") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"checkpoint {str(path)!r} holds a {type(state).__name__}, not a training state; {how}")
+    return state
 
 
 def train_with_pruning(
@@ -315,7 +362,9 @@ def train_with_pruning(
         task: ``causal_lm`` or ``encoder``.
         train_texts: the training texts.
         output_dir: where checkpoints go (required for ``checkpoint_every``/``resume``).
-        resume: restart from ``output_dir/checkpoint/training_state.pt`` if it exists.
+        resume: restart from ``output_dir/checkpoint/training_state.safetensors`` if it
+            exists (else from the ``training_state.pt`` of an earlier version, read with
+            ``torch.load(weights_only=True)``).
         eval_fn: ``eval_fn(model) -> float`` for the quality-vs-step history.
         stop_after: stop (after checkpointing) once this many steps are done in total;
             simulates an interrupted run.
@@ -407,29 +456,31 @@ def train_with_pruning(
     ckpt_path = Path(output_dir) / CHECKPOINT_FILE if output_dir is not None else None
     fingerprint = _fingerprint(cfg)
     start = 0
-    if resume and ckpt_path is not None and ckpt_path.is_file():
-        try:
-            state = torch.load(ckpt_path, map_location=device, weights_only=False)
-        except Exception as exc:  # truncated or foreign file
-            raise CheckpointError(f"cannot read checkpoint {str(ckpt_path)!r}: {exc}") from None
+    resume_path = ckpt_path
+    if resume and ckpt_path is not None and not ckpt_path.is_file():
+        legacy = Path(output_dir) / LEGACY_CHECKPOINT_FILE  # type: ignore[arg-type]
+        if legacy.is_file():  # written by an earlier version: read with weights_only=True
+            resume_path = legacy
+    if resume and resume_path is not None and resume_path.is_file():
+        state = read_checkpoint(resume_path, device)
         if state.get("format_version") != CHECKPOINT_FORMAT_VERSION:
             raise CheckpointError(
-                f"checkpoint {str(ckpt_path)!r} has format_version {state.get('format_version')!r}; expected {CHECKPOINT_FORMAT_VERSION}"
+                f"checkpoint {str(resume_path)!r} has format_version {state.get('format_version')!r}; expected {CHECKPOINT_FORMAT_VERSION}"
             )
         if state.get("fingerprint") != fingerprint:
             raise CheckpointError(
-                f"checkpoint {str(ckpt_path)!r} was written by a different configuration; "
+                f"checkpoint {str(resume_path)!r} was written by a different configuration; "
                 "use the same config to resume, or another --output folder to start afresh"
             )
         model.load_state_dict(state["model"])
         manager.load_state_dict(state["manager"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["rng"])
+        torch.set_rng_state(state["rng"].cpu())  # the CPU generator takes a CPU ByteTensor
         result.history = list(state["history"])
         start = int(state["step"])
         result.resumed_from = start
-        logger.info("resumed from step %d of %d (%s)", start, t.steps, ckpt_path)
+        logger.info("resumed from step %d of %d (%s)", start, t.steps, resume_path)
     elif resume:
         logger.warning("--resume: no checkpoint at %s; starting from step 0", ckpt_path)
 
