@@ -159,9 +159,11 @@ def test_killed_run_resumes_with_same_masks(models_dir, tmp_path):
     common = ["prune", "--model", str(models_dir / "llama"), "--steps", "6", "--checkpoint-every", "2"] + FAST
     assert main(common + ["-o", str(tmp_path / "full")]) == 0
     assert main(common + ["-o", str(tmp_path / "cut"), "--stop-after", "3"]) == 0
-    assert (tmp_path / "cut" / "checkpoint" / "training_state.pt").is_file()
+    from artemis.train.loop import CHECKPOINT_FILE, read_checkpoint
+
+    assert (tmp_path / "cut" / CHECKPOINT_FILE).is_file()
     assert not (tmp_path / "cut" / "report.json").exists()
-    state = torch.load(tmp_path / "cut" / "checkpoint" / "training_state.pt", weights_only=False)
+    state = read_checkpoint(tmp_path / "cut" / CHECKPOINT_FILE)
     assert state["step"] == 3 and state["manager"]["step"] == 3 and state["manager"]["masks"]
     assert main(common + ["-o", str(tmp_path / "cut"), "--resume"]) == 0
     r = json.loads((tmp_path / "cut" / "report.json").read_text())
@@ -242,7 +244,10 @@ def test_help_everywhere(sub, capsys):
         (["prune", "missing.yaml"], r"config file 'missing.yaml' does not exist"),
         (["prune", "--final-sparsity", "1.5"], r"pruning.final_sparsity: final_sparsity must be in \[0, 1\), got 1.5"),
         (["prune", "--method", "nope"], r"unknown method 'nope'; valid: .*'magnitude_progressive'"),
-        (["prune", "--model", "/nonexistent/model"], r"model.base_model '/nonexistent/model': cannot load"),
+        (
+            ["prune", "--model", "/nonexistent/model"],
+            r"model.base_model '/nonexistent/model': the folder '/nonexistent/model' does not exist",
+        ),
         (["prune", "--set", "training.stepz=3"], r"unknown key 'stepz' \(did you mean 'steps'\?\)"),
         (["prune", "--set", "fine_tuning.method=magic"], r"unknown fine_tuning.method 'magic'; valid: 'full'"),
         (
@@ -364,15 +369,14 @@ def test_prune_runs_the_seed_combined_config(tmp_path):
     assert _zeros_over_targets(saved) == pytest.approx(0.6, abs=1e-2)
 
 
-@pytest.mark.parametrize("command", ["prune", "sweep"])
-def test_multi_process_launch_is_refused_before_any_work(models_dir, tmp_path, capsys, monkeypatch, command):
+def test_multi_process_sweep_is_refused_before_any_work(models_dir, tmp_path, capsys, monkeypatch):
+    # `artemis prune` runs under torchrun (tests/test_cli_trust.py); a sweep stays single-process
     monkeypatch.setenv("WORLD_SIZE", "2")  # what torchrun / accelerate launch set for 2 processes
-    extra = ["--sparsities", "0.5"] if command == "sweep" else ["--steps", "2"]
     out = tmp_path / "out"
-    code = main([command, "--model", str(models_dir / "llama"), "-o", str(out), "-q"] + extra)
+    code = main(["sweep", "--model", str(models_dir / "llama"), "-o", str(out), "-q", "--sparsities", "0.5"])
     assert code == 2
     err = capsys.readouterr().err
-    assert f"artemis {command} runs in a single process" in err and "WORLD_SIZE=2" in err
+    assert "artemis sweep runs in a single process" in err and "WORLD_SIZE=2" in err
     assert not out.exists()  # nothing written
 
 
@@ -409,7 +413,28 @@ def test_prune_with_sparsegpt_or_owl_gets_calibration_batches(models_dir, tmp_pa
         assert r["sparsity"] == pytest.approx(0.6, abs=0.005), steps
 
 
-def test_sweep_with_sparsegpt(models_dir, tmp_path):
+def test_sweep_with_sparsegpt(models_dir, tmp_path, monkeypatch):
+    import math
+
+    from transformers import AutoModelForCausalLM
+
+    from artemis.arch import get_adapter
+    from artemis.cli import workflows
+    from artemis.core.targets import find_targets
+
+    def target_weights(model):
+        adapter = get_adapter(model)
+        return {t.name: t.param.detach().clone() for t in find_targets(model, block_prefixes=adapter.block_prefixes())}
+
+    dense = target_weights(AutoModelForCausalLM.from_pretrained(models_dir / "llama"))
+    evaluated = []  # (model, its target weights) at each evaluation of a pruned level
+    measure = workflows._Evaluator.measure
+
+    def spy(self, model, *args, **kwargs):
+        evaluated.append((model, target_weights(model)))
+        return measure(self, model, *args, **kwargs)
+
+    monkeypatch.setattr(workflows._Evaluator, "measure", spy)
     out = tmp_path / "sweep"
     code = main(
         [
@@ -434,6 +459,29 @@ def test_sweep_with_sparsegpt(models_dir, tmp_path):
         ]
     )
     assert code == 0
+    res = json.loads((out / "sweep.json").read_text())
+    assert res["config"]["pruning"]["reconstruction"] == "sparsegpt"
+    (row,) = res["rows"]
+    assert row["sparsity"] == 0.5
+    assert row["measured_sparsity"] == pytest.approx(0.5, abs=0.005)
+    assert res["metric"] == "perplexity" and math.isfinite(row["quality"]) and row["quality"] > 1.0
+    assert row["quality"] != res["dense"]["quality"]
+    assert math.isfinite(row["latency_ms"]) and row["latency_ms"] > 0
+    assert res["recommended_sparsity"] in (None, 0.5)
+    # the weights the 0.5 level was evaluated with
+    ((model, pruned),) = evaluated
+    assert set(pruned) == set(dense) and len(dense) == 14
+    zeros = sum(int((w == 0).sum()) for w in pruned.values())
+    assert zeros / sum(w.numel() for w in pruned.values()) == pytest.approx(row["measured_sparsity"], abs=1e-4)
+    for name, w in pruned.items():
+        kept = w != 0
+        assert float(kept.float().mean()) == pytest.approx(0.5, abs=0.02), name
+        # plain pruning would keep these weights as they were; SparseGPT's OBS update moved them
+        moved = (w[kept] - dense[name][kept]).abs()
+        assert float(moved.max()) > 1e-3 and float((moved > 0).float().mean()) > 0.5, name
+    # and the sweep restored the dense weights bit for bit afterwards
+    for name, w in target_weights(model).items():
+        assert torch.equal(w, dense[name]), name
 
 
 def test_calibration_texts_must_be_positive(models_dir, tmp_path, capsys):

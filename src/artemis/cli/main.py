@@ -11,8 +11,11 @@ Subcommands (``artemis SUBCOMMAND --help`` for every option):
 * ``artemis sweep [CONFIG] --sparsities 0.3,0.5,0.7,0.9`` — one-shot pruning at each
   level, evaluation, a table, a plot and the recommended sparsity for a threshold.
 * ``artemis eval MODEL_DIR`` — evaluate a saved pruned model against its dense base.
-* ``artemis export MODEL_DIR --output DIR`` — re-export a saved model (compressed,
-  optionally int8).
+* ``artemis export MODEL_DIR --output DIR [--format compressed|dense]`` — re-export a
+  saved model (compressed or dense, optionally int8).
+
+``artemis prune`` also runs under ``torchrun --nproc_per_node N -m artemis.cli prune ...``
+and ``accelerate launch``: every rank runs the same job, rank 0 writes the output.
 
 Errors a user can cause (a bad config, a missing file, an unknown model) print one
 line, ``artemis: error: ...``, and exit with status 2; ``--debug`` shows the traceback.
@@ -39,7 +42,7 @@ from typing import Any, Callable, Optional, Sequence
 
 from artemis.cli import workflows
 
-__all__ = ["main", "build_parser", "OVERRIDES", "EXIT_USER_ERROR"]
+__all__ = ["main", "build_parser", "OVERRIDES", "EXIT_USER_ERROR", "LOADERS_HINT"]
 
 EXIT_USER_ERROR = 2
 
@@ -114,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "prune",
         help="train with progressive pruning, evaluate, save and report",
-        description="Prune a model as CONFIG says (no CONFIG: the embedded default, all-MiniLM-L6-v2 to 60%%).",
+        description="Prune a model as CONFIG says (no CONFIG: the embedded default, all-MiniLM-L6-v2 to 60%).",
     )
     p.add_argument("config", nargs="?", help="YAML run config (default: the embedded MiniLM run)")
     p.add_argument("-o", "--output", help="output folder (default: config output_dir, else ./artemis-output)")
@@ -168,12 +171,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     x = sub.add_parser(
         "export",
-        help="re-export a saved model (compressed, optionally int8)",
+        help="re-export a saved model (compressed or dense, optionally int8)",
         description="Load MODEL_DIR and write it again with artemis.save_pruned.",
     )
     x.add_argument("model_dir")
     x.add_argument("-o", "--output", required=True, help="destination folder")
     x.add_argument("--quantize", choices=["int8"], default=None, help="store int8 values")
+    x.add_argument(
+        "--format",
+        dest="export_format",
+        choices=list(workflows.EXPORT_FORMATS),
+        default="compressed",
+        help="compressed: sparse bitmask, read by artemis.load_pruned (or AutoModel.from_pretrained after "
+        "`import artemis`); dense: stock safetensors for any loader, vLLM included (default: %(default)s)",
+    )
     _add_common(x)
     x.set_defaults(func=_cmd_export)
     return parser
@@ -214,8 +225,17 @@ def _collect_overrides(args: argparse.Namespace) -> dict[str, Any]:
 def _load_config(args: argparse.Namespace):
     from artemis.train.run_config import EMBEDDED_DEFAULT, apply_overrides, load_run_config
 
-    cfg = load_run_config(args.config if args.config else copy.deepcopy(EMBEDDED_DEFAULT))
     overrides = _collect_overrides(args)
+    if args.config:
+        cfg = load_run_config(args.config)
+    else:
+        default = copy.deepcopy(EMBEDDED_DEFAULT)
+        method = overrides.get("pruning.method", default["pruning"]["method"])
+        if method != default["pruning"]["method"] and "pruning.scope" not in overrides:
+            # the default's `scope: row` is tuned for its own method; another method (structured
+            # ones refuse any scope) starts from that method's default scope unless --scope says otherwise
+            default["pruning"].pop("scope", None)
+        cfg = load_run_config(default)
     return apply_overrides(cfg, overrides) if overrides else cfg
 
 
@@ -240,9 +260,18 @@ def _report_rows(report: dict) -> list[tuple[str, str, str]]:
     ]
     if "nn_agreement" in q:
         rows.append(("nearest-neighbour agreement", "1.0000", f"{q['nn_agreement']:.4f}"))
+    how = ""
+    m = lat.get("method")
+    if m:
+        how = f", {m['rounds']}{' interleaved' if m.get('interleaved') else ''} rounds, {m['threads']} thr"
+    spread = lat.get("spread") or {}
     rows += [
         ("size, MiB (compressed accounting)", f"{s['dense']:.1f}", f"{s['compressed']:.1f}"),
-        (f"latency, ms ({lat.get('device', 'cpu')})", f"{lat['dense']:.2f}", f"{lat['pruned']:.2f}"),
+        (
+            f"latency, ms ({lat.get('device', 'cpu')}{how})",
+            f"{lat['dense']:.2f}" + (f" ±{spread['dense']:.0%}" if "dense" in spread else ""),
+            f"{lat['pruned']:.2f}" + (f" ±{spread['pruned']:.0%}" if "pruned" in spread else ""),
+        ),
     ]
     if "on_disk" in s:
         rows.append(("saved on disk, MiB", "", f"{s['on_disk']:.1f}"))
@@ -253,16 +282,56 @@ def _output_dir(args: argparse.Namespace, cfg: Any, default: str) -> Path:
     return Path(args.output or cfg.output_dir or default)
 
 
+#: printed at the end of ``artemis prune``: which loaders read the saved folder
+LOADERS_HINT = (
+    "load with artemis.load_pruned(path), or AutoModel.from_pretrained(path) after `import artemis`; "
+    "for vLLM or other stock loaders use `artemis export {path} --format dense -o DIR`"
+)
+
+
+def _disable_hf_progress_bars() -> None:
+    """Turn off transformers' and huggingface_hub's progress bars without importing
+    transformers when it is not loaded yet (its import costs seconds; an early error
+    should not wait for it): the environment variable both read when imported."""
+    if "transformers.utils.logging" in sys.modules:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    elif "huggingface_hub" in sys.modules:
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()
+    else:
+        os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+
+
+def _stderr_is_tty() -> bool:
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
 def _cmd_prune(args: argparse.Namespace) -> int:
+    import contextlib
+
     from rich.console import Console
 
     cfg = _load_config(args)
-    workflows.refuse_multi_process("prune")
     out = _output_dir(args, cfg, "artemis-output")
-    out.mkdir(parents=True, exist_ok=True)
-    report = workflows.run_prune(
-        cfg, out, resume=args.resume, stop_after=args.stop_after, progress=not args.quiet, plots=not args.no_plots
-    )
+    workflows.check_output_writable(out)  # before the model loads: fail in a second, not after training
+    progress = not args.quiet
+    with workflows.distributed_run(cfg.training.device) as (rank, _world):
+        if rank == 0:
+            out.mkdir(parents=True, exist_ok=True)
+        # not a terminal (CI, a log file): occasional plain lines instead of a carriage-return bar
+        lines = workflows.line_progress() if progress and not _stderr_is_tty() else contextlib.nullcontext()
+        with lines:
+            report = workflows.run_prune(
+                cfg, out, resume=args.resume, stop_after=args.stop_after, progress=progress, plots=not args.no_plots
+            )
+    if report.get("follower"):  # another rank of a torchrun / accelerate launch job; rank 0 reports
+        return 0
     console = Console()
     if report.get("stopped_early"):
         console.print(
@@ -273,6 +342,7 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     console.print(
         f"model: {report['saved']['path']}   report: {out / 'report.md'}   time: {report['timing']['total']:.0f} s"
     )
+    console.print(LOADERS_HINT.format(path=report["saved"]["path"]), highlight=False, soft_wrap=True)
     return 0
 
 
@@ -295,6 +365,8 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     cfg = _load_config(args)
     levels = _parse_sparsities(args.sparsities)
     out = Path(args.output) if args.output else None
+    if out is not None:
+        workflows.check_output_writable(out)
     res = workflows.run_sweep(cfg, levels, args.threshold, out, plots=not args.no_plots)
     rows = [("0 (dense)", f"{res['dense']['quality']:.4f}", "", f"{res['dense']['latency_ms']:.2f}")]
     rows += [
@@ -320,6 +392,8 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 def _cmd_eval(args: argparse.Namespace) -> int:
     from rich.console import Console
 
+    if args.output:
+        workflows.check_output_writable(Path(args.output))
     report = workflows.run_eval(
         Path(args.model_dir),
         args.reference,
@@ -334,7 +408,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    path = workflows.run_export(Path(args.model_dir), Path(args.output), args.quantize)
+    path = workflows.run_export(Path(args.model_dir), Path(args.output), args.quantize, args.export_format)
     print(f"exported to {path} ({workflows.disk_mib(Path(path)):.1f} MiB of weights)")
     return 0
 
@@ -351,13 +425,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for noisy in ("httpx", "urllib3", "filelock", "huggingface_hub", "transformers"):
         logging.getLogger(noisy).setLevel(logging.ERROR if not args.debug else logging.DEBUG)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if args.quiet or not _stderr_is_tty() or os.environ.get("RANK", "0") not in ("", "0"):
+        # transformers' "Loading weights" bars: not under -q, not into a log file, not from every rank
+        _disable_hf_progress_bars()
     from pydantic import ValidationError
 
     from artemis.core.errors import ArtemisError
 
     try:
         return int(args.func(args) or 0)
-    except (ArtemisError, FileNotFoundError, IsADirectoryError, PermissionError) as exc:
+    except (ArtemisError, FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError) as exc:
         if args.debug:
             raise
         msg = " ".join(str(exc).split())

@@ -13,15 +13,32 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
+import os
 import resource
+import sys
 import time
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
-__all__ = ["run_prune", "run_sweep", "run_eval", "run_export", "disk_mib", "refuse_multi_process"]
+__all__ = [
+    "run_prune",
+    "run_sweep",
+    "run_eval",
+    "run_export",
+    "disk_mib",
+    "check_output_writable",
+    "distributed_run",
+    "line_progress",
+    "EXPORT_FORMATS",
+]
+
+#: ``artemis export --format`` values: ``compressed`` (sparse bitmask, read by
+#: ``artemis.load_pruned``) and ``dense`` (stock safetensors any loader reads, vLLM included).
+EXPORT_FORMATS = ("compressed", "dense")
 
 logger = logging.getLogger(__name__)
 
@@ -59,14 +76,38 @@ class _Evaluator:
         self.dense_quick = None
         self.metric = "embedding_cosine_vs_dense" if task == "encoder" else "perplexity"
 
-    def measure_dense(self, model: Any) -> dict:
-        from artemis.evaluation.quality import encode_sentences, forward_latency_ms, perplexity
+    def single_latency(self, model: Any) -> float:
+        """Warm, several-round forward latency of one model (warm, see :func:`forward_latency_ms`)."""
+        from artemis.evaluation.quality import forward_latency_ms
 
-        out: dict[str, Any] = {
-            "latency_ms": forward_latency_ms(
-                model, self.latency_batch, repeats=self.ev.latency_repeats, warmup=self.ev.latency_warmup
-            )
-        }
+        ev = self.ev
+        return forward_latency_ms(
+            model, self.latency_batch, repeats=ev.latency_repeats, warmup=ev.latency_warmup, rounds=ev.latency_rounds
+        )
+
+    def latency(self, dense_model: Any, pruned_model: Any) -> dict:
+        """Dense and pruned latency measured fairly: warm, in interleaved rounds
+        (:func:`artemis.evaluation.quality.compare_latency_ms`)."""
+        from artemis.evaluation.quality import compare_latency_ms, model_device
+
+        ev = self.ev
+        res = compare_latency_ms(
+            {"dense": dense_model, "pruned": pruned_model},
+            self.latency_batch,
+            repeats=ev.latency_repeats,
+            warmup=ev.latency_warmup,
+            rounds=ev.latency_rounds,
+        )
+        res["device"] = str(model_device(pruned_model))
+        res["batch"] = {k: list(v.shape) for k, v in self.latency_batch.items() if hasattr(v, "shape")}
+        return res
+
+    def measure_dense(self, model: Any, *, latency: bool = False) -> dict:
+        from artemis.evaluation.quality import encode_sentences, perplexity
+
+        out: dict[str, Any] = {}
+        if latency:
+            out["latency_ms"] = self.single_latency(model)
         if self.task == "encoder":
             self.dense_emb = encode_sentences(model, self.tokenizer, self.texts, max_length=self.max_length)
             self.dense_quick = self.dense_emb[: len(self.quick_texts)]
@@ -75,14 +116,12 @@ class _Evaluator:
             out["quality"] = perplexity(model, self.blocks)
         return out
 
-    def measure(self, model: Any) -> dict:
-        from artemis.evaluation.quality import embedding_fidelity, encode_sentences, forward_latency_ms, perplexity
+    def measure(self, model: Any, *, latency: bool = False) -> dict:
+        from artemis.evaluation.quality import embedding_fidelity, encode_sentences, perplexity
 
-        out: dict[str, Any] = {
-            "latency_ms": forward_latency_ms(
-                model, self.latency_batch, repeats=self.ev.latency_repeats, warmup=self.ev.latency_warmup
-            )
-        }
+        out: dict[str, Any] = {}
+        if latency:
+            out["latency_ms"] = self.single_latency(model)
         if self.task == "encoder":
             fid = embedding_fidelity(
                 self.dense_emb, encode_sentences(model, self.tokenizer, self.texts, max_length=self.max_length)
@@ -128,16 +167,50 @@ def _peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
 
 
-def _save_model(model: Any, tokenizer: Any, path: Path, meta: dict) -> str:
-    """Save with :func:`artemis.sparse.checkpoint.save_pruned` (sparse weights compressed, the
-    tokenizer alongside). Returns the format written."""
+#: temporary files the command line itself writes (each written, then renamed into place);
+#: one left behind by a killed run is removed before the next write.
+_CLI_TEMP_FILES = ("artemis_run.json.tmp", "report.json.tmp", "report.md.tmp")
+
+
+def _remove_stale_temp_files(folder: Path) -> None:
+    for name in _CLI_TEMP_FILES:
+        p = folder / name
+        if p.is_file():
+            logger.info("removing %s, left by an interrupted run", p)
+            p.unlink(missing_ok=True)
+
+
+def _save_pruned_kwargs(export_format: str) -> dict[str, Any]:
+    """``format=`` for :func:`artemis.save_pruned` when it accepts one (``dense`` needs it)."""
+    import inspect
+
+    from artemis.core.errors import ConfigError
     from artemis.sparse.checkpoint import save_pruned
 
-    path.mkdir(parents=True, exist_ok=True)
-    save_pruned(model, path, tokenizer=tokenizer)
-    fmt = "artemis.save_pruned"
-    from artemis.evaluation.report import write_json
+    if export_format not in EXPORT_FORMATS:
+        raise ConfigError(f"--format {export_format!r}: expected one of {', '.join(EXPORT_FORMATS)}")
+    if "format" in inspect.signature(save_pruned).parameters:
+        return {"format": export_format}
+    if export_format != "compressed":
+        raise ConfigError(
+            f"--format {export_format}: this build's artemis.save_pruned has no format= option; "
+            "only --format compressed is available"
+        )
+    return {}
 
+
+def _save_model(model: Any, tokenizer: Any, path: Path, meta: dict, *, export_format: str = "compressed") -> str:
+    """Save with :func:`artemis.sparse.checkpoint.save_pruned` (sparse weights compressed, the
+    tokenizer alongside), then ``artemis_run.json`` (written to a temporary file and renamed;
+    a temporary file left by a killed run is removed first). Returns the format written."""
+    from artemis.evaluation.report import write_json
+    from artemis.sparse.checkpoint import save_pruned
+
+    kwargs = _save_pruned_kwargs(export_format)
+    path.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temp_files(path)
+    save_pruned(model, path, tokenizer=tokenizer, **kwargs)
+    fmt = "artemis.save_pruned" if export_format == "compressed" else f"artemis.save_pruned:{export_format}"
     write_json(path / "artemis_run.json", {**meta, "format": fmt})
     return fmt
 
@@ -162,10 +235,20 @@ def _load_saved(model_dir: Path, task: Optional[str]) -> Any:
 
 
 def _read_meta(model_dir: Path) -> dict:
+    from artemis.core.errors import ModelError
+
     p = model_dir / "artemis_run.json"
     if not p.is_file():
         return {}
-    return json.loads(p.read_text(encoding="utf-8"))
+    try:
+        meta = json.loads(p.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ModelError(
+            f"{str(p)!r} is corrupt (not valid JSON: {exc}); restore it, or delete it and pass --reference MODEL"
+        ) from None
+    if not isinstance(meta, dict):
+        raise ModelError(f"{str(p)!r} is corrupt: expected a JSON object, found {type(meta).__name__}")
+    return meta
 
 
 def disk_mib(path: Path) -> float:
@@ -173,24 +256,215 @@ def disk_mib(path: Path) -> float:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and f.name.endswith(exts)) / 2**20
 
 
-# --------------------------------------------------------------------------- commands
-def refuse_multi_process(command: str) -> None:
-    """``artemis prune``/``sweep`` run in one process; under torchrun or ``accelerate launch``
-    every rank would run its own copy of the whole job and write the same output folder."""
-    import os
+# --------------------------------------------------------------------------- output folder
+def check_output_writable(path: Path, option: str = "--output") -> None:
+    """Fail at once, before any model is loaded, when ``path`` cannot become an output folder:
+    it is a file, a parent is a file, or the folder (else its nearest existing parent) is not
+    writable. Writability is tested by creating and removing a probe file there.
 
+    Raises:
+        ConfigError: one line naming the path and what is wrong.
+    """
+    from artemis.core.errors import ConfigError
+
+    p = Path(path)
+    try:
+        if p.exists() and not p.is_dir():
+            raise ConfigError(f"{option} {str(p)!r} is a file, not a folder; choose a folder path")
+        probe_dir = p
+        while not probe_dir.exists() and probe_dir.parent != probe_dir:
+            probe_dir = probe_dir.parent
+        if not probe_dir.is_dir():
+            raise ConfigError(
+                f"{option} {str(p)!r}: {str(probe_dir)!r} is a file, so the folder cannot be created inside it"
+            )
+    except OSError as exc:
+        raise ConfigError(f"{option} {str(p)!r} cannot be inspected ({exc.strerror or exc})") from None
+    probe = probe_dir / f".artemis-write-probe-{os.getpid()}"
+    try:
+        fd = os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        where = "it" if probe_dir == p else f"its nearest existing parent {str(probe_dir)!r}"
+        raise ConfigError(
+            f"{option} {str(p)!r} is not writable: cannot create a file in {where} ({exc.strerror or exc})"
+        ) from None
+
+
+# --------------------------------------------------------------------------- progress
+@contextlib.contextmanager
+def line_progress(every_s: float = 10.0, stream: Any = None) -> Iterator[None]:
+    """Inside the block, progress bars made with ``tqdm.auto.tqdm`` print an occasional
+    plain line (every tenth of the run or every ``every_s`` seconds, and at the end) instead
+    of a carriage-return animation: for output that is not a terminal (CI, a log file)."""
+    import tqdm.auto as tqdm_auto
+
+    base = tqdm_auto.tqdm
+    out = stream if stream is not None else sys.stderr
+
+    class _LineBar(base):  # type: ignore[misc, valid-type]
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            self._wanted = not kwargs.get("disable", False)
+            kwargs["disable"] = True  # every tqdm method becomes a no-op; we print lines ourselves
+            super().__init__(*args, **kwargs)
+            self._desc = kwargs.get("desc") or ""
+            self._unit = kwargs.get("unit") or "it"
+            self._t0 = self._last_t = time.monotonic()
+            self._start = self._last_n = self.n
+            self._post = ""
+            self._pending = False
+            tot = self.total or 0
+            self._every_n = max(1, int(tot) // 10) if tot else 0
+
+        def update(self, n: float = 1) -> Optional[bool]:
+            if self._pending:  # the previous step's line, had no set_postfix() followed it
+                self._line(time.monotonic())
+            self.n += n
+            now = time.monotonic()
+            due = (self._every_n and self.n - self._last_n >= self._every_n) or now - self._last_t >= every_s
+            self._pending = bool(self._wanted and due and self.n != self.total)
+            return None
+
+        def set_postfix(self, ordered_dict: Any = None, refresh: bool = True, **kwargs: Any) -> None:
+            items = dict(ordered_dict or {}, **kwargs)
+            self._post = ", ".join(f"{k} {v}" for k, v in items.items())
+            if self._pending:  # print the line once it carries this step's figures (loss, sparsity)
+                self._line(time.monotonic())
+
+        def _line(self, now: float) -> None:
+            self._pending = False
+            self._last_t, self._last_n = now, self.n
+            done = self.n - self._start
+            elapsed = now - self._t0
+            tot = self.total
+            parts = [f"{self._desc}: {self._unit} {self.n:g}" + (f"/{tot:g} ({self.n / tot:.0%})" if tot else "")]
+            if self._post:
+                parts.append(self._post)
+            parts.append(f"{elapsed:.0f} s")
+            if tot and done > 0:
+                parts.append(f"about {elapsed / done * (tot - self.n):.0f} s left")
+            print(", ".join(parts), file=out, flush=True)
+
+        def close(self) -> None:
+            if self._wanted and self.n != self._last_n:
+                self._line(time.monotonic())
+            self._wanted = False
+            super().close()
+
+    tqdm_auto.tqdm = _LineBar
+    try:
+        yield
+    finally:
+        tqdm_auto.tqdm = base
+
+
+# --------------------------------------------------------------------------- several processes
+def _env_world_size() -> int:
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1").strip() or 1)
+    except ValueError:
+        return 1
+
+
+def refuse_multi_process(command: str) -> None:
+    """``artemis sweep`` runs in one process; under torchrun or ``accelerate launch`` every
+    rank would run the same sweep and write the same output."""
     from artemis.core.errors import ConfigError
 
     world = os.environ.get("WORLD_SIZE", "1")
-    if world.strip() not in ("", "1"):
+    if _env_world_size() > 1:
         raise ConfigError(
             f"artemis {command} runs in a single process, but it was launched as one of WORLD_SIZE={world} "
             "processes (torchrun / accelerate launch), where every process would run the whole job and write "
-            "the same output. Run it as one process (one GPU), or train with the Python API under "
-            "DDP/FSDP2 (docs/distributed.md)."
+            "the same output. Run it as one process (`artemis prune` does run under torchrun)."
         )
 
 
+@contextlib.contextmanager
+def distributed_run(device: str = "auto") -> Iterator[tuple[int, int]]:
+    """Join the process group that ``torchrun`` / ``accelerate launch`` describe in the
+    environment (``WORLD_SIZE`` > 1): ``gloo`` on CPU, ``nccl`` when the run uses CUDA (each
+    rank on the GPU of its ``LOCAL_RANK``). Yields ``(rank, world_size)`` and leaves the group
+    afterwards; in one process it yields ``(0, 1)`` and does nothing.
+
+    Raises:
+        ConfigError: ``WORLD_SIZE`` > 1 without the other variables a launcher sets.
+    """
+    world = _env_world_size()
+    if world <= 1:
+        yield 0, 1
+        return
+    import torch
+    import torch.distributed as dist
+
+    from artemis.core.errors import ConfigError
+
+    created = False
+    if not dist.is_initialized():
+        missing = [k for k in ("RANK", "MASTER_ADDR", "MASTER_PORT") if not os.environ.get(k)]
+        if missing:
+            raise ConfigError(
+                f"WORLD_SIZE={world} is set but {', '.join(missing)} is not: start several processes with "
+                "`torchrun --nproc_per_node N -m artemis.cli prune ...` or `accelerate launch`, or unset WORLD_SIZE"
+            )
+        use_cuda = torch.cuda.is_available() and not device.startswith("cpu")
+        if use_cuda:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+        created = True
+    try:
+        yield dist.get_rank(), dist.get_world_size()
+    finally:
+        if created:
+            dist.destroy_process_group()
+
+
+def _rank_world() -> tuple[int, int]:
+    from artemis.core.distributed import rank, world_size
+
+    r, w = rank(), world_size()
+    if w == 1 and _env_world_size() > 1:
+        from artemis.core.errors import ConfigError
+
+        raise ConfigError(
+            f"WORLD_SIZE={_env_world_size()} but no process group is initialised: "
+            "call run_prune inside artemis.cli.workflows.distributed_run()"
+        )
+    return r, w
+
+
+def _state_digest(model: Any) -> str:
+    import hashlib
+
+    import torch
+
+    h = hashlib.sha256()
+    for name, t in model.state_dict().items():
+        t = t.detach().cpu().contiguous().reshape(-1)
+        h.update(name.encode())
+        h.update(str(t.dtype).encode())
+        if t.numel():
+            h.update(t.view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _check_ranks_agree(model: Any) -> str:
+    """Every rank's final weights (masks folded in) are bit for bit those of rank 0."""
+    import torch.distributed as dist
+
+    from artemis.core.errors import PruningStateError
+
+    digest = _state_digest(model)
+    digests: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(digests, digest)
+    if len(set(digests)) != 1:
+        bad = [i for i, d in enumerate(digests) if d != digests[0]]
+        raise PruningStateError(f"the pruned weights of rank(s) {bad} differ from rank 0's")
+    return digest
+
+
+# --------------------------------------------------------------------------- commands
 def run_prune(
     cfg: Any,
     output: Path,
@@ -201,7 +475,18 @@ def run_prune(
     plots: bool = True,
 ) -> dict:
     """Run ``artemis prune`` for a validated :class:`~artemis.train.run_config.RunConfig`;
-    return the report dict (also written to ``output``)."""
+    return the report dict (also written to ``output``).
+
+    Under several processes (inside :func:`distributed_run`, as ``torchrun`` or
+    ``accelerate launch`` start it) every rank runs the same deterministic job on the same
+    data (the pruning manager sums activation statistics over the ranks and checks at every
+    pruning event that the masks agree); at the end the ranks' weights are compared bit
+    for bit, rank 0 alone evaluates, saves and writes the report, and the others wait for
+    it and return ``{"rank", "world_size", "follower": True}``.
+    """
+    import shutil
+    import tempfile
+
     import torch
 
     from artemis.core.manager import PruningManager
@@ -209,9 +494,9 @@ def run_prune(
     from artemis.evaluation.quality import parameter_stats, size_stats
     from artemis.evaluation.report import write_report
     from artemis.train.loading import check_supported, load_model_and_tokenizer
-    from artemis.train.loop import plan_runtime, train_with_pruning
+    from artemis.train.loop import CHECKPOINT_FILE, LEGACY_CHECKPOINT_FILE, plan_runtime, train_with_pruning
 
-    refuse_multi_process("prune")
+    rank, world = _rank_world()
     timing: dict[str, float] = {}
     t0 = time.perf_counter()
     check_supported(cfg.model, cfg.fine_tuning.method)
@@ -243,37 +528,54 @@ def run_prune(
     history: list[dict] = []
     resumed_from = None
     finetune = None
-    if cfg.training.steps > 0:
-        res = train_with_pruning(
-            model,
-            tok,
-            cfg,
-            task,
-            train_texts=train_texts,
-            output_dir=output,
-            resume=resume,
-            eval_fn=evaluator.quick if cfg.training.eval_every else None,
-            stop_after=stop_after,
-            progress=progress,
-        )
-        manager, history, resumed_from, plan = res.manager, res.history, res.resumed_from, res.plan
-        finetune = res.finetune
-        if res.stopped_early:
-            timing["train"] = time.perf_counter() - t1
-            return {
-                "stopped_early": True,
-                "step": history[-1]["step"] if history else 0,
-                "checkpoint": str(output / "checkpoint"),
-                "timing": timing,
-            }
-    else:
-        manager = PruningManager(model, cfg.pruning)
-        calib = None
-        if manager.metric.needs_activations or manager.metric.needs_gradients or manager.needs_calibration_data:
-            calib = calibration_batches(
-                task, tok, train_texts, max_length=cfg.training.max_length, n=cfg.data.calibration_texts
+    scratch: Optional[Path] = None  # ranks other than 0 keep their checkpoints apart from rank 0's
+    try:
+        train_dir = output
+        if rank != 0:
+            scratch = train_dir = Path(tempfile.mkdtemp(prefix=f"artemis-rank{rank}-"))
+            for name in (CHECKPOINT_FILE, LEGACY_CHECKPOINT_FILE) if resume else ():
+                if (output / name).is_file():
+                    (scratch / name).parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copy2(output / name, scratch / name)
+        if world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()  # every rank has read the checkpoint before rank 0 may overwrite it
+        if cfg.training.steps > 0:
+            res = train_with_pruning(
+                model,
+                tok,
+                cfg,
+                task,
+                train_texts=train_texts,
+                output_dir=train_dir,
+                resume=resume,
+                eval_fn=evaluator.quick if cfg.training.eval_every else None,
+                stop_after=stop_after,
+                progress=progress and rank == 0,
             )
-        manager.apply_pruning(cfg.pruning.final_sparsity, calibration_data=calib)
+            manager, history, resumed_from, plan = res.manager, res.history, res.resumed_from, res.plan
+            finetune = res.finetune
+            if res.stopped_early:
+                timing["train"] = time.perf_counter() - t1
+                return {
+                    "stopped_early": True,
+                    "step": history[-1]["step"] if history else 0,
+                    "checkpoint": str(output / "checkpoint"),
+                    "timing": timing,
+                    **({"rank": rank, "world_size": world, "follower": True} if rank != 0 else {}),
+                }
+        else:
+            manager = PruningManager(model, cfg.pruning)
+            calib = None
+            if manager.metric.needs_activations or manager.metric.needs_gradients or manager.needs_calibration_data:
+                calib = calibration_batches(
+                    task, tok, train_texts, max_length=cfg.training.max_length, n=cfg.data.calibration_texts
+                )
+            manager.apply_pruning(cfg.pruning.final_sparsity, calibration_data=calib)
+    finally:
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
     timing["prune_and_train"] = time.perf_counter() - t1
 
     summary = manager.get_pruning_summary()  # per-layer table before any structural surgery
@@ -293,9 +595,29 @@ def run_prune(
         model, merge_report = finetune.merge(merge_batches)
         lora_merge = dataclasses.asdict(merge_report)
     manager.finalize()
+    distributed = None
+    if world > 1:
+        import torch.distributed as dist
+
+        digest = _check_ranks_agree(model)  # a collective: every rank
+        distributed = {
+            "world_size": world,
+            "backend": str(dist.get_backend()),
+            "mode": "every rank ran the same job on the same data; rank 0 evaluated and saved",
+            "ranks_identical": True,
+            "weights_sha256": digest,
+        }
+        if rank != 0:
+            dist.barrier()  # until rank 0 has written the output
+            return {"rank": rank, "world_size": world, "follower": True}
     measured_sparsity = manager.get_pruning_summary()["measured_sparsity"]
     t2 = time.perf_counter()
     pruned = evaluator.measure(model)
+    # latency: the dense model is loaded again and timed against the pruned one, both warm,
+    # in interleaved rounds (a dense figure taken cold at the start was several times too high)
+    dense_ref = load_model_and_tokenizer(cfg.model).model.to(plan.device)
+    latency = evaluator.latency(dense_ref, model)
+    del dense_ref
     timing["pruned_eval"] = time.perf_counter() - t2
     sparse = manager.sparse_params()
     sizes = size_stats(model, sparse)
@@ -331,7 +653,7 @@ def run_prune(
         "target_sparsity": cfg.pruning.final_sparsity,
         "quality": quality,
         "size_mb": sizes,
-        "latency_ms": {"dense": dense["latency_ms"], "pruned": pruned["latency_ms"], "device": plan.device},
+        "latency_ms": latency,
         "parameters": parameter_stats(model),
         "saved": {"path": str(model_dir), "format": fmt},
         "runtime": {
@@ -354,11 +676,19 @@ def run_prune(
         "pruning_summary": {k: v for k, v in summary.items() if k != "layers"},
         "config": cfg.to_dict(),
     }
+    if distributed is not None:
+        report["distributed"] = distributed
     if ft_summary is not None:
         report["fine_tuning"] = ft_summary
     if lora_merge is not None:
         report["lora_merge"] = lora_merge
-    return write_report(output, report, plots=plots)
+    _remove_stale_temp_files(output)
+    report = write_report(output, report, plots=plots)
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()  # the other ranks may exit now
+    return report
 
 
 def run_sweep(
@@ -368,8 +698,11 @@ def run_sweep(
     (statistics for activation/gradient metrics are gathered once, on the dense model; after
     each level the dense weights are restored bit for bit, so every level starts from the
     same weights and no per-level copy of the model is made), evaluate, recommend."""
+    import torch
+
     from artemis.data.corpus import calibration_batches
     from artemis.evaluation.analysis import sparsity_sweep
+    from artemis.evaluation.quality import LATENCY_STATISTIC
     from artemis.evaluation.report import plot_sweep, write_json
     from artemis.metrics import METRICS
     from artemis.train.loading import check_supported, load_model_and_tokenizer
@@ -382,14 +715,21 @@ def run_sweep(
     model.to(_resolve_device(cfg.training.device)).eval()
     train_texts, eval_texts = _texts(cfg)
     evaluator = _Evaluator(task, tok, eval_texts, cfg.evaluation, cfg.training.max_length)
-    dense = evaluator.measure_dense(model)
+    dense = evaluator.measure_dense(model, latency=True)
     metric_cls = METRICS.get(cfg.pruning.importance_metric)
     calib = None
     if metric_cls.needs_activations or metric_cls.needs_gradients or cfg.pruning.needs_calibration_batches:
         calib = calibration_batches(
             task, tok, train_texts, max_length=cfg.training.max_length, n=cfg.data.calibration_texts
         )
-    swept = sparsity_sweep(model, cfg.pruning, sparsities, evaluator.measure, calibration_data=calib, progress=False)
+    swept = sparsity_sweep(
+        model,
+        cfg.pruning,
+        sparsities,
+        lambda m: evaluator.measure(m, latency=True),
+        calibration_data=calib,
+        progress=False,
+    )
     rows = []
     for r in swept:
         m = r["metrics"]
@@ -417,14 +757,49 @@ def run_sweep(
         "threshold": threshold,
         "higher_is_better": higher_better,
         "rows": rows,
+        "latency_method": {
+            "rounds": cfg.evaluation.latency_rounds,
+            "repeats": cfg.evaluation.latency_repeats,
+            "warmup": cfg.evaluation.latency_warmup,
+            "statistic": LATENCY_STATISTIC,
+            "interleaved": False,
+            "threads": torch.get_num_threads(),
+        },
         "recommended_sparsity": max(ok) if ok else None,
         "config": cfg.to_dict(),
     }
     if output is not None:
         output.mkdir(parents=True, exist_ok=True)
         result["plots"] = plot_sweep(output, rows, evaluator.metric, threshold) if plots else []
+        _remove_stale_temp_files(output)
         write_json(output / "sweep.json", result)
     return result
+
+
+def _measured_weights(model: Any, model_dir: Path) -> list:
+    """The weights whose sparsity ``artemis eval`` measures: every Linear/Conv1D weight inside
+    the transformer blocks, and the int8 weights of an ``--quantize int8`` export (which come
+    back as ``Int8Linear`` modules, not Linear)."""
+    from artemis.arch import get_adapter
+    from artemis.core.errors import ModelError
+    from artemis.core.targets import find_targets
+
+    try:
+        from artemis.sparse.quantization import Int8Linear
+    except ImportError:  # a build without the int8 path
+        Int8Linear = None  # noqa: N806
+    int8 = [m.weight for m in model.modules() if Int8Linear is not None and isinstance(m, Int8Linear)]
+    adapter = get_adapter(model)
+    try:
+        targets = find_targets(model, block_prefixes=adapter.block_prefixes() if adapter.blocks is not None else None)
+    except ModelError:
+        if not int8:
+            raise ModelError(
+                f"{str(model_dir)!r}: {type(model).__name__} holds no Linear, Conv1D or int8 layer inside its "
+                "transformer blocks, so there is no sparsity to measure"
+            ) from None
+        targets = []
+    return [t.param for t in targets] + int8
 
 
 def run_eval(
@@ -438,9 +813,7 @@ def run_eval(
     output: Optional[Path] = None,
 ) -> dict:
     """Evaluate a saved model against its dense reference; return (and optionally write) a report."""
-    from artemis.arch import get_adapter
     from artemis.core.errors import ConfigError
-    from artemis.core.targets import find_targets
     from artemis.data.corpus import load_texts
     from artemis.evaluation.quality import parameter_stats, size_stats
     from artemis.evaluation.report import write_report
@@ -463,9 +836,8 @@ def run_eval(
     evaluator = _Evaluator(task, ref_loaded.tokenizer, texts, ev, max_length)
     dense = evaluator.measure_dense(ref_loaded.model)
     pruned = evaluator.measure(model)
-    adapter = get_adapter(model)
-    targets = find_targets(model, block_prefixes=adapter.block_prefixes() if adapter.blocks is not None else None)
-    prunable = [t.param for t in targets]
+    latency = evaluator.latency(ref_loaded.model, model)
+    prunable = _measured_weights(model, model_dir)
     sizes = size_stats(model, prunable)
     sizes["dense"] = size_stats(ref_loaded.model, [])["dense"]
     sizes["on_disk"] = disk_mib(model_dir)
@@ -480,25 +852,32 @@ def run_eval(
         "sparsity": parameter_stats(model, prunable)["sparsity"],
         "quality": quality,
         "size_mb": sizes,
-        "latency_ms": {"dense": dense["latency_ms"], "pruned": pruned["latency_ms"], "device": str(dev)},
+        "latency_ms": latency,
         "parameters": parameter_stats(model),
     }
     if output is not None:
+        _remove_stale_temp_files(output)
         write_report(output, report, plots=False)
     return report
 
 
-def run_export(model_dir: Path, output: Path, quantize: Optional[str] = None) -> str:
-    """Load ``model_dir`` and write it with ``artemis.save_pruned`` (compressed)."""
+def run_export(model_dir: Path, output: Path, quantize: Optional[str] = None, export_format: str = "compressed") -> str:
+    """Load ``model_dir`` and write it with ``artemis.save_pruned``: ``export_format``
+    ``compressed`` (sparse bitmask; ``artemis.load_pruned``) or ``dense`` (stock safetensors
+    any loader reads, vLLM included), optionally ``quantize="int8"``."""
     from transformers import AutoTokenizer
 
     from artemis.evaluation.report import write_json
     from artemis.sparse.checkpoint import save_pruned
 
+    kwargs = _save_pruned_kwargs(export_format)  # before loading anything
+    check_output_writable(output)
     meta = _read_meta(model_dir)
     model = _load_saved(model_dir, meta.get("task"))
     tok = AutoTokenizer.from_pretrained(model_dir)
     output.mkdir(parents=True, exist_ok=True)
-    save_pruned(model, output, tokenizer=tok, **({"quantize": quantize} if quantize else {}))
-    write_json(output / "artemis_run.json", {**meta, "format": "artemis.save_pruned", "quantize": quantize})
+    _remove_stale_temp_files(output)
+    save_pruned(model, output, tokenizer=tok, **kwargs, **({"quantize": quantize} if quantize else {}))
+    fmt = "artemis.save_pruned" if export_format == "compressed" else f"artemis.save_pruned:{export_format}"
+    write_json(output / "artemis_run.json", {**meta, "format": fmt, "quantize": quantize})
     return str(output)

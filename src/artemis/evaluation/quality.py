@@ -28,7 +28,7 @@ import logging
 import math
 import statistics
 import time
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Iterable, Mapping, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -45,6 +45,7 @@ __all__ = [
     "embedding_fidelity",
     "perplexity",
     "forward_latency_ms",
+    "compare_latency_ms",
     "parameter_stats",
     "size_stats",
     "model_device",
@@ -189,28 +190,101 @@ def perplexity(model: nn.Module, blocks: Iterable[dict]) -> float:
     return math.exp(total_nll / total_tokens)
 
 
-@torch.no_grad()
-def forward_latency_ms(model: nn.Module, batch: dict, *, repeats: int = 20, warmup: int = 3) -> float:
-    """Median wall-clock milliseconds of one forward pass of ``model(**batch)`` on the
-    model's device (CUDA is synchronised around each pass)."""
+def _prepare_latency(model: nn.Module, batch: dict) -> tuple[dict, Any]:
     device = model_device(model)
     batch = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in batch.items()}
     batch.pop("labels", None)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    return batch, sync
+
+
+def _timed_forwards(model: nn.Module, batch: dict, sync: Any, n: int) -> list[float]:
+    times = []
+    for _ in range(n):
+        sync()
+        t0 = time.perf_counter()
+        model(**batch)
+        sync()
+        times.append((time.perf_counter() - t0) * 1000.0)
+    return times
+
+
+#: how :func:`forward_latency_ms` and :func:`compare_latency_ms` turn timings into one figure
+LATENCY_STATISTIC = "median over rounds of each round's fastest forward"
+
+
+@torch.no_grad()
+def forward_latency_ms(model: nn.Module, batch: dict, *, repeats: int = 20, warmup: int = 3, rounds: int = 1) -> float:
+    """Wall-clock milliseconds of one forward pass of ``model(**batch)`` on the model's
+    device (CUDA is synchronised around each pass): after ``warmup`` untimed passes,
+    ``rounds`` rounds of ``repeats`` timed passes; the median over the rounds of each
+    round's fastest pass (:data:`LATENCY_STATISTIC`). To compare two models, use
+    :func:`compare_latency_ms`, which interleaves their rounds."""
+    if repeats < 1 or rounds < 1 or warmup < 0:
+        raise ValueError(f"need repeats >= 1, rounds >= 1, warmup >= 0; got {repeats}, {rounds}, {warmup}")
+    batch, sync = _prepare_latency(model, batch)
     was_training = model.training
     model.eval()
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    times = []
     try:
-        for i in range(warmup + repeats):
-            sync()
-            t0 = time.perf_counter()
-            model(**batch)
-            sync()
-            if i >= warmup:
-                times.append((time.perf_counter() - t0) * 1000.0)
+        _timed_forwards(model, batch, sync, warmup)
+        per_round = [min(_timed_forwards(model, batch, sync, repeats)) for _ in range(rounds)]
     finally:
         model.train(was_training)
-    return statistics.median(times)
+    return statistics.median(per_round)
+
+
+@torch.no_grad()
+def compare_latency_ms(
+    models: Mapping[str, nn.Module], batch: dict, *, repeats: int = 20, warmup: int = 3, rounds: int = 5
+) -> dict[str, Any]:
+    """Forward latency of several models on the same ``batch``, measured fairly.
+
+    Every model first runs ``warmup`` untimed passes (one-off costs: allocator, kernel
+    selection, caches), then the models take turns: ``rounds`` rounds, in each of which
+    every model in turn runs ``repeats`` timed passes (``dense, pruned, dense, pruned,
+    ...``), so drift of the machine (other processes, clock changes) hits every model
+    alike. Each round's figure is the median of its passes; a model's latency is its
+    best (minimum) round, the figure least disturbed by other load.
+
+    Args:
+        models: ``name -> model``, e.g. ``{"dense": ..., "pruned": ...}`` (each on its device).
+        batch: the inputs (``labels`` are dropped); moved to each model's device.
+
+    Returns:
+        ``{name: ms, ..., "rounds": {name: [ms per round]}, "spread": {name: (max - min) /
+        min over the rounds}, "method": {"rounds", "repeats", "warmup", "statistic",
+        "interleaved", "threads"}}``; ``threads`` is ``torch.get_num_threads()``.
+    """
+    if repeats < 1 or rounds < 1 or warmup < 0:
+        raise ValueError(f"need repeats >= 1, rounds >= 1, warmup >= 0; got {repeats}, {rounds}, {warmup}")
+    if not models:
+        raise ValueError("compare_latency_ms needs at least one model")
+    prepared = {name: _prepare_latency(m, batch) for name, m in models.items()}
+    modes = {name: m.training for name, m in models.items()}
+    per_round: dict[str, list[float]] = {name: [] for name in models}
+    try:
+        for m in models.values():
+            m.eval()
+        for name, m in models.items():
+            _timed_forwards(m, *prepared[name], warmup)
+        for _ in range(rounds):
+            for name, m in models.items():
+                per_round[name].append(min(_timed_forwards(m, *prepared[name], repeats)))
+    finally:
+        for name, m in models.items():
+            m.train(modes[name])
+    out: dict[str, Any] = {name: statistics.median(v) for name, v in per_round.items()}
+    out["rounds"] = per_round
+    out["spread"] = {name: (max(v) - min(v)) / min(v) if min(v) > 0 else 0.0 for name, v in per_round.items()}
+    out["method"] = {
+        "rounds": rounds,
+        "repeats": repeats,
+        "warmup": warmup,
+        "statistic": LATENCY_STATISTIC,
+        "interleaved": len(models) > 1,
+        "threads": torch.get_num_threads(),
+    }
+    return out
 
 
 @torch.no_grad()

@@ -7,7 +7,11 @@
   encoders, with ``nn_agreement`` and ``cosine_min``; ``perplexity`` for causal LMs);
 * ``size_mb`` — ``{"dense", "compressed"}`` from the shared size accounting, plus
   ``on_disk`` (bytes the saved folder's weight files really take) when saved;
-* ``latency_ms`` — ``{"dense", "pruned"}`` median forward latency on the run's device;
+* ``latency_ms`` — ``{"dense", "pruned"}`` forward latency in ms on the run's device, both
+  models warm and timed in interleaved rounds (the median over the rounds of each round's
+  fastest forward), with ``rounds``
+  (each round's figure), ``spread`` (``(max - min) / min`` over the rounds: the noise),
+  ``method`` (rounds, repeats, warm-up, statistic, thread count) and ``device``;
 * ``parameters``, ``config`` (the config that ran), ``history`` (per-step loss,
   sparsity, quality), ``layers`` (per-layer sparsity), ``timing`` and ``memory``.
 
@@ -31,17 +35,53 @@ import os
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
-__all__ = ["write_report", "format_markdown", "plot_run", "plot_sweep", "write_json"]
+__all__ = ["write_report", "format_markdown", "plot_run", "plot_sweep", "write_json", "latency_note"]
 
 logger = logging.getLogger(__name__)
 
 
+def _write_text_atomic(path: os.PathLike, text: str) -> None:
+    """Write ``text`` to ``PATH.tmp``, then rename it to ``path``; the temporary file is
+    removed if the write fails or is interrupted (Ctrl-C), so no orphan is left behind."""
+    p = Path(path)
+    tmp = p.with_name(p.name + ".tmp")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, p)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def write_json(path: os.PathLike, data: Any) -> None:
     """Write ``data`` as indented JSON (atomically)."""
-    p = Path(path)
-    tmp = p.with_suffix(p.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n", encoding="utf-8")
-    os.replace(tmp, p)
+    _write_text_atomic(path, json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def latency_note(lat: Mapping[str, Any]) -> str:
+    """One sentence saying how the latencies were measured and how noisy they were.
+
+    Example:
+        >>> print(latency_note({"dense": 2.0, "pruned": 1.9, "spread": {"dense": 0.031, "pruned": 0.02},
+        ...     "method": {"rounds": 5, "repeats": 20, "warmup": 3, "interleaved": True, "threads": 2}}))
+        ... # doctest: +NORMALIZE_WHITESPACE
+        Latency: 5 interleaved rounds (dense, pruned, dense, ...) of 20 timed forwards each after 3 warm-up
+        forwards, 2 threads; the figure is the median over rounds of each round's fastest forward;
+        round-to-round spread: dense 3.1%, pruned 2.0%.
+    """
+    m = lat.get("method")
+    if not m:
+        return ""
+    how = "interleaved rounds (dense, pruned, dense, ...)" if m.get("interleaved") else "rounds"
+    text = (
+        f"Latency: {m['rounds']} {how} of {m['repeats']} timed forwards each after {m['warmup']} warm-up "
+        f"forwards, {m['threads']} thread{'s' if m['threads'] != 1 else ''}; the figure is the "
+        + m.get("statistic", "median over rounds of each round's fastest forward")
+    )
+    spread = lat.get("spread") or {}
+    if spread:
+        text += "; round-to-round spread: " + ", ".join(f"{k} {v:.1%}" for k, v in spread.items())
+    return text + "."
 
 
 def _fmt(v: Any) -> str:
@@ -70,10 +110,17 @@ def format_markdown(report: Mapping[str, Any]) -> str:
             lines.append(f"| {extra} | {_fmt(q.get(extra + '_dense', 1.0))} | {_fmt(q[extra])} |")
     lines += [
         f"| size (MiB) | {_fmt(size.get('dense'))} | {_fmt(size.get('compressed'))} (compressed) |",
-        f"| latency (ms, median forward) | {_fmt(lat.get('dense'))} | {_fmt(lat.get('pruned'))} |",
+        f"| latency (ms, forward{', ' + str(lat['device']) if lat.get('device') else ''}) "
+        f"| {_fmt(lat.get('dense'))} | {_fmt(lat.get('pruned'))} |",
     ]
     if "on_disk" in size:
         lines.append(f"| saved on disk (MiB) | — | {_fmt(size['on_disk'])} |")
+    note = latency_note(lat)
+    if note:
+        lines += ["", note]
+    dist_info = report.get("distributed")
+    if dist_info:
+        lines += ["", f"Processes: {dist_info.get('world_size')} ({dist_info.get('mode')}); ranks identical."]
     params = report.get("parameters")
     if params:
         lines += ["", f"Parameters: {params.get('parameters')} ({params.get('nonzero_parameters')} non-zero)"]
@@ -183,5 +230,5 @@ def write_report(out_dir: os.PathLike, report: dict, *, plots: bool = True) -> d
             out, report.get("history", []), report.get("layers", []), report.get("quality", {}).get("metric", "quality")
         )
     write_json(out / "report.json", report)
-    (out / "report.md").write_text(format_markdown(report), encoding="utf-8")
+    _write_text_atomic(out / "report.md", format_markdown(report))
     return report

@@ -268,12 +268,16 @@ class DataSection(ConfigSection):
 
 class EvaluationSection(ConfigSection):
     """``evaluation:`` — ``num_texts`` held-out texts (sentences for encoders, a
-    token budget of ``num_texts`` blocks for causal LMs), ``latency_repeats`` timed
-    forwards after ``latency_warmup`` untimed ones, ``latency_batch_size`` texts each."""
+    token budget of ``num_texts`` blocks for causal LMs). Latency: after
+    ``latency_warmup`` untimed forwards of each model, ``latency_rounds`` rounds in which
+    the dense and the pruned model take turns, each timing ``latency_repeats`` forwards of
+    ``latency_batch_size`` texts; a model's latency is the median over the rounds of each
+    round's fastest forward (:func:`artemis.evaluation.quality.compare_latency_ms`)."""
 
     num_texts: int = Field(256, ge=2)
     latency_repeats: int = Field(20, ge=1)
     latency_warmup: int = Field(3, ge=0)
+    latency_rounds: int = Field(5, ge=1)
     latency_batch_size: int = Field(8, ge=1)
     quality_threshold: Optional[float] = None
 

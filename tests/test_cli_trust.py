@@ -1,0 +1,458 @@
+"""The `artemis` command line can be trusted: early one-line errors, honest latency,
+loaders named, several processes (tiny local models in tmp folders)."""
+
+from __future__ import annotations
+
+import inspect
+import io
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from artemis.cli import main, run_eval
+from tests.test_cli import _tokenizer
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+QUICK = [
+    "--batch-size",
+    "2",
+    "--max-length",
+    "32",
+    "--eval-texts",
+    "16",
+    "--pruning-interval",
+    "2",
+    "--set",
+    "evaluation.latency_repeats=2",
+    "--set",
+    "evaluation.latency_rounds=2",
+    "--set",
+    "evaluation.latency_warmup=0",
+    "-q",
+    "--no-plots",
+]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from transformers import BertConfig, BertModel
+
+    from tests.fixtures import tiny_llama
+
+    root = tmp_path_factory.mktemp("trust_models")
+    tok = _tokenizer()
+    llama = tiny_llama(vocab_size=len(tok))
+    llama.save_pretrained(root / "llama")
+    tok.save_pretrained(root / "llama")
+    torch.manual_seed(0)
+    bert = BertModel(
+        BertConfig(
+            vocab_size=len(tok),
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=256,
+        )
+    )
+    bert.save_pretrained(root / "bert")
+    tok.save_pretrained(root / "bert")
+    return root
+
+
+@pytest.fixture(scope="module")
+def pruned_llama(tiny, tmp_path_factory):
+    """One one-shot pruned tiny Llama run (OUTPUT folder)."""
+    out = tmp_path_factory.mktemp("pruned") / "run"
+    assert main(["prune", "--model", str(tiny / "llama"), "--steps", "0", "-o", str(out)] + QUICK) == 0
+    return out
+
+
+def _main_cli():
+    return sys.modules["artemis.cli.main"]  # `artemis.cli.main` the attribute is the function
+
+
+def _no_model_load(monkeypatch):
+    """Make any model load fail loudly: the command must stop before it."""
+    import artemis.train.loading as loading
+
+    def boom(*a, **k):
+        raise AssertionError("the model was loaded before the output folder was checked")
+
+    monkeypatch.setattr(loading, "load_model_and_tokenizer", boom)
+
+
+def _one_line_error(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("artemis: error: ") and "\n" not in err and "Traceback" not in err, err
+    return err
+
+
+# --------------------------------------------------------------------------- 1. --output checked first
+@pytest.mark.parametrize("shape", ["file", "inside_file"])
+def test_file_shaped_output_fails_at_once_before_loading(tmp_path, capsys, monkeypatch, shape):
+    _no_model_load(monkeypatch)
+    f = tmp_path / "taken"
+    f.write_text("not a folder")
+    out = f if shape == "file" else f / "sub"
+    argv = ["prune", "--model", "/whatever", "-o", str(out), "-q"]
+    main(argv)  # the first call pays for importing the command's modules
+    capsys.readouterr()
+    t0 = time.perf_counter()
+    assert main(argv) == 2
+    assert time.perf_counter() - t0 < 1.0
+    err = _one_line_error(capsys)
+    assert str(f) in err and "is a file" in err
+    assert f.read_text() == "not a folder"
+
+
+def test_file_shaped_export_output_fails_before_loading(pruned_llama, tmp_path, capsys, monkeypatch):
+    import artemis.cli.workflows as wf
+
+    def boom(*a, **k):
+        raise AssertionError("the model was loaded before the output folder was checked")
+
+    monkeypatch.setattr(wf, "_load_saved", boom)
+    f = tmp_path / "taken"
+    f.write_text("x")
+    argv = ["export", str(pruned_llama / "model"), "-o", str(f)]
+    main(argv)  # the first call pays for importing the command's modules
+    capsys.readouterr()
+    t0 = time.perf_counter()
+    assert main(argv) == 2
+    assert time.perf_counter() - t0 < 1.0
+    assert "is a file, not a folder" in _one_line_error(capsys)
+
+
+def test_read_only_output_fails_before_loading(tmp_path, capsys, monkeypatch):
+    _no_model_load(monkeypatch)
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    try:
+        if os.access(ro, os.W_OK):
+            pytest.skip("running as root (or with CAP_DAC_OVERRIDE): chmod 0o500 does not stop writes here")
+        assert main(["prune", "--model", "/whatever", "-o", str(ro / "run"), "-q"]) == 2
+        err = _one_line_error(capsys)
+        assert "is not writable" in err and str(ro) in err
+    finally:
+        ro.chmod(0o700)
+
+
+def test_unwritable_output_message_even_as_root(tmp_path, monkeypatch):
+    """The probe's failure (what a read-only folder gives a non-root user) is a ConfigError."""
+    from artemis.cli.workflows import check_output_writable
+    from artemis.core.errors import ConfigError
+
+    real_open = os.open
+
+    def deny(path, *a, **k):
+        if ".artemis-write-probe-" in str(path):
+            raise PermissionError(13, "Permission denied")
+        return real_open(path, *a, **k)
+
+    monkeypatch.setattr(os, "open", deny)
+    with pytest.raises(ConfigError, match=r"--output .*new/run' is not writable: cannot create a file in its nearest"):
+        check_output_writable(tmp_path / "new" / "run")
+    assert not any(tmp_path.iterdir())  # nothing created, no probe left
+
+
+# --------------------------------------------------------------------------- 2. honest latency
+def _prune_report(tiny, out: Path, extra=()) -> dict:
+    argv = ["prune", "--model", str(tiny / "bert"), "--steps", "0", "-o", str(out), "--final-sparsity", "0.6"]
+    argv += ["--max-length", "32", "--eval-texts", "16", "-q", "--no-plots", *extra]
+    assert main(argv) == 0
+    return json.loads((out / "report.json").read_text())
+
+
+@pytest.fixture
+def one_thread():
+    """Latency tests on one thread: a busy machine (other test runs) stalls a multi-threaded
+    forward far more than a single-threaded one."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_report_latency_is_warm_interleaved_and_honest(tiny, tmp_path, one_thread):
+    report = _prune_report(tiny, tmp_path / "a")
+    lat = report["latency_ms"]
+    m = lat["method"]
+    assert m["interleaved"] is True and m["rounds"] == 5 and m["threads"] == 1 and m["warmup"] == 3
+    assert len(lat["rounds"]["dense"]) == len(lat["rounds"]["pruned"]) == 5
+    assert lat["dense"] == statistics.median(lat["rounds"]["dense"])
+    assert lat["pruned"] == statistics.median(lat["rounds"]["pruned"])
+    assert m["statistic"] == "median over rounds of each round's fastest forward"
+    assert set(lat["spread"]) == {"dense", "pruned"}
+    md = (tmp_path / "a" / "report.md").read_text()
+    assert "interleaved rounds (dense, pruned, dense, ...)" in md and "round-to-round spread" in md
+    assert "1 thread" in md
+    # unstructured zeros on dense kernels (no sparse path) are not faster: the report must not
+    # claim a speed-up (re-measured twice more, median of three, before failing on noise)
+    ratios = [lat["dense"] / lat["pruned"]]
+    for i in range(2):
+        if statistics.median(ratios) <= 1.2:
+            break
+        again = _prune_report(tiny, tmp_path / f"again{i}")["latency_ms"]
+        ratios.append(again["dense"] / again["pruned"])
+    assert statistics.median(ratios) <= 1.2, ratios
+
+
+def test_report_latency_agrees_with_artemis_eval(tiny, tmp_path, one_thread):
+    # three runs, each followed by `artemis eval` of its output (so load on the machine hits
+    # both alike); the medians of the three must agree within 10%
+    reports, evals = [], []
+    for i in range(3):
+        reports.append(_prune_report(tiny, tmp_path / f"run{i}")["latency_ms"])
+        evals.append(run_eval(tmp_path / f"run{i}" / "model", None, num_texts=16, max_length=32, device="cpu"))
+    assert all(e["latency_ms"]["method"]["interleaved"] for e in evals)
+    for key in ("dense", "pruned"):
+        rep = statistics.median(r[key] for r in reports)
+        ev = statistics.median(e["latency_ms"][key] for e in evals)
+        assert ev == pytest.approx(rep, rel=0.10), (
+            key,
+            [r[key] for r in reports],
+            [e["latency_ms"][key] for e in evals],
+        )
+
+
+def test_compare_latency_ms_interleaves_rounds():
+    from artemis.evaluation.quality import compare_latency_ms
+
+    calls: list[str] = []
+
+    class Net(torch.nn.Module):
+        def __init__(self, name: str) -> None:
+            super().__init__()
+            self.name = name
+            self.lin = torch.nn.Linear(4, 4)
+
+        def forward(self, x):
+            calls.append(self.name)
+            return self.lin(x)
+
+    res = compare_latency_ms(
+        {"dense": Net("d"), "pruned": Net("p")}, {"x": torch.ones(2, 4)}, repeats=2, warmup=1, rounds=3
+    )
+    assert calls == ["d", "p"] + ["d", "d", "p", "p"] * 3  # warm-up of each, then turns
+    assert res["method"]["threads"] == torch.get_num_threads() and len(res["rounds"]["dense"]) == 3
+
+
+# --------------------------------------------------------------------------- 3. smaller ones
+def test_corrupt_run_json_is_a_clear_error(pruned_llama, tmp_path, capsys):
+    import shutil
+
+    bad = tmp_path / "model"
+    shutil.copytree(pruned_llama / "model", bad)
+    (bad / "artemis_run.json").write_text('{"base_model": "x", ')
+    assert main(["eval", str(bad)]) == 2
+    err = _one_line_error(capsys)
+    assert f"{str(bad / 'artemis_run.json')!r} is corrupt (not valid JSON" in err
+
+
+def test_eval_of_an_int8_export(pruned_llama, tmp_path):
+    exp = tmp_path / "int8"
+    assert main(["export", str(pruned_llama / "model"), "-o", str(exp), "--quantize", "int8", "-q"]) == 0
+    first = json.loads((pruned_llama / "report.json").read_text())
+    again = run_eval(exp, None, num_texts=16, max_length=32, device="cpu")
+    assert again["sparsity"] == pytest.approx(first["sparsity"], abs=1e-3)
+    assert again["quality"]["pruned"] == pytest.approx(first["quality"]["pruned"], rel=0.05)
+
+
+def test_missing_model_folder_says_so(tmp_path, capsys):
+    missing = tmp_path / "no" / "such" / "model"
+    assert main(["prune", "--model", str(missing), "-o", str(tmp_path / "o"), "-q"]) == 2
+    err = _one_line_error(capsys)
+    assert f"the folder {str(missing)!r} does not exist" in err and "would need a network" in err
+    assert "Repo id must be" not in err
+
+
+def test_prune_help_shows_a_plain_percent(capsys):
+    with pytest.raises(SystemExit):
+        main(["prune", "--help"])
+    out = capsys.readouterr().out
+    assert "60%" in out and "60%%" not in out
+
+
+def test_quiet_silences_transformers_progress_bars(tiny, tmp_path, capfd, monkeypatch):
+    from transformers.utils import logging as hf_logging
+
+    m = _main_cli()
+    monkeypatch.setattr(m, "_stderr_is_tty", lambda: True)  # as on a terminal: only -q silences them
+    hf_logging.enable_progress_bar()
+    try:
+        assert main(["prune", "--model", str(tiny / "llama"), "--steps", "0", "-o", str(tmp_path / "q")] + QUICK) == 0
+        err = capfd.readouterr().err
+        assert "Loading weights" not in err and "it/s" not in err, err
+        assert not hf_logging.is_progress_bar_enabled()
+    finally:
+        hf_logging.enable_progress_bar()
+
+
+def test_not_a_terminal_gets_occasional_lines(tiny, tmp_path, capsys):
+    argv = ["prune", "--model", str(tiny / "llama"), "--steps", "4", "-o", str(tmp_path / "r")]
+    argv += [a for a in QUICK if a != "-q"]
+    assert main(argv) == 0  # pytest's stderr is not a terminal
+    err = capsys.readouterr().err
+    assert "\r" not in err
+    lines = [ln for ln in err.splitlines() if ln.startswith("pruning: step")]
+    assert lines and lines[-1].startswith("pruning: step 4/4 (100%)") and "sparsity" in lines[-1]
+
+
+def test_line_progress_prints_a_line_per_tenth():
+    from tqdm.auto import tqdm as before
+
+    from artemis.cli.workflows import line_progress
+
+    buf = io.StringIO()
+    with line_progress(every_s=3600, stream=buf):
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=100, desc="pruning", unit="step")
+        for i in range(100):
+            bar.update(1)
+            bar.set_postfix(loss=f"{i:.1f}")
+        bar.close()
+    from tqdm.auto import tqdm as after
+
+    assert after is before
+    lines = buf.getvalue().splitlines()
+    assert "\r" not in buf.getvalue() and 10 <= len(lines) <= 11
+    assert lines[0].startswith("pruning: step 10/100 (10%), loss 9.0") and lines[-1].startswith("pruning: step 100/100")
+
+
+def test_structured_method_on_the_default_config(tiny):
+    from transformers import AutoModel
+
+    from artemis.core.errors import ConfigError
+    from artemis.core.manager import PruningManager
+
+    m = _main_cli()
+    bert = AutoModel.from_pretrained(tiny / "bert")
+    cfg = m._load_config(m.build_parser().parse_args(["prune", "--method", "structured_sparsity"]))
+    PruningManager(bert, cfg.pruning)  # the default's `scope: row` no longer gets in the way
+    cfg = m._load_config(m.build_parser().parse_args(["prune", "--method", "structured_sparsity", "--scope", "row"]))
+    with pytest.raises(ConfigError, match="scope"):  # but a scope the user sets is still checked
+        PruningManager(bert, cfg.pruning)
+    default = m._load_config(m.build_parser().parse_args(["prune"]))
+    assert default.pruning.scope == "row"
+
+
+def test_interrupted_json_write_leaves_no_temp_file(tmp_path, monkeypatch):
+    from artemis.evaluation.report import write_json
+
+    target = tmp_path / "artemis_run.json"
+
+    def killed(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "replace", killed)
+    with pytest.raises(KeyboardInterrupt):
+        write_json(target, {"a": 1})
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_save_removes_a_stale_temp_file(pruned_llama, tmp_path):
+    from artemis import load_pruned
+    from artemis.cli.workflows import _save_model
+
+    model = load_pruned(pruned_llama / "model")
+    dest = tmp_path / "m"
+    dest.mkdir()
+    (dest / "artemis_run.json.tmp").write_text("left by a killed run")
+    _save_model(model, None, dest, {"base_model": "x", "task": "causal_lm"})
+    assert not (dest / "artemis_run.json.tmp").exists() and (dest / "artemis_run.json").is_file()
+
+
+# --------------------------------------------------------------------------- 4. loaders, --format
+def test_prune_names_the_loaders(tiny, tmp_path, capsys):
+    assert main(["prune", "--model", str(tiny / "llama"), "--steps", "0", "-o", str(tmp_path / "x")] + QUICK) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "artemis.load_pruned(path)" in out and "AutoModel.from_pretrained(path) after `import artemis`" in out
+    assert "--format dense" in out and "vLLM" in out
+
+
+def test_export_format_flag(pruned_llama, tmp_path, capsys):
+    from artemis.cli import build_parser
+    from artemis.sparse.checkpoint import save_pruned
+
+    assert build_parser().parse_args(["export", "m", "-o", "o"]).export_format == "compressed"
+    assert build_parser().parse_args(["export", "m", "-o", "o", "--format", "dense"]).export_format == "dense"
+    if "format" not in inspect.signature(save_pruned).parameters:
+        pytest.skip("save_pruned(format=...) not available")
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from artemis import load_pruned
+
+    dense_dir = tmp_path / "dense"
+    assert main(["export", str(pruned_llama / "model"), "-o", str(dense_dir), "--format", "dense", "-q"]) == 0
+    ref = load_pruned(pruned_llama / "model").state_dict()
+    stock = AutoModelForCausalLM.from_pretrained(dense_dir).state_dict()
+    for k, v in ref.items():
+        assert torch.equal(stock[k], v), k
+    assert all(f.suffix != ".bitmask" for f in dense_dir.iterdir())
+    assert load_file(next(dense_dir.glob("*.safetensors")))  # plain safetensors
+
+
+# --------------------------------------------------------------------------- 5. several processes
+def test_prune_with_world_size_but_no_launcher_is_a_clear_error(tiny, tmp_path, capsys, monkeypatch):
+    for k in ("RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    out = tmp_path / "out"
+    assert main(["prune", "--model", str(tiny / "llama"), "-o", str(out), "-q", "--steps", "2"]) == 2
+    err = _one_line_error(capsys)
+    assert "WORLD_SIZE=2 is set but RANK, MASTER_ADDR, MASTER_PORT is not" in err and "torchrun" in err
+    assert not out.exists()
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_match_one_process(tiny, tmp_path):
+    """``torchrun --nproc_per_node 2 -m artemis.cli prune`` on CPU (gloo): both ranks end with
+    the same weights (checked inside the run), rank 0 writes, and the saved masks and weights
+    equal a single-process run's (both on one thread per process, so bit-identical)."""
+    from safetensors.torch import load_file
+
+    args = ["prune", "--model", str(tiny / "llama"), "--steps", "4", "--set", "data.calibration_texts=16"]
+    args += [a for a in QUICK if a != "-q"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    env.pop("WORLD_SIZE", None)
+    single = subprocess.run(
+        [sys.executable, "-m", "artemis.cli", *args, "-o", str(tmp_path / "one")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert single.returncode == 0, single.stderr[-3000:]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    multi = subprocess.run(
+        [*torchrun, "-m", "artemis.cli", *args, "-o", str(tmp_path / "two")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert multi.returncode == 0, multi.stderr[-3000:]
+    assert multi.stdout.count("Artemis:") == 1  # one table: rank 0 reports
+    report = json.loads((tmp_path / "two" / "report.json").read_text())
+    assert report["distributed"]["world_size"] == 2 and report["distributed"]["ranks_identical"] is True
+    assert report["distributed"]["backend"] == "gloo"
+    a = load_file(tmp_path / "one" / "model" / "model.safetensors")
+    b = load_file(tmp_path / "two" / "model" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"differs: {k}"
+    one = json.loads((tmp_path / "one" / "report.json").read_text())
+    assert report["sparsity"] == one["sparsity"] and report["history"][-1]["loss"] == one["history"][-1]["loss"]
+    assert not list(Path(tmp_path / "two").glob("**/*.tmp"))
