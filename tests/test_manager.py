@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from artemis import ConfigError, ModelError, PruningStateError, create_pruning_manager
+from artemis import CheckpointError, ConfigError, ModelError, PruningStateError, create_pruning_manager
 from artemis.pruning import PruningConfig, PruningManager
 from tests.fixtures import lm_batch, tiny_gpt2, tiny_llama
 
@@ -389,3 +389,28 @@ def test_sparsegpt_with_magnitude_reads_the_batches_without_a_false_warning(capl
         mgr.apply_pruning(0.5, calibration_data=[lm_batch(seed=s) for s in range(2)])
     assert "gathers no statistics" not in caplog.text  # the batches were used, by the reconstruction
     assert mgr.last_reconstruction["layers"] == len(mgr.method.targets)
+
+
+def test_load_state_dict_refuses_another_config_naming_the_fields():
+    import torch.nn as nn
+
+    def make(final, packed=False):
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
+        cfg = {"pruning": {"final_sparsity": final, "targets": ["*"], "pruning_interval": 1, "packed_masks": packed}}
+        return create_pruning_manager(cfg, net, total_steps=10), net
+
+    saved, saved_net = make(0.9)
+    for _ in range(6):
+        saved.step()
+    state = saved.state_dict()
+    other, net = make(0.3, packed=True)  # packed_masks differs too, but only in storage: not named
+    before = {k: p.detach().clone() for k, p in net.named_parameters()}
+    with pytest.raises(
+        CheckpointError,
+        match=r"another configuration \(final_sparsity: 0\.9 \(saved\) vs 0\.3 \(this manager\)\); resume with",
+    ):
+        other.load_state_dict(state)
+    assert all(torch.equal(before[k], p) for k, p in net.named_parameters())  # nothing changed
+    other.load_state_dict(state, strict_config=False)  # asked to override: the saved masks are applied
+    assert all(torch.equal(a, b) for a, b in zip(net.parameters(), saved_net.parameters()))

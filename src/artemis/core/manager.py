@@ -660,14 +660,41 @@ class PruningManager:
         }
 
     @torch.no_grad()
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore a :meth:`state_dict`; masks are re-applied to the weights."""
+    def load_state_dict(self, state: Mapping[str, Any], *, strict_config: bool = True) -> None:
+        """Restore a :meth:`state_dict`; masks are re-applied to the weights.
+
+        Args:
+            state: a :meth:`state_dict`.
+            strict_config: refuse a state saved with another pruning configuration (the
+                message names the fields that differ); ``False`` loads it anyway, and the
+                schedule and masks then continue under this manager's configuration.
+
+        Raises:
+            CheckpointError: another format version, another configuration (with
+                ``strict_config``), masks that do not fit this model, or a finalized state.
+        """
         self._check_active("load_state_dict")
         version = state.get("format_version")
         if version != STATE_FORMAT_VERSION:
             raise CheckpointError(
                 f"pruning state has format_version {version!r}; this Artemis reads version {STATE_FORMAT_VERSION}"
             )
+        saved_config = state.get("config")
+        if strict_config and isinstance(saved_config, Mapping):
+            mine = self.config.model_dump()
+            # how masks are stored and the step count the state carries itself do not change the result
+            ignored = {"packed_masks", "total_steps"}
+            differ = sorted(
+                k for k in set(mine) | set(saved_config) if k not in ignored and mine.get(k) != saved_config.get(k)
+            )
+            if differ:
+                shown = "; ".join(
+                    f"{k}: {saved_config.get(k)!r} (saved) vs {mine.get(k)!r} (this manager)" for k in differ
+                )
+                raise CheckpointError(
+                    f"pruning state was saved with another configuration ({shown}); resume with the same "
+                    "pruning config, or pass load_state_dict(state, strict_config=False) to load it anyway"
+                )
         masks = state.get("masks", {})
         unknown = sorted(set(masks) - set(self._params))
         if unknown:
