@@ -456,3 +456,24 @@ def test_torchrun_two_processes_match_one_process(tiny, tmp_path):
     one = json.loads((tmp_path / "one" / "report.json").read_text())
     assert report["sparsity"] == one["sparsity"] and report["history"][-1]["loss"] == one["history"][-1]["loss"]
     assert not list(Path(tmp_path / "two").glob("**/*.tmp"))
+
+
+@pytest.mark.parametrize("command", [["prune"], ["export", "some-model-dir"], ["sweep"]])
+def test_bad_output_fails_before_torch_is_imported(tmp_path, command):
+    """A fresh process refuses a file-shaped --output before it imports torch (which alone
+    takes seconds), so the error comes at once."""
+    import subprocess
+    import sys
+
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    code = (
+        "import sys\nfrom artemis.cli import main\n"
+        f"rc = main({command + ['-o', str(afile)]!r})\n"
+        "print(rc, 'torch' in sys.modules)\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert run.stdout.split() == ["2", "False"]
+    assert run.stderr.strip().splitlines() == [
+        f"artemis: error: --output {str(afile)!r} is a file, not a folder; choose a folder path"
+    ]

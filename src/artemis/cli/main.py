@@ -317,6 +317,8 @@ def _cmd_prune(args: argparse.Namespace) -> int:
 
     from rich.console import Console
 
+    if args.output:  # before the config is read (which imports torch): a bad path fails at once
+        workflows.check_output_writable(Path(args.output))
     cfg = _load_config(args)
     out = _output_dir(args, cfg, "artemis-output")
     workflows.check_output_writable(out)  # before the model loads: fail in a second, not after training
@@ -362,11 +364,11 @@ def _parse_sparsities(text: str) -> list[float]:
 def _cmd_sweep(args: argparse.Namespace) -> int:
     from rich.console import Console
 
+    out = Path(args.output) if args.output else None
+    if out is not None:  # before the config is read (which imports torch)
+        workflows.check_output_writable(out)
     cfg = _load_config(args)
     levels = _parse_sparsities(args.sparsities)
-    out = Path(args.output) if args.output else None
-    if out is not None:
-        workflows.check_output_writable(out)
     res = workflows.run_sweep(cfg, levels, args.threshold, out, plots=not args.no_plots)
     rows = [("0 (dense)", f"{res['dense']['quality']:.4f}", "", f"{res['dense']['latency_ms']:.2f}")]
     rows += [
@@ -408,6 +410,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
+    workflows.check_output_writable(Path(args.output))  # before anything is imported or loaded
     path = workflows.run_export(Path(args.model_dir), Path(args.output), args.quantize, args.export_format)
     print(f"exported to {path} ({workflows.disk_mib(Path(path)):.1f} MiB of weights)")
     return 0

@@ -59,11 +59,8 @@ Example:
 
 from __future__ import annotations
 
-import importlib.abc
-import importlib.machinery
 import logging
 import os
-import sys
 import threading
 from pathlib import Path
 from typing import Any, Optional
@@ -71,6 +68,7 @@ from typing import Any, Optional
 import torch
 import torch.nn as nn
 
+from artemis import _transformers_hook
 from artemis.core.errors import CheckpointError
 from artemis.sparse.checkpoint import MARKER_PREFIX, QUANT_METHOD
 
@@ -88,50 +86,17 @@ logger = logging.getLogger(__name__)
 #: values of ``sparse_backend`` (``ArtemisQuantizationConfig`` / ``ARTEMIS_SPARSE_BACKEND``)
 SPARSE_BACKENDS = ("dense", "csr", "bitmask", "auto")
 ENV_SPARSE_BACKEND = "ARTEMIS_SPARSE_BACKEND"
-_TARGET = "transformers.quantizers.auto"
 _PARTS = ("compressed", "bitmask", "shape", "row_offsets")
 _lock = threading.RLock()
 _classes: dict[str, Any] = {}
 
 
 # ------------------------------------------------------------------ install
-class _HookLoader(importlib.abc.Loader):
-    """Runs the real loader, then registers the plugin."""
-
-    def __init__(self, loader: Any) -> None:
-        self.loader = loader
-
-    def create_module(self, spec: Any) -> Any:
-        return self.loader.create_module(spec)
-
-    def exec_module(self, module: Any) -> None:
-        self.loader.exec_module(module)
-        try:
-            register()
-        except Exception as exc:  # never break `import transformers` because of the plugin
-            logger.warning("artemis: registering the transformers quantizer failed: %s", exc)
-
-
-class _PostImportFinder(importlib.abc.MetaPathFinder):
-    def find_spec(self, fullname: str, path: Any, target: Any = None) -> Any:
-        if fullname != _TARGET:
-            return None
-        spec = importlib.machinery.PathFinder.find_spec(fullname, path)
-        if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
-            return spec
-        spec.loader = _HookLoader(spec.loader)
-        return spec
-
-
 def install() -> None:
     """Register the ``artemis`` quantizer now if transformers' quantizer registry is
-    imported, else as soon as it is (``import artemis`` calls this; cheap, idempotent)."""
-    with _lock:
-        if _TARGET in sys.modules:
-            register()
-            return
-        if not any(isinstance(f, _PostImportFinder) for f in sys.meta_path):
-            sys.meta_path.insert(0, _PostImportFinder())
+    imported, else as soon as it is (``import artemis`` does this through
+    :mod:`artemis._transformers_hook`; cheap, idempotent)."""
+    _transformers_hook.install()
 
 
 def register() -> Any:
@@ -159,8 +124,7 @@ def register() -> Any:
         if isinstance(types, tuple) and config_cls not in types:
             auto.LOADING_ATTRIBUTES_CONFIG_TYPES = (*types, config_cls)
         _classes.update(config=config_cls, quantizer=quantizer_cls)
-        for f in [f for f in sys.meta_path if isinstance(f, _PostImportFinder)]:
-            sys.meta_path.remove(f)
+        _transformers_hook.uninstall()
         return quantizer_cls
 
 
@@ -263,6 +227,12 @@ def _build_classes() -> tuple[type, type]:
             self.meta, algo = read_export_meta(root, verify=True)  # config.json always, tensors if verify
             if verify:
                 _verify_tensors(root / WEIGHTS_NAME, self.meta, algo)
+            if self.meta.get("sparse_tensors"):
+                raise CheckpointError(
+                    f"{root}: this folder stores fused Mixture-of-Experts weights in the bitmask layout "
+                    f"(for example {next(iter(self.meta['sparse_tensors']))!r}), which from_pretrained cannot decode "
+                    "yet; load it with artemis.load_pruned(folder), or save with save_pruned(..., format='dense')"
+                )
             names = dict(model.named_modules())
             prefix = getattr(model, "base_model_prefix", "") or ""
 
