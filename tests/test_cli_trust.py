@@ -477,3 +477,34 @@ def test_bad_output_fails_before_torch_is_imported(tmp_path, command):
     assert run.stderr.strip().splitlines() == [
         f"artemis: error: --output {str(afile)!r} is a file, not a folder; choose a folder path"
     ]
+
+
+@pytest.mark.slow
+def test_default_prune_output_reads_with_sentence_transformers_at_the_reported_cosine(minilm_dir, tmp_path):
+    """The default run (the real MiniLM, shortened) writes a folder that SentenceTransformer
+    reads after ``import artemis``, with its pooling and normalisation, and whose embeddings
+    give the cosine the report states."""
+    import json
+
+    import torch.nn.functional as F
+    from sentence_transformers import SentenceTransformer
+
+    from artemis.cli import main
+    from artemis.cli.workflows import _texts
+    from artemis.train.run_config import load_run_config
+
+    out = tmp_path / "run"
+    args = ["prune", "--steps", "4", "--eval-texts", "24", "--max-length", "32", "--batch-size", "4"]
+    assert main(args + ["--set", "evaluation.latency_rounds=1", "-q", "--no-plots", "-o", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    st = SentenceTransformer(str(out / "model"), device="cpu")
+    assert [type(m).__name__ for m in st] == ["Transformer", "Pooling", "Normalize"]
+    dense = SentenceTransformer(str(minilm_dir), device="cpu")
+    st.max_seq_length = dense.max_seq_length = 32
+    texts = _texts(load_run_config(report["config"]))[1][:24]
+    a = st.encode(texts, convert_to_tensor=True)
+    b = dense.encode(texts, convert_to_tensor=True)
+    assert torch.allclose(a.norm(dim=-1), torch.ones(len(texts)), atol=1e-5)
+    cosine = float(F.cosine_similarity(a, b, dim=-1).mean())
+    assert cosine == pytest.approx(report["quality"]["pruned"], abs=2e-4)
+    assert report["quality"]["metric"] == "embedding_cosine_vs_dense" and report["quality"]["pruned"] < 1.0
