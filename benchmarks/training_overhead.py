@@ -2,7 +2,7 @@
 
 Trains the same small randomly initialised Llama (AdamW, batch 8 × 128 tokens) for
 ``--steps`` steps without and with a ``magnitude_progressive`` manager
-(``pruning_interval=50``, the seed's loop: ``step()``, ``apply_mask_to_gradients()``,
+(``pruning_interval=50``, the specification's loop: ``step()``, ``apply_mask_to_gradients()``,
 then ``optimizer.step()``), alternating A/B/A/B runs in one process, and reports
 steps/s of each and the overhead ratio.
 

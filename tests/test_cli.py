@@ -319,7 +319,7 @@ def test_bad_flag_value_is_a_one_line_error(capsys):
 
 
 def test_prune_runs_the_seed_combined_config(tmp_path):
-    """The seed's combined form (pruning + Hybrid LoRA-Adapter + Efficiency-Transformer) end to end
+    """The specification's combined form (pruning + Hybrid LoRA-Adapter + Efficiency-Transformer) end to end
     on a 4-block tiny Llama (``load_in_8bit: false``: no 8-bit backend on a CPU machine)."""
     import yaml
 
@@ -388,7 +388,7 @@ def test_multi_process_sweep_is_refused_before_any_work(models_dir, tmp_path, ca
     ],
 )
 def test_prune_with_sparsegpt_or_owl_gets_calibration_batches(models_dir, tmp_path, extra):
-    # one-shot and progressive: both need batches at every pruning event (issue 9), which the
+    # one-shot and progressive: both need batches at every pruning event, which the
     # command builds from data.calibration_texts training texts
     for steps in ("0", "4"):
         out = tmp_path / f"run{steps}"

@@ -76,7 +76,7 @@ def test_gpt2_tied_embeddings_stay_tied(tmp_path):
 
 def test_stored_layout_is_compressed_tensors_bitmask(tmp_path):
     model, mgr = _pruned("llama")
-    model.pruning_manager = mgr  # the seed attaches the manager: save_pruned finds it
+    model.pruning_manager = mgr  # the specification attaches the manager: save_pruned finds it
     save_pruned(model, tmp_path)
     from safetensors.torch import load_file
 

@@ -366,7 +366,7 @@ def test_unknown_finetuning_method_and_keys():
 
 # ---------------------------------------------------------------- the combined configuration
 def test_combined_configuration_end_to_end():
-    """The seed's combined configuration on a 4-block Llama, with distillation, through a
+    """The specification's combined configuration on a 4-block Llama, with distillation, through a
     minimal training loop: sparsity through training and merge, frozen layers unchanged,
     shared layers tied. ``load_in_8bit`` is switched off: this machine has no 8-bit backend
     (the error is pinned in test_load_in_8bit_without_backend)."""

@@ -1,4 +1,4 @@
-"""The core manager: the seed loop verbatim, exactness, optimizer state, errors, resume."""
+"""The core manager: the specification's loop verbatim, exactness, optimizer state, errors, resume."""
 
 import json
 
