@@ -683,3 +683,18 @@ def test_hessian_is_not_shared_when_the_input_changes_in_place_between_layers():
     assert results[True][1]["shared_hessians"] == 0  # the version counter moved: no sharing
     for key, w in results[True][0].items():
         assert torch.equal(w, results[False][0][key]), key
+
+
+def test_apply_pruning_takes_its_sparsity_from_the_pattern():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(8, 4))
+    mgr = create_pruning_manager({"pruning": {"pattern": "2:4", "targets": ["*"]}}, net)
+    mgr.apply_pruning()  # no sparsity: the pattern's 0.5
+    w = net[0].weight.detach().reshape(4, 2, 4)
+    assert ((w == 0).sum(-1) == 2).all()
+    with pytest.raises(ConfigError, match=r"sparsity 0\.6 is not reachable with pattern '2:4'.*are 0, 0\.25, 0\.5"):
+        mgr.apply_pruning(0.6)
+    mgr.apply_pruning(0.5)  # the same value is accepted
+    plain = create_pruning_manager({"pruning": {"targets": ["*"]}}, nn.Sequential(nn.Linear(8, 4)))
+    with pytest.raises(ConfigError, match=r"apply_pruning needs a sparsity .* only an N:M pattern"):
+        plain.apply_pruning()

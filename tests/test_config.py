@@ -153,3 +153,18 @@ def test_a_bad_method_option_assignment_is_refused_and_undone():
     assert cfg.owl_lambda == 0.1
     with pytest.raises(ValidationError, match="unknown key 'owl_lamda'"):
         cfg.owl_lamda = 0.1
+
+
+@pytest.mark.parametrize(
+    "section, key",
+    [
+        ({"final_sparsity": True}, "final_sparsity"),
+        ({"sparsity_target": True}, "sparsity_target"),
+        ({"pruning_interval": False}, "pruning_interval"),
+        ({"owl_lambda": True}, "owl_lambda"),
+    ],
+)
+def test_booleans_are_not_numbers(section, key):
+    value = next(iter(section.values()))
+    with pytest.raises(ConfigError, match=rf"pruning: {key} must be a number, got {value}"):
+        load_pruning_config({"pruning": section})

@@ -43,7 +43,7 @@ import difflib
 import importlib
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping, Optional, Sequence, TypeVar, Union
+from typing import TYPE_CHECKING, Any, Mapping, Optional, Sequence, TypeVar, Union, get_args
 
 import yaml
 from pydantic import (
@@ -156,6 +156,23 @@ def _check_unknown_keys(model_cls: type[BaseModel], data: Any, more: Sequence[st
             raise ValueError(f"unknown key {key!r}{hint}. Valid keys: {', '.join(sorted(known))}")
 
 
+def _is_number_type(annotation: Any) -> bool:
+    if annotation in (int, float):
+        return True
+    args = get_args(annotation)
+    return bool(args) and all(a in (int, float, type(None)) for a in args) and any(a in (int, float) for a in args)
+
+
+def _check_no_bool_numbers(model_cls: type[BaseModel], data: Any) -> None:
+    """``final_sparsity: true`` is a mistake, not 1.0: refuse booleans for number fields."""
+    if not isinstance(data, Mapping):
+        return
+    for name, field in model_cls.model_fields.items():
+        for key in {name, field.alias} - {None}:
+            if isinstance(data.get(key), bool) and _is_number_type(field.annotation):
+                raise ValueError(f"{key} must be a number, got {data[key]!r}")
+
+
 class ConfigSection(BaseModel):
     """Base of every config section (here, in :mod:`artemis.train.run_config` and
     :mod:`artemis.finetune.config`): unknown keys fail with a "did you mean" hint and the
@@ -167,6 +184,7 @@ class ConfigSection(BaseModel):
     @classmethod
     def _unknown_keys(cls, data: Any) -> Any:
         _check_unknown_keys(cls, data)
+        _check_no_bool_numbers(cls, data)
         return data
 
 
@@ -315,11 +333,16 @@ class PruningConfig(ConfigSection):
     @classmethod
     def _unknown_keys(cls, data: Any) -> Any:
         _check_unknown_keys(cls, data, more=list(_option_keys()))
+        _check_no_bool_numbers(cls, data)
         return data
 
     @model_validator(mode="before")
     @classmethod
     def _aliases_and_pattern(cls, data: Any) -> Any:
+        if isinstance(data, Mapping) and "importance_metric" not in data and data.get("method") in METHODS:
+            default = getattr(METHODS.get(data["method"]), "default_metric", None)
+            if default is not None:  # a method scoring its own units names its default metric
+                data = {**data, "importance_metric": default}
         if (
             isinstance(data, Mapping)
             and data.get("pattern") is not None

@@ -397,17 +397,29 @@ class PruningManager:
             raise ConfigError(f"sparsity must be a number in [0, 1), got {sparsity!r}")
         return float(sparsity)
 
+    def _one_shot_sparsity(self, sparsity: Optional[float]) -> float:
+        """The sparsity of a one-shot prune: ``sparsity`` (the method checks it against an N:M
+        pattern), or, when None, the one the config's N:M pattern fixes."""
+        if sparsity is not None:
+            return self._check_sparsity(sparsity)
+        if self.config.nm_pattern is None:
+            raise ConfigError(
+                "apply_pruning needs a sparsity (a number in [0, 1)); only an N:M pattern in the config fixes it"
+            )
+        n, m = self.config.nm_pattern
+        return (m - n) / m
+
     def apply_magnitude_pruning(self, sparsity: float) -> None:
         """Prune now, one-shot, to ``sparsity`` by weight magnitude (whatever the configured
         metric), with the configured method and scope."""
         self._check_active("apply_magnitude_pruning")
-        s = self._check_sparsity(sparsity)
+        s = self._one_shot_sparsity(sparsity)
         self._check_calibration_data()  # e.g. reconstruction / OWL need batches
         self._prune(self.method.one_shot_target_fn(s), METRICS.get("magnitude")())
 
     def apply_pruning(
         self,
-        sparsity: float,
+        sparsity: Optional[float] = None,
         calibration_data: Optional[Iterable] = None,
         *,
         loss_fn: Optional[Callable[[Any, Any], Tensor]] = None,
@@ -416,7 +428,9 @@ class PruningManager:
         """Prune now, one-shot, to ``sparsity`` with the configured method and metric.
 
         Args:
-            sparsity: fraction of the method's units to prune, in [0, 1).
+            sparsity: fraction of the method's units to prune, in [0, 1). With an N:M
+                ``pattern`` it may be omitted (the pattern fixes it: 0.5 for 2:4) and must
+                otherwise be a whole number of weights per group (0, 0.25 or 0.5 for 2:4).
             calibration_data: batches streamed through the model first (see
                 :meth:`calibrate`) for metrics that need statistics; without it the
                 statistics gathered so far (training steps, an earlier ``calibrate``) are used.
@@ -428,7 +442,7 @@ class PruningManager:
             CalibrationError: the metric has no statistics, or the data is malformed.
         """
         self._check_active("apply_pruning")
-        s = self._check_sparsity(sparsity)
+        s = self._one_shot_sparsity(sparsity)
         if calibration_data is not None and self._needs_calibration_data():
             calibration_data = self.set_calibration_data(calibration_data)
         self._check_calibration_data()
