@@ -95,10 +95,11 @@ def test_method_options_keep_their_flat_keys_and_defaults():
 def test_method_options_are_owned_by_their_method():
     from artemis.methods import METHODS
     from artemis.methods.owl import OWLOptions
+    from artemis.methods.pipeline_options import OneShotOptions
     from artemis.methods.sparsegpt import SparseGPTOptions
     from artemis.methods.structured import StructuredOptions
 
-    assert METHODS.get("magnitude_progressive").options_models == (SparseGPTOptions, OWLOptions)
+    assert METHODS.get("magnitude_progressive").options_models == (SparseGPTOptions, OWLOptions, OneShotOptions)
     assert METHODS.get("structured_sparsity").options_models == (StructuredOptions,)
     cfg = load_pruning_config({"pruning": {"method": "structured_sparsity", "structured_units": ["mlp_neurons"]}})
     assert cfg.method_options(StructuredOptions).structured_units == ["mlp_neurons"]

@@ -240,7 +240,13 @@ def test_metric_options_validated():
         ConfigError, match=r"accumulator_dtype: Input should be 'float32', 'bfloat16' or 'float16' \(got 'int8'\)"
     ):
         _mgr(_linear(torch.ones(2, 2)), "gradient_sensitivity", metric_options={"accumulator_dtype": "int8"})
-    with pytest.raises(ConfigError, match="importance_metric 'activation' takes no metric_options"):
+    with pytest.raises(ConfigError, match="importance_metric 'magnitude' takes no metric_options"):
+        _mgr(_linear(torch.ones(2, 2)), "magnitude", metric_options={"x": 1})
+    with pytest.raises(  # activation's options concern fused MoE experts (docs/moe.md)
+        ConfigError,
+        match=r"unknown option 'x' for importance_metric 'activation'; valid: 'calibrate_all_experts', "
+        r"'expert_weighting'",
+    ):
         _mgr(_linear(torch.ones(2, 2)), "activation", metric_options={"x": 1})
 
 

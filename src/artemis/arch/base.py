@@ -65,6 +65,9 @@ class ArchitectureAdapter:
     name: ClassVar[str] = "base"
     model_types: ClassVar[tuple[str, ...]] = ()
     block_paths: ClassVar[tuple[str, ...]] = ()
+    #: how the family's MoE router turns logits into top-k weights (see
+    #: :mod:`artemis.arch.moe`); None: expert removal is not supported
+    moe_routing: ClassVar[Optional[str]] = None
 
     def __init__(self) -> None:
         self.model: Optional[nn.Module] = None

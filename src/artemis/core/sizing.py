@@ -11,6 +11,8 @@ in the ``sparse-bitmask`` layout of compressed-tensors that ``artemis.sparse.che
 * ``<module>.shape`` — the dense shape, one int64 per dimension;
 
 and, for an int8 layer, ``<module>.weight_scale``: one float32 per output channel.
+A fused Mixture-of-Experts weight ``(experts, rows, cols)`` is stored as its 2-D reshape
+``(experts·rows, cols)`` (its 3-D shape goes to the export's JSON metadata).
 A candidate weight is stored sparse only when that is smaller than storing it dense
 (:func:`stored_weight_bytes` decides, for the summary and the exporter alike); every
 other tensor stays dense. This is the number ``model_size_reduction`` reports, so it
@@ -68,6 +70,8 @@ def dense_tensor_bytes(t: Tensor) -> int:
 
 
 def _rows_cols(shape: torch.Size) -> tuple[int, int]:
+    if len(shape) >= 3:  # fused experts: stored as (experts·rows, cols)
+        return int(math.prod(shape[:-1])), int(shape[-1])
     if len(shape) == 0:
         return 1, 1
     if len(shape) == 1:
@@ -91,7 +95,7 @@ def sparse_tensor_bytes(t: Tensor, *, value_bytes: Optional[int] = None, nnz: Op
     if nnz is None:
         nnz = int(torch.count_nonzero(t))
     vb = t.element_size() if value_bytes is None else value_bytes
-    return nnz * vb + rows * math.ceil(cols / 8) + ROW_OFFSET_BYTES * rows + SHAPE_ENTRY_BYTES * max(t.dim(), 1)
+    return nnz * vb + rows * math.ceil(cols / 8) + ROW_OFFSET_BYTES * rows + SHAPE_ENTRY_BYTES * min(max(t.dim(), 1), 2)
 
 
 def _check_quantize(quantize: Optional[str]) -> None:
@@ -101,7 +105,8 @@ def _check_quantize(quantize: Optional[str]) -> None:
 
 def stores_sparse(t: Tensor, *, quantize: Optional[str] = None, nnz: Optional[int] = None) -> bool:
     """True when the exporter stores candidate weight ``t`` in the bitmask layout: it is
-    2-D and that layout is smaller than the dense one (at int8 when ``quantize="int8"``).
+    2-D (or a 3-D fused-experts weight, stored as ``(experts·rows, cols)``) and that
+    layout is smaller than the dense one (at int8 when ``quantize="int8"``).
 
     Example:
         >>> import torch
@@ -109,7 +114,7 @@ def stores_sparse(t: Tensor, *, quantize: Optional[str] = None, nnz: Optional[in
         (False, True)
     """
     _check_quantize(quantize)
-    if t.dim() != 2:
+    if t.dim() not in (2, 3):
         return False
     vb = 1 if (quantize == "int8" or t.dtype == torch.int8) else t.element_size()
     if nnz is None:
@@ -137,6 +142,8 @@ def stored_weight_bytes(
     _check_quantize(quantize)
     if nnz is None:
         nnz = int(torch.count_nonzero(t))
+    if t.dim() == 3:  # fused experts are never quantized by the exporter
+        quantize = None
     if quantize == "int8" and t.dtype != torch.int8:
         q = t.t() if transposed and t.dim() == 2 else t  # only its shape is used
         vb = 1

@@ -12,6 +12,7 @@ Example:
 """
 
 from artemis.methods.base import METHODS, MethodOptions, PruningMethod, TargetFn
+from artemis.methods.expert_pruning import ExpertPruningMethod
 from artemis.methods.layer_dropout import LayerDropoutMethod
 from artemis.methods.structured import StructuredMethod
 from artemis.methods.unstructured import UnstructuredMethod
@@ -24,4 +25,5 @@ __all__ = [
     "UnstructuredMethod",
     "StructuredMethod",
     "LayerDropoutMethod",
+    "ExpertPruningMethod",
 ]

@@ -95,6 +95,8 @@ class PruningMethod:
             refuses sharded models.
         supported_metrics: metric names the method accepts; None means every registered
             metric (``layer_dropout`` scores whole layers and lists its own).
+        default_metric: the ``importance_metric`` used when the config does not name one
+            (None: the config's default, ``magnitude``).
         options_models: the :class:`MethodOptions` models of the config keys the method
             owns; a non-default value of another method's options fails validation.
         supports_pattern: True when the method takes the config's N:M ``pattern``.
@@ -169,6 +171,7 @@ class PruningMethod:
     structural: ClassVar[bool] = False
     supports_sharded_params: ClassVar[bool] = False
     supported_metrics: ClassVar[Optional[tuple[str, ...]]] = None
+    default_metric: ClassVar[Optional[str]] = None
     options_models: ClassVar[tuple[type[MethodOptions], ...]] = ()
     supports_pattern: ClassVar[bool] = False
 

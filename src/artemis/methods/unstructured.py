@@ -21,12 +21,21 @@ Under FSDP2 each rank scores and masks its local shards; ``global`` and ``layer`
 thresholds are found with collectives over the shards (only histograms travel), and
 ``row`` needs whole rows on each rank (dim-0 sharding of an ``(out, in)`` weight).
 
+Fused Mixture-of-Experts weights (one 3-D target per ``gate_up_proj``/``down_proj``, see
+:mod:`artemis.core.targets`) are pruned with every expert's matrix as a layer: ``scope:
+layer`` prunes each expert matrix to the target, ``row`` each output row of each expert,
+N:M groups run along each expert matrix's input dimension, and ``global`` ranks them with
+everything else. ``scope: owl`` and ``reconstruction: sparsegpt`` do not support them yet
+and raise :class:`~artemis.core.errors.ConfigError` at manager creation (exclude the
+experts, or use another scope).
+
 Weights pruned at an earlier event stay pruned (their scores are zeroed before the
 next threshold is found), so masks only ever shrink during a run.
 """
 
 from __future__ import annotations
 
+import logging
 from collections import OrderedDict
 from typing import Any, Callable, Mapping, Optional
 
@@ -36,13 +45,16 @@ from torch import Tensor
 from artemis.core.distributed import ShardLayout, local_tensor
 from artemis.core.errors import CalibrationError, ConfigError, ModelError
 from artemis.core.masks import count_to_prune, global_masks, layer_mask, nm_masks, row_masks
-from artemis.core.targets import PrunableTarget, find_targets, match_pattern
+from artemis.core.targets import PrunableTarget, coverage_report, find_targets
 from artemis.methods.base import METHODS, PruningMethod, TargetFn
 from artemis.methods.owl import OWLOptions, allocate_counts, collect_input_norms, outlier_ratio, owl_sparsities
+from artemis.methods.pipeline_options import OneShotOptions
 from artemis.methods.sparsegpt import SparseGPTOptions, reconstruct_layers
 from artemis.metrics.base import ImportanceMetric
 
 __all__ = ["UnstructuredMethod", "rows_count_mask"]
+
+logger = logging.getLogger(__name__)
 
 
 def rows_count_mask(scores: Tensor, count: int) -> Tensor:
@@ -73,7 +85,7 @@ class UnstructuredMethod(PruningMethod):
     name = "magnitude_progressive"
     supports_sharded_params = True
     supports_pattern = True
-    options_models = (SparseGPTOptions, OWLOptions)
+    options_models = (SparseGPTOptions, OWLOptions, OneShotOptions)
 
     def setup(self) -> None:
         cfg = self.config
@@ -83,12 +95,31 @@ class UnstructuredMethod(PruningMethod):
             exclude=cfg.exclude,
             block_prefixes=self.adapter.block_prefixes() if self.adapter.blocks is not None else None,
         )
-        self.finals = {t.key: self.resolve_sparsity(t.name) for t in self.targets}
+        self.finals = {t.key: self._resolve(t) for t in self.targets}
         self.last_layer_sparsity: dict[str, float] = {}
         self.owl_ratios: dict[str, float] = {}
         self.last_reconstruction: Optional[dict[str, Any]] = None
+        experts = [t.key for t in self.targets if t.experts]
+        if experts and (cfg.scope == "owl" or cfg.reconstruction != "none"):
+            option = "scope: owl" if cfg.scope == "owl" else f"reconstruction: {cfg.reconstruction}"
+            raise ConfigError(
+                f"{option} does not support fused Mixture-of-Experts weights yet ({len(experts)} targets, for "
+                f"example {experts[0]!r}); exclude them (pruning.exclude: ['*.experts']) or use scope "
+                "'global'/'layer'/'row' without reconstruction"
+            )
+        if self.adapter.blocks is not None and cfg.targets is None:
+            for index, share, names in coverage_report(self.model, self.targets, self.adapter.block_prefixes()):
+                shown = ", ".join(names[:6]) + (f" and {len(names) - 6} more" if len(names) > 6 else "")
+                logger.warning(
+                    "pruning targets leave out %.1f%% of the matrix parameters of block %d: %s "
+                    "(excluded by pruning.exclude, routers, or not a prunable layer type); the summary's "
+                    "sparsity counts only the targets",
+                    100 * share,
+                    index,
+                    shown,
+                )
         for pattern in cfg.layer_sparsity:
-            if not any(match_pattern(pattern, t.name) for t in self.targets):
+            if not any(t.matches(pattern) for t in self.targets):
                 raise ModelError(
                     f"pruning.layer_sparsity: pattern {pattern!r} matches none of the "
                     f"{len(self.targets)} prunable modules (for example {self.targets[0].name!r})"
@@ -102,6 +133,14 @@ class UnstructuredMethod(PruningMethod):
                         f"pruning.pattern {cfg.pattern!r}: layer {t.name} has weight (out, in) = {shape}; "
                         f"its in_features must divide by {m}. Exclude it (pruning.exclude) or use another pattern"
                     )
+
+    def _resolve(self, t: PrunableTarget) -> Optional[float]:
+        """The ``layer_sparsity`` override of target ``t`` (its module name, or for fused
+        experts its parameter key), if any (first match wins)."""
+        for pattern, s in self.config.layer_sparsity.items():
+            if t.matches(pattern):
+                return s
+        return None
 
     def one_shot_target_fn(self, sparsity: float) -> TargetFn:
         """As the base class; with an N:M pattern the sparsity must be k/M for k <= M-N."""
@@ -118,6 +157,12 @@ class UnstructuredMethod(PruningMethod):
 
     def check_sharding(self, layout: ShardLayout, metric: ImportanceMetric) -> None:
         cfg = self.config
+        sharded_experts = [t.key for t in self.targets if t.experts and layout.is_sharded(t.key)]
+        if sharded_experts:
+            raise ModelError(
+                f"fused Mixture-of-Experts weights sharded by FSDP2 are not supported yet ({sharded_experts[0]}); "
+                "exclude them (pruning.exclude: ['*.experts']) or prune on an unsharded model"
+            )
         if any(layout.is_sharded(t.key) for t in self.targets) and (
             cfg.pattern is not None or cfg.reconstruction != "none" or cfg.scope == "owl"
         ):
@@ -200,14 +245,17 @@ class UnstructuredMethod(PruningMethod):
                         if layout is not None and layout.is_sharded(t.key):
                             fn = self._score_fn(t, metric, previous)
                             masks[t.key] = global_masks([fn], [t.numel], sparsity, collective=layout.collective)[0]
+                        elif t.experts:  # every expert matrix is a layer
+                            scores = self._score_fn(t, metric, previous)()
+                            masks[t.key] = torch.stack([layer_mask(scores[e], sparsity) for e in range(t.experts)])
                         else:
                             masks[t.key] = layer_mask(self._score_fn(t, metric, previous)(), sparsity)
                 elif scope == "row":
                     for t in targets:
                         scores = self._score_fn(t, metric, previous)()
-                        if scores.dim() != 2:
+                        if scores.dim() != (3 if t.experts else 2):
                             raise ValueError(f"scope 'row' needs 2-D weights; {t.key} is {tuple(scores.shape)}")
-                        masks[t.key] = t.rows_view(row_masks(t.rows_view(scores), sparsity)).contiguous()
+                        masks[t.key] = t.from_rows(row_masks(t.rows_view(scores), sparsity)).contiguous()
                 else:  # validated by the config; kept for custom configs
                     raise ValueError(f"unknown scope {scope!r}; valid: 'global', 'layer', 'row', 'owl'")
         return masks
@@ -224,7 +272,7 @@ class UnstructuredMethod(PruningMethod):
             if k == 0:
                 masks[t.key] = torch.ones(scores.shape, dtype=torch.bool, device=scores.device)
                 continue
-            masks[t.key] = t.rows_view(nm_masks(t.rows_view(scores), m - k, m)).contiguous()
+            masks[t.key] = t.from_rows(nm_masks(t.rows_view(scores), m - k, m)).contiguous()
         self.last_layer_sparsity = {t.key: k / m for t in self.targets}
         return masks
 
@@ -275,7 +323,7 @@ class UnstructuredMethod(PruningMethod):
                 c = max(c, int((~old).sum()))
             scores = self._score_fn(t, metric, previous)()
             if metric.default_scope == "row" and scores.dim() == 2:  # Wanda-like metrics: per row
-                masks[t.key] = t.rows_view(rows_count_mask(t.rows_view(scores), c)).contiguous()
+                masks[t.key] = t.from_rows(rows_count_mask(t.rows_view(scores), c)).contiguous()
             else:
                 masks[t.key] = layer_mask(scores, c / t.numel)
             self.last_layer_sparsity[t.key] = c / t.numel

@@ -26,6 +26,14 @@ on a common scale, but layers whose inputs have large norms (for example the MLP
 down-projection after a wide activation) keep more of their weights. ``scope: layer``
 ranks each weight matrix on its own.
 
+Fused Mixture-of-Experts weights (3-D ``(experts, out, in)`` targets) get one ``‖X_j‖₂`` per
+expert from the tokens routed to it, weighted by the token's router weight, gathered by
+a pre-hook on the experts module (:class:`artemis.metrics.experts.ExpertInputStats`, which
+works whatever experts implementation transformers dispatches to). ``metric_options:
+{calibrate_all_experts: true}`` sends every calibration token through every expert for
+the statistics (not for the model's output); ``{expert_weighting: uniform}`` counts each
+routed token once, without its router weight.
+
 Example:
     >>> import torch
     >>> activation_scores(torch.tensor([[1.0, -2.0], [3.0, 1.0]]), torch.tensor([4.0, 1.0])).tolist()
@@ -35,18 +43,40 @@ Example:
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator, Mapping, Optional
+from typing import Any, Iterator, Literal, Mapping, Optional
 
 import torch
 import torch.nn as nn
+from pydantic import BaseModel, ConfigDict
 from torch import Tensor
 
 from artemis.core.distributed import all_reduce_sum_, is_dtensor, local_slice, local_tensor
 from artemis.core.errors import CalibrationError
 from artemis.core.targets import PrunableTarget
 from artemis.metrics.base import METRICS, ImportanceMetric
+from artemis.metrics.experts import ExpertInputStats
 
-__all__ = ["ActivationMetric", "activation_scores"]
+__all__ = ["ActivationMetric", "ActivationOptions", "activation_scores"]
+
+
+class ActivationOptions(BaseModel):
+    """``metric_options`` of ``activation`` (they only concern fused MoE experts).
+
+    Attributes:
+        calibrate_all_experts: during calibration, gather every expert's statistics from
+            every token (weight 1), not only from the tokens routed to it.
+        expert_weighting: ``router`` (default): a routed token counts with its router
+            weight squared; ``uniform``: each routed token counts once.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+    calibrate_all_experts: bool = False
+    expert_weighting: Literal["router", "uniform"] = "router"
+
+
+def _sq_shape(t: PrunableTarget) -> tuple[int, ...]:
+    """Shape of the sum of squares kept for target ``t``: ``(in,)``, or ``(experts, in)``."""
+    return (t.experts, t.in_features) if t.experts else (t.in_features,)
 
 
 def activation_scores(weight: Tensor, sq_sum: Tensor, transposed: bool = False) -> Tensor:
@@ -74,6 +104,7 @@ class ActivationMetric(ImportanceMetric):
     name = "activation"
     default_scope = "row"
     needs_activations = True
+    options_model = ActivationOptions
 
     def __init__(self, **options: Any) -> None:
         super().__init__(**options)
@@ -83,14 +114,33 @@ class ActivationMetric(ImportanceMetric):
         self._calibrating = False
         self._token_mask: Optional[Tensor] = None
         self._reduced = False
+        self._experts: Optional[ExpertInputStats] = None
 
     def attach(self, model: nn.Module, targets) -> None:
         super().attach(model, targets)
         modules = dict(model.named_modules(remove_duplicate=False))
+        fused: dict[int, tuple[nn.Module, dict[str, str]]] = {}
         for t in targets:
+            if t.experts:  # fused MoE experts: one pre-hook per experts module
+                fused.setdefault(id(t.module), (t.module, {}))[1][t.param_name] = t.key
+                continue
             for name in [t.name, *t.tied_names]:
                 module = modules.get(name, t.module)
                 self._handles.append(module.register_forward_pre_hook(self._hook(t), with_kwargs=True))
+        if fused:
+            self._experts = ExpertInputStats(
+                self._sq,
+                self._tokens,
+                lambda: (self._calibrating, self._token_mask),
+                all_experts=bool(self.options.get("calibrate_all_experts")),
+                weighting=self.options.get("expert_weighting", "router"),
+            )
+            self._experts.on_update = self._touched
+            for module, keys in fused.values():
+                self._experts.attach(module, keys)
+
+    def _touched(self) -> None:
+        self._reduced = False
 
     def _hook(self, target: PrunableTarget):
         key = target.key
@@ -138,13 +188,15 @@ class ActivationMetric(ImportanceMetric):
         sq = []
         for t in self.targets:
             if t.key not in self._sq:  # every rank must send the same shapes
-                n_in = t.param.shape[0] if t.transposed else t.param.shape[1]
-                self._sq[t.key] = torch.zeros(n_in, dtype=torch.float32, device=local_tensor(t.param).device)
+                self._sq[t.key] = torch.zeros(_sq_shape(t), dtype=torch.float32, device=local_tensor(t.param).device)
             sq.append(self._sq[t.key])
         tokens = torch.tensor([self._tokens.get(t.key, 0) for t in self.targets], dtype=torch.int64)
         all_reduce_sum_([*sq, tokens], group)
-        self._tokens = {t.key: int(n) for t, n in zip(self.targets, tokens.tolist()) if n > 0}
-        self._sq = {k: v for k, v in self._sq.items() if k in self._tokens}
+        counts = {t.key: int(n) for t, n in zip(self.targets, tokens.tolist()) if n > 0}
+        self._tokens.clear()  # in place: the experts' collector writes into these dicts
+        self._tokens.update(counts)
+        for k in [k for k in self._sq if k not in counts]:
+            del self._sq[k]
         self._reduced = True
 
     def tokens_seen(self, key: str) -> int:
@@ -172,19 +224,26 @@ class ActivationMetric(ImportanceMetric):
         if sq is None:
             self.check_ready()
             raise CalibrationError(f"no activation statistics for {target.key}")
+        if target.experts:  # fused MoE experts: each expert's matrix with its own norms
+            w = target.matrices(target.param.detach()).abs().to(torch.float32)  # (experts, out, in)
+            norm = sq.to(device=w.device, dtype=torch.float32).clamp_min(0).sqrt()
+            return target.matrices(w * norm[:, None, :])
         if is_dtensor(target.param):  # FSDP2: score the local shard with its features' norms
             sq = sq[local_slice(target.param, 0 if target.transposed else 1)]
         return activation_scores(local_tensor(target.param), sq, target.transposed)
 
     def reset(self) -> None:
-        self._sq = {}
-        self._tokens = {}
+        self._sq.clear()  # cleared in place: the experts' collector writes into these dicts
+        self._tokens.clear()
         self._reduced = False
 
     def detach(self) -> None:
         for h in self._handles:
             h.remove()
         self._handles = []
+        if self._experts is not None:
+            self._experts.remove()
+            self._experts = None
         self._calibrating = False
         self._token_mask = None
         self.reset()
@@ -203,9 +262,10 @@ class ActivationMetric(ImportanceMetric):
         new: dict[str, Tensor] = {}
         for k, v in sq.items():
             t = known[k]
-            n_in = t.param.shape[0] if t.transposed else t.param.shape[1]
-            if tuple(v.shape) != (n_in,):
-                raise CalibrationError(f"activation state for {k} has shape {tuple(v.shape)}; expected ({n_in},)")
+            if tuple(v.shape) != _sq_shape(t):
+                raise CalibrationError(f"activation state for {k} has shape {tuple(v.shape)}; expected {_sq_shape(t)}")
             new[k] = v.to(device=t.param.device, dtype=torch.float32, copy=True)
-        self._sq = new
-        self._tokens = {k: int(v) for k, v in tokens.items()}
+        self._sq.clear()
+        self._sq.update(new)
+        self._tokens.clear()
+        self._tokens.update({k: int(v) for k, v in tokens.items()})

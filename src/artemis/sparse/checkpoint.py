@@ -72,6 +72,7 @@ from __future__ import annotations
 import errno
 import json
 import logging
+import math
 import os
 import secrets
 import shutil
@@ -182,7 +183,7 @@ def _dtype_name(dt: torch.dtype) -> str:
 # ---------------------------------------------------------------- saving
 def _candidate_weights(model: nn.Module, manager: Any) -> tuple[dict[int, str], Optional[bool]]:
     """``id(weight) -> module name`` of the weights that may be stored sparse."""
-    from artemis.core.targets import is_prunable_module
+    from artemis.core.targets import fused_expert_params, is_prunable_module
     from artemis.sparse.quantization import Int8Linear
 
     names = {id(m): n for n, m in model.named_modules()}
@@ -192,10 +193,14 @@ def _candidate_weights(model: nn.Module, manager: Any) -> tuple[dict[int, str], 
             for t in manager.method.targets:
                 if t.param is p and id(t.module) in names and t.param_name == "weight":
                     out[id(p)] = names[id(t.module)]
+                elif t.param is p and id(t.module) in names and t.experts:  # fused experts: the key
+                    out[id(p)] = f"{names[id(t.module)]}.{t.param_name}"
     else:
         for n, m in model.named_modules():
             if is_prunable_module(m) and m.weight.dim() == 2:
                 out.setdefault(id(m.weight), n)
+            for pn in fused_expert_params(m):
+                out.setdefault(id(getattr(m, pn)), f"{n}.{pn}")
     for n, m in model.named_modules():  # an already-int8 layer is always a candidate
         if isinstance(m, Int8Linear):
             out[id(m.weight)] = n
@@ -503,6 +508,7 @@ def save_pruned(
         "bytes_on_disk": bytes_on_disk,
         "dense_bytes": model_dense_bytes(model),
         "sparse_modules": info["sparse_modules"],
+        "sparse_tensors": info.get("sparse_tensors", []),
         "int8_modules": info["int8_modules"],
         "files": info["files"],
     }
@@ -575,6 +581,7 @@ def _write_compressed(model: nn.Module, out: Path, quantize: Optional[str], mana
     tensors: dict[str, Tensor] = {}
     stored_as: dict[int, str] = {}
     sparse_modules: list[str] = []
+    sparse_tensors: dict[str, list[int]] = {}  # fused MoE experts: key -> 3-D shape
     int8_modules: dict[str, dict[str, Any]] = {}
     zeros = total = 0
 
@@ -614,6 +621,12 @@ def _write_compressed(model: nn.Module, out: Path, quantize: Optional[str], mana
         if id(t) in candidates and t.dim() == 2:
             if store_sparse(candidates[id(t)], t.detach().cpu().contiguous()):
                 continue
+        if id(t) in candidates and t.dim() == 3:  # fused experts: stored as (experts·rows, cols)
+            flat = t.detach().cpu().contiguous().reshape(-1, t.shape[-1])
+            if store_sparse(name, flat):
+                sparse_modules.remove(name)
+                sparse_tensors[name] = list(t.shape)
+                continue
         tensors[name] = t.detach().cpu().contiguous()
     for n, m in model.named_modules():
         if isinstance(m, Int8Linear):
@@ -642,11 +655,14 @@ def _write_compressed(model: nn.Module, out: Path, quantize: Optional[str], mana
         data = json.loads(cfg_path.read_text(encoding="utf-8"))
         data.pop("quantization_config", None)
         data.pop("transformers_weights", None)
-        if sparse_modules or int8_modules:
+        if sparse_modules or int8_modules or sparse_tensors:
             data["quantization_config"] = _quantization_config(
-                sorted(sparse_modules), sorted(int8_modules), zeros / total if total else 0.0
+                sorted(sparse_modules) + sorted(sparse_tensors), sorted(int8_modules), zeros / total if total else 0.0
             )
             data["transformers_weights"] = LOAD_HINT
+        if isinstance(data.get("moe_sparsity_config"), dict) and "quantization_config" in data:
+            # compressed-tensors keeps per-layer expert counts in quantization_config.moe_sparsity_config
+            data["quantization_config"]["moe_sparsity_config"] = data["moe_sparsity_config"]
         cfg_path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         files.append(CONFIG_NAME)
         gen = getattr(model, "generation_config", None)
@@ -665,6 +681,7 @@ def _write_compressed(model: nn.Module, out: Path, quantize: Optional[str], mana
         "dtype": float_dtypes[0] if len(float_dtypes) == 1 else (float_dtypes or ["float32"])[0],
         "quantize": quantize,
         "sparse_modules": sorted(sparse_modules),
+        "sparse_tensors": dict(sorted(sparse_tensors.items())),
         "int8_modules": int8_modules,
         "aliases": aliases,
         "checksum": CHECKSUM,
@@ -673,6 +690,7 @@ def _write_compressed(model: nn.Module, out: Path, quantize: Optional[str], mana
     return {
         "files": files,
         "sparse_modules": sorted(sparse_modules),
+        "sparse_tensors": sorted(sparse_tensors),
         "int8_modules": sorted(int8_modules),
         "meta": meta,
     }
@@ -802,6 +820,14 @@ def _build_hf_model(path: Path, meta: dict) -> nn.Module:
     dtype = getattr(torch, meta.get("dtype", "float32"), torch.float32)
     with no_init_weights(), _default_dtype(dtype):
         model = cls(config)
+    moe = getattr(config, "moe_sparsity_config", None)
+    if isinstance(moe, dict) and moe.get("num_experts"):  # per-layer expert counts (expert_pruning)
+        from artemis.arch.moe import apply_expert_counts
+
+        try:
+            apply_expert_counts(model, moe["num_experts"])
+        except Exception as exc:
+            raise CheckpointError(f"{path / CONFIG_NAME}: moe_sparsity_config cannot be applied ({exc})") from None
     return model
 
 
@@ -914,6 +940,8 @@ def _load_into(
             crc_waits.append(submit(lambda idx: [(i, CHECKSUMS[algo](tensors[i])) for i in idx], part))
     # the sparse tensors are checked and decoded while the checksums run and the model is built
     sparse = list(dict.fromkeys(meta.get("sparse_modules", [])))
+    fused = {k: tuple(int(d) for d in v) for k, v in (meta.get("sparse_tensors") or {}).items()}
+    sparse += [k for k in fused if k not in sparse]
     jobs = [
         (mname, {k: stored.pop(f"{mname}.{k}") for k in SPARSE_KEYS if f"{mname}.{k}" in stored}) for mname in sparse
     ]
@@ -923,13 +951,21 @@ def _load_into(
         for i in idx:
             mname, parts = jobs[i]
             try:
-                sp = check_parts(parts, f"{mname}.weight", str(wfile))
+                sp = check_parts(parts, mname if mname in fused else f"{mname}.weight", str(wfile))
                 out = empty_dense(sp)
                 decode_into(sp, out)
+                dense = as_dense(sp, out)
+                if mname in fused:  # a fused-experts weight stored as (experts·rows, cols)
+                    if math.prod(fused[mname]) != dense.numel() or fused[mname][-1] != sp.cols:
+                        raise CheckpointError(
+                            f"{wfile}: fused experts tensor {mname!r} decodes to {sp.rows}x{sp.cols}, which is not "
+                            f"its recorded shape {list(fused[mname])}"
+                        )
+                    dense = dense.reshape(fused[mname])
             except CheckpointError as exc:
                 done.append((i, exc))
                 continue
-            done.append((i, as_dense(sp, out)))
+            done.append((i, dense))
         return done
 
     costs = [int(p["bitmask"].numel()) * 8 if "bitmask" in p else 0 for _, p in jobs]
@@ -954,7 +990,9 @@ def _load_into(
     for i in range(len(jobs)):
         if isinstance(decoded[i], CheckpointError):
             raise decoded[i]
-    state: dict[str, Tensor] = {f"{mname}.weight": decoded[i] for i, (mname, _) in enumerate(jobs)}
+    state: dict[str, Tensor] = {
+        (mname if mname in fused else f"{mname}.weight"): decoded[i] for i, (mname, _) in enumerate(jobs)
+    }
     state.update(stored)
     for alias, target in meta.get("aliases", {}).items():
         if target not in state:
