@@ -414,3 +414,21 @@ def test_load_state_dict_refuses_another_config_naming_the_fields():
     assert all(torch.equal(before[k], p) for k, p in net.named_parameters())  # nothing changed
     other.load_state_dict(state, strict_config=False)  # asked to override: the saved masks are applied
     assert all(torch.equal(a, b) for a, b in zip(net.parameters(), saved_net.parameters()))
+
+
+def test_nan_weights_name_the_layer():
+    net = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+    with torch.no_grad():
+        net[2].weight[0, 3] = float("nan")
+    before = [p.detach().clone() for p in net.parameters()]
+    mgr = create_pruning_manager({"pruning": {"targets": ["*"]}}, net)
+    with pytest.raises(ModelError, match=r"importance scores of 2\.weight contain NaN \(its weight holds 1 NaN"):
+        mgr.apply_magnitude_pruning(0.5)
+    assert all(torch.equal(a.nan_to_num(), b.nan_to_num()) for a, b in zip(before, net.parameters()))
+        torch.equal(
+            a,
+            b,
+        )
+        or (a.isnan() == b.isnan()).all()
+        for a, b in zip(before, net.parameters())
+    )

@@ -200,6 +200,14 @@ class UnstructuredMethod(PruningMethod):
                     f"metric {metric.name!r} returned scores of shape {tuple(s.shape)} for "
                     f"{target.key} of shape {tuple(shape)}; scores must match the weight"
                 )
+            if torch.isnan(s).any():  # name the layer here: the mask code only sees anonymous scores
+                w = local_tensor(target.param).detach()
+                bad = int((~torch.isfinite(w)).sum())
+                cause = f"its weight holds {bad} NaN or infinite values" if bad else f"metric {metric.name!r} gave NaN"
+                raise ModelError(
+                    f"importance scores of {target.key} contain NaN ({cause}); check the model's weights "
+                    "(a diverged training step, a bad checkpoint) or exclude the layer with pruning.exclude"
+                )
             if old is not None:
                 s = s * old  # pruned weights stay pruned
             return s
