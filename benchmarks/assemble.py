@@ -26,7 +26,19 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs" / "benchmarks"
-ORDER = ["core", "metrics", "export", "cli_default", "structured", "layer_dropout", "distributed", "sparsegpt", "lora"]
+ORDER = [
+    "core",
+    "metrics",
+    "export",
+    "cli_default",
+    "structured",
+    "layer_dropout",
+    "moe",
+    "distributed",
+    "sparsegpt",
+    "oneshot",
+    "lora",
+]
 
 FENCE = re.compile(r"^ {0,3}(`{3,}|~{3,})")
 HEADING = re.compile(r"^(#{1,5}) ")

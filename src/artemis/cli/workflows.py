@@ -572,7 +572,12 @@ def run_prune(
                 calib = calibration_batches(
                     task, tok, train_texts, max_length=cfg.training.max_length, n=cfg.data.calibration_texts
                 )
-            manager.apply_pruning(cfg.pruning.final_sparsity, calibration_data=calib)
+            from artemis.data.pipeline import oneshot, unsupported_setting
+
+            if unsupported_setting(cfg.pruning) is None:  # block by block: time linear in depth (docs/oneshot.md)
+                oneshot(model, cfg.pruning, calib, progress=progress and rank == 0)
+            else:
+                manager.apply_pruning(cfg.pruning.final_sparsity, calibration_data=calib)
     finally:
         if scratch is not None:
             shutil.rmtree(scratch, ignore_errors=True)

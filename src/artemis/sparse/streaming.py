@@ -1,0 +1,396 @@
+"""Checkpoints one block at a time: a lazily opened model folder and a streaming writer.
+
+:class:`LazyCheckpoint` builds a Hugging Face model from a folder's ``config.json`` with
+every parameter on the ``meta`` device (``accelerate.init_empty_weights()``: no memory),
+indexes the tensors of its safetensors shards (``model.safetensors`` or
+``model.safetensors.index.json``) and reads them with ``safetensors.safe_open`` only when
+asked: :meth:`~LazyCheckpoint.materialise` puts the named parameters on a real device,
+:meth:`~LazyCheckpoint.release` puts them back on ``meta``. It counts the bytes that are
+real at any time (``live_bytes``, ``peak_bytes``). The folder is only read.
+
+:class:`StreamingWriter` writes the folder that :func:`artemis.sparse.checkpoint.save_pruned`
+writes (``format="compressed"``: sparse-bitmask weights, ``config.json`` with the Artemis
+marker, ``artemis_export.json`` with XXH3-64 checksums), but tensor by tensor: each
+tensor's bytes go to a data file as soon as it is added, and :meth:`~StreamingWriter.close`
+puts the safetensors header in front. The folder is built in a temporary sibling and
+renamed into place only by a successful :meth:`~StreamingWriter.close`; an error (or
+:meth:`~StreamingWriter.abort`) removes it, so a failed run never leaves a folder that
+looks complete. :func:`artemis.load_pruned` reads the result.
+
+Example:
+    >>> import tempfile, torch, torch.nn as nn
+    >>> from artemis import load_pruned
+    >>> net = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 8))
+    >>> with torch.no_grad():
+    ...     net[0].weight[:, :40] = 0
+    >>> d = tempfile.mkdtemp() + "/out"
+    >>> w = StreamingWriter(d, net, candidates={"0.weight": "0", "1.weight": "1"})
+    >>> for name, t in net.state_dict().items():
+    ...     w.add(name, t)
+    >>> info = w.close()
+    >>> info["sparse_modules"], torch.equal(load_pruned(d, model=nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 8)))[0].weight, net[0].weight)
+    (['0'], True)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import struct
+from pathlib import Path
+from typing import Any, Iterable, Optional, Union
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from artemis.core.errors import CheckpointError
+from artemis.core.sizing import stores_sparse, unique_state_tensors
+from artemis.sparse import checkpoint as _ckpt
+from artemis.sparse.bitmask import bitmask_compress, nonzero_mask
+
+__all__ = ["LazyCheckpoint", "StreamingWriter", "TOKENIZER_FILES"]
+
+logger = logging.getLogger(__name__)
+
+#: files copied from a source folder next to the weights (when present)
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.txt",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "spiece.model",
+)
+_ST_DTYPE = {v: k for k, v in _ckpt._DTYPES.items()}
+INDEX_NAME = "model.safetensors.index.json"
+
+
+def _set_tensor(model: nn.Module, name: str, value: Tensor, is_param: bool) -> None:
+    mod_name, _, attr = name.rpartition(".")
+    mod = model.get_submodule(mod_name) if mod_name else model
+    if is_param:
+        mod._parameters[attr] = value if isinstance(value, nn.Parameter) else nn.Parameter(value, requires_grad=False)
+    else:
+        mod._buffers[attr] = value
+
+
+class LazyCheckpoint:
+    """A model folder opened lazily: the model on ``meta``, tensors read on demand.
+
+    Args:
+        folder: a Hugging Face folder with ``config.json`` and safetensors weights.
+        device: where :meth:`materialise` puts tensors (default CPU).
+
+    Attributes:
+        model: the model, every parameter on ``meta`` until materialised.
+        live_bytes / peak_bytes: parameter bytes on a real device now / at most so far.
+
+    Raises:
+        CheckpointError: no ``config.json``, no safetensors weights, or a class that
+            transformers does not have.
+    """
+
+    def __init__(self, folder: Union[str, os.PathLike], device: Union[str, torch.device, None] = None) -> None:
+        import transformers
+        from accelerate import init_empty_weights
+        from safetensors import safe_open
+        from transformers import AutoConfig
+
+        self.folder = Path(folder)
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        if not (self.folder / _ckpt.CONFIG_NAME).is_file():
+            raise CheckpointError(f"{self.folder}: no {_ckpt.CONFIG_NAME}; streaming needs a Hugging Face model folder")
+        files = self._weight_files()
+        self._handles = {f: safe_open(str(self.folder / f), framework="pt", device="cpu") for f in files}
+        self._where: dict[str, str] = {}
+        for f, h in self._handles.items():
+            for k in h.keys():
+                self._where[k] = f
+        config = AutoConfig.from_pretrained(str(self.folder))
+        config._name_or_path = str(self.folder)
+        archs = getattr(config, "architectures", None) or []
+        cls = getattr(transformers, archs[0], None) if archs else transformers.AutoModel
+        if cls is None:
+            raise CheckpointError(
+                f"{self.folder / _ckpt.CONFIG_NAME}: architectures {archs!r} is not a transformers class; "
+                "load the model yourself and pass it as a module"
+            )
+        with init_empty_weights(include_buffers=False):
+            self.model: nn.Module = cls.from_config(config) if cls is transformers.AutoModel else cls(config)
+        self.model.eval()
+        self._prefix = getattr(self.model, "base_model_prefix", "") or ""
+        self.live_bytes = 0
+        self.peak_bytes = 0
+        self._persistent = self._persistent_buffers()
+
+    def _weight_files(self) -> list[str]:
+        index = self.folder / INDEX_NAME
+        if index.is_file():
+            data = _ckpt._read_json(index)
+            return sorted(set(data.get("weight_map", {}).values()))
+        if (self.folder / _ckpt.WEIGHTS_NAME).is_file():
+            return [_ckpt.WEIGHTS_NAME]
+        raise CheckpointError(
+            f"{self.folder}: no {_ckpt.WEIGHTS_NAME} or {INDEX_NAME}; streaming reads safetensors weights only"
+        )
+
+    def _persistent_buffers(self) -> set[str]:
+        out = set()
+        for mod_name, mod in self.model.named_modules():
+            for b in mod._buffers:
+                if b not in getattr(mod, "_non_persistent_buffers_set", ()):
+                    out.add(f"{mod_name}.{b}" if mod_name else b)
+        return out
+
+    def key_of(self, name: str) -> Optional[str]:
+        """The checkpoint key of the model's tensor ``name`` (with or without the base
+        model prefix), or None."""
+        p = self._prefix
+        for k in (name, f"{p}.{name}" if p else None, name[len(p) + 1 :] if p and name.startswith(p + ".") else None):
+            if k is not None and k in self._where:
+                return k
+        return None
+
+    def read(self, name: str) -> Tensor:
+        """The stored tensor of the model's ``name`` (CPU, its stored dtype)."""
+        key = self.key_of(name)
+        if key is None:
+            raise CheckpointError(f"{self.folder}: tensor {name!r} is not in the checkpoint")
+        return self._handles[self._where[key]].get_tensor(key)
+
+    def materialise(self, names: Iterable[str]) -> None:
+        """Read the parameters (and stored persistent buffers) ``names`` onto ``device``.
+        Names sharing one parameter (tied weights) get one tensor."""
+        params = dict(self.model.named_parameters(remove_duplicate=False))
+        aliases: dict[int, list[str]] = {}
+        for n, p in params.items():
+            aliases.setdefault(id(p), []).append(n)
+        done: set[int] = set()
+        for name in names:
+            if name in params:
+                p = params[name]
+                if id(p) in done or p.device.type != "meta":
+                    continue
+                done.add(id(p))
+                group = aliases[id(p)]
+                key = next((n for n in group if self.key_of(n) is not None), None)
+                if key is None:
+                    raise CheckpointError(f"{self.folder}: parameter {name!r} is not in the checkpoint")
+                t = self.read(key).to(self.device)
+                new = nn.Parameter(t, requires_grad=False)
+                for n in group:
+                    _set_tensor(self.model, n, new, True)
+                self.live_bytes += t.numel() * t.element_size()
+            elif name in self._persistent and self.key_of(name) is not None:
+                _set_tensor(self.model, name, self.read(name).to(self.device), False)
+        self.peak_bytes = max(self.peak_bytes, self.live_bytes)
+
+    def release(self, names: Iterable[str]) -> None:
+        """Put the parameters ``names`` back on ``meta`` (their memory is freed)."""
+        params = dict(self.model.named_parameters(remove_duplicate=False))
+        aliases: dict[int, list[str]] = {}
+        for n, p in params.items():
+            aliases.setdefault(id(p), []).append(n)
+        done: set[int] = set()
+        for name in names:
+            p = params.get(name)
+            if p is None or id(p) in done or p.device.type == "meta":
+                continue
+            done.add(id(p))
+            self.live_bytes -= p.numel() * p.element_size()
+            meta = nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device="meta"), requires_grad=False)
+            for n in aliases[id(p)]:
+                _set_tensor(self.model, n, meta, True)
+
+    def close(self) -> None:
+        self._handles.clear()
+
+
+class StreamingWriter:
+    """Writes a :func:`~artemis.sparse.checkpoint.save_pruned` folder tensor by tensor.
+
+    Args:
+        path: the output folder (replaced as a whole at :meth:`close`, as ``save_pruned`` does).
+        model: the model (for its config, generation config, class name and tied-weight
+            aliases; its tensors may be on ``meta``).
+        candidates: ``{tensor name: module name}`` of the weights that may be stored
+            sparse (each is, when that is smaller).
+        source_dir: a folder whose sentence-transformers files and tokenizer files are
+            copied (None: none).
+    """
+
+    def __init__(
+        self,
+        path: Union[str, os.PathLike],
+        model: nn.Module,
+        candidates: dict[str, str],
+        *,
+        source_dir: Optional[Union[str, os.PathLike]] = None,
+    ) -> None:
+        self.dest = Path(os.path.abspath(path))
+        self.model = model
+        self.candidates = dict(candidates)
+        self.source_dir = Path(source_dir) if source_dir is not None else None
+        stored_as: dict[int, str] = {}
+        for name, t in unique_state_tensors(model):
+            stored_as[id(t)] = name
+        self.aliases = {
+            n: stored_as[id(t)]
+            for n, t in model.state_dict(keep_vars=True).items()
+            if id(t) in stored_as and stored_as[id(t)] != n
+        }
+        self._ctx = _ckpt._atomic_folder(self.dest)
+        self.tmp = self._ctx.__enter__()
+        self._data_path = self.tmp / ".data.partial"
+        self._data = open(self._data_path, "wb")
+        self._header: dict[str, dict[str, Any]] = {}
+        self._offset = 0
+        self.checksums: dict[str, int] = {}
+        self.sparse_modules: list[str] = []
+        self.zeros = self.total = 0
+        self.float_dtypes: set[str] = set()
+        self._open = True
+
+    def _put(self, name: str, t: Tensor) -> None:
+        t = t.detach().to("cpu").contiguous()
+        if t.dtype not in _ST_DTYPE:
+            raise CheckpointError(f"tensor {name!r} has dtype {t.dtype}, which safetensors cannot store")
+        if t.numel():
+            self._data.write(_ckpt._raw_bytes(t))
+        n = t.numel() * t.element_size()
+        self._header[name] = {
+            "dtype": _ST_DTYPE[t.dtype],
+            "shape": list(t.shape),
+            "data_offsets": [self._offset, self._offset + n],
+        }
+        self._offset += n
+        self.checksums[name] = _ckpt.CHECKSUMS[_ckpt.CHECKSUM](t)
+
+    def add(self, name: str, t: Tensor) -> None:
+        """Write the model tensor ``name`` (a tied alias is skipped: it is stored once)."""
+        if not self._open:
+            raise CheckpointError("StreamingWriter: add() after close()")
+        if name in self.aliases or name in self._header:
+            return
+        if t.is_floating_point():
+            self.float_dtypes.add(_ckpt._dtype_name(t.dtype))
+        mname = self.candidates.get(name)
+        if mname is not None and t.dim() == 2:
+            w = t.detach().to("cpu").contiguous()
+            mask = nonzero_mask(w)
+            nnz = int(mask.sum())
+            self.zeros += w.numel() - nnz
+            self.total += w.numel()
+            if stores_sparse(w, nnz=nnz):
+                for k, v in bitmask_compress(w, mask).items():
+                    self._put(f"{mname}.{k}", v)
+                self.sparse_modules.append(mname)
+                return
+        self._put(name, t)
+
+    def abort(self) -> None:
+        """Remove the temporary folder (nothing is written to the destination)."""
+        if not self._open:
+            return
+        self._open = False
+        self._data.close()
+        try:
+            raise CheckpointError("aborted")
+        except CheckpointError as exc:
+            try:
+                self._ctx.__exit__(type(exc), exc, exc.__traceback__)
+            except CheckpointError:
+                pass
+
+    def close(self) -> dict[str, Any]:
+        """Finish the folder and rename it into place; returns ``save_pruned``-like info."""
+        if not self._open:
+            raise CheckpointError("StreamingWriter: close() called twice or after abort()")
+        try:
+            info = self._finish()
+        except BaseException:
+            self.abort()
+            raise
+        self._open = False
+        self._ctx.__exit__(None, None, None)
+        return info
+
+    def _finish(self) -> dict[str, Any]:
+        self._data.close()
+        header = dict(self._header)
+        header["__metadata__"] = {"format": "pt"}
+        blob = json.dumps(header, separators=(",", ":")).encode("utf-8")
+        blob += b" " * (-len(blob) % 8)
+        weights = self.tmp / _ckpt.WEIGHTS_NAME
+        with open(weights, "wb") as out, open(self._data_path, "rb") as data:
+            out.write(struct.pack("<Q", len(blob)))
+            out.write(blob)
+            shutil.copyfileobj(data, out, 16 << 20)
+        self._data_path.unlink()
+        files = [_ckpt.WEIGHTS_NAME]
+        cfg = _ckpt._hf_config(self.model)
+        sparse = sorted(self.sparse_modules)
+        if cfg is not None:
+            cfg.save_pretrained(str(self.tmp))
+            cfg_path = self.tmp / _ckpt.CONFIG_NAME
+            data = json.loads(cfg_path.read_text(encoding="utf-8"))
+            data.pop("quantization_config", None)
+            data.pop("transformers_weights", None)
+            if sparse:
+                data["quantization_config"] = _ckpt._quantization_config(
+                    sparse, [], self.zeros / self.total if self.total else 0.0
+                )
+                data["transformers_weights"] = _ckpt.LOAD_HINT
+            cfg_path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+            files.append(_ckpt.CONFIG_NAME)
+            gen = getattr(self.model, "generation_config", None)
+            if gen is not None and hasattr(gen, "save_pretrained"):
+                try:
+                    gen.save_pretrained(str(self.tmp))
+                    files.append("generation_config.json")
+                except Exception as exc:  # a model without a valid generation config
+                    logger.warning("generation_config not saved: %s", exc)
+        src = self.source_dir
+        if src is not None and src.is_dir():
+            if (src / "modules.json").is_file():
+                files += _ckpt._copy_sentence_transformers_files(src, self.tmp)
+            for name in TOKENIZER_FILES:
+                if (src / name).is_file():
+                    shutil.copy2(src / name, self.tmp / name)
+                    files.append(name)
+        dtypes = sorted(self.float_dtypes)
+        meta = {
+            "format": "artemis-sparse-bitmask",
+            "format_version": _ckpt.EXPORT_FORMAT_VERSION,
+            "library": "transformers" if cfg is not None else "torch",
+            "model_class": type(self.model).__name__,
+            "dtype": dtypes[0] if dtypes else "float32",
+            "quantize": None,
+            "sparse_modules": sparse,
+            "int8_modules": {},
+            "aliases": dict(self.aliases),
+            "checksum": _ckpt.CHECKSUM,
+            "checksums": dict(self.checksums),
+            "files": {
+                n: _ckpt._file_checksum(self.tmp / n, _ckpt.CHECKSUM)
+                for n in (_ckpt.CONFIG_NAME,)
+                if (self.tmp / n).is_file()
+            },
+        }
+        (self.tmp / _ckpt.META_NAME).write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+        files.append(_ckpt.META_NAME)
+        counted = [f for f in files if not f.endswith("/") and (self.tmp / f).is_file()]
+        return {
+            "path": str(self.dest),
+            "format": "compressed",
+            "bytes_on_disk": sum((self.tmp / f).stat().st_size for f in counted),
+            "sparse_modules": sparse,
+            "int8_modules": [],
+            "files": files,
+        }
