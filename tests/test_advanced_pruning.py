@@ -405,7 +405,9 @@ def test_manager_sparsegpt_dense_target_and_row_scope():
     rec = runs["dense"][1].last_reconstruction
     assert rec["target"] == "dense" and runs["pruned"][1].last_reconstruction["dense_copy_bytes"] == 0
     assert rec["dense_copy_bytes"] == 4 * sum(t.param.numel() for t in runs["dense"][1].method.targets)
-    assert rec["peak_extra_bytes"] == reconstruction_extra_bytes(64, 128, dense_target=True, obs=True)  # down_proj, OBS choice
+    assert rec["peak_extra_bytes"] == reconstruction_extra_bytes(
+        64, 128, dense_target=True, obs=True
+    )  # down_proj, OBS choice
     with pytest.raises(ValueError, match="target must be 'pruned' or 'dense', got 'x'"):
         reconstruct_layers(dense, runs["pruned"][1].method.targets, {}, calib, target="x")
     with pytest.raises(ValueError, match="per_row=True applies only with select='obs' and no pattern"):
