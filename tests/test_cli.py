@@ -25,13 +25,12 @@ def _tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="[PAD]", unk_token="[UNK]", eos_token="</s>")
 
 
-@pytest.fixture(scope="module")
-def models_dir(tmp_path_factory):
+def save_tiny_models(root):
+    """A tiny Llama and a tiny BERT with the test tokenizer, saved under ``root``."""
     from transformers import BertConfig, BertModel
 
     from tests.fixtures import tiny_llama
 
-    root = tmp_path_factory.mktemp("models")
     tok = _tokenizer()
     llama = tiny_llama(vocab_size=len(tok))
     llama.save_pretrained(root / "llama")
@@ -50,6 +49,11 @@ def models_dir(tmp_path_factory):
     bert.save_pretrained(root / "bert")
     tok.save_pretrained(root / "bert")
     return root
+
+
+@pytest.fixture(scope="module")
+def models_dir(tmp_path_factory):
+    return save_tiny_models(tmp_path_factory.mktemp("models"))
 
 
 FAST = [

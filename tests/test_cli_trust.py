@@ -17,55 +17,16 @@ import pytest
 import torch
 
 from artemis.cli import main, run_eval
-from tests.test_cli import _tokenizer
+from tests.test_cli import FAST, save_tiny_models
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
-QUICK = [
-    "--batch-size",
-    "2",
-    "--max-length",
-    "32",
-    "--eval-texts",
-    "16",
-    "--pruning-interval",
-    "2",
-    "--set",
-    "evaluation.latency_repeats=2",
-    "--set",
-    "evaluation.latency_rounds=2",
-    "--set",
-    "evaluation.latency_warmup=0",
-    "-q",
-    "--no-plots",
-]
+QUICK = [*FAST, "--set", "evaluation.latency_rounds=2"]
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from transformers import BertConfig, BertModel
-
-    from tests.fixtures import tiny_llama
-
-    root = tmp_path_factory.mktemp("trust_models")
-    tok = _tokenizer()
-    llama = tiny_llama(vocab_size=len(tok))
-    llama.save_pretrained(root / "llama")
-    tok.save_pretrained(root / "llama")
-    torch.manual_seed(0)
-    bert = BertModel(
-        BertConfig(
-            vocab_size=len(tok),
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=256,
-        )
-    )
-    bert.save_pretrained(root / "bert")
-    tok.save_pretrained(root / "bert")
-    return root
+    return save_tiny_models(tmp_path_factory.mktemp("trust_models"))
 
 
 @pytest.fixture(scope="module")

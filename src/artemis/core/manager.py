@@ -57,7 +57,7 @@ from artemis.core.distributed import (
 from artemis.core.errors import CalibrationError, CheckpointError, ConfigError, PruningStateError
 from artemis.core.masks import MaskStore
 from artemis.core.schedule import is_pruning_event, pruning_window, sparsity_at
-from artemis.core.sizing import MIB, model_compressed_bytes, model_dense_bytes
+from artemis.core.sizing import MIB, layer_row, model_compressed_bytes, model_dense_bytes
 from artemis.core.targets import is_prunable_module
 from artemis.data.calibration import check_calibration_batches, run_calibration
 from artemis.methods import METHODS, PruningMethod
@@ -599,17 +599,7 @@ class PruningManager:
         counts = self._nonzero_counts()
         layers = []
         for t in self.method.targets:
-            p = t.param
-            zeros = p.numel() - counts[t.key]
-            layers.append(
-                {
-                    "name": t.name,
-                    "shape": list(p.shape),
-                    "numel": p.numel(),
-                    "zeros": zeros,
-                    "sparsity": zeros / p.numel() if p.numel() else 0.0,
-                }
-            )
+            layers.append(layer_row(t.name, t.param, t.param.numel() - counts[t.key]))
         c = self.config
         summary = {
             "enabled": c.enabled,

@@ -52,6 +52,7 @@ __all__ = [
     "unique_state_tensors",
     "model_dense_bytes",
     "model_compressed_bytes",
+    "layer_row",
 ]
 
 MIB = 1024 * 1024
@@ -217,3 +218,21 @@ def model_compressed_bytes(
         else:
             total += dense_tensor_bytes(t)
     return total
+
+
+def layer_row(name: str, param: torch.Tensor, zeros: int) -> dict:
+    """One row of a summary's per-layer table: name, shape, size, zeros and sparsity.
+
+    Example:
+        >>> import torch
+        >>> layer_row("fc", torch.zeros(2, 4), 6)
+        {'name': 'fc', 'shape': [2, 4], 'numel': 8, 'zeros': 6, 'sparsity': 0.75}
+    """
+    numel = param.numel()
+    return {
+        "name": name,
+        "shape": list(param.shape),
+        "numel": numel,
+        "zeros": zeros,
+        "sparsity": zeros / numel if numel else 0.0,
+    }

@@ -70,7 +70,7 @@ from artemis.arch import get_adapter, unwrap_model
 from artemis.core.config import PruningConfig, load_pruning_config
 from artemis.core.errors import ArtemisError, CalibrationError, ConfigError, ModelError
 from artemis.core.masks import count_to_prune, global_masks, layer_mask, nm_masks, row_masks
-from artemis.core.sizing import MIB, model_compressed_bytes, model_dense_bytes, unique_state_tensors
+from artemis.core.sizing import MIB, layer_row, model_compressed_bytes, model_dense_bytes, unique_state_tensors
 from artemis.core.targets import PrunableTarget, find_targets, match_pattern
 from artemis.data.calibration import _check_batch, check_calibration_batches, describe_batch, forward_batch
 from artemis.methods.pipeline_options import OneShotOptions
@@ -649,15 +649,7 @@ def _summary(pipe: _Pipeline, model: nn.Module, adapter_name: str, extra: dict) 
         p = t.param
         zeros = pipe.zeros.get(t.key, 0)
         nnz[id(p)] = p.numel() - zeros
-        layers.append(
-            {
-                "name": t.name,
-                "shape": list(p.shape),
-                "numel": p.numel(),
-                "zeros": zeros,
-                "sparsity": zeros / p.numel() if p.numel() else 0.0,
-            }
-        )
+        layers.append(layer_row(t.name, p, zeros))
     prunable = sum(t.numel for t in pipe.targets)
     pruned = sum(pipe.zeros.values())
     dense = model_dense_bytes(model)
