@@ -425,3 +425,16 @@ def test_nan_weights_name_the_layer():
     with pytest.raises(ModelError, match=r"importance scores of 2\.weight contain NaN \(its weight holds 1 NaN"):
         mgr.apply_magnitude_pruning(0.5)
     assert all(torch.equal(a.nan_to_num(), b.nan_to_num()) for a, b in zip(before, net.parameters()))
+
+
+def test_load_state_dict_accepts_a_state_from_before_a_field_existed():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+    mgr = create_pruning_manager({"pruning": {"targets": ["*"], "pruning_interval": 1}}, net, total_steps=10)
+    for _ in range(5):
+        mgr.step()
+    state = mgr.state_dict()
+    state["config"] = {k: v for k, v in state["config"].items() if k != "pipeline_inputs"}  # an older Artemis
+    create_pruning_manager({"pruning": {"targets": ["*"], "pruning_interval": 1}}, net, total_steps=10).load_state_dict(
+        state
+    )

@@ -51,3 +51,17 @@ def test_new_folders_hold_no_old_names():
     top = pathlib.Path(artemis.__file__).parent
     for old in MOVED_MODULES:
         assert not (top / (old.split(".")[1] + ".py")).exists(), old
+
+
+def test_old_paths_as_attributes_and_the_real_spec_kept():
+    import importlib.util
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        assert artemis.export.save_pruned is importlib.import_module("artemis.sparse.checkpoint").save_pruned
+        importlib.import_module("artemis.export")
+    assert importlib.util.find_spec("artemis.sparse.checkpoint").name == "artemis.sparse.checkpoint"
+    assert artemis.core.__name__ == "artemis.core"
+    with pytest.raises(AttributeError, match="has no attribute 'nope'"):
+        artemis.nope  # noqa: B018

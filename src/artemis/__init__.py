@@ -7,6 +7,7 @@ Example:
 """
 
 import importlib
+import importlib.util
 from typing import Any
 
 from artemis import _moved, _transformers_hook
@@ -42,6 +43,8 @@ _LAZY = {
 def __getattr__(name: str) -> Any:
     module = _LAZY.get(name)
     if module is None:
+        if f"artemis.{name}" in _moved.MOVED_MODULES or importlib.util.find_spec(f"artemis.{name}") is not None:
+            return importlib.import_module(f"artemis.{name}")  # artemis.export, artemis.core, ...
         raise AttributeError(f"module 'artemis' has no attribute {name!r}")
     value = getattr(importlib.import_module(module), name)
     globals()[name] = value

@@ -64,10 +64,14 @@ class _MovedLoader(importlib.abc.Loader):
             DeprecationWarning,
             stacklevel=2,
         )
-        return importlib.import_module(self.new)
+        module = importlib.import_module(self.new)
+        self._spec = module.__spec__  # importlib sets __spec__ to the old name's; put it back below
+        return module
 
     def exec_module(self, module: ModuleType) -> None:
-        """The module at the new path is already executed."""
+        """The module at the new path is already executed; keep its own spec (find_spec and
+        reload then see its real name)."""
+        module.__spec__ = self._spec
 
 
 class _MovedFinder(importlib.abc.MetaPathFinder):

@@ -70,7 +70,10 @@ def install() -> None:
     (cheap and idempotent)."""
     with _lock:
         if TARGET in sys.modules:
-            _register()
+            try:
+                _register()
+            except Exception as exc:  # never break `import artemis` because of the plugin
+                logger.warning("artemis: registering the transformers quantizer failed: %s", exc)
             return
         if not any(isinstance(f, _PostImportFinder) for f in sys.meta_path):
             sys.meta_path.insert(0, _PostImportFinder())

@@ -688,9 +688,8 @@ class PruningManager:
             mine = self.config.model_dump()
             # how masks are stored and the step count the state carries itself do not change the result
             ignored = {"packed_masks", "total_steps"}
-            differ = sorted(
-                k for k in set(mine) | set(saved_config) if k not in ignored and mine.get(k) != saved_config.get(k)
-            )
+            # fields one side lacks (added by a newer Artemis, with their defaults) are not compared
+            differ = sorted(k for k in set(mine) & set(saved_config) - ignored if mine[k] != saved_config[k])
             if differ:
                 shown = "; ".join(
                     f"{k}: {saved_config.get(k)!r} (saved) vs {mine.get(k)!r} (this manager)" for k in differ

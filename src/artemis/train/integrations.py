@@ -94,7 +94,13 @@ class PruningCallback(TrainerCallback):
         manager: the manager (None until training starts when a config was given).
     """
 
-    def __init__(self, pruning: Union[PruningManager, PruningConfig, Mapping, str, os.PathLike]) -> None:
+    def __init__(
+        self,
+        pruning: Union[PruningManager, PruningConfig, Mapping, str, os.PathLike],
+        *,
+        strict_config: bool = True,
+    ) -> None:
+        self.strict_config = strict_config  # False: resume a state saved with another pruning config
         if isinstance(pruning, PruningManager):
             self.manager: Optional[PruningManager] = pruning
             self.config = pruning.config
@@ -119,7 +125,7 @@ class PruningCallback(TrainerCallback):
                     f"resuming at step {state.global_step} but {str(path)!r} is missing; the checkpoint was not "
                     "written with PruningCallback attached, so the pruning masks cannot be restored"
                 )
-            self.manager.load_state_dict(read_pruning_state(path))
+            self.manager.load_state_dict(read_pruning_state(path), strict_config=self.strict_config)
             logger.info("restored pruning state from %s (step %d)", path, state.global_step)
 
     def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
