@@ -169,16 +169,19 @@ def test_report_latency_is_warm_interleaved_and_honest(tiny, tmp_path, one_threa
 
 
 def test_report_latency_agrees_with_artemis_eval(tiny, tmp_path, one_thread):
-    # three runs, each followed by `artemis eval` of its output (so load on the machine hits
-    # both alike); the medians of the three must agree within 10%
+    # runs, each followed by `artemis eval` of its output (so load on the machine hits both
+    # alike); the fastest of each must agree within 10%: other load on the machine only ever
+    # adds time, so the fastest run is the one that measures the model. Up to five pairs are
+    # run before failing on noise; a biased measurement (a cold first model, 4-30x) never agrees.
     reports, evals = [], []
-    for i in range(3):
+    for i in range(5):
         reports.append(_prune_report(tiny, tmp_path / f"run{i}")["latency_ms"])
         evals.append(run_eval(tmp_path / f"run{i}" / "model", None, num_texts=16, max_length=32, device="cpu"))
-    assert all(e["latency_ms"]["method"]["interleaved"] for e in evals)
-    for key in ("dense", "pruned"):
-        rep = statistics.median(r[key] for r in reports)
-        ev = statistics.median(e["latency_ms"][key] for e in evals)
+        assert evals[-1]["latency_ms"]["method"]["interleaved"]
+        best = {k: (min(r[k] for r in reports), min(e["latency_ms"][k] for e in evals)) for k in ("dense", "pruned")}
+        if i >= 2 and all(ev == pytest.approx(rep, rel=0.10) for rep, ev in best.values()):
+            break
+    for key, (rep, ev) in best.items():
         assert ev == pytest.approx(rep, rel=0.10), (
             key,
             [r[key] for r in reports],
