@@ -102,12 +102,14 @@ def install() -> None:
 def register() -> Any:
     """Register the config class and the quantizer with transformers (idempotent);
     returns the quantizer class."""
-    with _lock:
-        if "quantizer" in _classes:
-            return _classes["quantizer"]
-        from transformers.quantizers import auto
+    if "quantizer" in _classes:
+        return _classes["quantizer"]
+    # imported outside the lock: this import may run the post-import hook, which calls
+    # register() again (in this thread, or in another that holds the import lock)
+    from transformers.quantizers import auto
 
-        if "quantizer" in _classes:  # that import ran the post-import hook, which registered
+    with _lock:
+        if "quantizer" in _classes:  # the hook, or another thread, registered meanwhile
             return _classes["quantizer"]
         config_cls, quantizer_cls = _build_classes()
         have_cfg = auto.AUTO_QUANTIZATION_CONFIG_MAPPING.get(QUANT_METHOD)
@@ -124,8 +126,8 @@ def register() -> Any:
         if isinstance(types, tuple) and config_cls not in types:
             auto.LOADING_ATTRIBUTES_CONFIG_TYPES = (*types, config_cls)
         _classes.update(config=config_cls, quantizer=quantizer_cls)
-        _transformers_hook.uninstall()
-        return quantizer_cls
+    _transformers_hook.uninstall()  # after the lock: install() holds the hook's lock while it registers
+    return quantizer_cls
 
 
 def __getattr__(name: str) -> Any:
