@@ -13,7 +13,7 @@ process:
 * forced: every pruned linear layer on its fastest sparse kernel (``min_speedup=0``), to
   show where sparse loses.
 
-``--backend csr`` restricts both to PyTorch's CSR kernel (the first session's path).
+``--backend csr`` restricts both to PyTorch's CSR kernel (the path used before the compiled kernels).
 
 Run from the repository root::
 

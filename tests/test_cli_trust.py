@@ -3,7 +3,6 @@ loaders named, several processes (tiny local models in tmp folders)."""
 
 from __future__ import annotations
 
-import inspect
 import io
 import json
 import os
@@ -171,10 +170,10 @@ def test_report_latency_is_warm_interleaved_and_honest(tiny, tmp_path, one_threa
 def test_report_latency_agrees_with_artemis_eval(tiny, tmp_path, one_thread):
     # runs, each followed by `artemis eval` of its output (so load on the machine hits both
     # alike); the fastest of each must agree within 10%: other load on the machine only ever
-    # adds time, so the fastest run is the one that measures the model. Up to five pairs are
-    # run before failing on noise; a biased measurement (a cold first model, 4-30x) never agrees.
+    # adds time, so the fastest run is the one that measures the model. Up to eight pairs are
+    # run before failing on noise (a ~2 ms forward on a shared CPU jitters by tens of percent); a biased measurement (a cold first model, 4-30x) never agrees.
     reports, evals = [], []
-    for i in range(5):
+    for i in range(8):
         reports.append(_prune_report(tiny, tmp_path / f"run{i}")["latency_ms"])
         evals.append(run_eval(tmp_path / f"run{i}" / "model", None, num_texts=16, max_length=32, device="cpu"))
         assert evals[-1]["latency_ms"]["method"]["interleaved"]
@@ -347,12 +346,9 @@ def test_prune_names_the_loaders(tiny, tmp_path, capsys):
 
 def test_export_format_flag(pruned_llama, tmp_path, capsys):
     from artemis.cli import build_parser
-    from artemis.sparse.checkpoint import save_pruned
 
     assert build_parser().parse_args(["export", "m", "-o", "o"]).export_format == "compressed"
     assert build_parser().parse_args(["export", "m", "-o", "o", "--format", "dense"]).export_format == "dense"
-    if "format" not in inspect.signature(save_pruned).parameters:
-        pytest.skip("save_pruned(format=...) not available")
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 

@@ -181,22 +181,12 @@ def _remove_stale_temp_files(folder: Path) -> None:
 
 
 def _save_pruned_kwargs(export_format: str) -> dict[str, Any]:
-    """``format=`` for :func:`artemis.save_pruned` when it accepts one (``dense`` needs it)."""
-    import inspect
-
+    """``format=`` for :func:`artemis.save_pruned`, checked before anything is loaded."""
     from artemis.core.errors import ConfigError
-    from artemis.sparse.checkpoint import save_pruned
 
     if export_format not in EXPORT_FORMATS:
         raise ConfigError(f"--format {export_format!r}: expected one of {', '.join(EXPORT_FORMATS)}")
-    if "format" in inspect.signature(save_pruned).parameters:
-        return {"format": export_format}
-    if export_format != "compressed":
-        raise ConfigError(
-            f"--format {export_format}: this build's artemis.save_pruned has no format= option; "
-            "only --format compressed is available"
-        )
-    return {}
+    return {"format": export_format}
 
 
 def _save_model(model: Any, tokenizer: Any, path: Path, meta: dict, *, export_format: str = "compressed") -> str:
