@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import socket
 import statistics
 import subprocess
 import sys
@@ -123,6 +124,36 @@ def test_unwritable_output_message_even_as_root(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match=r"--output .*new/run' is not writable: cannot create a file in its nearest"):
         check_output_writable(tmp_path / "new" / "run")
     assert not any(tmp_path.iterdir())  # nothing created, no probe left
+
+
+def test_dangling_symlink_output_is_a_clear_error(tmp_path):
+    from artemis.cli.workflows import check_output_writable
+    from artemis.core.errors import ConfigError
+
+    link = tmp_path / "out"
+    link.symlink_to(tmp_path / "gone")
+    with pytest.raises(ConfigError, match=r"--output .*out' is a symbolic link to .*gone', which does not exist"):
+        check_output_writable(link)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_write_probe_names_host_process_and_a_random_part(tmp_path, monkeypatch):
+    from artemis.cli.workflows import check_output_writable
+
+    seen = []
+    real_open = os.open
+
+    def spy(path, *a, **k):
+        seen.append(Path(path).name)
+        return real_open(path, *a, **k)
+
+    monkeypatch.setattr(os, "open", spy)
+    check_output_writable(tmp_path)
+    check_output_writable(tmp_path)
+    probes = [n for n in seen if n.startswith(".artemis-write-probe-")]
+    assert len(probes) == 2 and probes[0] != probes[1]
+    assert all(f"-{os.getpid()}-" in n and socket.gethostname() in n for n in probes)
+    assert not any(tmp_path.iterdir())
 
 
 # --------------------------------------------------------------------------- 2. honest latency

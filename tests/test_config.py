@@ -169,3 +169,9 @@ def test_booleans_are_not_numbers(section, key):
     value = next(iter(section.values()))
     with pytest.raises(ConfigError, match=rf"pruning: {key} must be a number, got {value}"):
         load_pruning_config({"pruning": section})
+
+
+def test_booleans_are_not_numbers_inside_number_mappings():
+    with pytest.raises(ConfigError, match=r"pruning: layer_sparsity\['fc1'\] must be a number, got False"):
+        load_pruning_config({"pruning": {"layer_sparsity": {"fc1": False}}})
+    assert load_pruning_config({"pruning": {"layer_sparsity": {"fc1": 0.25}}}).layer_sparsity == {"fc1": 0.25}

@@ -19,6 +19,8 @@ import json
 import logging
 import os
 import resource
+import secrets
+import socket
 import sys
 import time
 from pathlib import Path
@@ -259,6 +261,11 @@ def check_output_writable(path: Path, option: str = "--output") -> None:
 
     p = Path(path)
     try:
+        if p.is_symlink() and not p.exists():
+            raise ConfigError(
+                f"{option} {str(p)!r} is a symbolic link to {os.readlink(p)!r}, which does not exist; "
+                "remove the link or choose another folder"
+            )
         if p.exists() and not p.is_dir():
             raise ConfigError(f"{option} {str(p)!r} is a file, not a folder; choose a folder path")
         probe_dir = p
@@ -270,7 +277,8 @@ def check_output_writable(path: Path, option: str = "--output") -> None:
             )
     except OSError as exc:
         raise ConfigError(f"{option} {str(p)!r} cannot be inspected ({exc.strerror or exc})") from None
-    probe = probe_dir / f".artemis-write-probe-{os.getpid()}"
+    # host, process and a random part: ranks of a multi-node run may share this folder
+    probe = probe_dir / f".artemis-write-probe-{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}"
     try:
         fd = os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
         os.close(fd)

@@ -43,7 +43,7 @@ import difflib
 import importlib
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping, Optional, Sequence, TypeVar, Union, get_args
+from typing import TYPE_CHECKING, Any, Mapping, Optional, Sequence, TypeVar, Union, get_args, get_origin
 
 import yaml
 from pydantic import (
@@ -163,14 +163,30 @@ def _is_number_type(annotation: Any) -> bool:
     return bool(args) and all(a in (int, float, type(None)) for a in args) and any(a in (int, float) for a in args)
 
 
+def _is_number_mapping_type(annotation: Any) -> bool:
+    """``dict[str, float]`` and the like (optionally inside ``Optional``)."""
+    for candidate in (annotation, *get_args(annotation)):
+        if get_origin(candidate) in (dict, Mapping):
+            args = get_args(candidate)
+            if len(args) == 2 and _is_number_type(args[1]):
+                return True
+    return False
+
+
 def _check_no_bool_numbers(model_cls: type[BaseModel], data: Any) -> None:
-    """``final_sparsity: true`` is a mistake, not 1.0: refuse booleans for number fields."""
+    """``final_sparsity: true`` is a mistake, not 1.0: refuse booleans for number fields,
+    and for the values of number-valued mappings (``layer_sparsity: {fc: false}``)."""
     if not isinstance(data, Mapping):
         return
     for name, field in model_cls.model_fields.items():
         for key in {name, field.alias} - {None}:
-            if isinstance(data.get(key), bool) and _is_number_type(field.annotation):
-                raise ValueError(f"{key} must be a number, got {data[key]!r}")
+            value = data.get(key)
+            if isinstance(value, bool) and _is_number_type(field.annotation):
+                raise ValueError(f"{key} must be a number, got {value!r}")
+            if isinstance(value, Mapping) and _is_number_mapping_type(field.annotation):
+                for inner, v in value.items():
+                    if isinstance(v, bool):
+                        raise ValueError(f"{key}[{inner!r}] must be a number, got {v!r}")
 
 
 class ConfigSection(BaseModel):
