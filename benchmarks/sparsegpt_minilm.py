@@ -11,6 +11,19 @@ Run from the repository root::
 
     PYTHONPATH=src python benchmarks/sparsegpt_minilm.py [--threads 1] [--eval 256] [--calib 128] [--quick]
     PYTHONPATH=src python benchmarks/sparsegpt_minilm.py --sections 50 --only "SparseGPT (OBS" --calib 512
+    PYTHONPATH=src python benchmarks/sparsegpt_minilm.py --sections peer --peer-python /tmp/llmc/bin/python \
+        --json benchmarks/results/sparsegpt_minilm_peer.json
+
+``--sections peer`` is the side-by-side with llm-compressor: ``reconstruction: sparsegpt``
+alone (the default ``sparsegpt_variant: artemis``), ``sparsegpt_variant: paper`` and the
+block pipeline (``artemis.oneshot``) at 50%, 70% and 2:4, against llm-compressor's
+``SparseGPTModifier`` (``oneshot(..., pipeline="sequential", sequential_targets=["BertLayer"])``)
+run by ``benchmarks/peers/llmcompressor_sparsegpt.py`` in the interpreter given by
+``--peer-python`` (its own virtualenv), on the very same token ids: the calibration and
+evaluation batches and the dense reference embeddings are written to a safetensors file
+that both sides read. The peer runs as a subprocess beside the Artemis rows (started
+first, with the same ``--threads``), so on a machine with fewer free cores than the two
+processes need the times are those of two jobs sharing it.
 
 If the ``activation`` metric (Wanda, |W|·‖X‖ per output row) is not registered in this
 checkout, an equivalent local metric is registered here so the comparison still runs.
@@ -31,9 +44,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import subprocess
+import tempfile
+
 import torch
 
-from artemis import create_pruning_manager
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import machine  # noqa: E402
+from artemis import create_pruning_manager  # noqa: E402
 from artemis.data.corpus import builtin_corpus, tokenize_batches
 from artemis.metrics import METRICS, ImportanceMetric
 
@@ -88,6 +106,115 @@ def embed(model, batches) -> torch.Tensor:
     return torch.cat(out)
 
 
+PEER_SCRIPT = Path(__file__).resolve().parent / "peers" / "llmcompressor_sparsegpt.py"
+
+
+def write_batches(file: str, calib, test, ref: torch.Tensor) -> None:
+    """The calibration and evaluation batches (``calib.<i>.<field>``, ``test.<i>.<field>``)
+    and the dense reference embeddings as plain tensors in a safetensors file."""
+    from safetensors.torch import save_file
+
+    tensors = {"reference": ref.contiguous()}
+    for prefix, batches in (("calib", calib), ("test", test)):
+        for i, b in enumerate(batches):
+            for k, v in b.items():
+                tensors[f"{prefix}.{i}.{k}"] = v.contiguous()
+    save_file(tensors, file)
+
+
+def _spec_of(sparsity: float, pattern) -> str:
+    return f"sparsegpt:{pattern}" if pattern else f"sparsegpt:{sparsity:g}"
+
+
+def peer_section(args, path, dense, calib, test, ref, rows: list) -> None:
+    """Artemis's SparseGPT (manager and block pipeline) beside llm-compressor's, same token ids."""
+    import artemis
+
+    peer = None
+    tmp = tempfile.mkdtemp(prefix="sparsegpt_peer_")
+    if args.peer_python:
+        data = os.path.join(tmp, "batches.safetensors")
+        write_batches(data, calib, test, ref)
+        cmd = [args.peer_python, str(PEER_SCRIPT), "--data", data, "--model", str(path), "--threads", str(args.threads)]
+        for spec in args.peer_runs.split(","):
+            cmd += ["--run", spec]
+        env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
+        env.pop("PYTHONPATH", None)
+        print("peer:", " ".join(cmd), flush=True)
+        peer = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    wanted = set(args.artemis_rows.split(","))
+    settings = [(0.5, None), (0.7, None), (0.5, "2:4")]
+    for sparsity, pattern in settings:
+        extra = {"pattern": pattern} if pattern else {}
+        setting = pattern or f"{sparsity:.0%}"
+        variants = []
+        if "default" in wanted:
+            variants.append(("Artemis reconstruction: sparsegpt (manager.apply_pruning)", {}, "manager"))
+        if "paper" in wanted:
+            variants.append(
+                ("Artemis sparsegpt_variant: paper (manager.apply_pruning)", {"sparsegpt_variant": "paper"}, "manager")
+            )
+        if "oneshot" in wanted:
+            variants.append(("Artemis reconstruction: sparsegpt (artemis.oneshot)", {}, "oneshot"))
+        for label, more, how in variants:
+            if args.only and args.only not in label:
+                continue
+            model = copy.deepcopy(dense)
+            cfg = {"pruning": {"reconstruction": "sparsegpt", **extra, **more}}
+            load0 = os.getloadavg()[0]
+            t0 = time.perf_counter()
+            if how == "manager":
+                mgr = create_pruning_manager(cfg, model)
+                mgr.apply_pruning(sparsity, calibration_data=calib)
+                measured = mgr.get_pruning_summary()["measured_sparsity"]
+            else:
+                cfg["pruning"].setdefault("final_sparsity", sparsity)
+                out = artemis.oneshot(model, cfg, calib, progress=False)
+                measured = out.get("measured_sparsity", float("nan"))
+            secs = time.perf_counter() - t0
+            cos = float((embed(model, test) * ref).sum(-1).mean())
+            row = {
+                "section": "peer",
+                "setting": setting,
+                "label": label,
+                "config": cfg["pruning"],
+                "sparsity": round(float(measured), 4),
+                "cosine": round(cos, 4),
+                "seconds": round(secs, 1),
+                "load_before": round(load0, 2),
+                "load_after": round(os.getloadavg()[0], 2),
+            }
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    if peer is not None:
+        out, _ = peer.communicate()
+        peer_rows = [json.loads(line[5:]) for line in out.splitlines() if line.startswith("PEER ")]
+        if peer.returncode != 0 or not peer_rows:
+            print(out[-4000:])
+            raise SystemExit(f"the peer script failed (exit {peer.returncode})")
+        for r in peer_rows:
+            spec = r["peer"].split()[-1]
+            setting = spec if ":" in spec else f"{float(spec):.0%}"
+            rows.append({"section": "peer", "setting": setting, "label": r["peer"], **r})
+            print(json.dumps(rows[-1]), flush=True)
+
+
+def print_peer_table(rows: list) -> None:
+    """The side-by-side table: each Artemis row with the peer's figure of the same setting."""
+    peer = {r["setting"]: r for r in rows if r.get("section") == "peer" and "peer" in r}
+    print(
+        "| setting | configuration | mean cosine | time (s) | llm-compressor cosine | llm-compressor time (s) | time ratio |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        if r.get("section") != "peer" or "peer" in r:
+            continue
+        p = peer.get(r["setting"])
+        pc, ps = (f"{p['cosine']:.4f}", p["seconds"]) if p else ("–", "–")
+        ratio = f"{r['seconds'] / p['seconds']:.2f}×" if p and p["seconds"] else "–"
+        print(f"| {r['setting']} | {r['label']} | {r['cosine']:.4f} | {r['seconds']} | {pc} | {ps} | {ratio} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", type=int, default=1)
@@ -95,7 +222,9 @@ def main() -> None:
     ap.add_argument("--calib", type=int, default=128, help="calibration sentences")
     ap.add_argument("--quick", action="store_true", help="only the 50%% unstructured rows")
     ap.add_argument(
-        "--sections", default="50,24,70", help="comma list of: 50 (50%% unstructured), 24 (2:4), 70 (OWL vs uniform)"
+        "--sections",
+        default="50,24,70",
+        help="comma list of: 50 (50%% unstructured), 24 (2:4), 70 (OWL vs uniform), peer (beside llm-compressor)",
     )
     ap.add_argument("--only", default=None, help="run only the rows whose label contains this text")
     ap.add_argument(
@@ -109,6 +238,24 @@ def main() -> None:
         type=float,
         default=None,
         help="sparsegpt_dampening of the SparseGPT rows (default: the config default, 0.01)",
+    )
+    ap.add_argument(
+        "--config",
+        action="append",
+        default=[],
+        help="for --sections custom: a JSON pruning section to run at --sparsity (repeatable)",
+    )
+    ap.add_argument("--sparsity", type=float, default=0.5, help="for --sections custom")
+    ap.add_argument("--peer-python", default=None, help="interpreter with llm-compressor (for --sections peer)")
+    ap.add_argument(
+        "--peer-runs",
+        default="sparsegpt:0.5,sparsegpt:0.7,sparsegpt:2:4",
+        help="comma list of the peer's runs (kind:sparsity or kind:N:M; kinds sparsegpt, wanda)",
+    )
+    ap.add_argument(
+        "--artemis-rows",
+        default="default,paper,oneshot",
+        help="for --sections peer: comma list of default, paper, oneshot",
     )
     ap.add_argument(
         "--json",
@@ -159,7 +306,7 @@ def main() -> None:
 
     mag = {"importance_metric": "magnitude"}
     wan = {"importance_metric": act}
-    sg = {"reconstruction": "sparsegpt"}
+    sg = {"reconstruction": "sparsegpt", "sparsegpt_variant": "paper"}  # these rows vary the paper's settings
     if args.dampening is not None:
         sg["sparsegpt_dampening"] = args.dampening
     sections = {"50"} if args.quick else set(args.sections.split(","))
@@ -198,6 +345,12 @@ def main() -> None:
             run("70% SparseGPT uniform (layer)", 0.7, **mag, scope="layer", **sg, sparsegpt_mask="obs")
             run("70% SparseGPT OWL", 0.7, **wan, scope="owl", **sg, sparsegpt_mask="obs")
 
+    if "custom" in sections:
+        for text in args.config:
+            run(f"{args.sparsity:.0%} {text}", args.sparsity, **json.loads(text))
+    if "peer" in sections:
+        peer_section(args, path, dense, calib, test, ref, rows)
+
     print()
     tokens = sum(int(b["attention_mask"].sum()) for b in calib)
     damp = f", sparsegpt_dampening {args.dampening}" if args.dampening is not None else ""
@@ -205,14 +358,30 @@ def main() -> None:
         f"MiniLM, calibration {args.calib} train sentences ({tokens} tokens){damp}, evaluation {args.eval} test sentences, "
         f"torch {torch.__version__}, {args.threads} thread(s)"
     )
-    print("| configuration | measured sparsity | mean cosine vs dense | time (s) |")
-    print("|---|---|---|---|")
+    if any(r.get("section") != "peer" for r in rows):
+        print("| configuration | measured sparsity | mean cosine vs dense | time (s) |")
+        print("|---|---|---|---|")
     for r in rows:
+        if r.get("section") == "peer":
+            continue
         extra = f" (OWL layer sparsity {r['owl_range'][0]}–{r['owl_range'][1]})" if "owl_range" in r else ""
         print(f"| {r['label']}{extra} | {r['sparsity']:.4f} | {r['cosine']:.4f} | {r['seconds']} |")
+    if "peer" in sections:
+        print_peer_table(rows)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
+            json.dump(
+                {
+                    "command": "PYTHONPATH=src python " + " ".join(sys.argv),
+                    "machine": machine(),
+                    "threads": args.threads,
+                    "calibration": {"sentences": args.calib, "tokens": tokens},
+                    "evaluation_sentences": args.eval,
+                    "rows": rows,
+                },
+                f,
+                indent=1,
+            )
 
 
 if __name__ == "__main__":

@@ -57,7 +57,7 @@ def test_pattern_config_sets_final_sparsity_and_normalises():
         ({"sparsegpt_blocksize": 0}, r"sparsegpt_blocksize must be at least 1"),
         ({"sparsegpt_obs_scope": "rows"}, r"unknown sparsegpt_obs_scope 'rows'; valid: 'layer', 'row'"),
         (
-            {"sparsegpt_obs_scope": "row"},
+            {"sparsegpt_obs_scope": "row", "sparsegpt_mask": "metric"},
             r"sparsegpt_obs_scope 'row' only applies with sparsegpt_mask: obs and no pattern "
             r"\(sparsegpt_mask is 'metric'",
         ),
@@ -354,7 +354,17 @@ def test_manager_sparsegpt_keeps_masks_and_lowers_error():
     m1 = create_pruning_manager({"pruning": {"scope": "layer"}}, plain)
     m1.apply_pruning(0.6)
     rec = tiny_llama()
-    m2 = create_pruning_manager({"pruning": {"scope": "layer", "reconstruction": "sparsegpt"}}, rec)
+    m2 = create_pruning_manager(
+        {
+            "pruning": {
+                "scope": "layer",
+                "reconstruction": "sparsegpt",
+                "sparsegpt_variant": "paper",
+                "sparsegpt_mask": "metric",
+            }
+        },
+        rec,
+    )
     m2.apply_pruning(0.6, calibration_data=calib)
     assert m2.last_reconstruction["layers"] == len(m2.method.targets) == 14
     assert m2.last_reconstruction["tokens"] == 3 * 2 * 16  # batches × rows × tokens
@@ -383,7 +393,7 @@ def test_manager_sparsegpt_obs_mode_with_2_4():
 def test_manager_sparsegpt_dense_target_and_row_scope():
     dense = tiny_llama()
     calib = _calib()
-    cfg = {"scope": "layer", "reconstruction": "sparsegpt", "sparsegpt_mask": "obs"}
+    cfg = {"scope": "layer", "reconstruction": "sparsegpt", "sparsegpt_variant": "paper"}
     runs = {}
     for name, extra in (
         ("pruned", {}),

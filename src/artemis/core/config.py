@@ -276,12 +276,15 @@ class PruningConfig(ConfigSection):
     (``cfg.owl_lambda``), with their defaults when not given:
 
     * :class:`artemis.methods.sparsegpt.SparseGPTOptions` — ``reconstruction`` and
+      ``sparsegpt_variant`` (``artemis`` or ``paper``: the settings of the keys not given),
       ``sparsegpt_blocksize``, ``sparsegpt_dampening``, ``sparsegpt_mask``,
-      ``sparsegpt_obs_scope``, ``sparsegpt_target`` (``magnitude_progressive``);
+      ``sparsegpt_obs_scope``, ``sparsegpt_target``, ``sparsegpt_shrinkage``,
+      ``sparsegpt_bias_correction`` (``magnitude_progressive``);
     * :class:`artemis.methods.owl.OWLOptions` — ``owl_lambda``, ``owl_m``
       (``magnitude_progressive`` with ``scope: owl``);
     * :class:`artemis.methods.structured.StructuredOptions` — ``structured_units``,
-      ``structured_widths`` (``structured_sparsity``);
+      ``structured_widths``, ``structured_norm``, ``structured_reduction``
+      (``structured_sparsity``);
     * :class:`artemis.methods.layer_dropout.LayerDropoutOptions` — the ``layer_dropout:``
       sub-section (``layer_dropout``).
 

@@ -39,11 +39,11 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Iterable, Literal, Optional, Sequence
+from typing import Any, Iterable, Literal, NamedTuple, Optional, Sequence
 
 import torch
 import torch.nn as nn
-from pydantic import field_validator
+from pydantic import field_validator, model_validator
 from torch import Tensor
 from torch.func import functional_call
 
@@ -72,6 +72,30 @@ logger = logging.getLogger(__name__)
 RECONSTRUCTIONS = ("none", "sparsegpt")
 SPARSEGPT_OBS_SCOPES = ("layer", "row")
 SPARSEGPT_TARGETS = ("pruned", "dense")
+SPARSEGPT_SHRINKAGES = ("none", "ledoit_wolf")
+SPARSEGPT_VARIANTS = ("artemis", "paper")
+
+#: The settings each ``sparsegpt_variant`` gives the keys that are not set explicitly.
+SPARSEGPT_VARIANT_SETTINGS: dict[str, dict[str, Any]] = {
+    # the paper (Frantar & Alistarh, 2023) and its reference code
+    "paper": {
+        "sparsegpt_mask": "obs",
+        "sparsegpt_obs_scope": "layer",
+        "sparsegpt_target": "pruned",
+        "sparsegpt_dampening": 0.01,
+        "sparsegpt_shrinkage": "none",
+        "sparsegpt_bias_correction": False,
+    },
+    # the measured best (docs/benchmarks/sparsegpt.md)
+    "artemis": {
+        "sparsegpt_mask": "obs",
+        "sparsegpt_obs_scope": "row",
+        "sparsegpt_target": "dense",
+        "sparsegpt_dampening": 0.01,
+        "sparsegpt_shrinkage": "ledoit_wolf",
+        "sparsegpt_bias_correction": True,
+    },
+}
 
 
 class SparseGPTOptions(MethodOptions):
@@ -83,54 +107,90 @@ class SparseGPTOptions(MethodOptions):
             layer's output error on calibration data (the OBS update with the inverse
             Hessian of the layer inputs, :func:`reconstruct_layers`). Needs calibration data
             (``apply_pruning(s, calibration_data)`` or ``manager.set_calibration_data(batches)``).
+        sparsegpt_variant: ``artemis`` (default) or ``paper``: the settings of the keys
+            below that are not given (:data:`SPARSEGPT_VARIANT_SETTINGS`). ``paper`` is the
+            SparseGPT paper's algorithm (OBS-chosen mask compared over each layer, pruned
+            inputs as the target, dampening 0.01, no shrinkage, biases unchanged);
+            ``artemis`` is the measured best of docs/benchmarks/sparsegpt.md (per-row OBS
+            mask, dense targets, Ledoit-Wolf shrinkage of the Hessian, bias refitted). An explicit key
+            overrides its variant's setting.
         sparsegpt_blocksize: columns updated together by the reconstruction (default 128).
         sparsegpt_dampening: fraction of the mean Hessian diagonal added to its diagonal
-            before inversion (default 0.01).
-        sparsegpt_mask: ``metric`` (default): the reconstruction keeps the masks the
-            metric, scope and pattern chose; ``obs``: it keeps only each layer's pruned count
-            (or the N:M pattern) and chooses the weights itself by the OBS saliency
-            ``w²/[H⁻¹]ᵢᵢ²`` while it updates, as the SparseGPT paper does.
+            before inversion (0.01 in both variants).
+        sparsegpt_mask: ``obs`` (both variants): the reconstruction keeps only each
+            layer's pruned count (or the N:M pattern) and chooses the weights itself by the
+            OBS saliency ``w²/[H⁻¹]ᵢᵢ²`` while it updates, as the SparseGPT paper does;
+            ``metric``: it keeps the masks the metric, scope and pattern chose.
         sparsegpt_obs_scope: with ``sparsegpt_mask: obs`` and no ``pattern``, where the
-            OBS saliency competes: ``layer`` (default; as the paper, each block of columns
-            prunes its share over all rows of the layer) or ``row`` (every output row prunes
-            the same share of its weights in each block, as Wanda's per-row comparison).
+            OBS saliency competes: ``layer`` (``paper``: each block of columns prunes its
+            share over all rows of the layer) or ``row`` (``artemis``: every output row
+            prunes the same share of its weights in each block, as Wanda's per-row
+            comparison). Without obs selection, or with a pattern, the variant's setting
+            becomes ``layer`` (the only one that applies). With ``obs`` and no ``scope``
+            or ``pattern`` given, every layer prunes the same share (``scope`` becomes
+            ``layer``, as in the paper), not the shares a global metric threshold gives.
         sparsegpt_target: which output each layer is reconstructed to: ``pruned``
-            (default; as the paper, ``‖W X − Ŵ X‖²`` with ``X`` the layer's inputs in the
-            model pruned so far) or ``dense`` (``‖W X_dense − Ŵ X‖²``: the dense model's
+            (``paper``; ``‖W X − Ŵ X‖²`` with ``X`` the layer's inputs in the
+            model pruned so far) or ``dense`` (``artemis``; ``‖W X_dense − Ŵ X‖²``: the dense model's
             output from the pruned model's input, so each layer also corrects the error
             that the earlier pruned layers left). ``dense`` runs every calibration batch
             twice per layer and keeps a copy of the pruned weights as they were before the
-            event; it needs enough calibration tokens (several times the widest layer's
-            input size), else it fits the calibration noise.
+            event; without shrinkage it needs several times the widest layer's input size
+            in calibration tokens, else it fits the calibration noise.
+        sparsegpt_shrinkage: ``ledoit_wolf`` (``artemis``): each layer's Hessian is shrunk
+            toward a multiple of the identity by the Ledoit-Wolf intensity estimated from
+            its own calibration inputs (:meth:`HessianAccumulator.ledoit_wolf_dampening`),
+            added to ``sparsegpt_dampening``: strong when a layer has few tokens for its
+            width, near zero with plenty; ``none`` (``paper``): the fixed dampening only.
+        sparsegpt_bias_correction: ``true`` (``artemis``): a layer with a bias refits it
+            with the weights, so the OBS update works on the input covariance (the
+            Hessian of centred inputs) and the bias takes the mean output shift
+            ``(W − Ŵ) μ``; ``false`` (``paper``): the bias is left as it is.
 
     Example:
-        >>> SparseGPTOptions(reconstruction="sparsegpt").sparsegpt_blocksize
-        128
-        >>> SparseGPTOptions(reconstruction="sparsegpt").calibration_need(None)
+        >>> opts = SparseGPTOptions(reconstruction="sparsegpt")
+        >>> opts.sparsegpt_blocksize, opts.sparsegpt_mask, opts.sparsegpt_obs_scope, opts.sparsegpt_shrinkage
+        (128, 'obs', 'row', 'ledoit_wolf')
+        >>> SparseGPTOptions(reconstruction="sparsegpt", sparsegpt_variant="paper").sparsegpt_obs_scope
+        'layer'
+        >>> opts.calibration_need(None)
         'reconstruction: sparsegpt'
     """
 
     reconstruction: str = "none"
+    sparsegpt_variant: str = "artemis"
     sparsegpt_blocksize: int = 128
-    sparsegpt_dampening: float = 0.01
-    sparsegpt_mask: Literal["metric", "obs"] = "metric"
-    sparsegpt_obs_scope: str = "layer"
-    sparsegpt_target: str = "pruned"
+    sparsegpt_dampening: Optional[float] = None
+    sparsegpt_mask: Optional[Literal["metric", "obs"]] = None
+    sparsegpt_obs_scope: Optional[str] = None
+    sparsegpt_target: Optional[str] = None
+    sparsegpt_shrinkage: Optional[str] = None
+    sparsegpt_bias_correction: Optional[bool] = None
 
     @field_validator("reconstruction")
     @classmethod
     def _check_reconstruction(cls, v: str) -> str:
         return one_of("reconstruction", v, RECONSTRUCTIONS)
 
+    @field_validator("sparsegpt_variant")
+    @classmethod
+    def _check_variant(cls, v: str) -> str:
+        return one_of("sparsegpt_variant", v, SPARSEGPT_VARIANTS)
+
     @field_validator("sparsegpt_obs_scope")
     @classmethod
-    def _check_obs_scope(cls, v: str) -> str:
-        return one_of("sparsegpt_obs_scope", v, SPARSEGPT_OBS_SCOPES)
+    def _check_obs_scope(cls, v: Optional[str]) -> Optional[str]:
+        return v if v is None else one_of("sparsegpt_obs_scope", v, SPARSEGPT_OBS_SCOPES)
 
     @field_validator("sparsegpt_target")
     @classmethod
-    def _check_target(cls, v: str) -> str:
-        return one_of("sparsegpt_target", v, SPARSEGPT_TARGETS)
+    def _check_target(cls, v: Optional[str]) -> Optional[str]:
+        return v if v is None else one_of("sparsegpt_target", v, SPARSEGPT_TARGETS)
+
+    @field_validator("sparsegpt_shrinkage")
+    @classmethod
+    def _check_shrinkage(cls, v: Optional[str]) -> Optional[str]:
+        return v if v is None else one_of("sparsegpt_shrinkage", v, SPARSEGPT_SHRINKAGES)
 
     @field_validator("sparsegpt_blocksize")
     @classmethod
@@ -141,13 +201,38 @@ class SparseGPTOptions(MethodOptions):
 
     @field_validator("sparsegpt_dampening")
     @classmethod
-    def _check_damp(cls, v: float) -> float:
-        if not (0.0 < v <= 1.0):
+    def _check_damp(cls, v: Optional[float]) -> Optional[float]:
+        if v is not None and not (0.0 < v <= 1.0):
             raise ValueError(f"sparsegpt_dampening must be in (0, 1], got {v!r}")
         return v
 
+    @model_validator(mode="after")
+    def _apply_variant(self) -> "SparseGPTOptions":
+        """Give every key left unset (None) its variant's setting."""
+        for key, value in SPARSEGPT_VARIANT_SETTINGS[self.sparsegpt_variant].items():
+            if self.__dict__[key] is None:
+                self.__dict__[key] = value
+        return self
+
+    def in_use(self, cfg: Any) -> list[str]:
+        """The keys whose value differs from what ``sparsegpt_variant: artemis`` gives."""
+        defaults = {"reconstruction": "none", "sparsegpt_variant": "artemis", "sparsegpt_blocksize": 128}
+        defaults.update(SPARSEGPT_VARIANT_SETTINGS["artemis"])
+        return [k for k, v in defaults.items() if getattr(self, k) != v]
+
     def check(self, cfg: Any) -> None:
-        if self.sparsegpt_obs_scope != "layer" and (self.sparsegpt_mask != "obs" or cfg.pattern is not None):
+        if self.reconstruction != "none" and self.sparsegpt_mask == "obs" and cfg.scope is None and cfg.pattern is None:
+            # the OBS choice keeps each layer's count: with no scope given, the same share per layer
+            cfg.__dict__["scope"] = "layer"
+        scope_applies = self.sparsegpt_mask == "obs" and cfg.pattern is None
+        if self.sparsegpt_obs_scope != "layer" and not scope_applies:
+            if "sparsegpt_obs_scope" not in self.model_fields_set:
+                # the variant's setting, where it does not apply: the one that does
+                self.__dict__["sparsegpt_obs_scope"] = "layer"
+                extra = getattr(cfg, "__pydantic_extra__", None)
+                if isinstance(extra, dict) and "sparsegpt_obs_scope" in extra:
+                    extra["sparsegpt_obs_scope"] = "layer"
+                return
             raise ValueError(
                 f"sparsegpt_obs_scope {self.sparsegpt_obs_scope!r} only applies with sparsegpt_mask: obs and no "
                 f"pattern (sparsegpt_mask is {self.sparsegpt_mask!r}, pattern is {cfg.pattern!r}); remove it"
@@ -180,6 +265,14 @@ def layer_inputs_2d(x: Tensor, token_mask: Optional[Tensor] = None) -> Tensor:
     return x.detach().reshape(-1, x.shape[-1]).to(torch.float32)
 
 
+def _frobenius2(s: Tensor) -> float:
+    """``‖S‖²_F`` accumulated in float64, row block by row block (no ``in × in`` temporary)."""
+    total = 0.0
+    for k in range(0, s.shape[0], 64):
+        total += float(torch.linalg.vector_norm(s[k : k + 64], dtype=torch.float64) ** 2)
+    return total
+
+
 class HessianAccumulator:
     """Running ``H = 2 XᵀX / n`` of one layer's inputs (``X``: tokens × in_features).
 
@@ -193,9 +286,15 @@ class HessianAccumulator:
         [[2.0, 2.0], [2.0, 4.0]]
     """
 
-    def __init__(self, in_features: int, device: Optional[torch.device] = None) -> None:
+    def __init__(self, in_features: int, device: Optional[torch.device] = None, moments: bool = False) -> None:
         self.sum = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
         self.count = 0
+        self.moments = moments  # also the sums that the mean and the shrinkage intensities need
+        # first moments and the fourth-moment terms that the Ledoit-Wolf intensity needs (float64, O(in))
+        self.x_sum = torch.zeros(in_features, dtype=torch.float64, device=device)
+        self.sq_x_sum = torch.zeros(in_features, dtype=torch.float64, device=device)
+        self.sq_sum = 0.0
+        self.fourth_sum = 0.0
 
     def add(self, x2d: Tensor) -> None:
         """Add the rows of ``x2d`` ``(tokens, in_features)``."""
@@ -204,6 +303,75 @@ class HessianAccumulator:
         x2d = x2d.to(device=self.sum.device, dtype=torch.float32)
         self.sum.addmm_(x2d.T, x2d)
         self.count += x2d.shape[0]
+        if not self.moments:
+            return
+        sq = torch.linalg.vector_norm(x2d, dim=1) ** 2  # (tokens,): no tokens × in temporary
+        self.x_sum += x2d.sum(0)
+        self.sq_x_sum += sq @ x2d
+        sq = sq.to(torch.float64)
+        self.sq_sum += float(sq.sum())
+        self.fourth_sum += float((sq * sq).sum())
+
+    def mean(self) -> Tensor:
+        """Mean input ``μ = Σx / n`` (float32, ``(in,)``; needs ``moments=True``)."""
+        if not self.moments:
+            raise ValueError("this accumulator keeps only XᵀX; create it with moments=True for the mean")
+        if self.count == 0:
+            raise CalibrationError("the layer saw no calibration tokens; its mean is undefined")
+        return (self.x_sum / self.count).to(torch.float32)
+
+    def covariance_hessian(self) -> Tensor:
+        """``2 (XᵀX/n − μμᵀ)``: the Hessian of the output error when the layer's bias is
+        refitted with the weight (the error of a centred input)."""
+        mu = self.mean().to(self.sum.device)
+        return self.hessian().addr_(mu, mu, alpha=-2.0)
+
+    def _second_and_fourth(self, centered: bool) -> tuple[Tensor, float]:
+        """``(S, Σᵢ‖xᵢ‖⁴)`` of the raw or centred inputs (``S`` float32)."""
+        if not self.moments:
+            raise ValueError("this accumulator keeps only XᵀX; create it with moments=True for the shrinkage")
+        n = self.count
+        s = self.sum / n  # the one in × in temporary here (float32)
+        fourth = self.fourth_sum
+        if centered:
+            mu = self.x_sum / n
+            c = float(mu @ mu)
+            s.addr_(mu.to(s.dtype), mu.to(s.dtype), alpha=-1.0)
+            # Σ‖x−μ‖⁴ from the raw sums: ‖x−μ‖² = a − 2b + c with a = ‖x‖², b = xᵀμ
+            sum_ab = float(mu @ self.sq_x_sum)
+            sum_b2 = float(mu @ (self.sum @ mu.to(self.sum.dtype)).to(torch.float64))
+            fourth = fourth - 4 * sum_ab + 4 * sum_b2 + 2 * c * self.sq_sum - 3 * n * c * c
+        return s, fourth
+
+    def ledoit_wolf_dampening(self, centered: bool = False) -> float:
+        """The Ledoit-Wolf shrinkage of the input second moment ``S`` (or covariance, with
+        ``centered``) toward ``mean(diag S)·I``, as a dampening ratio ``α/(1−α)``: the
+        shrunk ``(1−α)S + α·mean(diag S)·I`` is ``S + α/(1−α)·mean(diag S)·I`` up to scale.
+
+        ``α = min(β², δ²)/δ²`` with ``δ² = ‖S − mI‖²_F`` and
+        ``β² = (Σᵢ‖xᵢ‖⁴/n − ‖S‖²_F)/n`` (Ledoit & Wolf, 2004): the estimated variance of
+        ``S``'s entries against their spread. Few tokens for many inputs give α near 1.
+
+        Example:
+            >>> import torch
+            >>> acc = HessianAccumulator(2, moments=True)
+            >>> acc.add(torch.tensor([[1.0, 0.0], [3.0, 0.0], [0.0, 1.0], [0.0, 1.0]] * 2))
+            >>> round(acc.ledoit_wolf_dampening(), 4)  # S = diag(2.5, .5): α = 1.8125/2, α/(1−α) = 29/3
+            9.6667
+        """
+        n = self.count
+        if n == 0:
+            raise CalibrationError("the layer saw no calibration tokens; its Hessian is undefined")
+        d = self.sum.shape[0]
+        s, fourth = self._second_and_fourth(centered)
+        m = float(s.diagonal().to(torch.float64).mean())
+        fro2 = _frobenius2(s)
+        delta2 = fro2 - d * m * m
+        if delta2 <= 0:
+            return 0.0
+        beta2 = min(max((fourth / n - fro2) / n, 0.0), delta2)
+        alpha = beta2 / delta2
+        return alpha / (1.0 - alpha) if alpha < 1.0 else 1e6
 
     def hessian(self) -> Tensor:
         """``2 XᵀX / n`` (float32, ``(in, in)``)."""
@@ -506,6 +674,17 @@ def _damped_hessian(h: Tensor, dampening: float) -> Tensor:
     return h
 
 
+class _Stats(NamedTuple):
+    """One layer's calibration statistics, as :func:`reconstruct_layers` uses them."""
+
+    hessian: Tensor
+    cross: Optional[Tensor]
+    tokens: int
+    extra_dampening: float
+    mean: Optional[Tensor]
+    dense_mean: Optional[Tensor]
+
+
 def _layer_statistics(
     model: nn.Module,
     t: Any,
@@ -514,20 +693,34 @@ def _layer_statistics(
     device: torch.device,
     target: str,
     dense_params: dict[str, Tensor],
-) -> tuple[Tensor, Optional[Tensor], int, set]:
+    centered: bool = False,
+    shrinkage: str = "none",
+) -> tuple["_Stats", set]:
     """Run the calibration batches until ``t``'s input is seen and return ``(H, C, tokens,
     same)``: the Hessian, the dense/pruned cross product (``target='dense'``, else None),
     the token count, and the keys of the ``later`` targets that received the *very same
     input tensor* as ``t`` in every batch (q/k/v of an attention block, gate/up of a gated
     MLP). Such a target's input cannot depend on ``t``'s weight (it existed before ``t``
     ran), so the same ``H`` (and ``C``) serve it after ``t`` is updated. The pruned pass
-    continues past ``t`` only until a later target is called with another input."""
+    continues past ``t`` only until a later target is called with another input.
+
+    With ``centered`` the Hessian and cross product are those of the centred inputs and
+    the means are returned (for the bias refit); with ``shrinkage='ledoit_wolf'`` the
+    Ledoit-Wolf dampening of the inputs is returned too."""
     cols = t.rows_view(t.param).shape[1]
-    acc = HessianAccumulator(cols, device=t.param.device)
+    acc = HessianAccumulator(cols, device=t.param.device, moments=centered or shrinkage != "none")
     later_keys = {id(u.module): u.key for u in later}
-    state: dict[str, Any] = {"token_mask": None, "phase": "pruned", "x_obj": None, "batch_same": set(), "same": None}
+    state: dict[str, Any] = {
+        "token_mask": None,
+        "phase": "pruned",
+        "x_obj": None,
+        "batch_same": set(),
+        "same": None,
+        "acc": acc,
+    }
     if target == "dense":
         state["cross"] = torch.zeros_like(acc.sum)
+        state["dense_sum"] = torch.zeros(cols, dtype=torch.float64, device=acc.sum.device)
 
     def after_batch() -> None:
         same = state["batch_same"] if state["x_obj"] is not None else set()
@@ -545,9 +738,11 @@ def _layer_statistics(
         if state["phase"] == "dense":
             state["x_dense"] = x
             raise _StopForward
-        acc.add(x)
+        state["acc"].add(x)
         if target == "dense":
-            state["cross"].addmm_(x.T, state.pop("x_dense").to(acc.sum.device))
+            xd = state.pop("x_dense").to(x.device)
+            state["cross"].addmm_(x.T, xd)
+            state["dense_sum"] += xd.to(torch.float64).sum(0)
         if not later_keys:
             raise _StopForward
         state["x_obj"] = args[0]
@@ -576,9 +771,16 @@ def _layer_statistics(
         state["x_obj"] = None
     if acc.count == 0:
         raise CalibrationError(f"no calibration batch reached layer {t.name}; the model never called it")
-    h = acc.hessian()
-    cross = state.pop("cross") * (2.0 / acc.count) if target == "dense" else None
-    return h, cross, acc.count, state["same"] or set()
+    tokens = acc.count
+    cross = state.pop("cross").mul_(2.0 / acc.count) if target == "dense" else None
+    dense_mean = (state.pop("dense_sum") / acc.count).to(torch.float32) if target == "dense" else None
+    mean = acc.mean() if centered else None
+    extra_damp = acc.ledoit_wolf_dampening(centered) if shrinkage == "ledoit_wolf" else 0.0
+    h = acc.covariance_hessian() if centered else acc.hessian()
+    del acc, state["acc"]  # its sum: one in × in matrix less while the layer is updated
+    if cross is not None and centered:  # the cross product of centred inputs
+        cross.addr_(mean.to(cross.device), dense_mean.to(cross.device), alpha=-2.0)
+    return _Stats(h, cross, tokens, extra_damp, mean, dense_mean), state["same"] or set()
 
 
 @torch.no_grad()
@@ -596,6 +798,8 @@ def reconstruct_layers(
     per_row: bool = False,
     target: str = "pruned",
     share_inputs: bool = True,
+    bias_correction: bool = False,
+    shrinkage: str = "none",
 ) -> dict[str, Any]:
     """Update the kept weights of each target (SparseGPT's OBS update), one layer at a time.
 
@@ -653,6 +857,11 @@ def reconstruct_layers(
     if target == "dense":  # the weights before this event, substituted for the dense passes
         names = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
         dense_params = {names[id(t.param)]: t.param.detach().clone() for t in chosen if id(t.param) in names}
+        if bias_correction:  # the refitted biases change too: the dense passes keep the old ones
+            for t in chosen:
+                b = getattr(t.module, "bias", None)
+                if isinstance(b, Tensor) and id(b) in names:
+                    dense_params[names[id(b)]] = b.detach().clone()
     copy_bytes = sum(p.numel() * p.element_size() for p in dense_params.values())
     device = model_device(model)
     was_training = model.training
@@ -662,28 +871,50 @@ def reconstruct_layers(
     tokens = 0
     passes = reused = 0
     try:
-        shared: dict[str, tuple[Tensor, Optional[Tensor], int]] = {}  # Hessians of layers seen sharing an input
+        shared: dict[str, _Stats] = {}  # statistics of layers seen sharing an input
         for idx, t in enumerate(chosen):
             weight = t.rows_view(t.param)  # (out, in)
+            bias = getattr(t.module, "bias", None)
+            fit_bias = bias_correction and isinstance(bias, Tensor) and bias.numel() == weight.shape[0]
             if t.key in shared:  # same input tensor as an earlier target: the same Hessian
-                h, cross, tokens = shared.pop(t.key)
+                stats = shared.pop(t.key)
                 reused += 1
-                if target == "dense":
-                    weight = dense_target_weight(weight, h, cross, dampening)
             else:
-                h, cross, tokens, same = _layer_statistics(
-                    model, t, chosen[idx + 1 :] if share_inputs else [], data, device, target, dense_params
+                stats, same = _layer_statistics(
+                    model,
+                    t,
+                    chosen[idx + 1 :] if share_inputs else [],
+                    data,
+                    device,
+                    target,
+                    dense_params,
+                    centered=fit_bias,
+                    shrinkage=shrinkage,
                 )
                 passes += 1
                 for u in chosen[idx + 1 :]:
                     if u.key in same:
-                        shared[u.key] = (h, cross, tokens)
-                if target == "dense":
-                    weight = dense_target_weight(weight, h, cross, dampening)
-                cross = None
+                        shared[u.key] = stats
+            h, tokens = stats.hessian, stats.tokens
+            if fit_bias and stats.mean is None:  # shared from a layer without a bias: plain statistics
+                fit_bias = False
+            elif not fit_bias and stats.mean is not None:  # centred statistics from a sharer with a bias
+                h = h.addr(stats.mean.to(h.device), stats.mean.to(h.device), alpha=2.0)
+            damp = dampening + stats.extra_dampening
+            ref_out = mean_p = None
+            if fit_bias:
+                mean_p = stats.mean.to(weight.device)
+                mu_ref = stats.dense_mean if stats.dense_mean is not None else stats.mean
+                ref_out = weight.detach().to(torch.float32) @ mu_ref.to(weight.device)  # W μ_dense
+            if target == "dense":
+                cross = stats.cross
+                if cross is not None and stats.mean is not None and not fit_bias:
+                    cross = cross.addr(stats.mean.to(cross.device), stats.dense_mean.to(cross.device), alpha=2.0)
+                weight = dense_target_weight(weight, h, cross, damp)
+                del cross
             mask = t.rows_view(masks[t.key].to(weight.device))
             if select == "metric":
-                new_w, _ = sparsegpt_prune(weight, h, mask=mask, blocksize=blocksize, dampening=dampening)
+                new_w, _ = sparsegpt_prune(weight, h, mask=mask, blocksize=blocksize, dampening=damp)
             else:
                 prior = priors.get(t.key) if priors else None
                 new_w, keep = sparsegpt_prune(
@@ -693,11 +924,14 @@ def reconstruct_layers(
                     pattern=pattern,
                     prior=t.rows_view(prior.to(weight.device)) if prior is not None else None,
                     blocksize=blocksize,
-                    dampening=dampening,
+                    dampening=damp,
                     per_row=per_row,
                 )
                 masks[t.key] = t.rows_view(keep).contiguous()
-            del h, cross
+            del h, stats
+            if fit_bias:  # b + W μ_d − Ŵ μ_p: the mean output the dense layer gave
+                shift = ref_out - new_w.to(torch.float32) @ mean_p
+                bias.add_(shift.to(bias.dtype))
             t.param.copy_(t.rows_view(new_w))
             rows, cols = weight.shape
             del new_w, weight  # free this layer's float32 result (and W*) before the next layer's Hessian

@@ -370,6 +370,8 @@ class UnstructuredMethod(PruningMethod):
             pattern=self._event_pattern(masks),
             per_row=cfg.sparsegpt_obs_scope == "row",
             target=cfg.sparsegpt_target,
+            bias_correction=cfg.sparsegpt_bias_correction,
+            shrinkage=cfg.sparsegpt_shrinkage,
         )
         return self.last_reconstruction
 
