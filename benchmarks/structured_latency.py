@@ -257,7 +257,15 @@ def main() -> None:
     ap.add_argument("--json", help="raw output (default: benchmarks/results/structured_<latency|quality>_<n>t.json)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    res = {"threads": args.threads, "torch": torch.__version__}
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from _common import machine
+
+    res = {
+        "command": "python " + " ".join(sys.argv),
+        "machine": machine(),
+        "threads": args.threads,
+        "torch": torch.__version__,
+    }
     if not args.skip_latency:
         res.update(latency(args))
     if not args.skip_quality:

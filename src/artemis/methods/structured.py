@@ -17,9 +17,14 @@ structures). Counts never decrease during a run. A count that would remove every
 attention unit (or every neuron) of a block is an error, raised before anything changes.
 
 Scores: ``metric.score(target)`` of every weight a unit touches (magnitude, activation,
-gradient sensitivity — any registered metric), **summed over the unit's rows and
-columns** (biases follow their rows and are not scored). Within one kind every unit
-has the same number of weights, so this ranks units by their mean score too.
+gradient sensitivity — any registered metric). Per coupled projection (each in-projection's
+rows of the unit, the out-projection's columns of the unit) the scores make one number,
+their ``structured_norm`` (``l2`` by default: ``sqrt(Σ s²)``; ``l1``: ``Σ|s|``), and the
+``structured_reduction`` of those numbers (``sum``, ``mean``, ``max``, or ``output``: the
+out-projection's columns only) is the unit's score (:func:`reduce_unit_scores`). The
+default reduction follows the metric (:func:`default_reduction`): ``output`` for
+``activation`` (the norm of what the unit writes over the calibration tokens), ``sum``
+otherwise. Biases follow their rows and are not scored.
 
 Widths (``structured_widths``):
 
@@ -87,7 +92,11 @@ __all__ = [
     "StructuredOptions",
     "STRUCTURED_UNITS",
     "STRUCTURED_WIDTHS",
+    "STRUCTURED_NORMS",
+    "STRUCTURED_REDUCTIONS",
     "plan_unit_counts",
+    "reduce_unit_scores",
+    "default_reduction",
     "load_pruned_model",
     "STRUCTURE_FORMAT_VERSION",
 ]
@@ -99,6 +108,8 @@ _UNIT_KIND = {"attention_heads": ATTENTION, "mlp_neurons": MLP}
 _KIND_WORD = {ATTENTION: "attention units (KV head groups)", MLP: "MLP neurons"}
 STRUCTURED_UNITS = ("attention_heads", "mlp_neurons")
 STRUCTURED_WIDTHS = ("uniform", "per_layer")
+STRUCTURED_NORMS = ("l1", "l2")
+STRUCTURED_REDUCTIONS = ("sum", "mean", "max", "output")
 
 
 class StructuredOptions(MethodOptions):
@@ -111,14 +122,28 @@ class StructuredOptions(MethodOptions):
             heads and neurons, so the saved model is a plain Hugging Face model) or
             ``per_layer`` (units ranked across blocks; load the result with
             :func:`load_pruned_model`).
+        structured_norm: how the metric scores of a unit's weights in one coupled
+            projection make one number: ``l2`` (default; Euclidean norm of the scores)
+            or ``l1`` (sum of absolute scores).
+        structured_reduction: how a unit's per-projection norms (its rows of the
+            in-projections, its columns of the out-projection) make its score: ``sum``,
+            ``mean`` or ``max`` over all of them, or ``output`` (the out-projection's
+            columns only). ``None`` (default) picks the metric's: ``output`` for
+            ``activation``, ``sum`` for the others (:func:`default_reduction`). Every
+            unit of one kind has the same projections, so ``sum`` and ``mean`` rank
+            units identically.
 
     Example:
         >>> StructuredOptions(structured_units=["mlp_neurons"]).structured_widths
         'uniform'
+        >>> StructuredOptions().structured_norm, StructuredOptions().structured_reduction
+        ('l2', None)
     """
 
     structured_units: list[str] = Field(default_factory=lambda: list(STRUCTURED_UNITS))
     structured_widths: str = "uniform"
+    structured_norm: str = "l2"
+    structured_reduction: Optional[str] = None
 
     @field_validator("structured_units")
     @classmethod
@@ -136,6 +161,91 @@ class StructuredOptions(MethodOptions):
     @classmethod
     def _check_structured_widths(cls, v: str) -> str:
         return one_of("structured_widths", v, STRUCTURED_WIDTHS)
+
+    @field_validator("structured_norm")
+    @classmethod
+    def _check_structured_norm(cls, v: str) -> str:
+        return one_of("structured_norm", v, STRUCTURED_NORMS)
+
+    @field_validator("structured_reduction")
+    @classmethod
+    def _check_structured_reduction(cls, v: Optional[str]) -> Optional[str]:
+        return v if v is None else one_of("structured_reduction", v, STRUCTURED_REDUCTIONS)
+
+
+def default_reduction(metric: str) -> str:
+    """The ``structured_reduction`` used when none is given, for importance metric ``metric``.
+
+    ``activation`` scores ``|W_ij|·‖X_j‖₂``; on the out-projection's columns of a unit
+    their ``l2`` norm is the norm of what the unit writes to the residual stream over
+    the calibration tokens (exactly, for an MLP neuron), so ``output`` ranks by that
+    alone. Weight-only metrics (``magnitude``) rank best with every coupled weight
+    (``sum``); see docs/benchmarks/structured.md for the measurements.
+
+    Example:
+        >>> default_reduction("activation"), default_reduction("magnitude")
+        ('output', 'sum')
+    """
+    return "output" if metric == "activation" else "sum"
+
+
+def reduce_unit_scores(
+    rows: Sequence[Tensor], columns: Sequence[Tensor], norm: str = "l2", reduction: str = "sum"
+) -> Tensor:
+    """Unit scores from the metric scores of the weights each unit owns.
+
+    Each coupled projection gives one number per unit, the ``norm`` of the unit's weight
+    scores there (``l1``: ``Σ|s|``, ``l2``: ``sqrt(Σ s²)``); ``reduction`` combines a
+    unit's numbers: ``sum``, ``mean`` or ``max`` over all its projections, or ``output``:
+    the sum over the out-projection(s) only (the columns that read the unit's output).
+
+    Args:
+        rows: one tensor per in-projection (query/key/value, gate/up), shaped
+            ``(units, weights per unit)``: the scores of the unit's rows there.
+        columns: the same for the out-projection (output/down): the unit's columns.
+        norm: ``l1`` or ``l2``.
+        reduction: ``sum``, ``mean``, ``max`` or ``output``.
+
+    Returns:
+        ``(units,)`` float64 scores; lower means pruned first.
+
+    Raises:
+        ValueError: an unknown ``norm`` or ``reduction``, or no scores to reduce.
+
+    Example:
+        >>> import torch
+        >>> up = torch.tensor([[3.0, 4.0], [1.0, 0.0]])  # unit 0: row (3, 4); unit 1: row (1, 0)
+        >>> down = torch.tensor([[0.0, 2.0], [6.0, 8.0]])  # their columns of the out-projection
+        >>> reduce_unit_scores([up], [down], "l2", "sum").tolist()
+        [7.0, 11.0]
+        >>> reduce_unit_scores([up], [down], "l1", "max").tolist()
+        [7.0, 14.0]
+        >>> reduce_unit_scores([up], [down], "l2", "output").tolist()
+        [2.0, 10.0]
+    """
+    one_of("structured_norm", norm, STRUCTURED_NORMS)
+    one_of("structured_reduction", reduction, STRUCTURED_REDUCTIONS)
+    parts = [(False, p) for p in rows] + [(True, p) for p in columns]
+    if not parts or (reduction == "output" and not columns):
+        raise ValueError(f"reduce_unit_scores with reduction {reduction!r} got no scores to reduce")
+    per, is_output = [], []
+    for out, p in parts:
+        p = p.detach().to(torch.float64)
+        per.append(p.abs().sum(dim=1) if norm == "l1" else p.pow(2).sum(dim=1).sqrt())
+        is_output.append(out)
+    return _reduce(torch.stack(per), torch.tensor(is_output), reduction)
+
+
+def _reduce(per: Tensor, is_output: Tensor, reduction: str) -> Tensor:
+    """Reduce ``(projections, units)`` per-projection norms over the projections;
+    ``is_output`` marks the out-projection(s)."""
+    if reduction == "sum":
+        return per.sum(dim=0)
+    if reduction == "mean":
+        return per.mean(dim=0)
+    if reduction == "max":
+        return per.max(dim=0).values
+    return per[is_output].sum(dim=0)
 
 
 def plan_unit_counts(
@@ -222,6 +332,8 @@ class StructuredMethod(PruningMethod):
         self.structures: StructureAdapter = get_structure_adapter(self.adapter.name, self.model)
         self.kinds = [_UNIT_KIND[u] for u in ("attention_heads", "mlp_neurons") if u in cfg.structured_units]
         self.uniform = cfg.structured_widths == "uniform"
+        self.norm = cfg.structured_norm
+        self.reduction = cfg.structured_reduction or default_reduction(cfg.importance_metric)
         self.groups: list[StructureGroup] = self.structures.groups(
             self.model, self.adapter.blocks, self.adapter.block_prefixes(), self.kinds
         )
@@ -315,14 +427,17 @@ class StructuredMethod(PruningMethod):
 
     @torch.no_grad()
     def unit_scores(self, metric: ImportanceMetric) -> list[Tensor]:
-        """Score of every unit of every group (float64, summed metric scores)."""
+        """Score of every unit of every group (float64): per coupled projection the
+        ``structured_norm`` of the unit's weight scores, combined by ``structured_reduction``
+        (the same numbers as :func:`reduce_unit_scores`, without copying the weights)."""
+        norm, reduction = self.norm, self.reduction
         cache: dict[str, Tensor] = {}
         lines: dict[tuple[str, str], Tensor] = {}
         by_name = {t.name: t for t in self.targets}
         out: list[Tensor] = []
         for g in self.groups:
-            total = torch.zeros(g.num_units, dtype=torch.float64)
-            for s in g.slices:
+            per = torch.zeros(len(g.slices), g.num_units, dtype=torch.float64)
+            for j, s in enumerate(g.slices):
                 if (s.name, s.axis) not in lines:
                     if s.name not in cache:
                         t = by_name[s.name]
@@ -333,12 +448,14 @@ class StructuredMethod(PruningMethod):
                                 f"{t.key} of shape {tuple(t.param.shape)}; scores must match the weight"
                             )
                         cache[s.name] = t.rows_view(scores.detach())  # (out, in)
-                    rows = cache[s.name]
+                    rows = cache[s.name].abs() if norm == "l1" else cache[s.name].pow(2)
                     lines[(s.name, s.axis)] = rows.sum(dim=1 if s.axis == "out" else 0, dtype=torch.float64).cpu()
                 line = lines[(s.name, s.axis)]
                 seg = line[s.offset : s.offset + g.num_units * s.unit_size]
-                total += seg.view(g.num_units, s.unit_size).sum(dim=1)
-            out.append(total)
+                per[j] = seg.view(g.num_units, s.unit_size).sum(dim=1)
+            if norm == "l2":
+                per = per.sqrt()
+            out.append(_reduce(per, torch.tensor([s.axis == "in" for s in g.slices]), reduction))
         return out
 
     def compute_masks(
@@ -486,6 +603,7 @@ class StructuredMethod(PruningMethod):
             "structured": {
                 "units": list(self.config.structured_units),
                 "widths": self.config.structured_widths,
+                "scores": {"norm": self.norm, "reduction": self.reduction},
                 "physically_removed": self._finalized,
                 "layers": layers,
                 "structure_parameters": prunable,
