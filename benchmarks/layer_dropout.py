@@ -9,7 +9,9 @@ Parts (``--part``, default all):
 * ``latency`` — CPU forward latency of a ~100M-parameter random Llama (12 layers) against
   the same model with 25% and 40% of its layers removed by layer_dropout + finalize().
 * ``fade``    — recovery: MiniLM distilled from its dense copy while layer_dropout removes
-  3 of 6 layers progressively, cut at once vs faded out over N steps.
+  3 of 6 layers progressively, cut at once vs faded out over N steps; ``--orders`` also runs
+  each setting with a fixed drop order (e.g. ``auto,2-1-0,2-3-1``), so that fading and the
+  choice of layers can be told apart.
 
 Run: ``PYTHONPATH=src python benchmarks/layer_dropout.py [--part choice|latency|fade]``
 """
@@ -17,6 +19,7 @@ Run: ``PYTHONPATH=src python benchmarks/layer_dropout.py [--part choice|latency|
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import itertools
 import os
@@ -248,7 +251,42 @@ def part_latency(args) -> None:
 
 
 # ------------------------------------------------------------------ fade
-def part_fade(args) -> None:
+def parse_orders(text: str) -> list:
+    """``"auto,2-1-0"`` → ``[None, (2, 1, 0)]`` (None: the metric chooses the layers)."""
+    out = []
+    for item in text.split(","):
+        item = item.strip()
+        out.append(None if item == "auto" else tuple(int(i) for i in item.split("-")))
+    return out
+
+
+class FixedOrder:
+    """Make ``layer_dropout`` drop the layers in a given order instead of by its scores (the
+    scores are still gathered and computed; only the choice is replaced), so that two
+    settings can be compared on the same layers."""
+
+    def __init__(self, order):
+        self.order = order
+
+    def __enter__(self):
+        import artemis.methods.layer_dropout as ld
+
+        self._ld, self._orig = ld, ld.choose_layers_to_drop
+
+        def choose(scores, n):
+            chosen = [i for i in self.order if i in scores][:n]
+            if len(chosen) != n:
+                raise ValueError(f"fixed order {self.order} has no {n} layers among {sorted(scores)}")
+            return chosen
+
+        ld.choose_layers_to_drop = choose
+        return self
+
+    def __exit__(self, *exc):
+        self._ld.choose_layers_to_drop = self._orig
+
+
+def part_fade(args) -> list:
     dense, tok = load_minilm()
     for p in dense.parameters():
         p.requires_grad_(False)
@@ -256,51 +294,78 @@ def part_fade(args) -> None:
     test = tokenize_batches(builtin_corpus("test", limit=args.test_sentences), tok, batch_size=32, max_length=40)
     ref = embed(dense, test)
     targets = [embed(dense, [b]) for b in train]
+    fades = [int(f) for f in args.fades.split(",")] if args.fades else [0, args.interval]
+    orders = parse_orders(args.orders)
     print(
         f"distillation: {args.steps} steps of 16 sentences, AdamW lr {args.lr}, drop 3 of 6 layers "
-        f"(activation metric, pruning 0.1..0.6, interval {args.interval})"
+        f"(activation metric, pruning 0.1..0.6, interval {args.interval}); {len(test)} test batches"
     )
-    print("\n| fade_steps | seed | layers dropped | cosine right after the last drop | cosine at the end |")
-    print("|---|---|---|---|---|")
+    print(
+        "\n| drop order | fade_steps | seed | layers dropped | cosine right after the last drop | "
+        "cosine at the end | seconds |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    rows = []
     for seed in range(args.seeds):
-        for fade in (0, args.interval):
-            torch.manual_seed(seed)
-            model = copy.deepcopy(dense)
-            for p in model.parameters():
-                p.requires_grad_(True)
-            cfg = {
-                "pruning": {
-                    "method": "layer_dropout",
-                    "final_sparsity": 0.5,
-                    "importance_metric": "activation",
-                    "pruning_start": 0.1,
-                    "pruning_end": 0.6,
-                    "pruning_interval": args.interval,
-                    "layer_dropout": {"fade_steps": fade},
+        for order in orders:
+            for fade in fades:
+                torch.manual_seed(seed)
+                model = copy.deepcopy(dense)
+                for p in model.parameters():
+                    p.requires_grad_(True)
+                cfg = {
+                    "pruning": {
+                        "method": "layer_dropout",
+                        "final_sparsity": 0.5,
+                        "importance_metric": "activation",
+                        "pruning_start": 0.1,
+                        "pruning_end": 0.6,
+                        "pruning_interval": args.interval,
+                        "layer_dropout": {"fade_steps": fade},
+                    }
                 }
-            }
-            mgr = create_pruning_manager(cfg, model, total_steps=args.steps)
-            opt = torch.optim.AdamW(model.parameters(), lr=args.lr)
-            t_e = round(0.6 * args.steps)
-            after_drop = None
-            model.train()
-            for t in range(args.steps):
-                b = train[t % len(train)]
-                e = embed(model, [b], grad=True)
-                loss = (1.0 - (e * targets[t % len(train)]).sum(-1)).mean()
-                loss.backward()
-                mgr.step()
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-                if t == t_e + max(fade, 1):
-                    model.eval()
-                    after_drop = fidelity(model, test, ref)
-                    model.train()
-            model.eval()
-            mgr.finalize()
-            end = fidelity(model, test, ref)
-            print(f"| {fade} | {seed} | {', '.join(map(str, mgr.method.drop_order))} | {after_drop:.4f} | {end:.4f} |")
-            sys.stdout.flush()
+                t0 = time.perf_counter()
+                mgr = create_pruning_manager(cfg, model, total_steps=args.steps)
+                opt = torch.optim.AdamW(model.parameters(), lr=args.lr)
+                t_e = round(0.6 * args.steps)
+                after_drop = None
+                model.train()
+                with FixedOrder(order) if order is not None else contextlib.nullcontext():
+                    for t in range(args.steps):
+                        b = train[t % len(train)]
+                        e = embed(model, [b], grad=True)
+                        loss = (1.0 - (e * targets[t % len(train)]).sum(-1)).mean()
+                        loss.backward()
+                        mgr.step()
+                        opt.step()
+                        opt.zero_grad(set_to_none=True)
+                        if t == t_e + max(fade, 1):
+                            model.eval()
+                            after_drop = fidelity(model, test, ref)
+                            model.train()
+                model.eval()
+                mgr.finalize()
+                end = fidelity(model, test, ref)
+                secs = time.perf_counter() - t0
+                name = "chosen by the metric" if order is None else "fixed " + "-".join(map(str, order))
+                dropped = list(mgr.method.drop_order)
+                rows.append(
+                    {
+                        "drop_order": name,
+                        "fade_steps": fade,
+                        "seed": seed,
+                        "layers_dropped": dropped,
+                        "cosine_after_last_drop": round(after_drop, 4),
+                        "cosine_end": round(end, 4),
+                        "seconds": round(secs, 1),
+                    }
+                )
+                print(
+                    f"| {name} | {fade} | {seed} | {', '.join(map(str, dropped))} | {after_drop:.4f} | "
+                    f"{end:.4f} | {secs:.0f} |"
+                )
+                sys.stdout.flush()
+    return rows
 
 
 def main() -> None:
@@ -316,11 +381,18 @@ def main() -> None:
     ap.add_argument("--interval", type=int, default=5)
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--seeds", type=int, default=1)
+    ap.add_argument(
+        "--orders",
+        default="auto",
+        help="fade part: comma list of drop orders, 'auto' (the metric chooses) or fixed like 2-1-0 (default: auto)",
+    )
+    ap.add_argument("--fades", default=None, help="fade part: comma list of fade_steps (default: 0,<interval>)")
     ap.add_argument("--json", default=None, help="raw output (default: benchmarks/results/layer_dropout_<part>.json)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     from _common import RESULTS, TeeStdout, write_json
 
+    rows = None
     with TeeStdout() as out:
         print(f"machine: {machine()}")
         print(f"command: {' '.join(sys.argv)}")
@@ -329,9 +401,12 @@ def main() -> None:
         if args.part in ("latency", "all"):
             part_latency(args)
         if args.part in ("fade", "all"):
-            part_fade(args)
-    # the printed tables are this script's results
-    write_json(args.json or RESULTS / f"layer_dropout_{args.part}.json", {"args": vars(args), "stdout": out.lines})
+            rows = part_fade(args)
+    # the printed tables are this script's results (the fade part also as rows)
+    data = {"command": " ".join(sys.argv), "machine": machine(), "args": vars(args), "stdout": out.lines}
+    if rows is not None:
+        data["rows"] = rows
+    write_json(args.json or RESULTS / f"layer_dropout_{args.part}.json", data)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,16 @@ mean)``; the mean is taken **weighted by the units' sizes**, so the pruned-weigh
 count over all units is exactly ``round_half_up(target · N)`` (the remaining rounding
 is spread by largest remainder in :func:`allocate_counts`).
 
+The outlier threshold is taken per layer (``M`` × the mean score of each linear layer);
+the OWL reference code, as we know it, takes it over the concatenated scores of the whole
+block. On all-MiniLM-L6-v2 the two gave the same result (``benchmarks/owl_minilm.py``).
+
+OWL rests on the premise that the blocks with more outliers are the ones that pruning
+hurts most. Where that does not hold it loses to uniform sparsity: on all-MiniLM-L6-v2
+(6 blocks) the last block has the fewest outliers but is by far the most sensitive, so
+OWL prunes it most and loses at 50%, 60% and 70% for every λ and M tried
+(``docs/benchmarks/owl.md``). Measure it against ``scope: row`` on the model at hand.
+
 Example:
     >>> from artemis.methods.owl import owl_sparsities
     >>> s = owl_sparsities([0.01, 0.03, 0.02], [100, 100, 200], target=0.7, lam=0.1)
@@ -40,8 +50,8 @@ class OWLOptions(MethodOptions):
     """The OWL keys of the ``pruning:`` section (``magnitude_progressive`` with ``scope: owl``).
 
     Attributes:
-        owl_lambda: OWL's spread λ: per-block sparsities lie within target ± 2λ (the
-            outlier ratios are scaled to a range of 2λ), at the final sparsity; a
+        owl_lambda: OWL's spread λ: the per-block sparsities span a range of width 2λ
+            around the target (the outlier ratios are scaled to 2λ), at the final sparsity; a
             progressive run's earlier events at sparsity ``s`` use ``λ·s/final_sparsity``.
             In (0, 0.5]; default 0.08.
         owl_m: OWL's outlier threshold M: a weight is an outlier when its score
