@@ -99,12 +99,12 @@ EMBEDDED_DEFAULT: dict[str, Any] = {
         "initial_sparsity": 0.0,
         "final_sparsity": 0.6,
         "pruning_start": 0.0,
-        "pruning_end": 0.5,
+        "pruning_end": 0.4,
         "pruning_interval": 10,
         "schedule": "cubic_decay",
     },
     "training": {
-        "steps": 300,
+        "steps": 500,
         "batch_size": 32,
         "learning_rate": 3e-4,
         "warmup_steps": 10,
@@ -283,11 +283,48 @@ class EvaluationSection(ConfigSection):
 
 
 class EfficiencySection(ConfigSection):
-    """``efficiency:`` — ``low_resource_mode`` turns on gradient checkpointing, turns
-    ``distillation: auto`` off (no teacher copy), and halves the micro-batch while
-    doubling gradient accumulation (same effective batch)."""
+    """``efficiency:`` — memory settings.
+
+    Attributes:
+        low_resource_mode: when training (``training.steps`` > 0), turns on gradient
+            checkpointing, turns ``distillation: auto`` off (no teacher copy), and halves
+            the micro-batch while doubling gradient accumulation (same effective batch);
+            with ``training.steps: 0``, streams the one-shot prune and its evaluations
+            from the checkpoint folder, one block resident at a time (as ``max_memory``,
+            with no bound beyond that).
+        max_memory: bytes, or a size such as ``"8GiB"``/``"512MB"``, that the model's
+            parameters may take: with ``training.steps: 0`` the model is never loaded
+            whole; :func:`artemis.oneshot` streams it block by block from its safetensors
+            folder and refuses to start when the parameters outside the blocks plus the
+            largest block exceed the bound (``docs/cli.md``). Training needs the whole
+            model, so ``training.steps`` > 0 with ``max_memory`` is an error.
+
+    Example:
+        >>> EfficiencySection(max_memory="8GiB").max_memory
+        '8GiB'
+        >>> EfficiencySection(max_memory="lots")
+        Traceback (most recent call last):
+        ...
+        pydantic_core._pydantic_core.ValidationError: 1 validation error for EfficiencySection
+        max_memory
+          Value error, max_memory 'lots' is not a memory size; use bytes or a number with a unit, ...
+    """
 
     low_resource_mode: bool = False
+    max_memory: Optional[Union[int, str]] = None
+
+    @field_validator("max_memory", mode="before")
+    @classmethod
+    def _check_max_memory(cls, v: Optional[Union[int, str]]) -> Optional[Union[int, str]]:
+        if v is None:
+            return v
+        from artemis.data.pipeline import parse_memory_size  # imports torch: only when the key is set
+
+        try:
+            parse_memory_size(v)
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from None
+        return v
 
 
 class RunConfig(ConfigSection):
