@@ -82,7 +82,14 @@ def test_magnitude_equals_apply_magnitude_pruning(extra):
 def test_sparsegpt_pruned_inputs_two_passes_and_quality():
     """Reconstruction from pruned inputs: 2 passes per block (1 for the last), exact sparsity,
     and a smaller output error than the masks alone."""
-    cfg = {"pruning": {"final_sparsity": 0.5, "reconstruction": "sparsegpt"}}
+    cfg = {
+        "pruning": {
+            "final_sparsity": 0.5,
+            "reconstruction": "sparsegpt",
+            "sparsegpt_mask": "metric",
+            "sparsegpt_target": "pruned",
+        }
+    }
     calib = _calib(n=4, seq=32)
     dense = tiny_llama(layers=3)
     plain = copy.deepcopy(dense)
@@ -110,7 +117,10 @@ def test_sparsegpt_obs_and_dense_inputs_run():
     for extra in ({"sparsegpt_mask": "obs"}, {"pattern": "2:4", "sparsegpt_mask": "obs"}, {"pipeline_inputs": "dense"}):
         net = tiny_llama(layers=2)
         s = oneshot(
-            net, {"pruning": {"final_sparsity": 0.5, "reconstruction": "sparsegpt", **extra}}, calib, progress=False
+            net,
+            {"pruning": {"final_sparsity": 0.5, "reconstruction": "sparsegpt", "sparsegpt_target": "pruned", **extra}},
+            calib,
+            progress=False,
         )
         assert s["measured_sparsity"] == pytest.approx(0.5, abs=1e-3), extra
     assert s["pipeline"]["block_forwards"] == 2 * 2  # dense inputs: one pass per block
@@ -123,7 +133,7 @@ def test_block_forwards_linear_in_depth(depth):
     calls = []
     for cfg, per_block in (
         ({"final_sparsity": 0.5, "importance_metric": "activation"}, 1),
-        ({"final_sparsity": 0.5, "reconstruction": "sparsegpt"}, 2),
+        ({"final_sparsity": 0.5, "reconstruction": "sparsegpt", "sparsegpt_target": "pruned"}, 2),
     ):
         net = tiny_llama(layers=depth)
         count = [0]
@@ -140,11 +150,13 @@ def test_unsupported_settings_raise_naming_them():
     net = tiny_llama(layers=2)
     calib = _calib(n=1)
     cases = [
-        ({"importance_metric": "gradient_sensitivity"}, "gradient_sensitivity"),
-        ({"importance_metric": "activation", "scope": "owl"}, "owl"),
-        ({"importance_metric": "activation", "scope": "global"}, "global"),
-        ({"method": "structured_sparsity"}, "structured_sparsity"),
-        ({"reconstruction": "sparsegpt", "sparsegpt_target": "dense"}, "sparsegpt_target"),
+        ({"method": "structured_sparsity"}, "structured_sparsity.*removes whole heads and neurons"),
+        ({"method": "layer_dropout"}, "layer_dropout.*removes whole blocks"),
+        (
+            {"reconstruction": "sparsegpt", "sparsegpt_target": "dense", "pipeline_inputs": "dense"},
+            "sparsegpt_target 'dense' with pipeline_inputs 'dense'.*valid: 'auto', 'pruned', 'dense'",
+        ),
+        ({"targets": ["lm_head"]}, "'lm_head' is outside"),
     ]
     for extra, word in cases:
         with pytest.raises(ConfigError, match=word):

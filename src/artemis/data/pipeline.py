@@ -2,9 +2,9 @@
 
 :func:`oneshot` prunes a model once, to the config's ``final_sparsity``, with the methods
 that choose masks inside each transformer block (``magnitude_progressive`` with the
-``magnitude`` or ``activation`` (Wanda) metric, ``scope`` ``row``/``layer``, an N:M
-``pattern``, ``global`` for ``magnitude``) and the SparseGPT reconstruction
-(``reconstruction: sparsegpt``). The pipeline:
+``magnitude`` or ``activation`` (Wanda) metric, ``scope`` ``row``/``layer``/``global``/``owl``,
+an N:M ``pattern``) and the SparseGPT reconstruction (``reconstruction: sparsegpt``, to
+the pruned or the dense model's layer outputs). The pipeline:
 
 1. runs every calibration batch through the model until the first block is called (a
    forward pre-hook on block 0 records its inputs: the hidden states and what the block
@@ -20,8 +20,24 @@ that choose masks inside each transformer block (``magnitude_progressive`` with 
    through the pruned block (``pruned``: sequential, as the SparseGPT paper); then
    writes the block (with ``output_dir``) and moves it back (or frees it).
 
-So each block runs each batch at most twice (once without calibration statistics to
-gather); the old SparseGPT path re-ran every batch from the embeddings up to every layer.
+``scope: owl``, ``scope: global`` with ``activation`` and ``gradient_sensitivity`` need
+every block's statistics before the first mask: a statistics pass runs first (step 2 with
+the dense weights and the dense model's inputs, gathering the input norms; one forward
+pass per block and batch), then the masking pass, which runs the blocks again only for a
+reconstruction. For ``gradient_sensitivity`` the statistics pass keeps every block's
+inputs; the loss's gradient at the last block's output comes from the model's own forward
+with stand-ins in the blocks' places, and a backward sweep runs the blocks again from the
+last to the first with gradients (one block resident at a time), so each target gets the
+gradient of the manager's whole-model backward pass, batch by batch.
+``sparsegpt_target: dense`` carries the dense model's block inputs beside the pruned
+model's and reconstructs a block as ``reconstruct_layers`` does, one layer (or group of
+layers reading the same input) after another: per group, two partial passes of the block
+per batch (its dense weights on the dense inputs, its current weights on the pruned
+inputs, each stopped at the group's input).
+
+So each block runs each batch a constant number of times (2 + 2·groups for dense targets,
+10 for a Llama or BERT block; at most 2 otherwise, plus the statistics pass); the old
+SparseGPT path re-ran every batch from the embeddings up to every layer.
 With ``max_memory`` a checkpoint folder is opened lazily
 (:class:`~artemis.sparse.streaming.LazyCheckpoint`): the parameters outside the blocks
 (embeddings, final norm, head) are read once, each block is read before its turn and freed
@@ -31,8 +47,10 @@ Differences from ``manager.apply_pruning`` (see ``docs/oneshot.md``): with
 ``pipeline_inputs: pruned`` the statistics of block ``k`` come from the pruned blocks
 before it; SparseGPT gathers the Hessians of a block's layers in one pass from the
 block's input (the reference implementation's choice), where ``reconstruct_layers``
-updates them one after another inside the block. With ``pipeline_inputs: dense`` the
-``activation`` masks are exactly those of ``apply_pruning``.
+updates them one after another inside the block (with one target per block the
+reconstructed weights are the manager's, bit for bit). With ``sparsegpt_target: dense``,
+``scope: owl``, ``scope: global``, ``gradient_sensitivity`` and, with ``pipeline_inputs:
+dense``, ``activation``, the result is the manager's, bit for bit (tested).
 
 Example:
     >>> import torch
@@ -64,6 +82,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence, Union
 import torch
 import torch.nn as nn
 from torch import Tensor
+from torch.func import functional_call
 from tqdm.auto import tqdm
 
 from artemis.arch import get_adapter, unwrap_model
@@ -72,11 +91,26 @@ from artemis.core.errors import ArtemisError, CalibrationError, ConfigError, Mod
 from artemis.core.masks import count_to_prune, global_masks, layer_mask, nm_masks, row_masks
 from artemis.core.sizing import MIB, layer_row, model_compressed_bytes, model_dense_bytes, unique_state_tensors
 from artemis.core.targets import PrunableTarget, find_targets, match_pattern
-from artemis.data.calibration import _check_batch, check_calibration_batches, describe_batch, forward_batch
-from artemis.methods.pipeline_options import OneShotOptions
-from artemis.methods.sparsegpt import HessianAccumulator, layer_inputs_2d, reconstruction_extra_bytes, sparsegpt_prune
-from artemis.metrics.activation import ActivationMetric
+from artemis.data.calibration import (
+    _check_batch,
+    check_calibration_batches,
+    describe_batch,
+    extract_loss,
+    forward_batch,
+)
+from artemis.methods.owl import allocate_counts, outlier_ratio, owl_sparsities
+from artemis.methods.pipeline_options import PIPELINE_INPUTS, OneShotOptions
+from artemis.methods.sparsegpt import (
+    HessianAccumulator,
+    dense_target_weight,
+    layer_inputs_2d,
+    reconstruction_extra_bytes,
+    sparsegpt_prune,
+)
+from artemis.methods.unstructured import rows_count_mask
+from artemis.metrics.activation import ActivationMetric, activation_scores
 from artemis.metrics.base import METRICS
+from artemis.metrics.gradient import ACCUMULATOR_DTYPES, gradient_sensitivity_scores
 from artemis.metrics.magnitude import magnitude_scores
 
 __all__ = [
@@ -91,7 +125,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 #: metrics the pipeline scores inside a block (others raise, naming the metric)
-PIPELINE_METRICS = ("magnitude", "activation")
+PIPELINE_METRICS = ("magnitude", "activation", "gradient_sensitivity")
 
 
 class BlockError(ArtemisError, RuntimeError):
@@ -101,6 +135,22 @@ class BlockError(ArtemisError, RuntimeError):
         super().__init__(message)
         self.block_index = block_index
         self.block_name = block_name
+
+
+class _StandIn(nn.Module):
+    """Takes a block's place while the loss is computed from the last block's output: returns
+    ``hidden`` (shaped as the block's output: a tensor or a 1-tuple) whatever it is called with."""
+
+    def __init__(self, hidden: Tensor, kind: str) -> None:
+        super().__init__()
+        self.hidden, self.kind = hidden, kind
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return (self.hidden,) if self.kind == "tuple" else self.hidden
+
+
+class _StopBlock(Exception):
+    """Raised by a layer's pre-hook once its input is recorded (ends a partial block pass)."""
 
 
 class _InputsCaptured(Exception):
@@ -316,54 +366,80 @@ class _Streamed:
 
 
 # ---------------------------------------------------------------- the pipeline
-def unsupported_setting(cfg: PruningConfig) -> Optional[str]:
+#: why the methods other than magnitude_progressive are refused (named in the ConfigError)
+_METHOD_REASONS = {
+    "structured_sparsity": (
+        "it removes whole heads and neurons, changing the blocks' shapes and the model config, which the "
+        "pipeline's per-weight masks and block-by-block writer do not do; its statistics already take one "
+        "forward pass of the whole model in the manager"
+    ),
+    "layer_dropout": (
+        "it removes whole blocks (a BlockGate on each dropped block, then finalize()), not weights inside them, "
+        "so there is no per-block mask for the pipeline to write; its Block Influence scores already take one "
+        "forward pass of the whole model in the manager"
+    ),
+}
+
+
+def unsupported_setting(cfg: PruningConfig, in_memory: bool = False) -> Optional[str]:
     """Why the one-shot pipeline cannot prune with ``cfg`` (the setting named), or None.
+
+    Args:
+        cfg: the pruning config.
+        in_memory: the model is a module in memory, not a checkpoint streamed with
+            ``max_memory``. ``gradient_sensitivity`` is supported only then (its backward
+            sweep keeps every block's calibration inputs and one accumulator per prunable
+            weight, which ``max_memory`` cannot bound); without it the answer holds for both.
 
     Example:
         >>> unsupported_setting(load_pruning_config({"pruning": {"importance_metric": "activation"}})) is None
         True
         >>> unsupported_setting(load_pruning_config({"pruning": {"method": "layer_dropout"}}))[:26]
         "method 'layer_dropout' is "
+        >>> grad = load_pruning_config({"pruning": {"importance_metric": "gradient_sensitivity"}})
+        >>> unsupported_setting(grad, in_memory=True) is None, unsupported_setting(grad)[:55]
+        (True, "importance_metric 'gradient_sensitivity' is not support")
     """
     if cfg.method != "magnitude_progressive":
+        why = _METHOD_REASONS.get(cfg.method, "its pruning is not a per-weight mask chosen inside one block at a time")
         return (
-            f"method {cfg.method!r} is not supported by the one-shot pipeline yet (it supports "
+            f"method {cfg.method!r} is not supported by the one-shot pipeline ({why}; it supports "
             "'magnitude_progressive'); prune it with create_pruning_manager(config, model).apply_pruning(s, batches)"
         )
     metric = cfg.importance_metric
+    if metric == "gradient_sensitivity" and not in_memory:
+        return (
+            "importance_metric 'gradient_sensitivity' is not supported by the one-shot pipeline when it streams a "
+            "checkpoint (max_memory): its backward sweep keeps every block's calibration inputs and a float "
+            "accumulator per prunable weight (as large as the blocks themselves), which max_memory cannot bound; "
+            "pass the model in memory (oneshot(module, ...)) or use manager.apply_pruning(s, calibration_data)"
+        )
     if metric not in PIPELINE_METRICS:
         return (
             f"importance_metric {metric!r} is not supported by the one-shot pipeline yet (it supports "
             f"{', '.join(map(repr, PIPELINE_METRICS))}); use manager.apply_pruning(s, calibration_data)"
         )
-    if cfg.scope == "owl":
-        return (
-            "scope 'owl' is not supported by the one-shot pipeline yet (its per-block sparsities need the "
-            "outlier statistics of every block first); use manager.apply_pruning(s, calibration_data)"
-        )
-    if cfg.scope == "global" and metric != "magnitude" and cfg.pattern is None:
-        return (
-            f"scope 'global' with importance_metric {metric!r} is not supported by the one-shot pipeline yet "
-            "(one threshold over all blocks needs every block's statistics first); use scope 'row' or 'layer', "
-            "or manager.apply_pruning(s, calibration_data)"
-        )
-    if cfg.reconstruction != "none" and cfg.sparsegpt_target != "pruned":
-        return (
-            f"sparsegpt_target {cfg.sparsegpt_target!r} is not supported by the one-shot pipeline yet; "
-            "use sparsegpt_target: pruned, or manager.apply_pruning(s, calibration_data)"
-        )
     return None
 
 
-def _check_supported(cfg: PruningConfig, calibration: Optional[list]) -> None:
-    reason = unsupported_setting(cfg)
+def _check_supported(cfg: PruningConfig, calibration: Optional[list], in_memory: bool) -> None:
+    reason = unsupported_setting(cfg, in_memory=in_memory)
     if reason is not None:
         raise ConfigError(reason)
     metric = cfg.importance_metric
-    if calibration is None and (metric != "magnitude" or cfg.reconstruction != "none"):
-        need = (
-            f"reconstruction: {cfg.reconstruction}" if cfg.reconstruction != "none" else f"importance_metric {metric!r}"
+    if cfg.reconstruction != "none" and cfg.sparsegpt_target == "dense" and cfg.pipeline_inputs == "dense":
+        raise ConfigError(
+            "sparsegpt_target 'dense' with pipeline_inputs 'dense': the layers' inputs would then be the dense "
+            "model's own, so the dense target equals the pruned one; use pipeline_inputs 'pruned' or 'auto' "
+            f"(valid: {', '.join(map(repr, PIPELINE_INPUTS))}), or set sparsegpt_target: pruned (the dense "
+            "target may come from sparsegpt_variant's defaults)"
         )
+    owl = cfg.scope == "owl" and cfg.nm_pattern is None
+    if calibration is None and (metric != "magnitude" or cfg.reconstruction != "none" or owl):
+        if cfg.reconstruction != "none":
+            need = f"reconstruction: {cfg.reconstruction}"
+        else:
+            need = "scope 'owl'" if owl else f"importance_metric {metric!r}"
         raise CalibrationError(f"{need} needs calibration batches: pass calibration_data to oneshot()")
 
 
@@ -426,21 +502,60 @@ class _Pipeline:
                     break
             self.finals[t.key] = self.target_fn(cfg.final_sparsity if s is None else s)
         self.zeros: dict[str, int] = {}
+        #: OWL (``scope: owl`` without a pattern) and ``scope: global`` with a calibrated metric
+        #: need every block's statistics before the first mask: a statistics pass runs first
+        self.owl = cfg.scope == "owl" and cfg.nm_pattern is None
+        self.gradients = cfg.importance_metric == "gradient_sensitivity"
+        self.stats_pass = (
+            self.owl
+            or self.gradients
+            or (self.scope == "global" and cfg.nm_pattern is None and cfg.importance_metric != "magnitude")
+        )
+        self.grad_sums: dict[str, Tensor] = {}  # gradient_sensitivity: Σ|g| of each target over the batches
+        self.grad_steps: dict[str, int] = {}
+        self.dense_target = cfg.reconstruction != "none" and cfg.sparsegpt_target == "dense"
+        self.out_kind = "tensor"  # what the blocks return: a tensor or a tuple
+        self.dense_stream: Optional[list] = None  # sparsegpt_target: dense: the dense model's block inputs
+        self.stashed: dict[str, Tensor] = {}  # activation sums of squares from the statistics pass
+        self.outliers: dict[str, tuple[int, int]] = {}  # OWL: (outliers, weights) of each target
+        self.counts: dict[str, int] = {}  # OWL: pruned weights of each target
+        self.owl_ratios: dict[str, float] = {}
+        self.owl_layer_sparsity: dict[str, float] = {}
         self.forwards = 0
+        self.stats_forwards = 0
+        self.capture_forwards = 0
         self.block_seconds: list[float] = []
         self.max_resident_blocks = 0
         self.recon = {"layers": 0, "seconds": 0.0, "peak_extra_bytes": 0, "tokens": 0}
 
     # ---------------------------------------------------------------- masks
+    def _scores(self, t: PrunableTarget, weight: Tensor, metric: Any = None) -> Tensor:
+        """The metric's scores of ``t``: from the statistics pass's activation sums (as
+        ``ActivationMetric.score``), from the metric attached to this block, or the magnitudes."""
+        acc = self.grad_sums.get(t.key)
+        if acc is not None:
+            return gradient_sensitivity_scores(weight, acc, self.grad_steps[t.key])
+        sq = self.stashed.get(t.key)
+        if sq is not None:
+            if t.experts:
+                w = t.matrices(weight.detach()).abs().to(torch.float32)
+                norm = sq.to(device=w.device, dtype=torch.float32).clamp_min(0).sqrt()
+                return t.matrices(w * norm[:, None, :])
+            return activation_scores(weight, sq, t.transposed)
+        if metric is not None:
+            return metric.score(t)
+        return magnitude_scores(weight)
+
     def _global_masks(self) -> dict[str, Tensor]:
-        """``scope: global`` with ``magnitude``: one threshold per sparsity group over all
-        blocks, from the weights read one at a time (in memory or from the checkpoint)."""
+        """``scope: global``: one threshold per sparsity group over all blocks, from the
+        weights read one at a time (in memory or from the checkpoint) and, for ``activation``,
+        the input statistics of the statistics pass."""
         groups: "OrderedDict[float, list[PrunableTarget]]" = OrderedDict()
         for t in self.targets:
             groups.setdefault(self.finals[t.key], []).append(t)
         out: dict[str, Tensor] = {}
         for sparsity, ts in groups.items():
-            fns = [lambda t=t: magnitude_scores(self.source.read(t)) for t in ts]
+            fns = [lambda t=t: self._scores(t, self.source.read(t)) for t in ts]
             for t, m in zip(ts, global_masks(fns, [t.numel for t in ts], sparsity)):
                 out[t.key] = m.cpu()
         return out
@@ -449,7 +564,7 @@ class _Pipeline:
         cfg = self.cfg
         masks: dict[str, Tensor] = {}
         for t in ts:
-            scores = metric.score(t) if metric is not None else magnitude_scores(t.param)
+            scores = self._scores(t, t.param, metric)
             if tuple(scores.shape) != tuple(t.param.shape):
                 raise ValueError(
                     f"scores of {t.key} have shape {tuple(scores.shape)}, the weight {tuple(t.param.shape)}"
@@ -462,6 +577,12 @@ class _Pipeline:
                     masks[t.key] = torch.ones(scores.shape, dtype=torch.bool, device=scores.device)
                 else:
                     masks[t.key] = t.rows_view(nm_masks(t.rows_view(scores), m - k, m)).contiguous()
+            elif self.owl:  # the pruned count OWL gave the target (as UnstructuredMethod._owl_masks)
+                c = self.counts[t.key]
+                if METRICS.get(cfg.importance_metric).default_scope == "row" and scores.dim() == 2:
+                    masks[t.key] = t.from_rows(rows_count_mask(t.rows_view(scores), c)).contiguous()
+                else:
+                    masks[t.key] = layer_mask(scores, c / t.numel)
             elif self.scope == "layer":
                 masks[t.key] = layer_mask(scores, sparsity)
             elif self.scope == "row":
@@ -476,23 +597,109 @@ class _Pipeline:
         for b, (args, kwargs) in enumerate(stream):
             batch = batches[b]
             hooks_state["token_mask"] = batch.get("attention_mask") if isinstance(batch, Mapping) else None
-            if metric is not None:
-                with metric.calibrating(batch):
-                    y = _block_output(block(*args, **kwargs))
-            else:
-                y = _block_output(block(*args, **kwargs))
-            self.forwards += 1
-            if not torch.isfinite(y).all():
-                raise CalibrationError(f"the block's output for calibration batch {b} has NaN or infinite values")
-            outs.append(y)
+            outs.append(self._forward(block, args, kwargs, b, metric, batch))
         return outs
 
+    def _forward(self, block: nn.Module, args: tuple, kwargs: dict, b: int, metric: Any, batch: Any) -> Tensor:
+        """One block forward pass of batch ``b`` (counted), with ``metric`` calibrating if given."""
+        if metric is not None:
+            with metric.calibrating(batch):
+                out = block(*args, **kwargs)
+        else:
+            out = block(*args, **kwargs)
+        self.out_kind = "tuple" if isinstance(out, (tuple, list)) else "tensor"
+        y = _block_output(out)
+        self.forwards += 1
+        if not torch.isfinite(y).all():
+            raise CalibrationError(f"the block's output for calibration batch {b} has NaN or infinite values")
+        return y
+
     @torch.no_grad()
-    def _process_block(self, i: int, stream: Optional[list], precomputed: Optional[dict]) -> Optional[list]:
+    def _statistics_block(self, i: int, stream: list) -> Optional[list]:
+        """The statistics pass of block ``i`` (dense weights, dense inputs: one forward pass
+        per batch): the ``activation`` sums of squares of its targets (kept, one float per
+        input feature) and, for OWL, each target's outlier count (the input norms of
+        :func:`~artemis.methods.owl.collect_input_norms`, freed after the block). Returns the
+        block's outputs, the next block's inputs (None after the last block)."""
         cfg = self.cfg
         block = self.blocks[i]
         ts = self.by_block[i]
-        needs_stats = stream is not None and (cfg.importance_metric == "activation" or cfg.reconstruction != "none")
+        metric = None
+        handles: list[Any] = []
+        sums: dict[str, Tensor] = {}
+        state: dict[str, Any] = {"token_mask": None}
+        before = self.forwards
+        try:
+            if cfg.importance_metric == "activation":
+                metric = ActivationMetric(**cfg.metric_options)
+                metric.attach(self.model, ts)
+            if self.owl:
+                for t in ts:
+
+                    def hook(module: nn.Module, args: tuple, t: PrunableTarget = t) -> None:
+                        if not args or not isinstance(args[0], Tensor):
+                            raise CalibrationError(f"layer {t.name} was called without a tensor input")
+                        x = layer_inputs_2d(args[0], state["token_mask"])
+                        sq = (x * x).sum(0)
+                        sums[t.key] = sq if t.key not in sums else sums[t.key] + sq
+
+                    handles.append(t.module.register_forward_pre_hook(hook))
+            outs = self._run(block, stream, self.batches, i, metric, state)
+            if metric is not None:
+                metric.check_ready()
+                sq = metric.state_dict()["sq"]
+                for t in ts:
+                    self.stashed[t.key] = sq[t.key].clone()
+        finally:
+            for h in handles:
+                h.remove()
+            if metric is not None:
+                metric.detach()
+        self.stats_forwards += self.forwards - before
+        if self.owl:
+            missing = [t.name for t in ts if t.key not in sums]
+            if missing:
+                raise CalibrationError(f"no calibration batch reached layers {missing[:3]}; OWL needs their inputs")
+            for t in ts:
+                self.outliers[t.key] = outlier_ratio(t.rows_view(t.param), sums[t.key].sqrt(), cfg.owl_m)
+        return outs if (i < len(self.prefixes) - 1 or self.gradients) else None
+
+    def _owl_counts(self) -> None:
+        """Every target's pruned count from the blocks' outlier ratios (as
+        ``UnstructuredMethod._owl_masks`` for a one-shot prune: λ at the final sparsity)."""
+        cfg = self.cfg
+        sparsity = self.target_fn(cfg.final_sparsity)
+        units: "OrderedDict[int, list[PrunableTarget]]" = OrderedDict()
+        for t in self.targets:
+            units.setdefault(t.block_index, []).append(t)
+        ratios, sizes = [], []
+        for members in units.values():
+            out = sum(self.outliers[t.key][0] for t in members)
+            tot = sum(self.outliers[t.key][1] for t in members)
+            ratios.append(out / tot)
+            sizes.append(tot)
+        try:
+            unit_s = owl_sparsities(ratios, sizes, sparsity, cfg.owl_lambda)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from exc
+        per_target = [(t, s) for members, s in zip(units.values(), unit_s) for t in members]
+        total = count_to_prune(sum(t.numel for t, _ in per_target), sparsity)
+        counts = allocate_counts([s for _, s in per_target], [t.numel for t, _ in per_target], total)
+        for (t, _), c in zip(per_target, counts):
+            self.counts[t.key] = c
+            self.owl_layer_sparsity[t.key] = c / t.numel
+        self.owl_ratios = {str(u): r for u, r in zip(units, ratios)}
+
+    @torch.no_grad()
+    def _process_block(self, i: int, stream: Optional[list], precomputed: Optional[dict]) -> Optional[list]:
+        if self.dense_target and stream is not None:
+            return self._dense_target_block(i, stream, precomputed)
+        cfg = self.cfg
+        block = self.blocks[i]
+        ts = self.by_block[i]
+        last = i == len(self.prefixes) - 1
+        use_metric = cfg.importance_metric == "activation" and not self.stats_pass
+        needs_stats = stream is not None and (use_metric or cfg.reconstruction != "none")
         metric = None
         accs: dict[str, HessianAccumulator] = {}
         handles: list[Any] = []
@@ -500,13 +707,12 @@ class _Pipeline:
         dense_out: Optional[list] = None
         try:
             if needs_stats:
-                if cfg.importance_metric == "activation":
+                if use_metric:
                     metric = ActivationMetric(**cfg.metric_options)
                     metric.attach(self.model, ts)
                 if cfg.reconstruction != "none":
                     for t in ts:
-                        cols = t.rows_view(t.param).shape[1]
-                        acc = accs[t.key] = HessianAccumulator(cols, device=t.param.device)
+                        acc = accs[t.key] = self._accumulator(t)
 
                         def hook(module: nn.Module, args: tuple, acc: HessianAccumulator = acc, t=t) -> None:
                             if not args or not isinstance(args[0], Tensor):
@@ -529,57 +735,374 @@ class _Pipeline:
             if metric is not None:
                 metric.detach()
         if cfg.reconstruction != "none":
-            self._reconstruct(ts, masks, accs)
+            start = time.perf_counter()
+            for t in ts:
+                self._update_layer(t, accs.pop(t.key), None, None, masks)
+            self.recon["seconds"] += time.perf_counter() - start
         for t in ts:
             t.param.mul_(masks[t.key])
             self.zeros[t.key] = t.param.numel() - int(torch.count_nonzero(t.param))
-        if stream is None or i == len(self.prefixes) - 1:
+        if stream is None or last:
             return None
         if self.inputs == "dense" and dense_out is not None:
             return dense_out
         return self._run(block, stream, self.batches, i, None, hooks_state)
 
-    def _reconstruct(self, ts: list[PrunableTarget], masks: dict[str, Tensor], accs: dict) -> None:
+    @torch.no_grad()
+    def _dense_target_block(self, i: int, stream: list, precomputed: Optional[dict]) -> Optional[list]:
+        """``sparsegpt_target: dense``: block ``i`` as ``reconstruct_layers`` treats it, one
+        layer (or group of layers reading the same input) after another. (1) The dense block
+        runs on the dense model's inputs: the next block's dense inputs and, with the metric,
+        the mask statistics (as the manager's calibration of the dense model); the masks are
+        chosen. (2) For each group of targets, every batch runs twice, each pass stopped at
+        the group's input: through the block with its dense weights (a copy, substituted with
+        ``torch.func.functional_call``) on the dense inputs, and through the block as updated
+        so far on the pruned inputs; the group's layers are then updated. (3) The pruned block
+        runs on the pruned inputs: the next block's pruned inputs."""
         cfg = self.cfg
-        start = time.perf_counter()
-        for t in ts:
-            acc = accs[t.key]
-            if acc.count == 0:
-                raise CalibrationError(f"no calibration token reached layer {t.name}; the block never called it")
-            h = acc.hessian()
-            if not torch.isfinite(h).all():
-                raise CalibrationError(f"the input Hessian of layer {t.name} has NaN or infinite values")
-            weight = t.rows_view(t.param)
-            mask = t.rows_view(masks[t.key])
-            if cfg.sparsegpt_mask == "metric":
-                new_w, _ = sparsegpt_prune(
-                    weight, h, mask=mask, blocksize=cfg.sparsegpt_blocksize, dampening=cfg.sparsegpt_dampening
-                )
+        block = self.blocks[i]
+        ts = self.by_block[i]
+        use_metric = cfg.importance_metric == "activation" and not self.stats_pass
+        metric = None
+        try:
+            if use_metric:
+                metric = ActivationMetric(**cfg.metric_options)
+                metric.attach(self.model, ts)
+            new_dense = self._run(block, self.dense_stream, self.batches, i, metric, {"token_mask": None})
+            if metric is not None:
+                metric.check_ready()
+            if precomputed is not None:
+                masks = {t.key: precomputed.pop(t.key).to(t.param.device) for t in ts}
             else:
-                pattern = None
-                if cfg.nm_pattern is not None:
-                    n, m = cfg.nm_pattern
-                    k = min(count_to_prune(m, self.finals[t.key]), m - n)
-                    pattern = (m - k, m) if k > 0 else None
-                new_w, keep = sparsegpt_prune(
-                    weight,
-                    h,
-                    sparsity=None if pattern is not None else int((~mask).sum()) / mask.numel(),
-                    pattern=pattern,
-                    blocksize=cfg.sparsegpt_blocksize,
-                    dampening=cfg.sparsegpt_dampening,
-                    per_row=cfg.sparsegpt_obs_scope == "row",
-                )
-                masks[t.key] = t.rows_view(keep).contiguous()
-            t.param.copy_(t.rows_view(new_w))
-            self.recon["layers"] += 1
-            self.recon["tokens"] = acc.count
-            self.recon["peak_extra_bytes"] = max(
-                self.recon["peak_extra_bytes"],
-                reconstruction_extra_bytes(weight.shape[0], weight.shape[1], cfg.sparsegpt_blocksize),
+                masks = self._block_masks(ts, metric)
+        finally:
+            if metric is not None:
+                metric.detach()
+        names = {id(p): n for n, p in block.named_parameters(remove_duplicate=False)}
+        dense_params = {names[id(t.param)]: t.param.detach().clone() for t in ts if id(t.param) in names}
+        for t in ts:  # the refitted biases change too: the dense passes keep the old ones
+            bias = getattr(t.module, "bias", None)
+            if self._fit_bias(t) and id(bias) in names:
+                dense_params[names[id(bias)]] = bias.detach().clone()
+        copy_bytes = sum(p.numel() * p.element_size() for p in dense_params.values())
+        self.recon["dense_copy_bytes"] = max(self.recon.get("dense_copy_bytes", 0), copy_bytes)
+        shared: dict[str, tuple] = {}
+        try:
+            for idx, t in enumerate(ts):
+                if t.key in shared:  # the same input tensor as an earlier target of the block
+                    stats = shared.pop(t.key)
+                else:
+                    stats, same = self._layer_statistics(block, t, ts[idx + 1 :], stream, dense_params)
+                    for u in ts[idx + 1 :]:
+                        if u.key in same:
+                            shared[u.key] = stats
+                acc, cross_sum, dense_sum = stats
+                start = time.perf_counter()
+                cross = cross_sum * (2.0 / acc.count)
+                dense_mean = (dense_sum / acc.count).to(torch.float32)
+                self._update_layer(t, acc, cross, dense_mean, masks)
+                self.recon["seconds"] += time.perf_counter() - start
+        finally:
+            dense_params.clear()
+        for t in ts:
+            t.param.mul_(masks[t.key])
+            self.zeros[t.key] = t.param.numel() - int(torch.count_nonzero(t.param))
+        if i == len(self.prefixes) - 1:
+            return None
+        self.dense_stream = [_with_hidden(a, k, y) for (a, k), y in zip(self.dense_stream, new_dense)]
+        return self._run(block, stream, self.batches, i, None, {"token_mask": None})
+
+    def _layer_statistics(
+        self, block: nn.Module, t: PrunableTarget, later: list, stream: list, dense_params: dict
+    ) -> tuple[tuple, set]:
+        """``((acc, Σ XₚᵀX_d, Σ X_d), same)`` of target ``t`` over every batch (two partial passes
+        of the block per batch, as ``reconstruct_layers``' paired passes), and the keys of the
+        ``later`` targets that received the very same input tensor in every batch."""
+        acc = self._accumulator(t)
+        cross = torch.zeros_like(acc.sum)
+        dense_sum = torch.zeros(acc.sum.shape[0], dtype=torch.float64, device=acc.sum.device)
+        later_keys = {id(u.module): u.key for u in later}
+        state: dict[str, Any] = {"token_mask": None, "phase": "pruned", "x_obj": None, "x_dense": None}
+        state.update(batch_same=set(), same=None)
+
+        def hook(module: nn.Module, args: tuple) -> None:
+            if not args or not isinstance(args[0], Tensor):
+                raise CalibrationError(f"layer {t.name} was called without a tensor input")
+            if state["x_obj"] is not None:  # called a second time in this pass: the first input counts
+                raise _StopBlock
+            x = layer_inputs_2d(args[0], state["token_mask"])
+            if state["phase"] == "dense":
+                state["x_dense"] = x
+                raise _StopBlock
+            xd, state["x_dense"] = state["x_dense"], None
+            if xd is None or xd.shape != x.shape:
+                raise CalibrationError(f"layer {t.name} saw different tokens in the dense and the pruned pass")
+            acc.add(x)
+            xd = xd.to(x.device)
+            cross.addmm_(x.T, xd)
+            dense_sum.add_(xd.to(torch.float64).sum(0))
+            if not later_keys:
+                raise _StopBlock
+            state["x_obj"], state["x_version"] = args[0], args[0]._version
+
+        def later_hook(module: nn.Module, args: tuple) -> None:
+            if state["x_obj"] is None:  # called before t: not a sharer; let the pass go on
+                return
+            x = args[0] if args else None
+            if x is state["x_obj"] and x._version == state["x_version"] and id(module) in later_keys:
+                state["batch_same"].add(later_keys[id(module)])
+                return
+            raise _StopBlock
+
+        handles = [t.module.register_forward_pre_hook(hook)]
+        handles += [u.module.register_forward_pre_hook(later_hook) for u in later if u.module is not t.module]
+        try:
+            for b, (args, kwargs) in enumerate(stream):
+                batch = self.batches[b]
+                state["token_mask"] = batch.get("attention_mask") if isinstance(batch, Mapping) else None
+                for phase in ("dense", "pruned"):
+                    state["phase"], state["x_obj"] = phase, None
+                    try:
+                        if phase == "dense":
+                            d_args, d_kwargs = self.dense_stream[b]
+                            functional_call(block, dense_params, tuple(d_args), dict(d_kwargs), strict=False)
+                        else:
+                            block(*args, **kwargs)
+                    except _StopBlock:
+                        pass
+                    self.forwards += 1
+                same = state["batch_same"] if state["x_obj"] is not None else set()
+                state["same"] = same if state["same"] is None else state["same"] & same
+                state["batch_same"] = set()
+        finally:
+            for h in handles:
+                h.remove()
+            state["x_obj"] = None
+        if acc.count == 0:
+            raise CalibrationError(f"no calibration token reached layer {t.name}; the block never called it")
+        return (acc, cross, dense_sum), state["same"] or set()
+
+    def _shrinkage(self) -> str:
+        return getattr(self.cfg, "sparsegpt_shrinkage", None) or "none"
+
+    def _fit_bias(self, t: PrunableTarget) -> bool:
+        """``sparsegpt_bias_correction`` applies to ``t``: it has a bias, one per output row."""
+        bias = getattr(t.module, "bias", None)
+        return (
+            bool(getattr(self.cfg, "sparsegpt_bias_correction", False))
+            and isinstance(bias, Tensor)
+            and bias.numel() == t.rows_view(t.param).shape[0]
+        )
+
+    def _accumulator(self, t: PrunableTarget) -> HessianAccumulator:
+        cols = t.rows_view(t.param).shape[1]
+        moments = self._fit_bias(t) or self._shrinkage() != "none"  # as reconstruct_layers
+        return HessianAccumulator(cols, device=t.param.device, moments=moments)
+
+    def _update_layer(
+        self,
+        t: PrunableTarget,
+        acc: HessianAccumulator,
+        cross: Optional[Tensor],
+        dense_mean: Optional[Tensor],
+        masks: dict[str, Tensor],
+    ) -> None:
+        """The reconstruction of one target from its statistics, as ``reconstruct_layers``
+        does it: the shrinkage, the bias refit, the dense target (``cross``: ``2XₚᵀX_d/n``,
+        ``dense_mean``: the dense inputs' mean), then :func:`sparsegpt_prune`."""
+        cfg = self.cfg
+        if acc.count == 0:
+            raise CalibrationError(f"no calibration token reached layer {t.name}; the block never called it")
+        weight = t.rows_view(t.param)
+        bias = getattr(t.module, "bias", None)
+        fit_bias = self._fit_bias(t)
+        shrinkage = self._shrinkage()
+        extra_damp = acc.ledoit_wolf_dampening(fit_bias) if shrinkage == "ledoit_wolf" else 0.0
+        mean_p = acc.mean() if fit_bias else None
+        h = acc.covariance_hessian() if fit_bias else acc.hessian()
+        if not torch.isfinite(h).all():
+            raise CalibrationError(f"the input Hessian of layer {t.name} has NaN or infinite values")
+        damp = cfg.sparsegpt_dampening + extra_damp
+        ref_out = None
+        if cross is not None and fit_bias:  # the cross product of centred inputs
+            cross.addr_(mean_p.to(cross.device), dense_mean.to(cross.device), alpha=-2.0)
+        if fit_bias:
+            mu_ref = dense_mean if dense_mean is not None else mean_p
+            ref_out = weight.detach().to(torch.float32) @ mu_ref.to(weight.device)  # W μ_dense
+            mean_p = mean_p.to(weight.device)
+        if cross is not None:  # fit the dense model's output from the pruned model's input
+            weight = dense_target_weight(weight, h, cross, damp)
+            del cross
+        mask = t.rows_view(masks[t.key])
+        if cfg.sparsegpt_mask == "metric":
+            new_w, _ = sparsegpt_prune(weight, h, mask=mask, blocksize=cfg.sparsegpt_blocksize, dampening=damp)
+        else:
+            pattern = None
+            if cfg.nm_pattern is not None:
+                n, m = cfg.nm_pattern
+                k = min(count_to_prune(m, self.finals[t.key]), m - n)
+                pattern = (m - k, m) if k > 0 else None
+            new_w, keep = sparsegpt_prune(
+                weight,
+                h,
+                sparsity=None if pattern is not None else int((~mask).sum()) / mask.numel(),
+                pattern=pattern,
+                blocksize=cfg.sparsegpt_blocksize,
+                dampening=damp,
+                per_row=cfg.sparsegpt_obs_scope == "row",
             )
-            del h
-        self.recon["seconds"] += time.perf_counter() - start
+            masks[t.key] = t.rows_view(keep).contiguous()
+        if fit_bias:  # b + W μ_d − Ŵ μ_p: the mean output the dense layer gave
+            bias.add_((ref_out - new_w.to(torch.float32) @ mean_p).to(bias.dtype))
+        t.param.copy_(t.rows_view(new_w))
+        self.recon["layers"] += 1
+        self.recon["tokens"] = acc.count
+        self.recon["peak_extra_bytes"] = max(
+            self.recon["peak_extra_bytes"],
+            reconstruction_extra_bytes(
+                weight.shape[0],
+                weight.shape[1],
+                cfg.sparsegpt_blocksize,
+                dense_target=self.dense_target,
+                obs=cfg.sparsegpt_mask == "obs" and cfg.nm_pattern is None,
+            ),
+        )
+
+    def _statistics_pass(self) -> None:
+        """Every block once, in order, on the dense model's inputs: the statistics that OWL and
+        ``scope: global`` need from all blocks before the first mask (then the OWL counts)."""
+        src = self.source
+        stream: Optional[list] = capture_block_inputs(self.model, self.blocks[0], self.batches, self.device)
+        self.capture_forwards += len(stream)
+        kept: list[list] = []  # gradient_sensitivity: every block's inputs, for the backward sweep
+        for i, prefix in enumerate(self.prefixes):
+            if self.gradients:
+                kept.append(stream)
+            try:
+                src.load_block(i)
+                if src.streamed:
+                    self.max_resident_blocks = max(self.max_resident_blocks, self._resident_blocks())
+                outs = self._statistics_block(i, stream)
+            except BlockError:
+                raise
+            except Exception as exc:
+                raise BlockError(
+                    f"one-shot pipeline (statistics pass): block {i} ({prefix}) failed: {type(exc).__name__}: {exc}",
+                    i,
+                    prefix,
+                ) from exc
+            finally:
+                src.release_block(i)
+            if self.gradients and i == len(self.prefixes) - 1:
+                self._backward_sweep(kept, outs)
+                break
+            stream = [_with_hidden(a, k, y) for (a, k), y in zip(stream, outs)] if outs is not None else None
+        if self.owl:
+            self._owl_counts()
+
+    def _head_gradients(self, outs: list[Tensor]) -> list[Tensor]:
+        """``∂loss/∂h`` of each batch at the last block's output ``h``: the model's own forward
+        runs with every block replaced by a stand-in that returns ``h`` (a leaf that requires
+        grad), so the loss is the model's (``outputs.loss``, from the batch's ``labels``), computed
+        after the blocks exactly as in the whole model; no block runs and no parameter gets a
+        gradient."""
+        blocks = self.blocks
+        originals = list(blocks)
+        params = list(dict.fromkeys(self.model.parameters()))
+        saved = [p.requires_grad for p in params]
+        grads: list[Tensor] = []
+        try:
+            for p in params:
+                p.requires_grad_(False)
+            for b, (batch, h) in enumerate(zip(self.batches, outs)):
+                leaf = h.detach().requires_grad_(True)
+                for j in range(len(blocks)):
+                    blocks[j] = _StandIn(leaf, self.out_kind)
+                if (
+                    isinstance(batch, Mapping)
+                    and "use_cache" not in batch
+                    and hasattr(getattr(self.model, "config", None), "use_cache")
+                ):
+                    batch = {**batch, "use_cache": False}
+                with torch.enable_grad():
+                    loss = extract_loss(forward_batch(self.model, batch, self.device), batch, None, b)
+                    loss.backward()
+                if leaf.grad is None:
+                    raise CalibrationError(f"the loss of calibration batch {b} does not depend on the last block")
+                grads.append(leaf.grad)
+        finally:
+            for j, block in enumerate(originals):
+                blocks[j] = block
+            for p, r in zip(params, saved):
+                p.requires_grad_(r)
+        return grads
+
+    def _backward_sweep(self, kept: list[list], outs: list[Tensor]) -> None:
+        """``gradient_sensitivity``: the gradient of the loss with respect to every target,
+        batch by batch, by backpropagating one block at a time from the last to the first:
+        block ``i`` runs again with gradients on its inputs of the forward sweep, and the
+        gradient at its input is the next (earlier) block's output gradient. The sums
+        ``Σ|g|`` per target are what the manager's metric accumulates over its backward
+        passes of the whole model (one per batch)."""
+        src = self.source
+        dtype = ACCUMULATOR_DTYPES[self.cfg.metric_options.get("accumulator_dtype", "float32")]
+        grads = self._head_gradients(outs)
+        first = min((t.block_index for t in self.targets), default=0)
+        for i in reversed(range(first, len(self.prefixes))):  # the blocks before the first target: no need
+            prefix = self.prefixes[i]
+            block = self.blocks[i]
+            ts = self.by_block[i]
+            stream = kept[i]
+            try:
+                src.load_block(i)
+                params = list(dict.fromkeys(block.parameters()))
+                saved = [p.requires_grad for p in params]
+                target_ids = {id(t.param) for t in ts}
+                try:
+                    for p in params:
+                        p.requires_grad_(id(p) in target_ids)
+                        p.grad = None
+                    for b, (args, kwargs) in enumerate(stream):
+                        x = _hidden_of(args, kwargs).detach().requires_grad_(i > first)
+                        a, k = _with_hidden(args, kwargs, x)
+                        with torch.enable_grad():
+                            y = self._forward(block, a, k, b, None, self.batches[b])
+                            torch.autograd.backward(y, grads[b])
+                        for t in ts:
+                            g = t.param.grad
+                            if g is None:
+                                raise CalibrationError(
+                                    f"importance_metric 'gradient_sensitivity': {t.name} received no gradient; "
+                                    "the loss does not depend on it: exclude it with pruning.exclude"
+                                )
+                            acc = self.grad_sums.get(t.key)
+                            if acc is None:
+                                acc = self.grad_sums[t.key] = torch.zeros(g.shape, dtype=dtype, device=g.device)
+                            acc.add_(g.detach().abs().to(dtype))
+                            self.grad_steps[t.key] = self.grad_steps.get(t.key, 0) + 1
+                            t.param.grad = None
+                        grads[b] = x.grad if i > first else None
+                finally:
+                    for p, r in zip(params, saved):
+                        p.requires_grad_(r)
+                        p.grad = None
+                self.stats_forwards += len(stream)
+            except BlockError:
+                raise
+            except Exception as exc:
+                raise BlockError(
+                    f"one-shot pipeline (backward sweep): block {i} ({prefix}) failed: {type(exc).__name__}: {exc}",
+                    i,
+                    prefix,
+                ) from exc
+            finally:
+                src.release_block(i)
+            kept[i] = []  # this block's inputs are no longer needed
+        if self.grad_sums and not any(bool(a.any()) for a in self.grad_sums.values()):
+            raise CalibrationError(
+                "importance_metric 'gradient_sensitivity': every accumulated gradient is exactly zero, so the "
+                "scores carry no information; use a task loss or another metric"
+            )
 
     def _resident_blocks(self) -> int:
         return sum(1 for b in self.blocks if any(p.device.type != "meta" for p in b.parameters()))
@@ -589,12 +1112,16 @@ class _Pipeline:
         src.load_outer()
         stream = None
         self.batches = self.calibration or []
-        precomputed = self._global_masks() if (self.scope == "global" and self.cfg.nm_pattern is None) else None
-        needs_data = self.cfg.importance_metric != "magnitude" or self.cfg.reconstruction != "none"
         start = time.perf_counter()
-        if needs_data:
+        if self.stats_pass:
+            self._statistics_pass()
+        precomputed = self._global_masks() if (self.scope == "global" and self.cfg.nm_pattern is None) else None
+        use_metric = self.cfg.importance_metric == "activation" and not self.stats_pass
+        if use_metric or self.cfg.reconstruction != "none":
             stream = capture_block_inputs(self.model, self.blocks[0], self.batches, self.device)
-            self.forwards_capture = len(stream)
+            self.capture_forwards += len(stream)
+            if self.dense_target:
+                self.dense_stream = list(stream)
         bar = tqdm(
             total=len(self.prefixes),
             desc="one-shot",
@@ -684,13 +1211,16 @@ def _summary(pipe: _Pipeline, model: nn.Module, adapter_name: str, extra: dict) 
     }
     if cfg.pattern is not None:
         summary["pattern"] = cfg.pattern
+    if pipe.owl:
+        summary["owl_layer_sparsity"] = dict(pipe.owl_layer_sparsity)
+        summary["owl_outlier_ratios"] = dict(pipe.owl_ratios)
     if cfg.reconstruction != "none":
         summary["reconstruction"] = cfg.reconstruction
         summary["last_reconstruction"] = {
             **pipe.recon,
             "select": cfg.sparsegpt_mask,
             "target": cfg.sparsegpt_target,
-            "dense_copy_bytes": 0,
+            "dense_copy_bytes": pipe.recon.get("dense_copy_bytes", 0),
             "passes": len(pipe.prefixes),
             "shared_hessians": 0,
         }
@@ -732,14 +1262,16 @@ def oneshot(
             ``max_memory`` opened lazily; the folder is only read.
         config: as :func:`artemis.create_pruning_manager` (``{"pruning": {...}}``, a
             :class:`~artemis.core.config.PruningConfig` or a YAML path). Supported:
-            ``magnitude_progressive`` with ``magnitude`` or ``activation``, ``scope``
-            ``row``/``layer`` (``global`` for ``magnitude``), N:M ``pattern``,
-            ``layer_sparsity``, ``reconstruction: sparsegpt`` (``sparsegpt_target:
-            pruned``) and ``pipeline_inputs`` (:class:`~artemis.methods.pipeline_options.OneShotOptions`).
-            Anything else raises :class:`~artemis.core.errors.ConfigError` naming it.
+            ``magnitude_progressive`` with ``magnitude`` or ``activation``, every ``scope``
+            (``row``, ``layer``, ``global``, ``owl``), N:M ``pattern``, ``layer_sparsity``,
+            ``reconstruction: sparsegpt`` (``sparsegpt_target`` ``pruned`` or ``dense``)
+            and ``pipeline_inputs`` (:class:`~artemis.methods.pipeline_options.OneShotOptions`).
+            Anything else (``gradient_sensitivity``, the structural methods, targets
+            outside the blocks) raises :class:`~artemis.core.errors.ConfigError` naming it
+            and why (:func:`unsupported_setting`).
         calibration_data: batches (dicts of tensors or tensors, as ``apply_pruning``);
-            needed by ``activation`` and the reconstruction; ignored (with a warning) by
-            plain ``magnitude``.
+            needed by ``activation``, ``scope: owl`` and the reconstruction; ignored (with
+            a warning) by plain ``magnitude``.
         output_dir: when given, the pruned model is written there in the
             :func:`~artemis.save_pruned` format, block by block, into a temporary
             sibling folder renamed into place at the end (an error leaves nothing there).
@@ -753,7 +1285,8 @@ def oneshot(
 
     Returns:
         The summary of ``manager.get_pruning_summary()``'s shape, plus ``pipeline``:
-        ``{"inputs", "streamed", "blocks", "block_forwards", "capture_forwards", "seconds",
+        ``{"inputs", "streamed", "blocks", "block_forwards" (all passes, the statistics pass
+        included), "statistics_forwards", "capture_forwards", "seconds",
         "block_seconds", "peak_rss_bytes", "peak_param_bytes", "activation_bytes",
         "max_resident_blocks", "output"}``.
 
@@ -780,10 +1313,11 @@ def oneshot(
     data = None
     if calibration_data is not None:
         data = check_calibration_batches(calibration_data)
-    if data is not None and cfg.importance_metric == "magnitude" and cfg.reconstruction == "none":
+    owl = cfg.scope == "owl" and cfg.nm_pattern is None
+    if data is not None and cfg.importance_metric == "magnitude" and cfg.reconstruction == "none" and not owl:
         logger.warning("importance_metric 'magnitude' without reconstruction needs no calibration data; not read")
         data = None
-    _check_supported(cfg, data)
+    _check_supported(cfg, data, in_memory=budget is None or isinstance(model, nn.Module))
     source_dir: Optional[Path] = None
     lazy = None
     if isinstance(model, nn.Module):
@@ -819,7 +1353,8 @@ def oneshot(
     if outside:
         raise ConfigError(
             f"the one-shot pipeline prunes weights inside the transformer blocks; {outside[0]!r} is outside "
-            f"({len(outside)} such targets): exclude it (pruning.exclude) or use manager.apply_pruning"
+            f"({len(outside)} such targets, named by pruning.targets: no model has a default target outside its "
+            "blocks): exclude it (pruning.exclude) or use manager.apply_pruning"
         )
     if lazy is not None:
         compute = lazy.device
@@ -865,7 +1400,9 @@ def oneshot(
             source.release_outer()
     act = 0
     if data:
-        act = sum(_hidden_bytes(b, net) for b in data)
+        act = sum(_hidden_bytes(b, net) for b in data) * (3 if pipe.dense_target else 2) // 2
+        if pipe.gradients:  # the backward sweep keeps every block's inputs
+            act = max(act, sum(_hidden_bytes(b, net) for b in data) * (len(prefixes) + 1) // 2)
     extra = {
         "inputs": pipe.inputs if data else None,
         "streamed": lazy is not None,
@@ -873,7 +1410,8 @@ def oneshot(
         "device": str(compute),
         "blocks": len(prefixes),
         "block_forwards": pipe.forwards,
-        "capture_forwards": len(data) if data else 0,
+        "capture_forwards": pipe.capture_forwards,
+        "statistics_forwards": pipe.stats_forwards,
         "seconds": info["seconds"],
         "block_seconds": pipe.block_seconds,
         "peak_rss_bytes": _peak_rss_bytes(),
