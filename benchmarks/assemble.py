@@ -31,11 +31,13 @@ ORDER = [
     "metrics",
     "export",
     "cli_default",
+    "recovery",
     "structured",
     "layer_dropout",
     "moe",
     "distributed",
     "sparsegpt",
+    "owl",
     "oneshot",
     "lora",
 ]

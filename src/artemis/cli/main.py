@@ -7,7 +7,9 @@ Subcommands (``artemis SUBCOMMAND --help`` for every option):
 * ``artemis prune [CONFIG.yaml] [--output DIR] [overrides]`` — load the model, train
   with progressive pruning (and distillation), evaluate dense vs pruned, save the
   pruned model and write ``report.md``/``report.json``/plots. With no config: the
-  embedded default (the real all-MiniLM-L6-v2 to 60% unstructured sparsity).
+  embedded default (the real all-MiniLM-L6-v2 to 60% unstructured sparsity). With
+  ``--steps 0 --max-memory SIZE`` (or ``efficiency.low_resource_mode``) the model is
+  streamed block by block and never loaded whole.
 * ``artemis sweep [CONFIG] --sparsities 0.3,0.5,0.7,0.9`` — one-shot pruning at each
   level, evaluation, a table, a plot and the recommended sparsity for a threshold.
 * ``artemis eval MODEL_DIR`` — evaluate a saved pruned model against its dense base.
@@ -42,7 +44,7 @@ from typing import Any, Callable, Optional, Sequence
 
 from artemis.cli import workflows
 
-__all__ = ["main", "build_parser", "OVERRIDES", "EXIT_USER_ERROR", "LOADERS_HINT"]
+__all__ = ["main", "build_parser", "memory_line", "OVERRIDES", "EXIT_USER_ERROR", "LOADERS_HINT"]
 
 EXIT_USER_ERROR = 2
 
@@ -131,6 +133,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--no-plots", action="store_true", help="do not draw plots")
     _add_overrides(p)
+    p.add_argument(
+        "--max-memory",
+        dest="max_memory",
+        default=None,
+        metavar="SIZE",
+        help="with --steps 0: stream the model block by block from its safetensors folder, never loading it "
+        "whole; SIZE (8GiB, 512MB, bytes) bounds the parameters resident [efficiency.max_memory]",
+    )
     _add_common(p)
     p.set_defaults(func=_cmd_prune)
 
@@ -211,6 +221,8 @@ def _collect_overrides(args: argparse.Namespace) -> dict[str, Any]:
         out["distillation.enabled"] = args.distill
     if getattr(args, "low_resource", None):
         out["efficiency.low_resource_mode"] = True
+    if getattr(args, "max_memory", None) is not None:
+        out["efficiency.max_memory"] = args.max_memory
     for item in getattr(args, "set", []) or []:
         if "=" not in item:
             raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. training.weight_decay=0.01")
@@ -260,6 +272,12 @@ def _report_rows(report: dict) -> list[tuple[str, str, str]]:
     ]
     if "nn_agreement" in q:
         rows.append(("nearest-neighbour agreement", "1.0000", f"{q['nn_agreement']:.4f}"))
+    if lat.get("dense") is None:  # a streamed run: no latency (it needs the whole model in memory)
+        rows.append(("size, MiB (compressed accounting)", f"{s['dense']:.1f}", f"{s['compressed']:.1f}"))
+        rows.append(("latency, ms (not measured: streamed)", "—", "—"))
+        if "on_disk" in s:
+            rows.append(("saved on disk, MiB", "", f"{s['on_disk']:.1f}"))
+        return rows
     how = ""
     m = lat.get("method")
     if m:
@@ -312,6 +330,28 @@ def _stderr_is_tty() -> bool:
         return False
 
 
+def memory_line(report: dict) -> str:
+    """The peak-memory line ``artemis prune`` prints under its table.
+
+    Example:
+        >>> print(memory_line({"memory": {"peak_rss": 812.4, "peak_parameters": 90.0, "whole_model_parameters": 540.0},
+        ...                    "streaming": {"max_resident_blocks": 1}}))
+        peak memory: 812 MiB resident (process); parameters resident at most 90.0 MiB of the whole model's 540.0 MiB
+        (streamed, 1 block at a time)
+    """
+    mem = report.get("memory") or {}
+    text = f"peak memory: {mem.get('peak_rss', 0.0):.0f} MiB resident (process)"
+    if "peak_parameters" in mem:
+        blocks = (report.get("streaming") or {}).get("max_resident_blocks")
+        text += (
+            f"; parameters resident at most {mem['peak_parameters']:.1f} MiB of the whole model's "
+            f"{mem.get('whole_model_parameters', 0.0):.1f} MiB (streamed, {blocks} block at a time)"
+        )
+    elif "whole_model_parameters" in mem:
+        text += f"; the whole model's parameters: {mem['whole_model_parameters']:.1f} MiB"
+    return text
+
+
 def _cmd_prune(args: argparse.Namespace) -> int:
     import contextlib
 
@@ -344,6 +384,7 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     console.print(
         f"model: {report['saved']['path']}   report: {out / 'report.md'}   time: {report['timing']['total']:.0f} s"
     )
+    console.print(memory_line(report), highlight=False)
     console.print(LOADERS_HINT.format(path=report["saved"]["path"]), highlight=False, soft_wrap=True)
     return 0
 

@@ -28,6 +28,7 @@ from typing import Any, Iterator, Optional, Sequence
 
 __all__ = [
     "run_prune",
+    "streams",
     "run_sweep",
     "run_eval",
     "run_export",
@@ -462,6 +463,286 @@ def _check_ranks_agree(model: Any) -> str:
     return digest
 
 
+# --------------------------------------------------------------------------- streaming
+def streams(cfg: Any) -> bool:
+    """Whether ``artemis prune`` streams the model block by block instead of loading it:
+    ``efficiency.max_memory`` is set, or ``efficiency.low_resource_mode`` is on with
+    ``training.steps: 0``.
+
+    Example:
+        >>> from artemis.train.run_config import load_run_config
+        >>> streams(load_run_config({"efficiency": {"low_resource_mode": True}, "training": {"steps": 0}}))
+        True
+        >>> streams(load_run_config({"efficiency": {"low_resource_mode": True}, "training": {"steps": 5}}))
+        False
+    """
+    eff = cfg.efficiency
+    return eff.max_memory is not None or (eff.low_resource_mode and cfg.training.steps == 0)
+
+
+def _streaming_setting(cfg: Any) -> str:
+    if cfg.efficiency.max_memory is not None:
+        return f"efficiency.max_memory {cfg.efficiency.max_memory!r} (--max-memory)"
+    return "efficiency.low_resource_mode: true with training.steps: 0"
+
+
+def _check_streamable(cfg: Any, world: int) -> None:
+    """Refuse, naming the setting, what the streamed prune cannot do (before any work)."""
+    from artemis.core.errors import ConfigError
+    from artemis.data.pipeline import unsupported_setting
+
+    setting = _streaming_setting(cfg)
+    if cfg.training.steps > 0:
+        raise ConfigError(
+            f"{setting} streams a one-shot prune (training.steps: 0), but training.steps is {cfg.training.steps}: "
+            "training needs the whole model in memory. Set training.steps: 0 (--steps 0), or remove "
+            "efficiency.max_memory to train (efficiency.low_resource_mode: true saves memory while training)"
+        )
+    if world > 1:
+        raise ConfigError(
+            f"{setting} streams the model in one process, but this is one of WORLD_SIZE={world} processes; "
+            "run it as one process"
+        )
+    reason = unsupported_setting(cfg.pruning)
+    if reason is not None:
+        raise ConfigError(
+            f"{setting} prunes through the block-by-block pipeline, which cannot run this pruning config: {reason}. "
+            "Remove efficiency.max_memory (and low_resource_mode) to prune the whole model in memory"
+        )
+    if cfg.model.dtype != "auto":
+        raise ConfigError(
+            f"{setting}: model.dtype {cfg.model.dtype!r} is not applied when streaming (each tensor is read in "
+            "the dtype it is stored in); set model.dtype: auto"
+        )
+    if cfg.model.trust_remote_code:
+        raise ConfigError(
+            f"{setting}: model.trust_remote_code: true is not supported when streaming (the model is built from "
+            "a transformers class named in config.json); remove one of the two"
+        )
+
+
+def stream_folder(base_model: str, setting: str = "efficiency.max_memory") -> Path:
+    """The local folder whose safetensors weights a streamed prune reads: ``base_model`` as a
+    folder, or a Hub id resolved to its local snapshot (the cache; downloaded when online).
+
+    Raises:
+        ModelError: no such folder or snapshot, or weights that are not safetensors (the
+            message names ``setting`` and what would work).
+
+    Example:
+        >>> import tempfile
+        >>> stream_folder(tempfile.mkdtemp())
+        Traceback (most recent call last):
+        ...
+        artemis.core.errors.ModelError: efficiency.max_memory streams the weights from safetensors files (model.safetensors or model.safetensors.index.json), and ... holds none...
+    """
+    from artemis.core.errors import ModelError
+    from artemis.train.loading import _missing_source, resolve_model_path
+
+    path = resolve_model_path(base_model)
+    folder = Path(path).expanduser()
+    if not folder.is_dir():
+        parts = path.split("/")
+        hub_like = len(parts) <= 2 and all(parts) and not path.startswith((".", "~", "/"))
+        if not hub_like:
+            raise ModelError(f"model.base_model {base_model!r}: {_missing_source(path)}")
+        try:
+            from huggingface_hub import snapshot_download
+
+            folder = Path(
+                snapshot_download(path, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "*.py"])
+            )
+        except Exception as exc:
+            raise ModelError(
+                f"model.base_model {base_model!r}: {setting} streams the model from a local folder, and the Hub "
+                f"snapshot cannot be found or fetched ({type(exc).__name__}); download it first "
+                f"(huggingface-cli download {path}) or pass its folder"
+            ) from None
+    if not ((folder / "model.safetensors").is_file() or (folder / "model.safetensors.index.json").is_file()):
+        found = sorted(p.name for p in folder.glob("*.bin")) or sorted(p.name for p in folder.glob("*.pt"))
+        holds = f"holds {', '.join(found[:3])}" if found else "holds none"
+        raise ModelError(
+            f"{setting} streams the weights from safetensors files (model.safetensors or "
+            f"model.safetensors.index.json), and {str(folder)!r} {holds}; save the model with "
+            "save_pretrained(folder) (safetensors by default), or remove the setting to load the model whole"
+        )
+    return folder
+
+
+def _load_tokenizer(section: Any, folder: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    from artemis.core.errors import ModelError
+    from artemis.train.loading import _first_line, resolve_model_path
+
+    tok_path = resolve_model_path(section.tokenizer) if section.tokenizer else str(folder)
+    try:
+        tok = AutoTokenizer.from_pretrained(tok_path)
+    except (OSError, ValueError, TypeError) as exc:
+        raise ModelError(f"model.tokenizer {tok_path!r}: cannot load the tokenizer ({_first_line(exc)})") from None
+    if tok.pad_token is None:
+        if tok.eos_token is None:
+            raise ModelError(f"tokenizer {tok_path!r} has neither a pad nor an eos token; add a pad token")
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def _streamed_measure(evaluator: _Evaluator, folder: Path, device: str, *, dense: bool) -> tuple[dict, Any]:
+    """The evaluator's figures for the folder, streamed block by block (same arithmetic as
+    :meth:`_Evaluator.measure_dense` / :meth:`_Evaluator.measure`)."""
+    from artemis.evaluation.quality import embedding_fidelity
+    from artemis.evaluation.streamed import StreamedModel
+
+    out: dict[str, Any] = {}
+    with StreamedModel(folder, device=device) as sm:
+        if evaluator.task == "encoder":
+            emb = sm.sentence_embeddings(evaluator.tokenizer, evaluator.texts, max_length=evaluator.max_length)
+            if dense:
+                evaluator.dense_emb = emb
+                out["quality"] = 1.0
+            else:
+                fid = embedding_fidelity(evaluator.dense_emb, emb)
+                out.update(quality=fid["cosine_mean"], nn_agreement=fid["nn_agreement"], cosine_min=fid["cosine_min"])
+        else:
+            name = type(sm.model).__name__
+            if not name.endswith(("ForCausalLM", "LMHeadModel")):
+                from artemis.core.errors import ModelError
+
+                raise ModelError(
+                    f"{str(folder)!r}: config.json names {name}, which has no language-model head; streamed "
+                    "perplexity needs a *ForCausalLM folder (set model.task: encoder for an encoder)"
+                )
+            out["quality"] = sm.perplexity(evaluator.blocks)
+    return out, sm
+
+
+def _run_prune_streamed(cfg: Any, output: Path, *, world: int, progress: bool, plots: bool) -> dict:
+    """``artemis prune --steps 0`` without loading the model: the dense evaluation, the
+    one-shot prune (:func:`artemis.oneshot` with ``max_memory``) and the pruned evaluation
+    each stream the checkpoint block by block; the report states the peak memory."""
+    from transformers import AutoConfig
+
+    from artemis.core.sizing import MIB, model_dense_bytes
+    from artemis.data.corpus import calibration_batches
+    from artemis.data.pipeline import oneshot, parse_memory_size
+    from artemis.evaluation.report import write_json, write_report
+    from artemis.metrics import METRICS
+    from artemis.sparse.streaming import LazyCheckpoint
+    from artemis.train.loading import detect_task
+    from artemis.train.loop import plan_runtime
+
+    t0 = time.perf_counter()
+    timing: dict[str, float] = {}
+    _check_streamable(cfg, world)
+    setting = _streaming_setting(cfg)
+    folder = stream_folder(cfg.model.base_model, setting.split(" ")[0])
+    task = detect_task(AutoConfig.from_pretrained(str(folder)), cfg.model.task)
+    tok = _load_tokenizer(cfg.model, folder)
+    shell = LazyCheckpoint(folder)  # the model on meta: shapes and bytes, no weights
+    plan = plan_runtime(cfg, shell.model, task)
+    whole = model_dense_bytes(shell.model)
+    shell.close()
+    budget = parse_memory_size(cfg.efficiency.max_memory) if cfg.efficiency.max_memory is not None else whole
+    train_texts, eval_texts = _texts(cfg)
+    evaluator = _Evaluator(task, tok, eval_texts, cfg.evaluation, cfg.training.max_length)
+    dense, dense_sm = _streamed_measure(evaluator, folder, plan.device, dense=True)
+    timing["load_and_dense_eval"] = time.perf_counter() - t0
+
+    t1 = time.perf_counter()
+    calib = None
+    metric_cls = METRICS.get(cfg.pruning.importance_metric)
+    if metric_cls.needs_activations or metric_cls.needs_gradients or cfg.pruning.needs_calibration_batches:
+        calib = calibration_batches(
+            task, tok, train_texts, max_length=cfg.training.max_length, n=cfg.data.calibration_texts
+        )
+    model_dir = output / "model"
+    summary = oneshot(folder, cfg.pruning, calib, model_dir, max_memory=budget, device=plan.device, progress=progress)
+    tok.save_pretrained(str(model_dir))
+    fmt = "artemis.save_pruned"
+    write_json(
+        model_dir / "artemis_run.json",
+        {"base_model": cfg.model.base_model, "task": task, "tokenizer": cfg.model.tokenizer, "format": fmt},
+    )
+    timing["prune_and_train"] = time.perf_counter() - t1
+
+    t2 = time.perf_counter()
+    pruned, pruned_sm = _streamed_measure(evaluator, model_dir, plan.device, dense=False)
+    timing["pruned_eval"] = time.perf_counter() - t2
+    timing["total"] = time.perf_counter() - t0
+
+    pm = summary["pruning_metrics"]
+    pipe = summary["pipeline"]
+    sizes = {
+        "dense": pm["baseline_model_size_mb"],
+        "compressed": pm["compressed_model_size_mb"],
+        "on_disk": disk_mib(model_dir),
+    }
+    quality = {"metric": evaluator.metric, "dense": dense["quality"], "pruned": pruned["quality"]}
+    for k in ("nn_agreement", "cosine_min"):
+        if k in pruned:
+            quality[k] = pruned[k]
+    peaks = {
+        "dense_eval": dense_sm.peak_param_bytes,
+        "prune": pipe["peak_param_bytes"],
+        "pruned_eval": pruned_sm.peak_param_bytes,
+    }
+    memory = {
+        "peak_rss": _peak_rss_mib(),
+        "peak_parameters": max(peaks.values()) / MIB,
+        "whole_model_parameters": whole / MIB,
+    }
+    report = {
+        "model": cfg.model.base_model,
+        "task": task,
+        "sparsity": summary["measured_sparsity"],
+        "target_sparsity": cfg.pruning.final_sparsity,
+        "quality": quality,
+        "size_mb": sizes,
+        "latency_ms": {
+            "dense": None,
+            "pruned": None,
+            "skipped": "streamed run: latency needs the whole model in memory (artemis eval MODEL_DIR measures it)",
+        },
+        "parameters": pruned_sm.parameters,
+        "saved": {"path": str(model_dir), "format": fmt},
+        "runtime": {
+            "device": plan.device,
+            "batch_size": None,
+            "gradient_accumulation_steps": None,
+            "gradient_checkpointing": False,
+            "distillation": False,
+            "distillation_reason": "off: training.steps 0 (one-shot prune)",
+            "bf16": False,
+        },
+        "streaming": {
+            "setting": setting,
+            "max_memory_bytes": parse_memory_size(cfg.efficiency.max_memory)
+            if cfg.efficiency.max_memory is not None
+            else None,
+            "source": str(folder),
+            "max_resident_blocks": max(
+                dense_sm.max_resident_blocks, pipe["max_resident_blocks"], pruned_sm.max_resident_blocks
+            ),
+            "peak_param_bytes": peaks,
+            "whole_model_bytes": whole,
+            "block_forwards": {
+                "dense_eval": dense_sm.block_forwards,
+                "prune": pipe["block_forwards"],
+                "pruned_eval": pruned_sm.block_forwards,
+            },
+        },
+        "resumed_from_step": None,
+        "timing": timing,
+        "memory": memory,
+        "history": [],
+        "layers": summary["layers"],
+        "pruning_summary": {k: v for k, v in summary.items() if k != "layers"},
+        "config": cfg.to_dict(),
+    }
+    _remove_stale_temp_files(output)
+    return write_report(output, report, plots=plots)
+
+
 # --------------------------------------------------------------------------- commands
 def run_prune(
     cfg: Any,
@@ -488,6 +769,7 @@ def run_prune(
     import torch
 
     from artemis.core.manager import PruningManager
+    from artemis.core.sizing import model_dense_bytes
     from artemis.data.corpus import calibration_batches
     from artemis.evaluation.quality import parameter_stats, size_stats
     from artemis.evaluation.report import write_report
@@ -513,6 +795,8 @@ def run_prune(
             f"training.steps: 0 is one-shot pruning and trains nothing, but {' and '.join(needs)} needs training; "
             "set training.steps >= 1"
         )
+    if streams(cfg):
+        return _run_prune_streamed(cfg, output, world=world, progress=progress, plots=plots)
     loaded = load_model_and_tokenizer(cfg.model)
     model, tok, task = loaded.model, loaded.tokenizer, loaded.task
     train_texts, eval_texts = _texts(cfg)
@@ -646,7 +930,7 @@ def run_prune(
     for k in ("nn_agreement", "cosine_min"):
         if k in pruned:
             quality[k] = pruned[k]
-    memory = {"peak_rss": _peak_rss_mib()}
+    memory = {"peak_rss": _peak_rss_mib(), "whole_model_parameters": model_dense_bytes(model) / 2**20}
     if torch.cuda.is_available() and plan.device.startswith("cuda"):
         memory["peak_cuda_allocated"] = torch.cuda.max_memory_allocated() / 2**20
     report = {
@@ -712,6 +996,13 @@ def run_sweep(
     from artemis.train.loop import _resolve_device
 
     refuse_multi_process("sweep")
+    if cfg.efficiency.max_memory is not None:
+        from artemis.core.errors import ConfigError
+
+        raise ConfigError(
+            f"efficiency.max_memory {cfg.efficiency.max_memory!r} streams `artemis prune --steps 0`; "
+            "`artemis sweep` loads the whole model: remove efficiency.max_memory"
+        )
     check_supported(cfg.model, cfg.fine_tuning.method)
     loaded = load_model_and_tokenizer(cfg.model)
     model, tok, task = loaded.model, loaded.tokenizer, loaded.task

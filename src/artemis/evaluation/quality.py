@@ -39,6 +39,8 @@ from artemis.data.calibration import model_device
 
 __all__ = [
     "mean_pool",
+    "pooled_embeddings",
+    "batch_nll",
     "sentence_embeddings",
     "encode_sentences",
     "embedding_cosine",
@@ -65,6 +67,38 @@ def mean_pool(hidden: Tensor, attention_mask: Tensor) -> Tensor:
     """
     m = attention_mask.to(hidden.dtype).unsqueeze(-1)  # (batch, tokens, 1)
     return (hidden * m).sum(1) / m.sum(1).clamp_min(1e-9)
+
+
+def pooled_embeddings(hidden: Tensor, attention_mask: Tensor, normalize: bool = True) -> Tensor:
+    """One batch's sentence embeddings from its last hidden state: :func:`mean_pool` in
+    float32, then (``normalize``) L2-normalised; on the CPU.
+
+    Example:
+        >>> import torch
+        >>> pooled_embeddings(torch.tensor([[[3.0, 4.0], [9.0, 9.0]]]), torch.tensor([[1, 0]])).tolist()
+        [[0.6000000238418579, 0.800000011920929]]
+    """
+    emb = mean_pool(hidden.float(), attention_mask)  # (batch, dim)
+    if normalize:
+        emb = torch.nn.functional.normalize(emb, dim=-1)
+    return emb.cpu()
+
+
+def batch_nll(logits: Tensor, labels: Tensor) -> tuple[float, int]:
+    """``(summed next-token cross-entropy, predicted tokens)`` of one causal-LM batch:
+    ``logits`` (batch, tokens, vocab) predict ``labels`` shifted by one; -100 is ignored.
+
+    Example:
+        >>> import torch
+        >>> nll, n = batch_nll(torch.zeros(1, 3, 4), torch.tensor([[0, 1, -100]]))
+        >>> round(nll, 4), n
+        (1.3863, 1)
+    """
+    logits = logits.float()
+    shift_logits = logits[:, :-1].reshape(-1, logits.shape[-1])
+    shift_labels = labels[:, 1:].reshape(-1)
+    nll = torch.nn.functional.cross_entropy(shift_logits, shift_labels, ignore_index=-100, reduction="sum")
+    return float(nll), int((shift_labels != -100).sum())
 
 
 @torch.no_grad()
@@ -115,10 +149,7 @@ def sentence_embeddings(
             hidden = getattr(res, "last_hidden_state", None)
             if hidden is None:
                 hidden = model(**enc, output_hidden_states=True).hidden_states[-1]
-            emb = mean_pool(hidden.float(), enc["attention_mask"])  # (batch, dim)
-            if normalize:
-                emb = torch.nn.functional.normalize(emb, dim=-1)
-            out.append(emb.cpu())
+            out.append(pooled_embeddings(hidden, enc["attention_mask"], normalize))
     finally:
         model.train(was_training)
     return torch.cat(out)
@@ -177,12 +208,9 @@ def perplexity(model: nn.Module, blocks: Iterable[dict]) -> float:
             kwargs = {"input_ids": ids}
             if "attention_mask" in batch:
                 kwargs["attention_mask"] = batch["attention_mask"].to(device)
-            logits = model(**kwargs).logits.float()  # (batch, tokens, vocab)
-            shift_logits = logits[:, :-1].reshape(-1, logits.shape[-1])
-            shift_labels = labels[:, 1:].reshape(-1)
-            nll = torch.nn.functional.cross_entropy(shift_logits, shift_labels, ignore_index=-100, reduction="sum")
-            total_nll += float(nll)
-            total_tokens += int((shift_labels != -100).sum())
+            nll, tokens = batch_nll(model(**kwargs).logits, labels)
+            total_nll += nll
+            total_tokens += tokens
     finally:
         model.train(was_training)
     if total_tokens == 0:

@@ -123,11 +123,42 @@ class LazyCheckpoint:
             )
         with init_empty_weights(include_buffers=False):
             self.model: nn.Module = cls.from_config(config) if cls is transformers.AutoModel else cls(config)
+        # built on meta, tied parameters (lm_head and the embeddings) are apart until tied, outside
+        # init_empty_weights (which would re-register a copy); the checkpoint stores them once
+        if hasattr(self.model, "tie_weights"):
+            self.model.tie_weights()
         self.model.eval()
         self._prefix = getattr(self.model, "base_model_prefix", "") or ""
         self.live_bytes = 0
         self.peak_bytes = 0
         self._persistent = self._persistent_buffers()
+        self._stored_dtypes()
+
+    def _stored_dtypes(self) -> None:
+        """Give each meta parameter the dtype it is stored in (the model is built in the
+        default float32; a bf16 checkpoint would otherwise count twice its bytes)."""
+        groups: dict[int, list[str]] = {}
+        params: dict[int, nn.Parameter] = {}
+        for n, p in self.model.named_parameters(remove_duplicate=False):
+            groups.setdefault(id(p), []).append(n)
+            params[id(p)] = p
+        for pid, names in groups.items():
+            key = next((k for k in map(self.key_of, names) if k is not None), None)
+            if key is None:
+                continue
+            dtype = self._stored_dtype(key)
+            p = params[pid]
+            if dtype is None or dtype == p.dtype or not dtype.is_floating_point:
+                continue
+            meta = nn.Parameter(torch.empty(p.shape, dtype=dtype, device="meta"), requires_grad=False)
+            for n in names:
+                _set_tensor(self.model, n, meta, True)
+
+    def _stored_dtype(self, key: str) -> Optional[torch.dtype]:
+        """The dtype the checkpoint stores ``key`` in (None: not a plain stored tensor)."""
+        if key not in self._where:
+            return None
+        return _ckpt._DTYPES.get(self._handles[self._where[key]].get_slice(key).get_dtype())
 
     def _weight_files(self) -> list[str]:
         index = self.folder / INDEX_NAME
@@ -158,11 +189,22 @@ class LazyCheckpoint:
         return None
 
     def read(self, name: str) -> Tensor:
-        """The stored tensor of the model's ``name`` (CPU, its stored dtype)."""
+        """The stored tensor of the model's ``name`` (CPU, its stored dtype).
+
+        The tensor is a copy read through a mapping of the shard opened for this read and
+        closed after it: a tensor of a long-lived mapping keeps the pages it touched resident
+        while the shard is open (and an in-place prune turns them into private copies), so
+        every block read would stay in the process's memory until the end."""
+        from safetensors import safe_open
+
         key = self.key_of(name)
         if key is None:
             raise CheckpointError(f"{self.folder}: tensor {name!r} is not in the checkpoint")
-        return self._handles[self._where[key]].get_tensor(key)
+        with safe_open(str(self.folder / self._where[key]), framework="pt", device="cpu") as h:
+            t = h.get_tensor(key)
+            out = t.clone()
+            del t
+        return out
 
     def materialise(self, names: Iterable[str]) -> None:
         """Read the parameters (and stored persistent buffers) ``names`` onto ``device``.
@@ -207,9 +249,30 @@ class LazyCheckpoint:
             meta = nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device="meta"), requires_grad=False)
             for n in aliases[id(p)]:
                 _set_tensor(self.model, n, meta, True)
+        if done:
+            del p
+            _return_freed_memory()
 
     def close(self) -> None:
         self._handles.clear()
+
+
+def _return_freed_memory() -> None:
+    """Hand freed heap memory back to the system (glibc ``malloc_trim``; nothing elsewhere):
+    a freed block's tensors otherwise stay in the process's resident set as free heap."""
+    global _TRIM
+    if _TRIM is None:
+        try:
+            import ctypes
+
+            _TRIM = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _TRIM = False
+    if _TRIM:
+        _TRIM(0)
+
+
+_TRIM: Any = None
 
 
 class StreamingWriter:

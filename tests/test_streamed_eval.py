@@ -1,0 +1,146 @@
+"""Streamed evaluation (`artemis.evaluation.streamed`): the in-memory figures, one block resident."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import artemis
+from artemis.core.errors import CheckpointError
+from artemis.evaluation.quality import parameter_stats, perplexity, sentence_embeddings
+from artemis.evaluation.streamed import StreamedModel, open_lazy, streamed_block_bytes
+from artemis.sparse import streaming
+from tests.fixtures import tiny_bert, tiny_llama
+
+
+class _Tok:
+    """A stand-in tokenizer: one id per word, padded, with an attention mask."""
+
+    def __call__(self, texts, padding=True, truncation=True, max_length=128, return_tensors="pt"):
+        ids = [[(len(w) * 7 + i) % 100 + 1 for i, w in enumerate(t.split())][:max_length] for t in texts]
+        width = max(map(len, ids))
+        mask = [[1] * len(i) + [0] * (width - len(i)) for i in ids]
+        ids = [i + [0] * (width - len(i)) for i in ids]
+        return {"input_ids": torch.tensor(ids), "attention_mask": torch.tensor(mask)}
+
+
+TEXTS = ["a bb ccc dddd", "hello world this is a test", "x", "the quick brown fox jumps over"] * 5
+
+
+def _blocks() -> list[dict]:
+    g = torch.Generator().manual_seed(1)
+    out = [{"input_ids": torch.randint(0, 128, (3, 16), generator=g)} for _ in range(3)]
+    mask = torch.ones(3, 16, dtype=torch.long)
+    mask[0, 10:] = 0
+    out[1]["attention_mask"] = mask
+    out[2]["labels"] = out[2]["input_ids"].clone()
+    out[2]["labels"][:, :4] = -100
+    return out
+
+
+@pytest.fixture
+def spy(monkeypatch):
+    """How many blocks have real parameters after each materialisation."""
+    from artemis.arch import get_adapter
+
+    seen: list[int] = []
+    original = streaming.LazyCheckpoint.materialise
+
+    def materialise(self, names):
+        original(self, names)
+        blocks = get_adapter(self.model).blocks
+        seen.append(sum(1 for b in blocks if any(p.device.type != "meta" for p in b.parameters())))
+
+    monkeypatch.setattr(streaming.LazyCheckpoint, "materialise", materialise)
+    return seen
+
+
+def _check_resident(sm: StreamedModel, model: torch.nn.Module, seen: list[int]) -> None:
+    outer, block = streamed_block_bytes(model)
+    assert max(seen) == 1 and sm.max_resident_blocks == 1
+    assert sm.peak_param_bytes == outer + block  # the parameters outside the blocks plus one block
+    assert sm.peak_param_bytes < sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_llama_perplexity_bit_identical_one_block_resident(tmp_path, spy, tied):
+    model = tiny_llama(layers=4, tie_word_embeddings=tied)
+    model.save_pretrained(tmp_path / "m", max_shard_size="100KB")
+    assert len(list((tmp_path / "m").glob("*.safetensors"))) > 3
+    blocks = _blocks()
+    with StreamedModel(tmp_path / "m") as sm:
+        got = sm.perplexity(blocks)
+        assert sm.block_forwards == 4 * len(blocks)
+    assert got == perplexity(model, blocks)  # bit for bit
+    assert sm.parameters == parameter_stats(model)
+    _check_resident(sm, model, spy)
+    assert sm.lazy.live_bytes == 0  # everything freed at the end
+    if tied:  # the checkpoint stores lm_head once, as the embeddings; streaming ties them again
+        assert sm.model.lm_head.weight is sm.model.model.embed_tokens.weight
+        s = artemis.oneshot(
+            tmp_path / "m",
+            {"pruning": {"final_sparsity": 0.5}},
+            None,
+            tmp_path / "o",
+            max_memory="1MB",
+            progress=False,
+        )
+        assert s["pipeline"]["streamed"] and s["measured_sparsity"] == 0.5
+
+
+def test_bert_embeddings_bit_identical_one_block_resident(tmp_path, spy):
+    model = tiny_bert(layers=3)
+    model.save_pretrained(tmp_path / "b", max_shard_size="60KB")
+    assert len(list((tmp_path / "b").glob("*.safetensors"))) > 3
+    with StreamedModel(tmp_path / "b") as sm:
+        got = sm.sentence_embeddings(_Tok(), TEXTS, batch_size=8, max_length=5)
+    want = sentence_embeddings(model, _Tok(), TEXTS, batch_size=8, max_length=5)
+    assert got.shape == (len(TEXTS), 64) and torch.equal(got, want)
+    _check_resident(sm, model, spy)
+
+
+def test_pruned_folder_is_read_and_decompressed(tmp_path, spy):
+    model = tiny_llama(layers=2, tie_word_embeddings=True)
+    blocks = _blocks()
+    artemis.oneshot(
+        model,
+        {"pruning": {"final_sparsity": 0.5, "importance_metric": "activation"}},
+        blocks,
+        tmp_path / "p",
+        progress=False,
+    )
+    lazy = open_lazy(tmp_path / "p")
+    assert type(lazy).__name__ == "_PrunedCheckpoint"
+    lazy.close()
+    with StreamedModel(tmp_path / "p") as sm:
+        got = sm.perplexity(blocks)
+    assert got == perplexity(model, blocks)
+    assert sm.parameters == parameter_stats(model)  # the zeros counted as read: 50% of the targets
+    assert sm.parameters["nonzero_parameters"] < sm.parameters["parameters"]
+    assert max(spy) == 1
+
+
+def test_changed_pruned_tensor_fails_its_checksum(tmp_path):
+    model = tiny_llama(layers=1)
+    artemis.oneshot(model, {"pruning": {"final_sparsity": 0.5}}, None, tmp_path / "p", progress=False)
+    f = tmp_path / "p" / "model.safetensors"
+    data = bytearray(f.read_bytes())
+    data[-3] ^= 0xFF  # a byte of the last tensor
+    f.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=r"fails its checksum"):
+        with StreamedModel(tmp_path / "p") as sm:
+            sm.perplexity(_blocks())
+
+
+def test_errors(tmp_path):
+    with pytest.raises(CheckpointError, match=r"no config.json; streaming needs a Hugging Face model folder"):
+        StreamedModel(tmp_path)
+    model = tiny_llama(layers=1)
+    model.save_pretrained(tmp_path / "m")
+    with StreamedModel(tmp_path / "m") as sm:
+        with pytest.raises(ValueError, match="needs at least one batch"):
+            sm.run([], lambda *a: None)
+        with pytest.raises(ValueError, match="texts must be a non-empty list of strings"):
+            sm.sentence_embeddings(_Tok(), [])
+        with pytest.raises(Exception, match="returns no last_hidden_state"):
+            sm.sentence_embeddings(_Tok(), ["a b"])
