@@ -175,3 +175,70 @@ def test_booleans_are_not_numbers_inside_number_mappings():
     with pytest.raises(ConfigError, match=r"pruning: layer_sparsity\['fc1'\] must be a number, got False"):
         load_pruning_config({"pruning": {"layer_sparsity": {"fc1": False}}})
     assert load_pruning_config({"pruning": {"layer_sparsity": {"fc1": 0.25}}}).layer_sparsity == {"fc1": 0.25}
+
+
+def test_an_unquoted_nm_pattern_in_yaml_is_a_pattern(tmp_path):
+    from artemis.core.config import load_yaml
+
+    # PyYAML's safe_load reads 2:4 as the base-60 number 124; Artemis's reader keeps it
+    assert load_yaml("pattern: 2:4\nsteps: 10\nlr: 1.5e-3\nt: 1:02:03") == {
+        "pattern": "2:4",
+        "steps": 10,
+        "lr": 0.0015,
+        "t": 3723,
+    }
+    path = tmp_path / "p.yaml"
+    path.write_text("pruning:\n  method: magnitude_progressive\n  pattern: 2:4\n")
+    cfg = load_pruning_config(path)
+    assert cfg.pattern == "2:4" and cfg.nm_pattern == (2, 4) and cfg.final_sparsity == 0.5
+    with pytest.raises(
+        ConfigError, match=r"pattern must be a string 'N:M' such as '2:4', got the number 124.*quote it"
+    ):
+        load_pruning_config({"pruning": {"pattern": 124}})
+
+
+def test_given_keys_and_rederived_variant_settings():
+    cfg = PruningConfig(final_sparsity=0.5, reconstruction="sparsegpt")
+    assert cfg.given() == {"final_sparsity": 0.5, "reconstruction": "sparsegpt"}
+    assert (cfg.sparsegpt_target, cfg.sparsegpt_shrinkage) == ("dense", "ledoit_wolf")
+    cfg.sparsegpt_variant = "paper"  # the keys left to the variant follow it
+    assert (cfg.sparsegpt_target, cfg.sparsegpt_shrinkage, cfg.sparsegpt_bias_correction) == ("pruned", "none", False)
+    assert set(cfg.given()) == {"final_sparsity", "reconstruction", "sparsegpt_variant"}
+    explicit = PruningConfig(reconstruction="sparsegpt", sparsegpt_variant="paper", sparsegpt_target="dense")
+    explicit.sparsegpt_variant = "artemis"  # an explicit key stays
+    assert (explicit.sparsegpt_target, explicit.sparsegpt_shrinkage) == ("dense", "ledoit_wolf")
+
+
+def test_overrides_rederive_what_the_config_did_not_set():
+    from artemis.train.run_config import EMBEDDED_DEFAULT, RunConfig, apply_overrides
+
+    cfg = RunConfig.model_validate(EMBEDDED_DEFAULT)
+    with pytest.raises(
+        ConfigError, match=r"pattern '2:4' prunes exactly 0.5 of every group, but final_sparsity is 0.6"
+    ):
+        apply_overrides(cfg, {"pruning.pattern": "2:4"})
+    nm = apply_overrides(
+        cfg,
+        {
+            "pruning.pattern": "2:4",
+            "pruning.final_sparsity": 0.5,
+            "pruning.scope": None,
+            "pruning.reconstruction": "sparsegpt",
+        },
+    )
+    # the variant's per-row OBS scope does not apply with a pattern: derived again, not carried over
+    assert (nm.pruning.pattern, nm.pruning.sparsegpt_obs_scope, nm.pruning.final_sparsity) == ("2:4", "layer", 0.5)
+    paper = apply_overrides(nm, {"pruning.sparsegpt_variant": "paper"})
+    assert (paper.pruning.sparsegpt_target, paper.pruning.sparsegpt_shrinkage) == ("pruned", "none")
+
+
+def test_command_line_set_reads_an_nm_pattern():
+    from artemis.cli.main import _load_config, build_parser
+
+    cfg = _load_config(build_parser().parse_args(["prune", "--set", "pruning.pattern=2:4"]))
+    assert (cfg.pruning.pattern, cfg.pruning.nm_pattern, cfg.pruning.final_sparsity) == ("2:4", (2, 4), 0.5)
+    assert cfg.pruning.scope is None and cfg.pruning.importance_metric == "activation"  # the rest of the default
+    with pytest.raises(
+        ConfigError, match=r"pattern '2:4' prunes exactly 0.5 of every group, but final_sparsity is 0.6"
+    ):
+        _load_config(build_parser().parse_args(["prune", "--final-sparsity", "0.6", "--set", "pruning.pattern=2:4"]))

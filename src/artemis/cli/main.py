@@ -210,6 +210,7 @@ def _version() -> str:
 def _collect_overrides(args: argparse.Namespace) -> dict[str, Any]:
     import yaml
 
+    from artemis.core.config import load_yaml
     from artemis.core.errors import ConfigError
 
     out: dict[str, Any] = {}
@@ -228,7 +229,7 @@ def _collect_overrides(args: argparse.Namespace) -> dict[str, Any]:
             raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. training.weight_decay=0.01")
         k, v = item.split("=", 1)
         try:
-            out[k.strip()] = yaml.safe_load(v)
+            out[k.strip()] = load_yaml(v)
         except yaml.YAMLError as exc:
             raise ConfigError(f"--set {item!r}: VALUE is not valid YAML ({exc})") from None
     return out
@@ -247,6 +248,12 @@ def _load_config(args: argparse.Namespace):
             # the default's `scope: row` is tuned for its own method; another method (structured
             # ones refuse any scope) starts from that method's default scope unless --scope says otherwise
             default["pruning"].pop("scope", None)
+        if overrides.get("pruning.pattern") is not None:
+            # an N:M pattern fixes the sparsity and chooses within each group: the default's
+            # 60% and `scope: row` give way unless the command line sets them too
+            for key in ("scope", "final_sparsity"):
+                if f"pruning.{key}" not in overrides:
+                    default["pruning"].pop(key, None)
         cfg = load_run_config(default)
     return apply_overrides(cfg, overrides) if overrides else cfg
 

@@ -42,6 +42,7 @@ from __future__ import annotations
 import difflib
 import importlib
 import os
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Optional, Sequence, TypeVar, Union, get_args, get_origin
 
@@ -71,6 +72,7 @@ __all__ = [
     "ConfigSection",
     "LayerDropoutOptions",
     "load_pruning_config",
+    "load_yaml",
     "read_yaml",
     "format_validation_error",
     "SCHEDULES",
@@ -316,6 +318,7 @@ class PruningConfig(ConfigSection):
 
     _nm: Optional[tuple[int, int]] = PrivateAttr(default=None)
     _options: dict[Any, Any] = PrivateAttr(default_factory=dict)
+    _given_options: Optional[set[str]] = PrivateAttr(default=None)
 
     @property
     def nm_pattern(self) -> Optional[tuple[int, int]]:
@@ -335,13 +338,36 @@ class PruningConfig(ConfigSection):
             super().__setattr__(name, value)
             return
         # a method option is an extra attribute, stored before it is validated: undo a bad one
-        saved = dict(extra)
+        saved, given = dict(extra), self._given_options
+        self._given_options = (given or set()) | {name}
         try:
             super().__setattr__(name, value)
         except ValidationError:
             object.__setattr__(self, "__pydantic_extra__", saved)
+            self._given_options = given
             self._validate_method_options()
             raise
+
+    def __eq__(self, other: object) -> bool:
+        # equal values are equal configs, whichever keys were given and which derived
+        if not isinstance(other, PruningConfig):
+            return NotImplemented
+        return type(self) is type(other) and self.model_dump() == other.model_dump()
+
+    __hash__ = None  # type: ignore[assignment]  # mutable, as pydantic's models
+
+    def given(self) -> dict[str, Any]:
+        """The keys set by the user (given to the constructor or assigned), with their
+        values: what re-validating needs to give the same config, without the values that
+        defaults and variants derived (which a changed key must be free to derive again).
+
+        Example:
+            >>> cfg = PruningConfig(final_sparsity=0.5, reconstruction="sparsegpt")
+            >>> sorted(cfg.given())
+            ['final_sparsity', 'reconstruction']
+        """
+        keys = set(self.model_fields_set) | (self._given_options or set())
+        return {k: v for k, v in self.model_dump(mode="python").items() if k in keys}
 
     def method_options(self, model: type[_O]) -> Optional[_O]:
         """The validated instance of a method's options ``model`` (None for a sub-section
@@ -436,9 +462,14 @@ class PruningConfig(ConfigSection):
             return v
         return one_of(info.field_name, v, _CHOICES[info.field_name])
 
-    @field_validator("pattern")
+    @field_validator("pattern", mode="before")
     @classmethod
-    def _check_pattern(cls, v: Optional[str]) -> Optional[str]:
+    def _check_pattern(cls, v: Any) -> Optional[str]:
+        if isinstance(v, int) and not isinstance(v, bool) and v >= 60:
+            raise ValueError(
+                f"pattern must be a string 'N:M' such as '2:4', got the number {v}: a YAML 1.1 reader "
+                f'(yaml.safe_load) reads an unquoted 2:4 as the base-60 number 124; quote it (pattern: "2:4")'
+            )
         if v is not None:
             n, m = parse_nm_pattern(v)
             return f"{n}:{m}"
@@ -467,11 +498,14 @@ class PruningConfig(ConfigSection):
             extra = self.__pydantic_extra__ = {}
         keys = _option_keys()
         _check_unknown_keys(type(self), {k: v for k, v in extra.items() if k not in keys}, more=list(keys))
+        if self._given_options is None:  # first validation: the extras are what the user gave
+            self._given_options = set(extra)
         options: dict[Any, Any] = {}
         errors: list[Any] = []
         for model in _options_models():
             if model.section is None:
-                given = {k: extra[k] for k in model.model_fields if k in extra}
+                # only the keys the user gave: the others are derived again (a changed variant)
+                given = {k: extra[k] for k in model.model_fields if k in extra and k in self._given_options}
                 loc: tuple[str, ...] = ()
             else:
                 given = extra.get(model.section)
@@ -570,13 +604,38 @@ def format_validation_error(err: ValidationError, where: str) -> str:
     return "; ".join(lines)
 
 
+class _YAMLLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` without YAML 1.1's base-60 numbers: ``pattern: 2:4`` is the
+    string ``"2:4"``, not the integer 124 (``2*60 + 4``) that PyYAML makes of it."""
+
+
+_YAMLLoader.yaml_implicit_resolvers = {k: list(v) for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_YAMLLoader.add_implicit_resolver(  # checked before the number resolvers of the same first character
+    "tag:yaml.org,2002:str", re.compile(r"^[0-9]+:[0-9]+$"), list("0123456789")
+)
+for _first in "0123456789":
+    _YAMLLoader.yaml_implicit_resolvers[_first].insert(0, _YAMLLoader.yaml_implicit_resolvers[_first].pop())
+
+
+def load_yaml(text: str) -> Any:
+    """Parse YAML ``text`` safely, reading ``N:M`` (``2:4``, ``4:8``) as a string.
+
+    Example:
+        >>> load_yaml("pattern: 2:4")
+        {'pattern': '2:4'}
+        >>> load_yaml("steps: 10")
+        {'steps': 10}
+    """
+    return yaml.load(text, Loader=_YAMLLoader)  # noqa: S506 - a SafeLoader subclass
+
+
 def read_yaml(path: Union[str, os.PathLike]) -> dict:
     """Read a YAML mapping from ``path`` with errors that name the file."""
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"config file {str(p)!r} does not exist")
     try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+        data = load_yaml(p.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
         raise ConfigError(f"config file {str(p)!r} is not valid YAML: {exc}") from None
     if data is None:

@@ -104,7 +104,7 @@ EMBEDDED_DEFAULT: dict[str, Any] = {
         "schedule": "cubic_decay",
     },
     "training": {
-        "steps": 500,
+        "steps": 400,
         "batch_size": 32,
         "learning_rate": 3e-4,
         "warmup_steps": 10,
@@ -406,7 +406,7 @@ def apply_overrides(cfg: RunConfig, overrides: Mapping[str, Any]) -> RunConfig:
     """
     data = cfg.model_dump(mode="python", exclude_unset=False)
     data["model"].pop("pruning", None)
-    data["pruning"] = cfg.pruning.model_dump(mode="python")
+    data["pruning"] = cfg.pruning.given()  # derived values are derived again from the new keys
     for key, value in overrides.items():
         _set_path(data, key, value)
     try:
