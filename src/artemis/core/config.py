@@ -626,7 +626,11 @@ def load_yaml(text: str) -> Any:
         >>> load_yaml("steps: 10")
         {'steps': 10}
     """
-    return yaml.load(text, Loader=_YAMLLoader)  # noqa: S506 - a SafeLoader subclass
+    loader = _YAMLLoader(text)  # a SafeLoader: builds plain data only, never Python objects
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
 
 
 def read_yaml(path: Union[str, os.PathLike]) -> dict:
