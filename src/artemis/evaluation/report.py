@@ -131,7 +131,14 @@ def format_markdown(report: Mapping[str, Any]) -> str:
     if mem:
         lines += ["", "Peak memory (MiB): " + ", ".join(f"{k} {v:.0f}" for k, v in mem.items())]
     layers = report.get("layers")
-    if layers:
+    if layers and "status" in layers[0]:  # layer dropout: one row per block
+        lines += ["", "## Blocks", "", "| block | parameters | status | score |", "|---|---|---|---|"]
+        lines += [
+            f"| {row['name']} | {row['numel']} | {row['status']} | "
+            f"{'' if row.get('score') is None else format(row['score'], '.6g')} |"
+            for row in layers
+        ]
+    elif layers:
         lines += ["", "## Per-layer sparsity", "", "| layer | shape | sparsity |", "|---|---|---|"]
         lines += [
             f"| {layer['name']} | {'×'.join(map(str, layer['shape']))} | {layer['sparsity']:.2%} |" for layer in layers

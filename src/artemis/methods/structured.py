@@ -426,16 +426,18 @@ class StructuredMethod(PruningMethod):
         return out
 
     @torch.no_grad()
-    def unit_scores(self, metric: ImportanceMetric) -> list[Tensor]:
+    def unit_scores(self, metric: ImportanceMetric, groups: Optional[Sequence[StructureGroup]] = None) -> list[Tensor]:
         """Score of every unit of every group (float64): per coupled projection the
         ``structured_norm`` of the unit's weight scores, combined by ``structured_reduction``
-        (the same numbers as :func:`reduce_unit_scores`, without copying the weights)."""
+        (the same numbers as :func:`reduce_unit_scores`, without copying the weights).
+        ``groups``: only those (default: all), in that order (the one-shot pipeline scores
+        one block's groups while it is loaded)."""
         norm, reduction = self.norm, self.reduction
         cache: dict[str, Tensor] = {}
         lines: dict[tuple[str, str], Tensor] = {}
         by_name = {t.name: t for t in self.targets}
         out: list[Tensor] = []
-        for g in self.groups:
+        for g in self.groups if groups is None else groups:
             per = torch.zeros(len(g.slices), g.num_units, dtype=torch.float64)
             for j, s in enumerate(g.slices):
                 if (s.name, s.axis) not in lines:
@@ -471,6 +473,13 @@ class StructuredMethod(PruningMethod):
         pruned = self._pruned_units(previous)
         counts = self.plan(sparsity, pruned)  # raises before anything changes
         scores = self.unit_scores(metric)
+        return self._build_masks(self.choose(counts, scores, pruned))
+
+    def choose(self, counts: Mapping[str, int], scores: Sequence[Tensor], pruned: Sequence[set[int]]) -> list[set[int]]:
+        """The units of every group pruned after this event (those in ``pruned`` stay),
+        from :meth:`plan`'s ``counts`` and :meth:`unit_scores`' ``scores``: per block the
+        lowest-scoring ones (``uniform``), or ranked across blocks with each block keeping
+        its best unit (``per_layer``). Lowest first, ties to the lower index."""
         chosen: list[set[int]] = [set() for _ in self.groups]
         for kind in self.kinds:
             idx = [i for i, g in enumerate(self.groups) if g.kind == kind]
@@ -492,7 +501,7 @@ class StructuredMethod(PruningMethod):
                 for j in order:
                     i, u = owner[j]
                     chosen[i].add(u)
-        return self._build_masks(chosen)
+        return chosen
 
     @staticmethod
     def _lowest(scores: Tensor, pruned: set[int], k: int) -> set[int]:
@@ -536,11 +545,18 @@ class StructuredMethod(PruningMethod):
 
     def finalize(self) -> None:
         pruned = self._pruned_units()
-        widths = self._widths(pruned)
         before = self._count(self.model)
         for g, p in zip(self.groups, pruned):
             keep = [u for u in range(g.num_units) if u not in p]
             self.structures.shrink(self.model, g, keep)
+        self.finish_removal(pruned, before)
+
+    def finish_removal(self, pruned: Sequence[set[int]], before: int) -> None:
+        """After every group was shrunk to its units not in ``pruned`` (``before``: the
+        parameter count before): the config's widths (or ``artemis_structure``), the
+        removed count and the targets on the new modules. Part of :meth:`finalize`; the
+        one-shot pipeline shrinks block by block and then calls it."""
+        widths = self._widths(list(pruned))
         config = getattr(self.model, "config", None)
         plain = True
         if config is not None:
