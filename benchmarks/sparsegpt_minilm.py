@@ -15,15 +15,23 @@ Run from the repository root::
         --json benchmarks/results/sparsegpt_minilm_peer.json
 
 ``--sections peer`` is the side-by-side with llm-compressor: ``reconstruction: sparsegpt``
-alone (the default ``sparsegpt_variant: artemis``), ``sparsegpt_variant: paper`` and the
-block pipeline (``artemis.oneshot``) at 50%, 70% and 2:4, against llm-compressor's
-``SparseGPTModifier`` (``oneshot(..., pipeline="sequential", sequential_targets=["BertLayer"])``)
-run by ``benchmarks/peers/llmcompressor_sparsegpt.py`` in the interpreter given by
+alone (the default ``sparsegpt_variant: artemis``) and ``sparsegpt_variant: paper``, each
+through ``manager.apply_pruning`` (``--artemis-rows default,paper``) and through the block
+pipeline ``artemis.oneshot`` (``oneshot,oneshot-paper``), at 50%, 70% and 2:4
+(``--settings 50,70,24``), against llm-compressor's ``SparseGPTModifier``
+(``oneshot(..., pipeline="sequential", sequential_targets=["BertLayer"])``) run by
+``benchmarks/peers/llmcompressor_sparsegpt.py`` in the interpreter given by
 ``--peer-python`` (its own virtualenv), on the very same token ids: the calibration and
 evaluation batches and the dense reference embeddings are written to a safetensors file
-that both sides read. The peer runs as a subprocess beside the Artemis rows (started
-first, with the same ``--threads``), so on a machine with fewer free cores than the two
-processes need the times are those of two jobs sharing it.
+that both sides read. The peer runs as a subprocess with the same ``--threads``: by default
+to its end before the Artemis rows start (``--peer-mode sequential``: one job at a time),
+or beside them (``concurrent``: the times are then those of two jobs sharing the machine).
+Every row records its wall time and its process's CPU time (``cpu_seconds``, the steadier
+of the two on a shared machine). The acceptance run of the one-shot SparseGPT at 50%::
+
+    PYTHONPATH=src OMP_NUM_THREADS=1 python benchmarks/sparsegpt_minilm.py --sections peer \
+        --peer-python /tmp/llmc/bin/python --settings 50 --peer-runs sparsegpt:0.5 \
+        --artemis-rows oneshot,oneshot-paper --json benchmarks/results/sparsegpt_minilm_oneshot_peer.json
 
 If the ``activation`` metric (Wanda, |W|·‖X‖ per output row) is not registered in this
 checkout, an equivalent local metric is registered here so the comparison still runs.
@@ -142,8 +150,17 @@ def peer_section(args, path, dense, calib, test, ref, rows: list) -> None:
         env.pop("PYTHONPATH", None)
         print("peer:", " ".join(cmd), flush=True)
         peer = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        if args.peer_mode == "sequential":
+            peer_out = peer.communicate()[0]
     wanted = set(args.artemis_rows.split(","))
-    settings = [(0.5, None), (0.7, None), (0.5, "2:4")]
+    unknown = wanted - {"default", "paper", "oneshot", "oneshot-paper"}
+    if unknown:
+        raise SystemExit(f"--artemis-rows: unknown {sorted(unknown)}; use default, paper, oneshot, oneshot-paper")
+    all_settings = {"50": (0.5, None), "70": (0.7, None), "24": (0.5, "2:4")}
+    picked = args.settings.split(",")
+    if not set(picked) <= set(all_settings):
+        raise SystemExit(f"--settings {args.settings!r}: use a comma list of 50, 70, 24")
+    settings = [all_settings[k] for k in picked]
     for sparsity, pattern in settings:
         extra = {"pattern": pattern} if pattern else {}
         setting = pattern or f"{sparsity:.0%}"
@@ -156,13 +173,17 @@ def peer_section(args, path, dense, calib, test, ref, rows: list) -> None:
             )
         if "oneshot" in wanted:
             variants.append(("Artemis reconstruction: sparsegpt (artemis.oneshot)", {}, "oneshot"))
+        if "oneshot-paper" in wanted:
+            variants.append(
+                ("Artemis sparsegpt_variant: paper (artemis.oneshot)", {"sparsegpt_variant": "paper"}, "oneshot")
+            )
         for label, more, how in variants:
             if args.only and args.only not in label:
                 continue
             model = copy.deepcopy(dense)
             cfg = {"pruning": {"reconstruction": "sparsegpt", **extra, **more}}
             load0 = os.getloadavg()[0]
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             if how == "manager":
                 mgr = create_pruning_manager(cfg, model)
                 mgr.apply_pruning(sparsity, calibration_data=calib)
@@ -171,7 +192,7 @@ def peer_section(args, path, dense, calib, test, ref, rows: list) -> None:
                 cfg["pruning"].setdefault("final_sparsity", sparsity)
                 out = artemis.oneshot(model, cfg, calib, progress=False)
                 measured = out.get("measured_sparsity", float("nan"))
-            secs = time.perf_counter() - t0
+            secs, cpu = time.perf_counter() - t0, time.process_time() - c0
             cos = float((embed(model, test) * ref).sum(-1).mean())
             row = {
                 "section": "peer",
@@ -181,13 +202,14 @@ def peer_section(args, path, dense, calib, test, ref, rows: list) -> None:
                 "sparsity": round(float(measured), 4),
                 "cosine": round(cos, 4),
                 "seconds": round(secs, 1),
+                "cpu_seconds": round(cpu, 1),
                 "load_before": round(load0, 2),
                 "load_after": round(os.getloadavg()[0], 2),
             }
             rows.append(row)
             print(json.dumps(row), flush=True)
     if peer is not None:
-        out, _ = peer.communicate()
+        out = peer_out if args.peer_mode == "sequential" else peer.communicate()[0]
         peer_rows = [json.loads(line[5:]) for line in out.splitlines() if line.startswith("PEER ")]
         if peer.returncode != 0 or not peer_rows:
             print(out[-4000:])
@@ -203,16 +225,21 @@ def print_peer_table(rows: list) -> None:
     """The side-by-side table: each Artemis row with the peer's figure of the same setting."""
     peer = {r["setting"]: r for r in rows if r.get("section") == "peer" and "peer" in r}
     print(
-        "| setting | configuration | mean cosine | time (s) | llm-compressor cosine | llm-compressor time (s) | time ratio |"
+        "| setting | configuration | mean cosine | time (s) | CPU (s) | llm-compressor cosine "
+        "| llm-compressor time (s) | CPU (s) | time ratio | CPU ratio |"
     )
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         if r.get("section") != "peer" or "peer" in r:
             continue
         p = peer.get(r["setting"])
-        pc, ps = (f"{p['cosine']:.4f}", p["seconds"]) if p else ("–", "–")
+        pc, ps, pcpu = (f"{p['cosine']:.4f}", p["seconds"], p.get("cpu_seconds", "–")) if p else ("–", "–", "–")
         ratio = f"{r['seconds'] / p['seconds']:.2f}×" if p and p["seconds"] else "–"
-        print(f"| {r['setting']} | {r['label']} | {r['cosine']:.4f} | {r['seconds']} | {pc} | {ps} | {ratio} |")
+        cpu_ratio = f"{r['cpu_seconds'] / p['cpu_seconds']:.2f}×" if p and p.get("cpu_seconds") else "–"
+        print(
+            f"| {r['setting']} | {r['label']} | {r['cosine']:.4f} | {r['seconds']} | {r.get('cpu_seconds', '–')} "
+            f"| {pc} | {ps} | {pcpu} | {ratio} | {cpu_ratio} |"
+        )
 
 
 def main() -> None:
@@ -255,7 +282,15 @@ def main() -> None:
     ap.add_argument(
         "--artemis-rows",
         default="default,paper,oneshot",
-        help="for --sections peer: comma list of default, paper, oneshot",
+        help="for --sections peer: comma list of default, paper (manager.apply_pruning), oneshot, oneshot-paper "
+        "(artemis.oneshot)",
+    )
+    ap.add_argument("--settings", default="50,70,24", help="for --sections peer: comma list of 50, 70, 24 (2:4)")
+    ap.add_argument(
+        "--peer-mode",
+        choices=["sequential", "concurrent"],
+        default="sequential",
+        help="for --sections peer: run the peer to its end before the Artemis rows, or beside them",
     )
     ap.add_argument(
         "--json",

@@ -137,6 +137,7 @@ def test_variant_settings_and_overrides():
     for key, value in SPARSEGPT_VARIANT_SETTINGS["artemis"].items():
         assert getattr(cfg, key) == value
     assert (cfg.sparsegpt_mask, cfg.sparsegpt_shrinkage, cfg.sparsegpt_bias_correction) == ("obs", "ledoit_wolf", True)
+    assert (cfg.sparsegpt_obs_scope, cfg.sparsegpt_target, cfg.sparsegpt_dampening) == ("row", "dense", 0.2)
     paper = load_pruning_config({"pruning": {"reconstruction": "sparsegpt", "sparsegpt_variant": "paper"}})
     assert (
         paper.sparsegpt_mask,

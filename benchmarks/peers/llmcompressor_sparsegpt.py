@@ -6,7 +6,8 @@ nothing from Artemis. Input: a safetensors file with the calibration batches
 (``calib.<i>.<field>``), the evaluation batches (``test.<i>.<field>``) and the dense
 model's normalised sentence embeddings of the evaluation batches (``reference``), all
 written by the Artemis script from the same tokenisation. Output: one JSON object per
-configuration on stdout (``{"peer": ..., "cosine": ..., "seconds": ...}``).
+configuration on stdout (``{"peer": ..., "cosine": ..., "seconds": ..., "cpu_seconds": ...}``:
+wall time and this process's CPU time of the ``oneshot`` call).
 
 Run (normally started by the Artemis script)::
 
@@ -76,7 +77,7 @@ def run_peer(dense, spec: str, calib: list[dict], test: list[dict], ref: torch.T
     modifier = cls(targets=["Linear"], ignore=["re:.*pooler.*"], **kw)
     model = copy.deepcopy(dense)
     loader = DataLoader(calib, batch_size=None, shuffle=False)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     oneshot(
         model=model,
         recipe=modifier,
@@ -85,7 +86,7 @@ def run_peer(dense, spec: str, calib: list[dict], test: list[dict], ref: torch.T
         sequential_targets=["BertLayer"],
         num_calibration_samples=sum(int(b["input_ids"].shape[0]) for b in calib),
     )
-    seconds = time.perf_counter() - t0
+    seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
     model.eval()
     weights = [
         mod.weight for name, mod in model.named_modules() if isinstance(mod, torch.nn.Linear) and "encoder" in name
@@ -98,6 +99,7 @@ def run_peer(dense, spec: str, calib: list[dict], test: list[dict], ref: torch.T
         "sparsity": round(zeros / total, 4),
         "cosine": round(cos, 4),
         "seconds": round(seconds, 1),
+        "cpu_seconds": round(cpu, 1),
     }
 
 

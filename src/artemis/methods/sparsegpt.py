@@ -91,7 +91,7 @@ SPARSEGPT_VARIANT_SETTINGS: dict[str, dict[str, Any]] = {
         "sparsegpt_mask": "obs",
         "sparsegpt_obs_scope": "row",
         "sparsegpt_target": "dense",
-        "sparsegpt_dampening": 0.01,
+        "sparsegpt_dampening": 0.2,
         "sparsegpt_shrinkage": "ledoit_wolf",
         "sparsegpt_bias_correction": True,
     },
@@ -112,11 +112,12 @@ class SparseGPTOptions(MethodOptions):
             SparseGPT paper's algorithm (OBS-chosen mask compared over each layer, pruned
             inputs as the target, dampening 0.01, no shrinkage, biases unchanged);
             ``artemis`` is the measured best of docs/benchmarks/sparsegpt.md (per-row OBS
-            mask, dense targets, Ledoit-Wolf shrinkage of the Hessian, bias refitted). An explicit key
-            overrides its variant's setting.
+            mask, dense targets, dampening 0.2, Ledoit-Wolf shrinkage of the Hessian, bias
+            refitted). An explicit key overrides its variant's setting.
         sparsegpt_blocksize: columns updated together by the reconstruction (default 128).
         sparsegpt_dampening: fraction of the mean Hessian diagonal added to its diagonal
-            before inversion (0.01 in both variants).
+            before inversion: 0.01 (``paper``) or 0.2 (``artemis``; with dense targets it
+            also pulls ``W*`` toward the dense weight, see :func:`dense_target_weight`).
         sparsegpt_mask: ``obs`` (both variants): the reconstruction keeps only each
             layer's pruned count (or the N:M pattern) and chooses the weights itself by the
             OBS saliency ``w²/[H⁻¹]ᵢᵢ²`` while it updates, as the SparseGPT paper does;
@@ -380,13 +381,19 @@ class HessianAccumulator:
         return self.sum * (2.0 / self.count)
 
 
-def _inverse_hessian_factor(h: Tensor, dampening: float) -> Tensor:
+def _inverse_hessian_factor(h: Tensor, dampening: float, chol: Optional[Tensor] = None) -> Tensor:
     """Upper Cholesky factor of ``(H + λI)⁻¹`` with ``λ = dampening · mean(diag H)``;
     dead inputs (zero diagonal) get a unit diagonal. Retries with 10× and 100× damping.
+    ``chol``: the lower Cholesky factor of that damped ``H`` when the caller has it already
+    (:func:`dense_target_weight` with ``return_factor``); its factorisation is then skipped,
+    and ``chol`` is overwritten by the inverse (no further ``in × in`` matrix).
 
     Works on one private copy of ``H`` and frees each intermediate as soon as the next
     exists, so at most two ``in × in`` matrices live here at once (plus the caller's ``H``).
     """
+    if chol is not None:
+        hinv = torch.cholesky_inverse(chol, out=chol)
+        return torch.linalg.cholesky(hinv, upper=True)
     h = h.clone()
     diag = h.diagonal()  # a view: edits go into h
     diag[diag == 0] = 1.0
@@ -413,6 +420,28 @@ def _inverse_hessian_factor(h: Tensor, dampening: float) -> Tensor:
     )
 
 
+def _lowest(s: Tensor, k: int) -> Tensor:
+    """Bool mask of the ``k`` lowest entries of each row of ``s`` (along its last dimension),
+    ties going to the lower index: the first ``k`` of a stable ``argsort``, found with a
+    ``k``-th value and the ties at it instead of a sort (the same mask).
+
+    Example:
+        >>> _lowest(torch.tensor([[3.0, 1.0, 1.0, 0.0], [2.0, 2.0, 2.0, 2.0]]), 2).tolist()
+        [[False, True, False, True], [True, True, False, False]]
+    """
+    n = s.shape[-1]
+    if k <= 0 or k >= n:
+        return torch.full(s.shape, k > 0, dtype=torch.bool, device=s.device)
+    if bool(torch.isnan(s).any()):  # NaN sorts last in argsort; keep its order exactly
+        out = torch.zeros(s.shape, dtype=torch.bool, device=s.device)
+        return out.scatter_(-1, torch.argsort(s, dim=-1, stable=True)[..., :k], True)
+    kth = s.kthvalue(k, dim=-1, keepdim=True).values
+    below = s < kth
+    ties = s == kth
+    room = k - below.sum(-1, keepdim=True)  # how many of the ties at the k-th value are taken, first first
+    return below | (ties & (ties.cumsum(-1) <= room))
+
+
 def sparsegpt_prune(
     weight: Tensor,
     hessian: Tensor,
@@ -424,6 +453,7 @@ def sparsegpt_prune(
     blocksize: int = 128,
     dampening: float = 0.01,
     per_row: bool = False,
+    factor: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor]:
     """Prune ``weight`` and update its kept entries to minimise the output error (OBS).
 
@@ -449,6 +479,9 @@ def sparsegpt_prune(
             ``round_half_up(sparsity · in_features)`` (spread over the blocks as the
             layer's count is) instead of each block's share going to the lowest
             saliencies over all rows (the paper's choice).
+        factor: the lower Cholesky factor of the damped Hessian ``H + λI`` (what
+            :func:`dense_target_weight` with ``return_factor=True`` returns), so that it is
+            not computed twice; the result is the same. It is overwritten here.
 
     Returns:
         ``(new_weight, keep_mask)``: the updated weight (``weight``'s dtype, exactly zero
@@ -489,15 +522,14 @@ def sparsegpt_prune(
         )
 
     w = weight.detach().to(torch.float32).clone()  # (out, in), updated in place
-    hinv = _inverse_hessian_factor(hessian.detach().to(device=w.device, dtype=torch.float32), dampening)
+    hinv = _inverse_hessian_factor(hessian.detach().to(device=w.device, dtype=torch.float32), dampening, factor)
     pruned = torch.zeros(rows, cols, dtype=torch.bool, device=w.device)
     total_prune = count_to_prune(rows * cols, sparsity) if sparsity is not None and pattern is None else 0
 
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
         count = i2 - i1
-        w1 = w[:, i1:i2].clone()  # (out, count)
-        err1 = torch.zeros_like(w1)
+        w1 = w[:, i1:i2]  # (out, count), read before the block is updated
         hinv1 = hinv[i1:i2, i1:i2]
         diag1 = torch.diag(hinv1)
         forced1 = ~prior[:, i1:i2].to(w.device) if prior is not None else None
@@ -514,10 +546,15 @@ def sparsegpt_prune(
             if forced1 is not None:
                 saliency[forced1] = -1.0
                 k_row = torch.maximum(k_row, forced1.sum(1))
-            order = torch.argsort(saliency, dim=1, stable=True)
-            rank = torch.empty_like(order)
-            rank.scatter_(1, order, torch.arange(count, device=w.device).expand(rows, count).contiguous())
-            prune1 = rank < k_row.unsqueeze(1)
+            if i2 < cols and forced1 is None:  # the same count in every row: its k lowest
+                prune1 = _lowest(saliency, int(k_row[0]))
+            else:
+                order = torch.argsort(saliency, dim=1, stable=True)
+                rank = torch.empty_like(order)
+                rank.scatter_(1, order, torch.arange(count, device=w.device).expand(rows, count).contiguous())
+                prune1 = rank < k_row.unsqueeze(1)
+                del order
+            del saliency
         elif pattern is None:
             # exact overall count: this block prunes its share of round_half_up(s · numel)
             k = count_to_prune(rows * cols, sparsity * i2 / cols) - count_to_prune(rows * cols, sparsity * i1 / cols)
@@ -526,31 +563,37 @@ def sparsegpt_prune(
             if forced1 is not None:
                 saliency[forced1] = -1.0
                 k = max(k, int(forced1.sum()))
-            saliency = saliency.reshape(-1)
-            prune1 = torch.zeros(rows * count, dtype=torch.bool, device=w.device)
-            if k > 0:
-                prune1[torch.argsort(saliency, stable=True)[:k]] = True
-            prune1 = prune1.view(rows, count)
+            prune1 = _lowest(saliency.reshape(-1), k).view(rows, count)
+            del saliency
         else:
             prune1 = torch.zeros(rows, count, dtype=torch.bool, device=w.device)
+        # the block's columns as contiguous rows (the same arithmetic, faster updates)
+        w1t = w1.t().contiguous()  # (count, out)
+        prune1t = prune1.t().contiguous()
+        err1t = torch.empty_like(w1t)  # every row is written
+        zero = torch.zeros((), dtype=w.dtype, device=w.device)
+        d1 = diag1.tolist()
         for i in range(count):
             if pattern is not None and mask is None and i % pattern[1] == 0:
                 m = pattern[1]
-                sal = w1[:, i : i + m] ** 2 / diag1[i : i + m].unsqueeze(0) ** 2
+                sal = w1t[i : i + m].t() ** 2 / diag1[i : i + m].unsqueeze(0) ** 2
                 if forced1 is not None:
                     sal[forced1[:, i : i + m]] = -1.0
                 lowest = torch.argsort(sal, dim=1, stable=True)[:, : m - pattern[0]]
                 prune1[:, i : i + m].scatter_(1, lowest, True)
-            col = w1[:, i]
-            q = torch.where(prune1[:, i], torch.zeros_like(col), col)
-            e = (col - q) / hinv1[i, i]
-            w1[:, i:] -= e.unsqueeze(1) * hinv1[i, i:].unsqueeze(0)
-            w1[:, i] = q
-            err1[:, i] = e
-        w[:, i1:i2] = w1
+                prune1t[i : i + m] = prune1[:, i : i + m].t()
+            # the OBS step of column i: its error e (the pruned weights' values over [H⁻¹]ᵢᵢ) moves
+            # the later columns by e·[H⁻¹]ᵢ,ᵢ₊₁…; the column keeps its kept weights (pruned: 0)
+            col, p, e = w1t[i], prune1t[i], err1t[i]
+            torch.where(p, col, zero, out=e).div_(d1[i])
+            w1t[i + 1 :].sub_(torch.outer(hinv1[i, i + 1 :], e))
+            col.masked_fill_(p, 0.0)
+        w[:, i1:i2] = w1t.t()
+        del w1t, prune1t
         pruned[:, i1:i2] = prune1
         if i2 < cols:
-            w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+            w[:, i2:] -= err1t.t() @ hinv[i1:i2, i2:]
+        del err1t
     keep = ~pruned
     w[pruned] = 0.0
     return w.to(weight.dtype), keep.to(weight.device) if mask is None else mask
@@ -631,7 +674,9 @@ def _run_until_paired(
         state["after_batch"]()
 
 
-def dense_target_weight(weight: Tensor, hessian: Tensor, cross: Tensor, dampening: float = 0.01) -> Tensor:
+def dense_target_weight(
+    weight: Tensor, hessian: Tensor, cross: Tensor, dampening: float = 0.01, *, return_factor: bool = False
+) -> Any:
     """The unconstrained optimum ``W*`` of ``‖W X_d − Ŵ X_p‖² + λ‖Ŵ − W‖²`` over ``Ŵ``.
 
     ``X_p`` are a layer's inputs in the pruned model, ``X_d`` the same tokens' inputs in
@@ -642,6 +687,10 @@ def dense_target_weight(weight: Tensor, hessian: Tensor, cross: Tensor, dampenin
     equals ``tr((Ŵ − W*) H_λ (Ŵ − W*)ᵀ)`` plus a constant, so running
     :func:`sparsegpt_prune` on ``W*`` with ``H`` minimises it under the sparsity
     constraint. When ``X_d = X_p`` (nothing before the layer was changed) ``W* = W``.
+
+    With ``return_factor`` the result is ``(W*, L)``: ``L`` the lower Cholesky factor of
+    ``H_λ`` (None when it needed more than ``dampening``), which :func:`sparsegpt_prune`
+    takes as ``factor=`` instead of factorising ``H_λ`` again.
 
     Example:
         >>> import torch
@@ -658,7 +707,8 @@ def dense_target_weight(weight: Tensor, hessian: Tensor, cross: Tensor, dampenin
     for factor in (1.0, 10.0, 100.0):  # the same retries as the factorisation in sparsegpt_prune
         chol, info = torch.linalg.cholesky_ex(_damped_hessian(h, dampening * factor))
         if int(info) == 0:
-            return (w + torch.cholesky_solve(delta.T, chol).T).to(weight.dtype)
+            out = (w + torch.cholesky_solve(delta.T, chol).T).to(weight.dtype)
+            return (out, chol if factor == 1.0 else None) if return_factor else out
     raise CalibrationError(
         f"the layer's input Hessian is not positive definite even with dampening {dampening * 100:g} "
         "× its mean diagonal; use more calibration data or raise sparsegpt_dampening"
@@ -910,11 +960,13 @@ def reconstruct_layers(
                 cross = stats.cross
                 if cross is not None and stats.mean is not None and not fit_bias:
                     cross = cross.addr(stats.mean.to(cross.device), stats.dense_mean.to(cross.device), alpha=2.0)
-                weight = dense_target_weight(weight, h, cross, damp)
+                weight, factor = dense_target_weight(weight, h, cross, damp, return_factor=True)
                 del cross
+            else:
+                factor = None
             mask = t.rows_view(masks[t.key].to(weight.device))
             if select == "metric":
-                new_w, _ = sparsegpt_prune(weight, h, mask=mask, blocksize=blocksize, dampening=damp)
+                new_w, _ = sparsegpt_prune(weight, h, mask=mask, blocksize=blocksize, dampening=damp, factor=factor)
             else:
                 prior = priors.get(t.key) if priors else None
                 new_w, keep = sparsegpt_prune(
@@ -926,9 +978,10 @@ def reconstruct_layers(
                     blocksize=blocksize,
                     dampening=damp,
                     per_row=per_row,
+                    factor=factor,
                 )
                 masks[t.key] = t.rows_view(keep).contiguous()
-            del h, stats
+            del h, stats, factor
             if fit_bias:  # b + W μ_d − Ŵ μ_p: the mean output the dense layer gave
                 shift = ref_out - new_w.to(torch.float32) @ mean_p
                 bias.add_(shift.to(bias.dtype))
