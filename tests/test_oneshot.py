@@ -14,7 +14,7 @@ from artemis import create_pruning_manager, load_pruned, oneshot
 from artemis.core.errors import CalibrationError, ConfigError
 from artemis.data.pipeline import BlockError, parse_memory_size
 from artemis.sparse import streaming
-from tests.fixtures import lm_batch, tiny_bert, tiny_llama
+from tests.fixtures import lm_batch, tiny_bert, tiny_gpt2, tiny_llama
 
 
 def _calib(n: int = 3, seq: int = 16, pad: bool = False) -> list[dict]:
@@ -150,8 +150,15 @@ def test_unsupported_settings_raise_naming_them():
     net = tiny_llama(layers=2)
     calib = _calib(n=1)
     cases = [
-        ({"method": "structured_sparsity"}, "structured_sparsity.*removes whole heads and neurons"),
-        ({"method": "layer_dropout"}, "layer_dropout.*removes whole blocks"),
+        ({"method": "expert_pruning"}, "expert_pruning.*removes whole routed experts"),
+        (
+            {"method": "structured_sparsity", "importance_metric": "gradient_sensitivity"},
+            "'gradient_sensitivity' with method 'structured_sparsity' is not supported",
+        ),
+        (
+            {"method": "layer_dropout", "importance_metric": "gradient_sensitivity"},
+            "'gradient_sensitivity' with method 'layer_dropout' is not supported",
+        ),
         (
             {"reconstruction": "sparsegpt", "sparsegpt_target": "dense", "pipeline_inputs": "dense"},
             "sparsegpt_target 'dense' with pipeline_inputs 'dense'.*valid: 'auto', 'pruned', 'dense'",
@@ -235,6 +242,101 @@ def test_streamed_budget_too_small(llama_folder):
     _, folder = llama_folder
     with pytest.raises(ConfigError, match="max_memory"):
         oneshot(str(folder), {"pruning": {"final_sparsity": 0.5}}, None, max_memory="10KB", progress=False)
+
+
+def test_streamed_outer_parameters_never_read_whole(llama_folder, tmp_path, monkeypatch):
+    """The embeddings, final norm and head are only mapped while block 0's inputs are captured
+    and copied to the output a piece at a time: never read into memory, never resident
+    together with a block, so max(outer, largest block) is enough."""
+    model, folder = llama_folder
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    block = sum(p.numel() * p.element_size() for p in model.model.layers[0].parameters())
+    outer = total - 4 * block
+    need = max(outer, block)
+    assert need < outer + block
+    read = []
+    original = streaming.LazyCheckpoint.read
+
+    def spy(self, name):
+        read.append(name)
+        return original(self, name)
+
+    monkeypatch.setattr(streaming.LazyCheckpoint, "read", spy)
+    monkeypatch.setattr(streaming, "COPY_CHUNK", 1000)  # the head is copied in many pieces
+    cfg = {"pruning": {"final_sparsity": 0.5, "importance_metric": "activation"}}
+    mem = oneshot(copy.deepcopy(model), cfg, _calib(n=2), tmp_path / "mem", progress=False)
+    st = oneshot(str(folder), cfg, _calib(n=2), tmp_path / "st", max_memory=need, progress=False)
+    assert st["pipeline"]["peak_param_bytes"] == need
+    assert read and all(n.startswith("model.layers.") for n in read), sorted(set(read))[:5]
+    assert (tmp_path / "mem" / "model.safetensors").read_bytes() == (tmp_path / "st" / "model.safetensors").read_bytes()
+    assert st["pruning_metrics"] == mem["pruning_metrics"]
+    pattern = (
+        rf"max_memory {need - 1} \({(need - 1) / 2**20:.1f} MiB\) is below what streaming needs: the parameters "
+        rf"outside the blocks take {outer / 2**20:.1f} MiB \(mapped while the first block's inputs are captured\) "
+        rf"and the largest block {block / 2**20:.1f} MiB"
+    )
+    with pytest.raises(ConfigError, match=pattern):
+        oneshot(str(folder), cfg, _calib(n=2), max_memory=need - 1, progress=False)
+
+
+@pytest.mark.parametrize(
+    "make", [lambda: tiny_llama(layers=2, tie_word_embeddings=True, vocab_size=2048), lambda: tiny_gpt2(layers=2)]
+)
+def test_streamed_tied_head_equals_in_memory(make, tmp_path):
+    """Tied embeddings (stored once, counted once) and GPT-2's transposed weights, streamed:
+    the same bytes."""
+    from artemis.arch import get_adapter
+    from artemis.data.pipeline import streaming_bytes
+
+    model = make()
+    outer, largest, _ = streaming_bytes(model, get_adapter(model).blocks)
+    folder = tmp_path / "in"
+    model.save_pretrained(str(folder), max_shard_size="100KB")
+    cfg = {"pruning": {"final_sparsity": 0.5, "importance_metric": "activation"}}
+    calib = [{"input_ids": lm_batch(seed=i)["input_ids"]} for i in range(2)]
+    mem = oneshot(copy.deepcopy(model), cfg, calib, tmp_path / "mem", progress=False)
+    st = oneshot(str(folder), cfg, calib, tmp_path / "st", max_memory="1GiB", progress=False)
+    assert st["pipeline"]["streamed"] and st["layers"] == mem["layers"]
+    assert st["pipeline"]["peak_param_bytes"] == max(outer, largest)
+    assert (tmp_path / "mem" / "model.safetensors").read_bytes() == (tmp_path / "st" / "model.safetensors").read_bytes()
+
+
+@pytest.mark.parametrize("make", [lambda: tiny_llama(layers=2), lambda: tiny_gpt2(layers=2)])
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"importance_metric": "activation"},
+        {"importance_metric": "activation", "pattern": "2:4"},
+        {"scope": "row"},
+        {"pattern": "2:4"},
+    ],
+)
+def test_rowwise_masks_chosen_a_row_at_a_time_equal_the_manager(make, extra, monkeypatch):
+    """Row-wise masks are chosen a few rows at a time (bounded memory); with one row at a time
+    they are still the manager's, bit for bit (GPT-2: weights stored transposed)."""
+    from artemis.data import pipeline
+
+    monkeypatch.setattr(pipeline, "_MASK_CHUNK_ELEMENTS", 1)  # one row per chunk
+    calls = []
+    for fn in ("row_masks", "nm_masks"):
+        original = getattr(pipeline, fn)
+        monkeypatch.setattr(pipeline, fn, lambda s, *a, _f=original: calls.append(s.shape[0]) or _f(s, *a))
+    cfg = {"pruning": {"final_sparsity": 0.5, **extra}}
+    calib = [{"input_ids": lm_batch(seed=i)["input_ids"]} for i in range(2)]
+    ref = make()
+    net = copy.deepcopy(ref)
+    mgr = create_pruning_manager(cfg, ref)
+    wanda = "importance_metric" in extra
+    if wanda:
+        mgr.apply_pruning(0.5, calibration_data=calib, progress=False)
+    else:
+        mgr.apply_magnitude_pruning(0.5)
+    summary = oneshot(net, cfg, calib if wanda else None, progress=False)
+    rows = sum(t.rows_view(t.param).shape[0] for t in mgr.method.targets)
+    assert calls and set(calls) == {1} and len(calls) == rows
+    for k, v in ref.state_dict().items():
+        assert torch.equal(v, net.state_dict()[k]), k
+    assert summary["layers"] == mgr.get_pruning_summary()["layers"]
 
 
 def test_failing_block_names_it_and_writes_nothing(llama_folder, tmp_path, monkeypatch):

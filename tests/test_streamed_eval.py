@@ -144,3 +144,99 @@ def test_errors(tmp_path):
             sm.sentence_embeddings(_Tok(), [])
         with pytest.raises(Exception, match="returns no last_hidden_state"):
             sm.sentence_embeddings(_Tok(), ["a b"])
+
+
+def test_mapped_parameters_and_stored_bytes(tmp_path, monkeypatch):
+    """LazyCheckpoint.mapped puts the stored values in place (counted, then back on meta);
+    stored_bytes and StreamingWriter.add_stored copy a tensor piece by piece with the
+    checksum of the whole tensor, for each checksum the export format knows."""
+    from artemis.sparse import checkpoint
+
+    model = tiny_llama()
+    folder = tmp_path / "in"
+    model.save_pretrained(str(folder), max_shard_size="100KB")
+    lazy = streaming.LazyCheckpoint(folder)
+    names = ["model.embed_tokens.weight", "lm_head.weight"]
+    nbytes = 2 * 128 * 64 * 4
+    with lazy.mapped(names):
+        assert torch.equal(lazy.model.model.embed_tokens.weight, model.model.embed_tokens.weight)
+        assert torch.equal(lazy.model.lm_head.weight, model.lm_head.weight)
+        assert lazy.live_bytes == nbytes
+    assert lazy.model.lm_head.weight.device.type == "meta" and lazy.model.model.embed_tokens.weight.is_meta
+    assert lazy.live_bytes == 0 and lazy.peak_bytes == nbytes
+    pieces = [bytes(v) for v in lazy.stored_bytes("lm_head.weight", chunk=1000)]
+    assert len(pieces) == 33 and b"".join(pieces) == model.lm_head.weight.detach().numpy().tobytes()
+    with pytest.raises(CheckpointError, match="chunk must be a positive number of bytes, got 0"):
+        list(lazy.stored_bytes("lm_head.weight", chunk=0))
+    monkeypatch.setattr(streaming, "COPY_CHUNK", 1000)
+    for algo in ("xxh3_64", "crc32"):
+        monkeypatch.setattr(checkpoint, "CHECKSUM", algo)
+        writer = streaming.StreamingWriter(tmp_path / algo, lazy.model, {})
+        writer.add_stored("lm_head.weight", lazy)
+        assert writer.checksums["lm_head.weight"] == checkpoint.CHECKSUMS[algo](model.lm_head.weight.detach())
+        assert writer._header["lm_head.weight"] == {"dtype": "F32", "shape": [128, 64], "data_offsets": [0, 32768]}
+        writer.abort()
+    assert lazy.live_bytes == 0 and lazy.peak_bytes == nbytes
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_writer_sparse_rows_at_a_time_same_bytes(tmp_path, monkeypatch, dtype):
+    """A sparse candidate written a row at a time: the bytes, header and checksums of the
+    whole-matrix layout (bitmask_compress), an empty row and a dense candidate included."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(24, 16), torch.nn.Linear(16, 8)).to(dtype)
+    with torch.no_grad():
+        net[0].weight[torch.rand(16, 24) < 0.6] = 0
+        net[0].weight[3] = 0  # a row with nothing kept
+        net[0].weight[5, 7] = -0.0  # stored as a zero
+    cand = {"0.weight": "0", "1.weight": "1"}  # the second stays dense: not smaller sparse
+
+    def write(out):
+        w = streaming.StreamingWriter(out, net, cand)
+        for name, t in net.state_dict().items():
+            w.add(name, t)
+        return w.close()
+
+    monkeypatch.setattr(streaming, "SPARSE_CHUNK", 1)  # one row at a time
+    rows = write(tmp_path / "rows")
+    monkeypatch.setattr(streaming, "_INCREMENTAL", {})  # the whole-matrix path
+    whole = write(tmp_path / "whole")
+    assert rows["sparse_modules"] == whole["sparse_modules"] == ["0"]
+    for f in ("model.safetensors", "artemis_export.json"):
+        assert (tmp_path / "rows" / f).read_bytes() == (tmp_path / "whole" / f).read_bytes(), f
+    fresh = torch.nn.Sequential(torch.nn.Linear(24, 16), torch.nn.Linear(16, 8)).to(dtype)
+    back = artemis.load_pruned(tmp_path / "rows", model=fresh)
+    assert torch.equal(back[0].weight, net[0].weight) and torch.equal(back[1].weight, net[1].weight)
+
+
+def test_on_demand_reads_the_rows_looked_up_and_the_rest_whole(tmp_path, monkeypatch):
+    """LazyCheckpoint.on_demand: an embedding lookup reads the runs of rows it looks up; a
+    function that takes the tensor otherwise (the head's matmul) reads it whole first; the
+    results are the stored model's; afterwards everything is back on meta."""
+    model = tiny_llama()
+    folder = tmp_path / "in"
+    model.save_pretrained(str(folder), max_shard_size="100KB")
+    lazy = streaming.LazyCheckpoint(folder)
+    reads = []
+    original = streaming._StoredRows._read
+
+    def spy(self, a, b):
+        reads.append((self.name, a, b))
+        original(self, a, b)
+
+    monkeypatch.setattr(streaming._StoredRows, "_read", spy)
+    monkeypatch.setattr(streaming, "COPY_CHUNK", 64 * 4 * 50)  # whole reads in pieces of 50 rows
+    ids = torch.tensor([[9, 3, 4, 4]])
+    with lazy.on_demand(["model.embed_tokens.weight", "lm_head.weight", "model.norm.weight"]):
+        e = lazy.model.model.embed_tokens(ids)
+        assert torch.equal(e, model.model.embed_tokens(ids))
+        assert reads == [("model.embed_tokens.weight", 3, 5), ("model.embed_tokens.weight", 9, 10)]
+        assert torch.equal(
+            lazy.model.model.embed_tokens(torch.tensor([3, 10])), model.model.embed_tokens.weight[[3, 10]]
+        )
+        assert reads[2:] == [("model.embed_tokens.weight", 10, 11)]  # row 3 is not read again
+        assert torch.equal(lazy.model.lm_head(e), model.lm_head(e))
+        assert reads[3:] == [("lm_head.weight", 0, 50), ("lm_head.weight", 50, 100), ("lm_head.weight", 100, 128)]
+        assert lazy.live_bytes == 2 * 128 * 64 * 4 + 64 * 4
+    assert lazy.model.lm_head.weight.is_meta and lazy.model.model.embed_tokens.weight.is_meta
+    assert lazy.live_bytes == 0 and lazy.peak_bytes == 2 * 128 * 64 * 4 + 64 * 4

@@ -587,6 +587,27 @@ def _load_tokenizer(section: Any, folder: Path) -> Any:
     return tok
 
 
+def _check_evaluation_budget(model: Any, budget: int, whole: int) -> None:
+    """Stop before any weight is read when the streamed evaluations cannot keep to ``budget``:
+    they hold the parameters outside the blocks (embeddings, head) and one block together
+    (the prune alone needs less: ``oneshot`` checks its own bound)."""
+    from artemis.arch import get_adapter
+    from artemis.core.errors import ConfigError
+    from artemis.core.sizing import MIB
+    from artemis.data.pipeline import streaming_bytes
+
+    blocks = get_adapter(model).blocks
+    if blocks is None or len(blocks) == 0:
+        return  # oneshot names the problem
+    outer, largest, _ = streaming_bytes(model, blocks)
+    if outer + largest > budget:
+        raise ConfigError(
+            f"max_memory {budget!r} ({budget / MIB:.1f} MiB) is below what streaming needs: the parameters outside "
+            f"the blocks plus the largest block take {(outer + largest) / MIB:.1f} MiB (the streamed evaluations hold "
+            f"both; the whole model {whole / MIB:.1f} MiB); raise efficiency.max_memory (--max-memory)"
+        )
+
+
 def _streamed_measure(evaluator: _Evaluator, folder: Path, device: str, *, dense: bool) -> tuple[dict, Any]:
     """The evaluator's figures for the folder, streamed block by block (same arithmetic as
     :meth:`_Evaluator.measure_dense` / :meth:`_Evaluator.measure`)."""
@@ -643,6 +664,7 @@ def _run_prune_streamed(cfg: Any, output: Path, *, world: int, progress: bool, p
     whole = model_dense_bytes(shell.model)
     shell.close()
     budget = parse_memory_size(cfg.efficiency.max_memory) if cfg.efficiency.max_memory is not None else whole
+    _check_evaluation_budget(shell.model, budget, whole)
     train_texts, eval_texts = _texts(cfg)
     evaluator = _Evaluator(task, tok, eval_texts, cfg.evaluation, cfg.training.max_length)
     dense, dense_sm = _streamed_measure(evaluator, folder, plan.device, dense=True)
@@ -856,7 +878,9 @@ def run_prune(
                 )
             from artemis.data.pipeline import oneshot, unsupported_setting
 
-            if unsupported_setting(cfg.pruning) is None:  # block by block: time linear in depth (docs/oneshot.md)
+            # block by block: time linear in depth (docs/oneshot.md); a structural method (layer dropout,
+            # structured sparsity) stays with the manager here: the summary and finalize() below are its own
+            if cfg.pruning.method == "magnitude_progressive" and unsupported_setting(cfg.pruning) is None:
                 oneshot(model, cfg.pruning, calib, progress=progress and rank == 0)
             else:
                 manager.apply_pruning(cfg.pruning.final_sparsity, calibration_data=calib)

@@ -4,7 +4,9 @@
 that choose masks inside each transformer block (``magnitude_progressive`` with the
 ``magnitude`` or ``activation`` (Wanda) metric, ``scope`` ``row``/``layer``/``global``/``owl``,
 an N:M ``pattern``) and the SparseGPT reconstruction (``reconstruction: sparsegpt``, to
-the pruned or the dense model's layer outputs). The pipeline:
+the pruned or the dense model's layer outputs); ``layer_dropout`` and ``structured_sparsity``
+have pipelines of their own (:mod:`artemis.data.pipeline_layers`,
+:mod:`artemis.data.pipeline_structured`) that remove blocks, heads and neurons. The pipeline:
 
 1. runs every calibration batch through the model until the first block is called (a
    forward pre-hook on block 0 records its inputs: the hidden states and what the block
@@ -31,17 +33,21 @@ last to the first with gradients (one block resident at a time), so each target 
 gradient of the manager's whole-model backward pass, batch by batch.
 ``sparsegpt_target: dense`` carries the dense model's block inputs beside the pruned
 model's and reconstructs a block as ``reconstruct_layers`` does, one layer (or group of
-layers reading the same input) after another: per group, two partial passes of the block
-per batch (its dense weights on the dense inputs, its current weights on the pruned
-inputs, each stopped at the group's input).
+layers reading the same input) after another, in two passes of the block per batch: the
+dense block on the dense inputs (keeping every target's dense input), then the block on
+the pruned inputs with every batch's pass paused before each target
+(:class:`~artemis.data.lockstep.PausedForwards`), where the target is updated from the
+paused inputs of all batches before the passes go on.
 
-So each block runs each batch a constant number of times (2 + 2·groups for dense targets,
-10 for a Llama or BERT block; at most 2 otherwise, plus the statistics pass); the old
-SparseGPT path re-ran every batch from the embeddings up to every layer.
+So each block runs each batch a constant number of times (at most 2, plus the statistics
+pass); the old SparseGPT path re-ran every batch from the embeddings up to every layer.
 With ``max_memory`` a checkpoint folder is opened lazily
-(:class:`~artemis.sparse.streaming.LazyCheckpoint`): the parameters outside the blocks
-(embeddings, final norm, head) are read once, each block is read before its turn and freed
-after it was written, so the parameters resident at any time are one block plus the rest.
+(:class:`~artemis.sparse.streaming.LazyCheckpoint`): each block is read before its turn and
+freed after it was written; the parameters outside the blocks (embeddings, final norm,
+head) are never loaded: while the calibration batches run up to block 0 only what the
+model reads of them is read (the embedding rows of the calibration tokens), and at the end
+they are copied from the checkpoint to the output a piece at a time. So the parameters
+resident at any time are one block, or the outer ones during the capture.
 
 Differences from ``manager.apply_pruning`` (see ``docs/oneshot.md``): with
 ``pipeline_inputs: pruned`` the statistics of block ``k`` come from the pruned blocks
@@ -69,6 +75,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -98,6 +105,7 @@ from artemis.data.calibration import (
     extract_loss,
     forward_batch,
 )
+from artemis.data.lockstep import PausedForwards
 from artemis.methods.owl import allocate_counts, outlier_ratio, owl_sparsities
 from artemis.methods.pipeline_options import PIPELINE_INPUTS, OneShotOptions
 from artemis.methods.sparsegpt import (
@@ -124,6 +132,9 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
+#: weights scored and sorted at a time when a row-wise mask is chosen (float32 scores and
+#: int64 sort indices of this many weights: 3 MiB)
+_MASK_CHUNK_ELEMENTS = 1 << 18
 #: metrics the pipeline scores inside a block (others raise, naming the metric)
 PIPELINE_METRICS = ("magnitude", "activation", "gradient_sensitivity")
 
@@ -155,6 +166,11 @@ class _StopBlock(Exception):
 
 class _InputsCaptured(Exception):
     """Raised by the pre-hook on block 0 once its inputs are recorded (ends the pass)."""
+
+
+class _OutOfOrder(Exception):
+    """A paused pass reached a target before the one being updated (the block calls its
+    targets in another order than theirs): the block is redone with restarted passes."""
 
 
 _UNITS = {
@@ -234,6 +250,14 @@ def _with_hidden(args: tuple, kwargs: dict, h: Tensor) -> tuple[tuple, dict]:
     if args:
         return (h, *args[1:]), kwargs
     return args, {**kwargs, "hidden_states": h}
+
+
+def _rows_2d(x: Tensor, token_mask: Optional[Tensor]) -> Tensor:
+    """``layer_inputs_2d`` without the float32 conversion, as a copy (never a view of ``x``):
+    ``(tokens, in_features)`` in ``x``'s dtype, the positions where ``token_mask`` is 0 dropped."""
+    if token_mask is not None and x.dim() == 3 and tuple(x.shape[:2]) == tuple(token_mask.shape):
+        return x.detach()[token_mask.to(device=x.device, dtype=torch.bool)].reshape(-1, x.shape[-1])
+    return x.detach().reshape(-1, x.shape[-1]).clone()
 
 
 def _block_output(out: Any) -> Tensor:
@@ -316,6 +340,13 @@ class _InMemory:
     def release_outer(self) -> None:
         self._outer_to(self.home)
 
+    def capturing(self) -> Any:
+        """A context for the capture of block 0's inputs (the outer parameters are resident)."""
+        return contextlib.nullcontext()
+
+    def write_outer(self, writer: Any, name: str, t: Tensor) -> None:
+        writer.add(name, t)
+
     def load_block(self, i: int) -> None:
         self.blocks[i].to(self.device)
 
@@ -324,6 +355,9 @@ class _InMemory:
 
     def read(self, t: PrunableTarget) -> Tensor:
         return t.param
+
+    def trim(self) -> None:
+        """Nothing: the in-memory model's process is the caller's."""
 
 
 class _Streamed:
@@ -335,11 +369,12 @@ class _Streamed:
         self.lazy = lazy
         self.model = lazy.model
         self.prefixes = prefixes
-        names = [n for n, _ in lazy.model.named_parameters(remove_duplicate=False)]
-        names += [n for n, _ in lazy.model.named_buffers()]
+        params = [n for n, _ in lazy.model.named_parameters(remove_duplicate=False)]
+        names = params + [n for n, _ in lazy.model.named_buffers()]
         self.block_names = [[n for n in names if n.startswith(p + ".")] for p in prefixes]
         inside = {n for group in self.block_names for n in group}
         self.outer_names = [n for n in names if n not in inside]
+        self.outer_params = [n for n in params if n not in inside]
 
     @property
     def live_bytes(self) -> int:
@@ -350,10 +385,28 @@ class _Streamed:
         return self.lazy.peak_bytes
 
     def load_outer(self) -> None:
-        self.lazy.materialise(self.outer_names)
+        """The stored persistent buffers outside the blocks (the parameters there are read
+        only where used while block 0's inputs are captured, and copied to the output at
+        the end)."""
+        self.lazy.materialise([n for n in self.outer_names if n not in set(self.outer_params)])
 
     def release_outer(self) -> None:
         self.lazy.release(self.outer_names)
+
+    def capturing(self) -> Any:
+        """The parameters outside the blocks while block 0's inputs are captured, read only
+        where the model reads them (:meth:`~artemis.sparse.streaming.LazyCheckpoint.on_demand`):
+        the embedding rows of the calibration tokens, the small norms whole, a head that is
+        not called not at all; all are back on ``meta`` afterwards."""
+        return self.lazy.on_demand(self.outer_params)
+
+    def write_outer(self, writer: Any, name: str, t: Tensor) -> None:
+        """A tensor outside the blocks: copied from the checkpoint a piece at a time when it
+        is on ``meta`` (a parameter), else written (a buffer)."""
+        if t.device.type == "meta":
+            writer.add_stored(name, self.lazy)
+        else:
+            writer.add(name, t)
 
     def load_block(self, i: int) -> None:
         self.lazy.materialise(self.block_names[i])
@@ -364,21 +417,27 @@ class _Streamed:
     def read(self, t: PrunableTarget) -> Tensor:
         return self.lazy.read(t.key)
 
+    def trim(self) -> None:
+        """Return the heap memory freed by the step just done to the system: the
+        temporaries of a forward pass, a mask or a written tensor otherwise stay resident
+        (glibc keeps up to 64 MiB of freed heap) and add up within a block."""
+        from artemis.sparse.streaming import _return_freed_memory
+
+        _return_freed_memory()
+
 
 # ---------------------------------------------------------------- the pipeline
 #: why the methods other than magnitude_progressive are refused (named in the ConfigError)
 _METHOD_REASONS = {
-    "structured_sparsity": (
-        "it removes whole heads and neurons, changing the blocks' shapes and the model config, which the "
-        "pipeline's per-weight masks and block-by-block writer do not do; its statistics already take one "
-        "forward pass of the whole model in the manager"
-    ),
-    "layer_dropout": (
-        "it removes whole blocks (a BlockGate on each dropped block, then finalize()), not weights inside them, "
-        "so there is no per-block mask for the pipeline to write; its Block Influence scores already take one "
-        "forward pass of the whole model in the manager"
+    "expert_pruning": (
+        "it removes whole routed experts and router rows of every MoE layer, which the pipeline's per-weight "
+        "masks, layer dropout and structured-sparsity passes do not do"
     ),
 }
+#: the layer scores of ``method: layer_dropout`` that its pipeline gathers (``data/pipeline_layers.py``)
+LAYER_DROPOUT_METRICS = ("activation", "magnitude")
+#: the unit scores of ``method: structured_sparsity`` that its pipeline gathers (``data/pipeline_structured.py``)
+STRUCTURED_METRICS = ("activation", "magnitude")
 
 
 def unsupported_setting(cfg: PruningConfig, in_memory: bool = False) -> Optional[str]:
@@ -394,17 +453,44 @@ def unsupported_setting(cfg: PruningConfig, in_memory: bool = False) -> Optional
     Example:
         >>> unsupported_setting(load_pruning_config({"pruning": {"importance_metric": "activation"}})) is None
         True
-        >>> unsupported_setting(load_pruning_config({"pruning": {"method": "layer_dropout"}}))[:26]
-        "method 'layer_dropout' is "
+        >>> unsupported_setting(load_pruning_config({"pruning": {"method": "expert_pruning"}}))[:27]
+        "method 'expert_pruning' is "
+        >>> unsupported_setting(load_pruning_config({"pruning": {"method": "structured_sparsity"}})) is None
+        True
+        >>> drop = {"method": "layer_dropout", "importance_metric": "activation"}
+        >>> unsupported_setting(load_pruning_config({"pruning": drop})) is None
+        True
+        >>> drop["importance_metric"] = "gradient_sensitivity"
+        >>> unsupported_setting(load_pruning_config({"pruning": drop}), in_memory=True)[:71]
+        "importance_metric 'gradient_sensitivity' with method 'layer_dropout' is"
         >>> grad = load_pruning_config({"pruning": {"importance_metric": "gradient_sensitivity"}})
         >>> unsupported_setting(grad, in_memory=True) is None, unsupported_setting(grad)[:55]
         (True, "importance_metric 'gradient_sensitivity' is not support")
     """
+    if cfg.method == "layer_dropout":
+        if cfg.importance_metric not in LAYER_DROPOUT_METRICS:
+            return (
+                f"importance_metric {cfg.importance_metric!r} with method 'layer_dropout' is not supported by the "
+                "one-shot pipeline (a block's score is then the sum of |w * dL/dw| over all its parameters, from the "
+                "whole model's loss; the pipeline gathers Block Influence ('activation') and 'magnitude' only); use "
+                "one of those, or create_pruning_manager(config, model).apply_pruning(s, batches)"
+            )
+        return None
+    if cfg.method == "structured_sparsity":
+        if cfg.importance_metric not in STRUCTURED_METRICS:
+            return (
+                f"importance_metric {cfg.importance_metric!r} with method 'structured_sparsity' is not supported by "
+                "the one-shot pipeline (its scores need the gradients of the whole model's loss; the pipeline "
+                f"scores heads and neurons with {', '.join(map(repr, STRUCTURED_METRICS))}); use one of those, or "
+                "create_pruning_manager(config, model).apply_pruning(s, batches)"
+            )
+        return None
     if cfg.method != "magnitude_progressive":
         why = _METHOD_REASONS.get(cfg.method, "its pruning is not a per-weight mask chosen inside one block at a time")
         return (
             f"method {cfg.method!r} is not supported by the one-shot pipeline ({why}; it supports "
-            "'magnitude_progressive'); prune it with create_pruning_manager(config, model).apply_pruning(s, batches)"
+            "'magnitude_progressive', 'layer_dropout' and 'structured_sparsity'); prune it with "
+            "create_pruning_manager(config, model).apply_pruning(s, batches)"
         )
     metric = cfg.importance_metric
     if metric == "gradient_sensitivity" and not in_memory:
@@ -441,6 +527,19 @@ def _check_supported(cfg: PruningConfig, calibration: Optional[list], in_memory:
         else:
             need = "scope 'owl'" if owl else f"importance_metric {metric!r}"
         raise CalibrationError(f"{need} needs calibration batches: pass calibration_data to oneshot()")
+
+
+def _pipeline_class(cfg: PruningConfig) -> Any:
+    """The pipeline that prunes with ``cfg``: the masking pipeline, or a structural method's own."""
+    if cfg.method == "layer_dropout":
+        from artemis.data.pipeline_layers import LayerDropoutPipeline
+
+        return LayerDropoutPipeline
+    if cfg.method == "structured_sparsity":
+        from artemis.data.pipeline_structured import StructuredPipeline
+
+        return StructuredPipeline
+    return _Pipeline
 
 
 def _target_fn(cfg: PruningConfig) -> Callable[[float], float]:
@@ -560,10 +659,56 @@ class _Pipeline:
                 out[t.key] = m.cpu()
         return out
 
+    def _row_scores(self, t: PrunableTarget, metric: Any) -> Optional[Callable[[int, int], Tensor]]:
+        """A function giving the scores of rows ``a:b`` of ``t``'s ``(out, in)`` view, the very
+        values :meth:`_scores` gives there (element-wise metrics: ``magnitude``, ``activation``),
+        or None where the scores are not computed row by row (fused experts, gradients)."""
+        if t.experts or t.key in self.grad_sums:
+            return None
+        sq = self.stashed.get(t.key)
+        if sq is None and metric is not None:
+            if type(metric) is not ActivationMetric:
+                return None
+            sq = metric.state_dict()["sq"].get(t.key)
+            if sq is None:  # no statistics: the whole-layer path raises, naming the layer
+                return None
+        w = t.param
+        if sq is None:
+            return lambda a, b: magnitude_scores(t.rows_view(w)[a:b])
+        # a transposed weight (in, out): rows a:b of its (out, in) view are its columns a:b
+        return lambda a, b: t.rows_view(activation_scores(w[:, a:b] if t.transposed else w[a:b], sq, t.transposed))
+
+    def _rowwise_mask(self, t: PrunableTarget, rows_fn: Callable[[int, int], Tensor]) -> Tensor:
+        """The keep-mask of a row-wise choice (``scope: row``, an N:M ``pattern``), chosen a
+        few rows at a time: the float32 scores and the sort's indices of the whole layer
+        (several times the weight's bytes) are never held at once. Each row's choice depends
+        on that row alone, so the mask is the one of the whole-layer call, bit for bit."""
+        cfg = self.cfg
+        view = t.rows_view(t.param)
+        rows, cols = view.shape
+        keep = torch.empty(rows, cols, dtype=torch.bool, device=view.device)
+        step = max(1, _MASK_CHUNK_ELEMENTS // max(cols, 1))
+        sparsity = self.finals[t.key]
+        for a in range(0, rows, step):
+            b = min(rows, a + step)
+            scores = rows_fn(a, b)
+            if cfg.nm_pattern is not None:
+                n, m = cfg.nm_pattern
+                k = min(count_to_prune(m, sparsity), m - n)
+                keep[a:b] = True if k == 0 else nm_masks(scores, m - k, m)
+            else:
+                keep[a:b] = row_masks(scores, sparsity)
+            del scores
+        return t.from_rows(keep).contiguous()
+
     def _block_masks(self, ts: list[PrunableTarget], metric: Any) -> dict[str, Tensor]:
         cfg = self.cfg
         masks: dict[str, Tensor] = {}
         for t in ts:
+            rows_fn = self._row_scores(t, metric)
+            if rows_fn is not None and (cfg.nm_pattern is not None or (not self.owl and self.scope == "row")):
+                masks[t.key] = self._rowwise_mask(t, rows_fn)
+                continue
             scores = self._scores(t, t.param, metric)
             if tuple(scores.shape) != tuple(t.param.shape):
                 raise ValueError(
@@ -729,6 +874,12 @@ class _Pipeline:
         try:
             if precomputed is not None:
                 masks = {t.key: precomputed.pop(t.key).to(t.param.device) for t in ts}
+            elif cfg.reconstruction == "none":  # each mask applied once chosen: one alive at a time
+                masks = {}
+                self.source.trim()  # the forward pass's temporaries
+                for t in ts:  # a target's scores read its own weight only: the order does not matter
+                    t.param.mul_(self._block_masks([t], metric)[t.key])
+                    self.source.trim()
             else:
                 masks = self._block_masks(ts, metric)
         finally:
@@ -740,7 +891,8 @@ class _Pipeline:
                 self._update_layer(t, accs.pop(t.key), None, None, masks)
             self.recon["seconds"] += time.perf_counter() - start
         for t in ts:
-            t.param.mul_(masks[t.key])
+            if t.key in masks:
+                t.param.mul_(masks[t.key])
             self.zeros[t.key] = t.param.numel() - int(torch.count_nonzero(t.param))
         if stream is None or last:
             return None
@@ -751,14 +903,16 @@ class _Pipeline:
     @torch.no_grad()
     def _dense_target_block(self, i: int, stream: list, precomputed: Optional[dict]) -> Optional[list]:
         """``sparsegpt_target: dense``: block ``i`` as ``reconstruct_layers`` treats it, one
-        layer (or group of layers reading the same input) after another. (1) The dense block
-        runs on the dense model's inputs: the next block's dense inputs and, with the metric,
-        the mask statistics (as the manager's calibration of the dense model); the masks are
-        chosen. (2) For each group of targets, every batch runs twice, each pass stopped at
-        the group's input: through the block with its dense weights (a copy, substituted with
-        ``torch.func.functional_call``) on the dense inputs, and through the block as updated
-        so far on the pruned inputs; the group's layers are then updated. (3) The pruned block
-        runs on the pruned inputs: the next block's pruned inputs."""
+        layer (or group of layers reading the same input) after another, in two block passes
+        per batch. (1) The dense block runs on the dense model's inputs: the next block's dense
+        inputs, every target's dense input (kept, padding removed) and, with the metric, the
+        mask statistics (as the manager's calibration of the dense model); the masks are
+        chosen. (2) The block runs on the pruned inputs, every batch's pass paused at each
+        target's input (:class:`~artemis.data.lockstep.PausedForwards`): when all passes wait
+        before a target (or a group reading the same input), its layers are updated from the
+        paused inputs and the kept dense ones, and the passes go on; their ends are the next
+        block's pruned inputs. A block that calls its targets in another order than theirs is
+        redone with restarted passes (:meth:`_restarted_updates`)."""
         cfg = self.cfg
         block = self.blocks[i]
         ts = self.by_block[i]
@@ -768,7 +922,7 @@ class _Pipeline:
             if use_metric:
                 metric = ActivationMetric(**cfg.metric_options)
                 metric.attach(self.model, ts)
-            new_dense = self._run(block, self.dense_stream, self.batches, i, metric, {"token_mask": None})
+            new_dense, dense_x = self._dense_pass(block, ts, metric)
             if metric is not None:
                 metric.check_ready()
             if precomputed is not None:
@@ -786,31 +940,187 @@ class _Pipeline:
                 dense_params[names[id(bias)]] = bias.detach().clone()
         copy_bytes = sum(p.numel() * p.element_size() for p in dense_params.values())
         self.recon["dense_copy_bytes"] = max(self.recon.get("dense_copy_bytes", 0), copy_bytes)
-        shared: dict[str, tuple] = {}
+        kept = {id(x): x for d in dense_x for x in d.values()}
+        kept_bytes = sum(x.numel() * x.element_size() for x in kept.values())
+        self.recon["dense_input_bytes"] = max(self.recon.get("dense_input_bytes", 0), kept_bytes)
+        last = i == len(self.prefixes) - 1
+        saved_masks, saved_layers = dict(masks), self.recon["layers"]
         try:
-            for idx, t in enumerate(ts):
-                if t.key in shared:  # the same input tensor as an earlier target of the block
-                    stats = shared.pop(t.key)
+            try:
+                outs = self._paused_updates(block, ts, stream, dense_x, masks, last)
+            except _OutOfOrder as exc:
+                logger.info("block %d: %s; its targets are redone with restarted passes", i, exc)
+                for name, value in dense_params.items():
+                    block.get_parameter(name).copy_(value)
+                masks.clear()
+                masks.update(saved_masks)
+                self.recon["layers"] = saved_layers
+                self._restarted_updates(block, ts, stream, dense_params, masks)
+                outs = None if last else self._run(block, stream, self.batches, i, None, {"token_mask": None})
+        finally:
+            dense_params.clear()
+            del dense_x, kept
+        for t in ts:
+            t.param.mul_(masks[t.key])
+            self.zeros[t.key] = t.param.numel() - int(torch.count_nonzero(t.param))
+        if last:
+            return None
+        self.dense_stream = [_with_hidden(a, k, y) for (a, k), y in zip(self.dense_stream, new_dense)]
+        return outs
+
+    def _dense_pass(self, block: nn.Module, ts: list, metric: Any) -> tuple[list, list[dict[int, Tensor]]]:
+        """The dense block on the dense inputs (one pass per batch, with ``metric`` calibrating):
+        its outputs, and for every batch the input of each target module's first call,
+        ``{id(module): (tokens, in_features)}`` with the padding removed, in the input's dtype
+        (targets that receive the very same tensor share one copy)."""
+        captured: list[dict[int, Tensor]] = []
+        state: dict[str, Any] = {"token_mask": None, "seen": {}, "objs": []}
+
+        def hook(module: nn.Module, args: tuple) -> None:
+            seen = state["seen"]
+            if id(module) in seen:  # called again in this pass: the first input counts
+                return
+            if not args or not isinstance(args[0], Tensor):
+                raise CalibrationError(f"layer {type(module).__name__} was called without a tensor input")
+            x = args[0]
+            for obj, version, stored in state["objs"]:
+                if obj is x and version == x._version:
+                    seen[id(module)] = stored
+                    return
+            stored = _rows_2d(x, state["token_mask"])
+            seen[id(module)] = stored
+            state["objs"].append((x, x._version, stored))
+
+        handles = [m.register_forward_pre_hook(hook) for m in dict.fromkeys(t.module for t in ts)]
+        outs = []
+        try:
+            for b, (args, kwargs) in enumerate(self.dense_stream):
+                batch = self.batches[b]
+                state["token_mask"] = batch.get("attention_mask") if isinstance(batch, Mapping) else None
+                state["seen"], state["objs"] = {}, []
+                outs.append(self._forward(block, args, kwargs, b, metric, batch))
+                captured.append(state["seen"])
+        finally:
+            for h in handles:
+                h.remove()
+            state["objs"] = []
+        return outs, captured
+
+    def _paired_statistics(
+        self, t: PrunableTarget, inputs: list[tuple[int, Tensor]], dense_x: list[dict[int, Tensor]]
+    ) -> tuple[HessianAccumulator, Tensor, Tensor]:
+        """``(acc, Σ XₚᵀX_d, Σ X_d)`` of target ``t`` from the pruned inputs ``[(batch, x)]`` and
+        the kept dense ones, batch by batch (as the hooks of :meth:`_layer_statistics`)."""
+        acc = self._accumulator(t)
+        cross = torch.zeros_like(acc.sum)
+        dense_sum = torch.zeros(acc.sum.shape[0], dtype=torch.float64, device=acc.sum.device)
+        for b, raw in inputs:
+            batch = self.batches[b]
+            x = layer_inputs_2d(raw, batch.get("attention_mask") if isinstance(batch, Mapping) else None)
+            xd = dense_x[b].get(id(t.module))
+            if xd is None or xd.shape != x.shape:
+                raise CalibrationError(f"layer {t.name} saw different tokens in the dense and the pruned pass")
+            acc.add(x)
+            xd = xd.to(device=x.device, dtype=torch.float32)
+            cross.addmm_(x.T, xd)
+            dense_sum.add_(xd.to(torch.float64).sum(0))
+        if acc.count == 0:
+            raise CalibrationError(f"no calibration token reached layer {t.name}; the block never called it")
+        return acc, cross, dense_sum
+
+    def _paused_updates(
+        self, block: nn.Module, ts: list, stream: list, dense_x: list[dict[int, Tensor]], masks: dict, last: bool
+    ) -> Optional[list]:
+        """Step (2) of :meth:`_dense_target_block`: one pass of the block per batch on the
+        pruned inputs, paused before each target; returns the passes' outputs (None for the
+        last block, whose passes end after its last target). Targets are updated in their
+        order; a target whose paused inputs are the very tensors (unchanged) of the previous
+        target's, with the same kept dense inputs, reuses its statistics (q/k/v, gate/up).
+
+        Raises:
+            _OutOfOrder: a pass reached a target before the one being updated.
+        """
+        left: dict[int, int] = {}  # targets not yet updated, per module
+        for t in ts:
+            left[id(t.module)] = left.get(id(t.module), 0) + 1
+        prev: Optional[tuple] = None  # (statistics, paused inputs, their versions, dense inputs)
+        with PausedForwards(block, stream, [t.module for t in ts], self.device) as passes:
+            passes.start()
+            self.forwards += len(passes)
+            for t in ts:
+                inputs = []
+                for b in range(len(passes)):
+                    state = passes.state(b)
+                    if state[0] != "at":  # this batch's pass ended without calling t
+                        continue
+                    if state[1] is not t.module:
+                        raise _OutOfOrder(f"a pass reached {type(state[1]).__name__} before the input of {t.name}")
+                    if not isinstance(state[2], Tensor):
+                        raise CalibrationError(f"layer {t.name} was called without a tensor input")
+                    inputs.append((b, state[2]))
+                versions = [x._version for _, x in inputs]
+                dense = [dense_x[b].get(id(t.module)) for b, _ in inputs]
+                if (
+                    prev is not None
+                    and inputs
+                    and len(inputs) == len(prev[1])
+                    and all(b == pb and x is px for (b, x), (pb, px) in zip(inputs, prev[1]))
+                    and versions == prev[2]
+                    and all(d is not None and d is pd for d, pd in zip(dense, prev[3]))
+                ):
+                    stats = prev[0]  # the very same inputs as the previous target: its statistics
                 else:
-                    stats, same = self._layer_statistics(block, t, ts[idx + 1 :], stream, dense_params)
-                    for u in ts[idx + 1 :]:
-                        if u.key in same:
-                            shared[u.key] = stats
+                    stats = self._paired_statistics(t, inputs, dense_x)
+                prev = (stats, inputs, versions, dense)
                 acc, cross_sum, dense_sum = stats
                 start = time.perf_counter()
                 cross = cross_sum * (2.0 / acc.count)
                 dense_mean = (dense_sum / acc.count).to(torch.float32)
                 self._update_layer(t, acc, cross, dense_mean, masks)
+                t.param.mul_(masks[t.key])
                 self.recon["seconds"] += time.perf_counter() - start
-        finally:
-            dense_params.clear()
-        for t in ts:
-            t.param.mul_(masks[t.key])
-            self.zeros[t.key] = t.param.numel() - int(torch.count_nonzero(t.param))
-        if i == len(self.prefixes) - 1:
-            return None
-        self.dense_stream = [_with_hidden(a, k, y) for (a, k), y in zip(self.dense_stream, new_dense)]
-        return self._run(block, stream, self.batches, i, None, {"token_mask": None})
+                left[id(t.module)] -= 1
+                if left[id(t.module)] == 0 and not (last and t is ts[-1]):  # the last block's tail: not needed
+                    for b, _ in inputs:
+                        passes.resume(b)
+            del prev, inputs
+            if last:
+                return None
+            outs = []
+            for b in range(len(passes)):
+                state = passes.state(b)
+                if state[0] != "done":
+                    raise _OutOfOrder(f"a pass reached {type(state[1]).__name__} again after its targets were updated")
+                out = state[1]
+                self.out_kind = "tuple" if isinstance(out, (tuple, list)) else "tensor"
+                y = _block_output(out)
+                if not torch.isfinite(y).all():
+                    raise CalibrationError(f"the block's output for calibration batch {b} has NaN or infinite values")
+                outs.append(y)
+            return outs
+
+    def _restarted_updates(self, block: nn.Module, ts: list, stream: list, dense_params: dict, masks: dict) -> None:
+        """Step (2) of :meth:`_dense_target_block` with restarted passes: for each target (or
+        group reading the same input), two partial passes per batch, each stopped at the
+        target's input: the block with its dense weights (``dense_params`` substituted with
+        ``torch.func.functional_call``) on the dense inputs, and the block as updated so far on
+        the pruned inputs. Used when the paused passes cannot be (the block calls its targets
+        in another order than theirs)."""
+        shared: dict[str, tuple] = {}
+        for idx, t in enumerate(ts):
+            if t.key in shared:  # the same input tensor as an earlier target of the block
+                stats = shared.pop(t.key)
+            else:
+                stats, same = self._layer_statistics(block, t, ts[idx + 1 :], stream, dense_params)
+                for u in ts[idx + 1 :]:
+                    if u.key in same:
+                        shared[u.key] = stats
+            acc, cross_sum, dense_sum = stats
+            start = time.perf_counter()
+            cross = cross_sum * (2.0 / acc.count)
+            dense_mean = (dense_sum / acc.count).to(torch.float32)
+            self._update_layer(t, acc, cross, dense_mean, masks)
+            self.recon["seconds"] += time.perf_counter() - start
 
     def _layer_statistics(
         self, block: nn.Module, t: PrunableTarget, later: list, stream: list, dense_params: dict
@@ -920,7 +1230,8 @@ class _Pipeline:
         extra_damp = acc.ledoit_wolf_dampening(fit_bias) if shrinkage == "ledoit_wolf" else 0.0
         mean_p = acc.mean() if fit_bias else None
         h = acc.covariance_hessian() if fit_bias else acc.hessian()
-        if not torch.isfinite(h).all():
+        # a NaN or infinite input shows on the diagonal (its square); |Hᵢⱼ| ≤ √(HᵢᵢHⱼⱼ) bounds the rest
+        if not torch.isfinite(h.diagonal()).all():
             raise CalibrationError(f"the input Hessian of layer {t.name} has NaN or infinite values")
         damp = cfg.sparsegpt_dampening + extra_damp
         ref_out = None
@@ -930,12 +1241,15 @@ class _Pipeline:
             mu_ref = dense_mean if dense_mean is not None else mean_p
             ref_out = weight.detach().to(torch.float32) @ mu_ref.to(weight.device)  # W μ_dense
             mean_p = mean_p.to(weight.device)
+        factor = None  # the Cholesky factor of the damped Hessian, shared by the two steps below
         if cross is not None:  # fit the dense model's output from the pruned model's input
-            weight = dense_target_weight(weight, h, cross, damp)
+            weight, factor = dense_target_weight(weight, h, cross, damp, return_factor=True)
             del cross
         mask = t.rows_view(masks[t.key])
         if cfg.sparsegpt_mask == "metric":
-            new_w, _ = sparsegpt_prune(weight, h, mask=mask, blocksize=cfg.sparsegpt_blocksize, dampening=damp)
+            new_w, _ = sparsegpt_prune(
+                weight, h, mask=mask, blocksize=cfg.sparsegpt_blocksize, dampening=damp, factor=factor
+            )
         else:
             pattern = None
             if cfg.nm_pattern is not None:
@@ -950,6 +1264,7 @@ class _Pipeline:
                 blocksize=cfg.sparsegpt_blocksize,
                 dampening=damp,
                 per_row=cfg.sparsegpt_obs_scope == "row",
+                factor=factor,
             )
             masks[t.key] = t.rows_view(keep).contiguous()
         if fit_bias:  # b + W μ_d − Ŵ μ_p: the mean output the dense layer gave
@@ -972,7 +1287,8 @@ class _Pipeline:
         """Every block once, in order, on the dense model's inputs: the statistics that OWL and
         ``scope: global`` need from all blocks before the first mask (then the OWL counts)."""
         src = self.source
-        stream: Optional[list] = capture_block_inputs(self.model, self.blocks[0], self.batches, self.device)
+        with src.capturing():
+            stream: Optional[list] = capture_block_inputs(self.model, self.blocks[0], self.batches, self.device)
         self.capture_forwards += len(stream)
         kept: list[list] = []  # gradient_sensitivity: every block's inputs, for the backward sweep
         for i, prefix in enumerate(self.prefixes):
@@ -1118,7 +1434,8 @@ class _Pipeline:
         precomputed = self._global_masks() if (self.scope == "global" and self.cfg.nm_pattern is None) else None
         use_metric = self.cfg.importance_metric == "activation" and not self.stats_pass
         if use_metric or self.cfg.reconstruction != "none":
-            stream = capture_block_inputs(self.model, self.blocks[0], self.batches, self.device)
+            with src.capturing():
+                stream = capture_block_inputs(self.model, self.blocks[0], self.batches, self.device)
             self.capture_forwards += len(stream)
             if self.dense_target:
                 self.dense_stream = list(stream)
@@ -1139,6 +1456,7 @@ class _Pipeline:
                     if self.writer is not None:
                         for name, t in unique_state_tensors(self.blocks[i]):
                             self.writer.add(f"{prefix}.{name}", t)
+                            src.trim()
                 except BlockError:
                     raise
                 except Exception as exc:
@@ -1158,7 +1476,7 @@ class _Pipeline:
             block_names = {f"{p}." for p in self.prefixes}
             for name, t in unique_state_tensors(self.model):
                 if not any(name.startswith(b) for b in block_names):
-                    self.writer.add(name, t)
+                    src.write_outer(self.writer, name, t)
         seconds = time.perf_counter() - start
         return {"seconds": seconds}
 
@@ -1265,9 +1583,14 @@ def oneshot(
             ``magnitude_progressive`` with ``magnitude`` or ``activation``, every ``scope``
             (``row``, ``layer``, ``global``, ``owl``), N:M ``pattern``, ``layer_sparsity``,
             ``reconstruction: sparsegpt`` (``sparsegpt_target`` ``pruned`` or ``dense``)
-            and ``pipeline_inputs`` (:class:`~artemis.methods.pipeline_options.OneShotOptions`).
-            Anything else (``gradient_sensitivity``, the structural methods, targets
-            outside the blocks) raises :class:`~artemis.core.errors.ConfigError` naming it
+            and ``pipeline_inputs`` (:class:`~artemis.methods.pipeline_options.OneShotOptions`);
+            ``layer_dropout`` with ``activation`` (Block Influence) or ``magnitude``
+            (:mod:`artemis.data.pipeline_layers`: the dropped blocks are removed, the model
+            edited in place or written without them); ``structured_sparsity`` with
+            ``activation`` or ``magnitude`` (:mod:`artemis.data.pipeline_structured`: heads and
+            neurons removed, as ``finalize()`` removes them). Anything else
+            (``gradient_sensitivity`` on a streamed checkpoint or with those two methods,
+            ``expert_pruning``, targets outside the blocks) raises :class:`~artemis.core.errors.ConfigError` naming it
             and why (:func:`unsupported_setting`).
         calibration_data: batches (dicts of tensors or tensors, as ``apply_pruning``);
             needed by ``activation``, ``scope: owl`` and the reconstruction; ignored (with
@@ -1276,9 +1599,9 @@ def oneshot(
             :func:`~artemis.save_pruned` format, block by block, into a temporary
             sibling folder renamed into place at the end (an error leaves nothing there).
         max_memory: bytes (or ``"8GiB"``-style) the parameters may take: a checkpoint
-            folder is then streamed (one block resident at a time, plus the embeddings
-            and the other parameters outside the blocks); a ``ConfigError`` when that
-            does not fit.
+            folder is then streamed (one block resident at a time; the parameters outside
+            the blocks only while block 0's inputs are captured, never with a block); a
+            ``ConfigError`` when the larger of the two does not fit.
         device: where the blocks are computed (default: the model's device; CPU for a
             streamed folder).
         progress: a tqdm bar over the blocks (default: on a terminal).
@@ -1359,14 +1682,16 @@ def oneshot(
     if lazy is not None:
         compute = lazy.device
         source: Any = _Streamed(lazy, prefixes)
-        block_bytes = [sum(p.numel() * p.element_size() for p in dict.fromkeys(b.parameters())) for b in adapter.blocks]
-        total = model_dense_bytes(net)
-        need = total - sum(block_bytes) + max(block_bytes)
+        outer, largest, total = streaming_bytes(net, adapter.blocks)
+        # never resident together: the outer parameters are mapped only while block 0's
+        # inputs are captured (and copied a piece at a time at the end), the blocks come after
+        need = max(outer, largest)
         if need > budget:
             raise ConfigError(
                 f"max_memory {max_memory!r} ({budget / MIB:.1f} MiB) is below what streaming needs: the parameters "
-                f"outside the blocks plus the largest block take {need / MIB:.1f} MiB (the whole model "
-                f"{total / MIB:.1f} MiB); raise max_memory"
+                f"outside the blocks take {outer / MIB:.1f} MiB (mapped while the first block's inputs are "
+                f"captured) and the largest block {largest / MIB:.1f} MiB (the whole model {total / MIB:.1f} MiB); "
+                "raise max_memory"
             )
     else:
         home = next((p.device for p in net.parameters()), torch.device("cpu"))
@@ -1376,15 +1701,16 @@ def oneshot(
     if output_dir is not None:
         from artemis.sparse.streaming import StreamingWriter
 
-        candidates = {t.key: t.name for t in targets}
+        # a structural method's smaller model is stored dense, as save_pruned stores it
+        candidates = {t.key: t.name for t in targets} if cfg.method == "magnitude_progressive" else {}
         writer = StreamingWriter(output_dir, net, candidates, source_dir=source_dir)
     was_training = net.training
     net.eval()
     rss0 = _peak_rss_bytes()
     if compute.type == "cuda":
         torch.cuda.reset_peak_memory_stats(compute)
-    pipe = _Pipeline(cfg, net, source, targets, prefixes, data, compute, writer, progress)
     try:
+        pipe = _pipeline_class(cfg)(cfg, net, source, targets, prefixes, data, compute, writer, progress)
         info = pipe.run()
         out_info = writer.close() if writer is not None else None
     except BaseException:
@@ -1401,6 +1727,7 @@ def oneshot(
     act = 0
     if data:
         act = sum(_hidden_bytes(b, net) for b in data) * (3 if pipe.dense_target else 2) // 2
+        act += getattr(pipe, "recon", {}).get("dense_input_bytes", 0)  # a block's kept dense target inputs
         if pipe.gradients:  # the backward sweep keeps every block's inputs
             act = max(act, sum(_hidden_bytes(b, net) for b in data) * (len(prefixes) + 1) // 2)
     extra = {
@@ -1423,7 +1750,17 @@ def oneshot(
     }
     if compute.type == "cuda":
         extra["peak_cuda_bytes"] = int(torch.cuda.max_memory_allocated(compute))
+    if not isinstance(pipe, _Pipeline):  # a method with its own pipeline and summary
+        return pipe.summary(adapter.name, extra)
     return _summary(pipe, net, adapter.name, extra)
+
+
+def streaming_bytes(model: nn.Module, blocks: Sequence[nn.Module]) -> tuple[int, int, int]:
+    """``(outside the blocks, largest block, whole model)``: the parameter bytes that bound
+    a streamed run (tied parameters counted once; meta parameters count their bytes)."""
+    block_bytes = [sum(p.numel() * p.element_size() for p in dict.fromkeys(b.parameters())) for b in blocks]
+    total = model_dense_bytes(model)
+    return total - sum(block_bytes), max(block_bytes, default=0), total
 
 
 def _hidden_bytes(batch: Any, model: nn.Module) -> int:
