@@ -76,6 +76,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import os
 import re
@@ -126,6 +127,7 @@ __all__ = [
     "BlockError",
     "parse_memory_size",
     "capture_block_inputs",
+    "capture_inputs_per_block",
     "unsupported_setting",
     "PIPELINE_METRICS",
 ]
@@ -311,6 +313,86 @@ def capture_block_inputs(
     finally:
         handle.remove()
     return captured
+
+
+class _Recorder(nn.Module):
+    """Takes block ``index``'s place while the inputs are captured: records its arguments and
+    returns its input hidden states (as a tensor when the block's forward is annotated so, else
+    as a 1-tuple); the last one ends the pass. Other attributes (``attention_type``, read by
+    models that give each layer type its own mask) are the block's."""
+
+    def __init__(self, block: nn.Module, sink: list, last: bool) -> None:
+        super().__init__()
+        self.__dict__["_block"] = block
+        self.sink, self.last = sink, last
+        try:
+            ann = inspect.signature(block.forward).return_annotation
+        except (TypeError, ValueError):  # pragma: no cover - builtins
+            ann = None
+        self.tensor_out = ann is Tensor or ann in ("torch.Tensor", "Tensor")
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.__dict__["_block"], name)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        h = _hidden_of(args, kwargs)
+        if not self.sink:
+            self.sink.append(h)
+        self.sink.append(_with_hidden(tuple(args), _cache_free(dict(kwargs)), None))
+        if self.last:
+            raise _InputsCaptured
+        return h if self.tensor_out else (h,)
+
+
+@torch.no_grad()
+def capture_inputs_per_block(
+    model: nn.Module, blocks: nn.ModuleList, batches: Sequence, device: torch.device
+) -> tuple[list[Tensor], list[list[tuple[tuple, dict]]]]:
+    """Block 0's input hidden states of every batch, and ``(args, kwargs)`` of every block
+    for every batch (``records[b][i]``, the hidden states left out as None: give them with
+    ``_with_hidden``). Each batch runs through ``model`` with every block replaced by a
+    recorder that passes its input on, so each block's own arguments are recorded (a model
+    with sliding-window and full-attention layers gives each its own attention mask; block
+    0's would be wrong for the others); the pass ends at the last block. One pass per
+    batch, no block runs; the key/value cache is dropped, as in ``capture_block_inputs``.
+
+    Raises:
+        CalibrationError: a batch fails in the model or never reaches the last block.
+    """
+    originals = list(blocks)
+    hidden: list[Tensor] = []
+    out: list[list[tuple[tuple, dict]]] = []
+    try:
+        for i, batch in enumerate(batches):
+            _check_batch(batch, i)
+            sink: list[Any] = []
+            for j, block in enumerate(originals):
+                blocks[j] = _Recorder(block, sink, j == len(originals) - 1)
+            if (
+                isinstance(batch, Mapping)
+                and "use_cache" not in batch
+                and hasattr(getattr(model, "config", None), "use_cache")
+            ):
+                batch = {**batch, "use_cache": False}
+            try:
+                forward_batch(model, batch, device)
+            except _InputsCaptured:
+                hidden.append(sink[0])
+                out.append(sink[1:])
+                continue
+            except (RuntimeError, ValueError, TypeError, IndexError, KeyError) as exc:
+                raise CalibrationError(
+                    f"calibration batch {i} ({describe_batch(batch)}) failed in the model before its blocks: "
+                    f"{type(exc).__name__}: {exc}"
+                ) from exc
+            raise CalibrationError(f"calibration batch {i} ran through the model without calling its last block")
+    finally:
+        for j, block in enumerate(originals):
+            blocks[j] = block
+    return hidden, out
 
 
 # ------------------------------------------------------------------- sources
@@ -615,6 +697,8 @@ class _Pipeline:
         self.dense_target = cfg.reconstruction != "none" and cfg.sparsegpt_target == "dense"
         self.out_kind = "tensor"  # what the blocks return: a tensor or a tuple
         self.dense_stream: Optional[list] = None  # sparsegpt_target: dense: the dense model's block inputs
+        # every block's own arguments per batch (records[b][i]): layer types differ in their masks
+        self.block_inputs: Optional[list[list[tuple[tuple, dict]]]] = None
         self.stashed: dict[str, Tensor] = {}  # activation sums of squares from the statistics pass
         self.outliers: dict[str, tuple[int, int]] = {}  # OWL: (outliers, weights) of each target
         self.counts: dict[str, int] = {}  # OWL: pruned weights of each target
@@ -965,7 +1049,7 @@ class _Pipeline:
             self.zeros[t.key] = t.param.numel() - int(torch.count_nonzero(t.param))
         if last:
             return None
-        self.dense_stream = [_with_hidden(a, k, y) for (a, k), y in zip(self.dense_stream, new_dense)]
+        self.dense_stream = self._next_inputs(self.dense_stream, new_dense, i)
         return outs
 
     def _dense_pass(self, block: nn.Module, ts: list, metric: Any) -> tuple[list, list[dict[int, Tensor]]]:
@@ -1283,12 +1367,28 @@ class _Pipeline:
             ),
         )
 
+    def _capture(self) -> list[tuple[tuple, dict]]:
+        """Block 0's ``(args, kwargs)`` for every batch, keeping every block's own arguments in
+        ``block_inputs`` (models with sliding-window and full-attention layers give each layer
+        type its own attention mask: block 0's would be wrong for the others)."""
+        hidden, records = capture_inputs_per_block(self.model, self.blocks, self.batches, self.device)
+        self.block_inputs = records
+        return [_with_hidden(*rec[0], h) for rec, h in zip(records, hidden)]
+
+    def _next_inputs(self, stream: list, outs: list[Tensor], i: int) -> list[tuple[tuple, dict]]:
+        """The inputs of block ``i + 1``: block ``i``'s outputs ``outs`` with block ``i + 1``'s
+        own arguments (as the model calls it)."""
+        recs = self.block_inputs
+        if recs is None or i + 1 >= len(self.prefixes):
+            return [_with_hidden(a, k, y) for (a, k), y in zip(stream, outs)]
+        return [_with_hidden(*recs[b][i + 1], y) for b, y in enumerate(outs)]
+
     def _statistics_pass(self) -> None:
         """Every block once, in order, on the dense model's inputs: the statistics that OWL and
         ``scope: global`` need from all blocks before the first mask (then the OWL counts)."""
         src = self.source
         with src.capturing():
-            stream: Optional[list] = capture_block_inputs(self.model, self.blocks[0], self.batches, self.device)
+            stream: Optional[list] = self._capture()
         self.capture_forwards += len(stream)
         kept: list[list] = []  # gradient_sensitivity: every block's inputs, for the backward sweep
         for i, prefix in enumerate(self.prefixes):
@@ -1312,7 +1412,7 @@ class _Pipeline:
             if self.gradients and i == len(self.prefixes) - 1:
                 self._backward_sweep(kept, outs)
                 break
-            stream = [_with_hidden(a, k, y) for (a, k), y in zip(stream, outs)] if outs is not None else None
+            stream = self._next_inputs(stream, outs, i) if outs is not None else None
         if self.owl:
             self._owl_counts()
 
@@ -1435,7 +1535,7 @@ class _Pipeline:
         use_metric = self.cfg.importance_metric == "activation" and not self.stats_pass
         if use_metric or self.cfg.reconstruction != "none":
             with src.capturing():
-                stream = capture_block_inputs(self.model, self.blocks[0], self.batches, self.device)
+                stream = self._capture()
             self.capture_forwards += len(stream)
             if self.dense_target:
                 self.dense_stream = list(stream)
@@ -1466,7 +1566,7 @@ class _Pipeline:
                 finally:
                     src.release_block(i)
                 if outs is not None:
-                    stream = [_with_hidden(a, k, y) for (a, k), y in zip(stream, outs)]
+                    stream = self._next_inputs(stream, outs, i)
                 self.block_seconds.append(time.perf_counter() - t0)
                 bar.set_postfix(block=i, seconds=f"{self.block_seconds[-1]:.2f}")
                 bar.update(1)

@@ -44,14 +44,12 @@ Example:
 
 from __future__ import annotations
 
-import inspect
 import time
 import types
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Optional
 
 import torch
 import torch.nn as nn
-from torch import Tensor
 from tqdm.auto import tqdm
 
 from artemis.arch import get_adapter
@@ -59,91 +57,15 @@ from artemis.core.config import PruningConfig
 from artemis.core.errors import CalibrationError
 from artemis.core.sizing import MIB, model_dense_bytes, unique_state_tensors
 from artemis.core.targets import PrunableTarget
-from artemis.data.calibration import _check_batch, describe_batch, forward_batch
-from artemis.data.pipeline import BlockError, _block_output, _cache_free, _hidden_of, _InputsCaptured, _with_hidden
+from artemis.data.pipeline import (
+    BlockError,
+    _block_output,
+    _with_hidden,
+    capture_inputs_per_block,
+)
 from artemis.metrics.blocks import LayerImportance, influence_terms, layer_magnitude
 
 __all__ = ["LayerDropoutPipeline", "capture_inputs_per_block"]
-
-
-class _Recorder(nn.Module):
-    """Takes block ``index``'s place while the inputs are captured: records its arguments and
-    returns its input hidden states (as a tensor when the block's forward is annotated so, else
-    as a 1-tuple); the last one ends the pass. Other attributes (``attention_type``, read by
-    models that give each layer type its own mask) are the block's."""
-
-    def __init__(self, block: nn.Module, sink: list, last: bool) -> None:
-        super().__init__()
-        self.__dict__["_block"] = block
-        self.sink, self.last = sink, last
-        try:
-            ann = inspect.signature(block.forward).return_annotation
-        except (TypeError, ValueError):  # pragma: no cover - builtins
-            ann = None
-        self.tensor_out = ann is Tensor or ann in ("torch.Tensor", "Tensor")
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(self.__dict__["_block"], name)
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        h = _hidden_of(args, kwargs)
-        if not self.sink:
-            self.sink.append(h)
-        self.sink.append(_with_hidden(tuple(args), _cache_free(dict(kwargs)), None))
-        if self.last:
-            raise _InputsCaptured
-        return h if self.tensor_out else (h,)
-
-
-@torch.no_grad()
-def capture_inputs_per_block(
-    model: nn.Module, blocks: nn.ModuleList, batches: Sequence, device: torch.device
-) -> tuple[list[Tensor], list[list[tuple[tuple, dict]]]]:
-    """Block 0's input hidden states of every batch, and ``(args, kwargs)`` of every block
-    for every batch (``records[b][i]``, the hidden states left out as None: give them with
-    ``_with_hidden``). Each batch runs through ``model`` with every block replaced by a
-    recorder that passes its input on, so each block's own arguments are recorded (a model
-    with sliding-window and full-attention layers gives each its own attention mask; block
-    0's would be wrong for the others); the pass ends at the last block. One pass per
-    batch, no block runs; the key/value cache is dropped, as in ``capture_block_inputs``.
-
-    Raises:
-        CalibrationError: a batch fails in the model or never reaches the last block.
-    """
-    originals = list(blocks)
-    hidden: list[Tensor] = []
-    out: list[list[tuple[tuple, dict]]] = []
-    try:
-        for i, batch in enumerate(batches):
-            _check_batch(batch, i)
-            sink: list[Any] = []
-            for j, block in enumerate(originals):
-                blocks[j] = _Recorder(block, sink, j == len(originals) - 1)
-            if (
-                isinstance(batch, Mapping)
-                and "use_cache" not in batch
-                and hasattr(getattr(model, "config", None), "use_cache")
-            ):
-                batch = {**batch, "use_cache": False}
-            try:
-                forward_batch(model, batch, device)
-            except _InputsCaptured:
-                hidden.append(sink[0])
-                out.append(sink[1:])
-                continue
-            except (RuntimeError, ValueError, TypeError, IndexError, KeyError) as exc:
-                raise CalibrationError(
-                    f"calibration batch {i} ({describe_batch(batch)}) failed in the model before its blocks: "
-                    f"{type(exc).__name__}: {exc}"
-                ) from exc
-            raise CalibrationError(f"calibration batch {i} ran through the model without calling its last block")
-    finally:
-        for j, block in enumerate(originals):
-            blocks[j] = block
-    return hidden, out
 
 
 class _Gathered(LayerImportance):
