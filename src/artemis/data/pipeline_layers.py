@@ -80,14 +80,19 @@ class _Gathered(LayerImportance):
         return {i: self.scores[i] for i in layers}
 
 
-class LayerDropoutPipeline:
-    """``method: layer_dropout`` block by block (see the module docstring). Built and run by
-    :func:`artemis.oneshot` with the arguments of its masking pipeline; nothing is changed
-    before :meth:`run`."""
+class WholeUnitPipeline:
+    """What the pipelines of the methods that remove whole units (blocks, heads, neurons)
+    share: built by :func:`artemis.oneshot` with the arguments of its masking pipeline, the
+    method's own metric made from the config (``method_class().create_metric``); nothing is
+    changed before ``run``. Their blocks always see the dense model's inputs."""
 
     dense_target = False
     gradients = False
     inputs = "dense"
+
+    @staticmethod
+    def method_class() -> Any:  # pragma: no cover - each subclass names its method
+        raise NotImplementedError
 
     def __init__(
         self,
@@ -101,15 +106,27 @@ class LayerDropoutPipeline:
         writer: Any,
         progress: Optional[bool],
     ) -> None:
-        from artemis.methods.layer_dropout import LayerDropoutMethod
-
         self.cfg, self.model, self.source = cfg, model, source
         self.prefixes = prefixes
         self.adapter = get_adapter(model)
         self.blocks = self.adapter.blocks
         self.calibration = calibration or []
         self.device, self.writer, self.progress = device, writer, progress
-        self.metric = LayerDropoutMethod.create_metric(cfg.importance_metric, **cfg.metric_options)
+        self.metric = self.method_class().create_metric(cfg.importance_metric, **cfg.metric_options)
+
+
+class LayerDropoutPipeline(WholeUnitPipeline):
+    """``method: layer_dropout`` block by block (see the module docstring)."""
+
+    @staticmethod
+    def method_class() -> Any:
+        from artemis.methods.layer_dropout import LayerDropoutMethod
+
+        return LayerDropoutMethod
+
+    def __init__(self, cfg: PruningConfig, model: nn.Module, *args: Any) -> None:
+        super().__init__(cfg, model, *args)
+        LayerDropoutMethod = self.method_class()
         # the method's setup: its config checks, the layer count, the removal checks (nothing changes)
         stand_in = types.SimpleNamespace(config=cfg, model=model, adapter=self.adapter, metric=self.metric)
         self.method = LayerDropoutMethod(stand_in)  # type: ignore[arg-type]

@@ -49,13 +49,12 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from artemis.arch import get_adapter
 from artemis.core.config import PruningConfig
 from artemis.core.errors import CalibrationError
 from artemis.core.sizing import MIB, layer_row, model_compressed_bytes, model_dense_bytes, unique_state_tensors
 from artemis.core.targets import PrunableTarget
 from artemis.data.pipeline import BlockError, _block_output, _with_hidden
-from artemis.data.pipeline_layers import capture_inputs_per_block
+from artemis.data.pipeline_layers import WholeUnitPipeline, capture_inputs_per_block
 from artemis.metrics.activation import ActivationMetric
 
 __all__ = ["StructuredPipeline"]
@@ -65,36 +64,19 @@ def _param_bytes(module: nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in dict.fromkeys(module.parameters()) if p.device.type != "meta")
 
 
-class StructuredPipeline:
-    """``method: structured_sparsity`` block by block (see the module docstring). Built and
-    run by :func:`artemis.oneshot` with the arguments of its masking pipeline; nothing is
-    changed before :meth:`run`."""
+class StructuredPipeline(WholeUnitPipeline):
+    """``method: structured_sparsity`` block by block (see the module docstring)."""
 
-    dense_target = False
-    gradients = False
-    inputs = "dense"
-
-    def __init__(
-        self,
-        cfg: PruningConfig,
-        model: nn.Module,
-        source: Any,
-        targets: list[PrunableTarget],
-        prefixes: list[str],
-        calibration: Optional[list],
-        device: torch.device,
-        writer: Any,
-        progress: Optional[bool],
-    ) -> None:
+    @staticmethod
+    def method_class() -> Any:
         from artemis.methods.structured import StructuredMethod
 
-        self.cfg, self.model, self.source = cfg, model, source
-        self.prefixes = prefixes
-        self.adapter = get_adapter(model)
-        self.blocks = self.adapter.blocks
-        self.calibration = calibration or []
-        self.device, self.writer, self.progress = device, writer, progress
-        self.metric = StructuredMethod.create_metric(cfg.importance_metric, **cfg.metric_options)
+        return StructuredMethod
+
+    def __init__(self, cfg: PruningConfig, model: nn.Module, *args: Any) -> None:
+        super().__init__(cfg, model, *args)
+        StructuredMethod = self.method_class()
+        prefixes = self.prefixes
         stand_in = types.SimpleNamespace(config=cfg, model=model, adapter=self.adapter, metric=self.metric, masks={})
         self.method = StructuredMethod(stand_in)  # type: ignore[arg-type]
         self.method.setup()  # its checks and plan: nothing changes yet
