@@ -89,6 +89,7 @@ class WholeUnitPipeline:
     dense_target = False
     gradients = False
     inputs = "dense"
+    label = "one-shot"  # the progress bar's name
 
     @staticmethod
     def method_class() -> Any:  # pragma: no cover - each subclass names its method
@@ -113,35 +114,9 @@ class WholeUnitPipeline:
         self.calibration = calibration or []
         self.device, self.writer, self.progress = device, writer, progress
         self.metric = self.method_class().create_metric(cfg.importance_metric, **cfg.metric_options)
-
-
-class LayerDropoutPipeline(WholeUnitPipeline):
-    """``method: layer_dropout`` block by block (see the module docstring)."""
-
-    @staticmethod
-    def method_class() -> Any:
-        from artemis.methods.layer_dropout import LayerDropoutMethod
-
-        return LayerDropoutMethod
-
-    def __init__(self, cfg: PruningConfig, model: nn.Module, *args: Any) -> None:
-        super().__init__(cfg, model, *args)
-        LayerDropoutMethod = self.method_class()
-        # the method's setup: its config checks, the layer count, the removal checks (nothing changes)
-        stand_in = types.SimpleNamespace(config=cfg, model=model, adapter=self.adapter, metric=self.metric)
-        self.method = LayerDropoutMethod(stand_in)  # type: ignore[arg-type]
-        self.method.setup()
-        self.baseline_bytes = model_dense_bytes(model)
-        # the parameters each block's magnitude counts (the method's block_params: none of an earlier
-        # block), by name: a streamed block's parameters are new objects at every load
-        self.own_params: list[list[str]] = []
-        for block, params in zip(self.blocks, self.method.block_params):
-            ids = {id(p) for p in params}
-            self.own_params.append([n for n, p in block.named_parameters() if id(p) in ids])
         self.forwards = self.stats_forwards = self.capture_forwards = 0
         self.block_seconds: list[float] = []
         self.max_resident_blocks = 0
-        self.target = 0.0
 
     # ------------------------------------------------------------------ passes
     def _each_block(self, indices: list[int], what: str, work: Any) -> None:
@@ -149,7 +124,7 @@ class LayerDropoutPipeline(WholeUnitPipeline):
         src = self.source
         bar = tqdm(
             total=len(indices),
-            desc=f"layer dropout ({what})",
+            desc=f"{self.label} ({what})",
             unit="block",
             disable=None if self.progress is None else not self.progress,
         )
@@ -180,6 +155,34 @@ class LayerDropoutPipeline(WholeUnitPipeline):
 
     def _resident_blocks(self) -> int:
         return sum(1 for b in self.blocks if any(p.device.type != "meta" for p in b.parameters()))
+
+
+class LayerDropoutPipeline(WholeUnitPipeline):
+    """``method: layer_dropout`` block by block (see the module docstring)."""
+
+    label = "layer dropout"
+
+    @staticmethod
+    def method_class() -> Any:
+        from artemis.methods.layer_dropout import LayerDropoutMethod
+
+        return LayerDropoutMethod
+
+    def __init__(self, cfg: PruningConfig, model: nn.Module, *args: Any) -> None:
+        super().__init__(cfg, model, *args)
+        LayerDropoutMethod = self.method_class()
+        # the method's setup: its config checks, the layer count, the removal checks (nothing changes)
+        stand_in = types.SimpleNamespace(config=cfg, model=model, adapter=self.adapter, metric=self.metric)
+        self.method = LayerDropoutMethod(stand_in)  # type: ignore[arg-type]
+        self.method.setup()
+        self.baseline_bytes = model_dense_bytes(model)
+        # the parameters each block's magnitude counts (the method's block_params: none of an earlier
+        # block), by name: a streamed block's parameters are new objects at every load
+        self.own_params: list[list[str]] = []
+        for block, params in zip(self.blocks, self.method.block_params):
+            ids = {id(p) for p in params}
+            self.own_params.append([n for n, p in block.named_parameters() if id(p) in ids])
+        self.target = 0.0
 
     @torch.no_grad()
     def _statistics(self) -> LayerImportance:

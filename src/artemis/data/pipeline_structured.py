@@ -47,13 +47,12 @@ from typing import Any, Optional
 
 import torch
 import torch.nn as nn
-from tqdm.auto import tqdm
 
 from artemis.core.config import PruningConfig
 from artemis.core.errors import CalibrationError
 from artemis.core.sizing import MIB, layer_row, model_compressed_bytes, model_dense_bytes, unique_state_tensors
 from artemis.core.targets import PrunableTarget
-from artemis.data.pipeline import BlockError, _block_output, _with_hidden
+from artemis.data.pipeline import _block_output, _with_hidden
 from artemis.data.pipeline_layers import WholeUnitPipeline, capture_inputs_per_block
 from artemis.metrics.activation import ActivationMetric
 
@@ -66,6 +65,8 @@ def _param_bytes(module: nn.Module) -> int:
 
 class StructuredPipeline(WholeUnitPipeline):
     """``method: structured_sparsity`` block by block (see the module docstring)."""
+
+    label = "structured"
 
     @staticmethod
     def method_class() -> Any:
@@ -94,46 +95,6 @@ class StructuredPipeline(WholeUnitPipeline):
         self.scores: list[Optional[torch.Tensor]] = [None] * len(self.method.groups)
         self.chosen: list[set[int]] = [set() for _ in self.method.groups]
         self.rows: dict[str, dict] = {}
-        self.forwards = self.stats_forwards = self.capture_forwards = 0
-        self.block_seconds: list[float] = []
-        self.max_resident_blocks = 0
-
-    # ------------------------------------------------------------------ passes
-    def _each_block(self, what: str, work: Any) -> None:
-        """``work(i)`` for each block with the block loaded; a failure is a BlockError."""
-        src = self.source
-        bar = tqdm(
-            total=len(self.prefixes),
-            desc=f"structured ({what})",
-            unit="block",
-            disable=None if self.progress is None else not self.progress,
-        )
-        try:
-            for i, prefix in enumerate(self.prefixes):
-                t0 = time.perf_counter()
-                try:
-                    src.load_block(i)
-                    if src.streamed:
-                        self.max_resident_blocks = max(self.max_resident_blocks, self._resident_blocks())
-                    work(i)
-                except BlockError:
-                    raise
-                except Exception as exc:
-                    raise BlockError(
-                        f"one-shot pipeline ({what}): block {i} ({prefix}) failed: {type(exc).__name__}: {exc}",
-                        i,
-                        prefix,
-                    ) from exc
-                finally:
-                    src.release_block(i)
-                self.block_seconds.append(time.perf_counter() - t0)
-                bar.set_postfix(block=i, seconds=f"{self.block_seconds[-1]:.2f}")
-                bar.update(1)
-        finally:
-            bar.close()
-
-    def _resident_blocks(self) -> int:
-        return sum(1 for b in self.blocks if any(p.device.type != "meta" for p in b.parameters()))
 
     @torch.no_grad()
     def _score(self, i: int, state: dict) -> None:
@@ -205,12 +166,12 @@ class StructuredPipeline(WholeUnitPipeline):
                     self.chosen[gi] = method._lowest(self.scores[gi], set(), k)
                 self._shrink_and_write(i)
 
-            self._each_block("prune", one_pass)
+            self._each_block(list(range(len(self.prefixes))), "prune", one_pass)
         else:  # per_layer: the units compete across blocks; every score first
-            self._each_block("statistics", lambda i: self._score(i, state))
+            self._each_block(list(range(len(self.prefixes))), "statistics", lambda i: self._score(i, state))
             self.stats_forwards = self.forwards
             self.chosen = method.choose(self.counts, self.scores, [set() for _ in method.groups])
-            self._each_block("prune", self._shrink_and_write)
+            self._each_block(list(range(len(self.prefixes))), "prune", self._shrink_and_write)
         if method.uniform:
             self.stats_forwards = 0
         method.finish_removal(self.chosen, self.params_before)  # the config's widths, the counts
