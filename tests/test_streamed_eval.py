@@ -10,7 +10,7 @@ from artemis.core.errors import CheckpointError
 from artemis.evaluation.quality import parameter_stats, perplexity, sentence_embeddings
 from artemis.evaluation.streamed import StreamedModel, open_lazy, streamed_block_bytes
 from artemis.sparse import streaming
-from tests.fixtures import tiny_bert, tiny_llama
+from tests.fixtures import tiny_bert, tiny_llama, tiny_qwen2_sliding
 
 
 class _Tok:
@@ -86,6 +86,19 @@ def test_llama_perplexity_bit_identical_one_block_resident(tmp_path, spy, tied):
             progress=False,
         )
         assert s["pipeline"]["streamed"] and s["measured_sparsity"] == 0.5
+
+
+def test_sliding_window_layers_keep_their_own_mask(tmp_path, spy):
+    """Qwen2 with full-attention then sliding-window layers: each streamed block runs with
+    the arguments the model gives it (its layer type's mask), so the perplexity is the
+    model's own bit for bit."""
+    model = tiny_qwen2_sliding()
+    model.save_pretrained(tmp_path / "q", max_shard_size="100KB")
+    blocks = _blocks()
+    with StreamedModel(tmp_path / "q") as sm:
+        got = sm.perplexity(blocks)
+    assert got == perplexity(model, blocks)
+    _check_resident(sm, model, spy)
 
 
 def test_bert_embeddings_bit_identical_one_block_resident(tmp_path, spy):

@@ -5,9 +5,10 @@ the model on ``meta``, tensors read from the safetensors shards when needed) and
 list of batches through it the way the one-shot pipeline prunes:
 
 1. the parameters outside the transformer blocks (embeddings, final norm, head) are read;
-2. every batch runs until block 0 is called, and that block's arguments are recorded
-   (:func:`artemis.data.pipeline.capture_block_inputs`);
-3. each block in turn is read, runs every batch's recorded inputs, and is freed;
+2. every batch runs through the model with each block replaced by a recorder, so block 0's
+   input and every block's own arguments are recorded (a sliding-window layer its windowed
+   mask; :func:`artemis.data.pipeline.capture_inputs_per_block`);
+3. each block in turn is read, runs every batch's inputs with its own arguments, and is freed;
 4. every batch then runs through the whole model once more with each block's ``forward``
    replaced by one that returns the last block's recorded output, so the model's own
    code computes what follows the blocks (Llama's final norm and ``lm_head``, BERT's
@@ -279,7 +280,7 @@ class StreamedModel:
         Raises:
             CalibrationError: a batch fails before the first block.
         """
-        from artemis.data.pipeline import _block_output, _with_hidden, capture_block_inputs
+        from artemis.data.pipeline import _block_output, _with_hidden, capture_inputs_per_block
 
         if not batches:
             raise ValueError("StreamedModel.run needs at least one batch")
@@ -291,7 +292,9 @@ class StreamedModel:
         lazy.materialise(self._outer_names)
         try:
             self._count(model.named_parameters())
-            stream = capture_block_inputs(model, self.blocks[0], batches, self.device)
+            # every block's own arguments: layer types (sliding-window, full) get their own masks
+            hidden, records = capture_inputs_per_block(model, self.blocks, batches, self.device)
+            stream = [_with_hidden(*rec[0], h) for rec, h in zip(records, hidden)]
             outs: list[Any] = []
             last = len(self.blocks) - 1
             for i, block in enumerate(self.blocks):
@@ -306,9 +309,9 @@ class StreamedModel:
                 finally:
                     lazy.release(self._block_names[i])
                 if i < last:
-                    stream = [_with_hidden(a, k, _block_output(y)) for (a, k), y in zip(stream, outs)]
+                    stream = [_with_hidden(*rec[i + 1], _block_output(y)) for rec, y in zip(records, outs)]
                     del outs
-            del stream
+            del stream, records
             if first:
                 counts = self._counting.values()
                 self.parameters = {
