@@ -49,6 +49,27 @@ def tiny_bert(layers: int = 2, seed: int = 0):
     return BertModel(cfg).eval()
 
 
+def tiny_qwen2_sliding(layers: int = 4, seed: int = 0):
+    """A Qwen2 whose first two layers use full attention and the rest a sliding window of 4
+    tokens (``config.layer_types``): the model gives the two layer types different masks."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = Qwen2Config(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        use_sliding_window=True,
+        sliding_window=4,
+        max_window_layers=2,
+        tie_word_embeddings=False,
+    )
+    return Qwen2ForCausalLM(cfg).eval()
+
+
 def lm_batch(vocab: int = 128, batch: int = 2, seq: int = 16, seed: int = 0) -> dict:
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, vocab, (batch, seq), generator=g)

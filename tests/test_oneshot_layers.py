@@ -14,7 +14,7 @@ from artemis import create_pruning_manager, oneshot, save_pruned
 from artemis.core.config import load_pruning_config
 from artemis.core.errors import CalibrationError, ConfigError
 from artemis.data.pipeline import streaming_bytes, unsupported_setting
-from tests.fixtures import lm_batch, tiny_bert, tiny_llama
+from tests.fixtures import lm_batch, tiny_bert, tiny_llama, tiny_qwen2_sliding
 
 
 def _calib(n: int = 3, seq: int = 16, pad: bool = True) -> list[dict]:
@@ -26,25 +26,6 @@ def _calib(n: int = 3, seq: int = 16, pad: bool = True) -> list[dict]:
             mask[0, seq // 2 :] = 0
         out.append({"input_ids": ids, "attention_mask": mask})
     return out
-
-
-def _qwen2(layers: int = 4):
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    torch.manual_seed(0)
-    cfg = Qwen2Config(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        use_sliding_window=True,
-        sliding_window=4,
-        max_window_layers=2,
-        tie_word_embeddings=False,
-    )
-    return Qwen2ForCausalLM(cfg).eval()
 
 
 def _cfg(metric: str, sparsity: float = 0.5) -> dict:
@@ -64,7 +45,7 @@ def _same_tensors(a: dict, b: dict) -> None:
         assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
 
 
-MAKERS = {"llama": lambda: tiny_llama(layers=4), "bert": lambda: tiny_bert(layers=4), "qwen2": _qwen2}
+MAKERS = {"llama": lambda: tiny_llama(layers=4), "bert": lambda: tiny_bert(layers=4), "qwen2": tiny_qwen2_sliding}
 
 
 @pytest.mark.parametrize("kind", ["llama", "bert", "qwen2"])
@@ -140,7 +121,7 @@ def test_output_loads_with_stock_transformers_as_save_pruned(kind, tmp_path):
 
 @pytest.fixture
 def qwen_folder(tmp_path):
-    model = _qwen2()
+    model = tiny_qwen2_sliding()
     folder = tmp_path / "in"
     model.save_pretrained(str(folder), max_shard_size="100KB")
     assert len(list(folder.glob("*.safetensors"))) > 1
@@ -261,7 +242,7 @@ def test_capture_inputs_per_block_gives_each_block_its_own_mask():
     from artemis.data.pipeline import capture_block_inputs
     from artemis.data.pipeline_layers import capture_inputs_per_block
 
-    model = _qwen2()
+    model = tiny_qwen2_sliding()
     calib = _calib(n=2, seq=16)
     hidden, records = capture_inputs_per_block(model, model.model.layers, calib, torch.device("cpu"))
     first = capture_block_inputs(model, model.model.layers[0], calib, torch.device("cpu"))

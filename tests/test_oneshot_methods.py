@@ -12,7 +12,7 @@ import torch
 
 from artemis import create_pruning_manager, oneshot
 from artemis.core.errors import CalibrationError, ConfigError
-from tests.fixtures import lm_batch, tiny_bert, tiny_llama
+from tests.fixtures import lm_batch, tiny_bert, tiny_llama, tiny_qwen2_sliding
 
 #: one target per block: the pipeline's Hessians (gathered in one pass from the block's
 #: input) are then those of the manager's layer-by-layer passes
@@ -364,27 +364,6 @@ def test_gradient_sensitivity_targets_in_later_blocks_only():
 
 
 # ------------------------------------------------------------ layer types with their own masks
-def _qwen2_sliding(layers: int = 4):
-    """Two full-attention then two sliding-window layers (window 4 < 16 tokens): the
-    layer types get different attention masks from the model."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    torch.manual_seed(0)
-    cfg = Qwen2Config(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        use_sliding_window=True,
-        sliding_window=4,
-        max_window_layers=2,
-        tie_word_embeddings=False,
-    )
-    return Qwen2ForCausalLM(cfg).eval()
-
-
 @pytest.mark.parametrize(
     "extra",
     [
@@ -399,7 +378,7 @@ def test_sliding_window_layers_get_their_own_mask(extra):
     """Each block runs with the arguments the model gives it (a sliding-window layer its
     windowed mask, not block 0's full one): the masks equal the manager's, which runs the
     whole model."""
-    ref = _qwen2_sliding()
+    ref = tiny_qwen2_sliding()
     assert ref.config.layer_types == ["full_attention"] * 2 + ["sliding_attention"] * 2
     net = copy.deepcopy(ref)
     cfg = {"pruning": {"method": "magnitude_progressive", "final_sparsity": 0.5, **extra}}

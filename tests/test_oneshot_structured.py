@@ -15,10 +15,10 @@ from artemis.core.config import load_pruning_config
 from artemis.core.errors import ConfigError
 from artemis.data.pipeline import streaming_bytes, unsupported_setting
 from artemis.methods.structured import load_pruned_model
-from tests.fixtures import lm_batch, tiny_bert, tiny_llama
-from tests.test_oneshot_layers import _calib, _qwen2, _same_tensors
+from tests.fixtures import lm_batch, tiny_bert, tiny_llama, tiny_qwen2_sliding
+from tests.test_oneshot_layers import _calib, _same_tensors
 
-MAKERS = {"llama": lambda: tiny_llama(layers=3), "bert": lambda: tiny_bert(layers=3), "qwen2": _qwen2}
+MAKERS = {"llama": lambda: tiny_llama(layers=3), "bert": lambda: tiny_bert(layers=3), "qwen2": tiny_qwen2_sliding}
 
 
 def _cfg(metric: str, widths: str = "uniform", sparsity: float = 0.3, **extra) -> dict:

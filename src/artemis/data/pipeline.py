@@ -273,6 +273,27 @@ def _block_output(out: Any) -> Tensor:
     raise ModelError(f"a block returned {type(out).__name__}; the pipeline needs its hidden states (a tensor)")
 
 
+def _forward_until_captured(
+    model: nn.Module, batch: Any, i: int, device: torch.device, before: str, reach: str
+) -> None:
+    """Run calibration batch ``i`` through ``model`` (without a key/value cache) until a hook
+    or recorder raises ``_InputsCaptured``; a failure on the way (``before`` names where) or
+    a pass that ends without calling ``reach`` is a CalibrationError naming the batch."""
+    _check_batch(batch, i)
+    if isinstance(batch, Mapping) and "use_cache" not in batch and hasattr(getattr(model, "config", None), "use_cache"):
+        batch = {**batch, "use_cache": False}
+    try:
+        forward_batch(model, batch, device)
+    except _InputsCaptured:
+        return
+    except (RuntimeError, ValueError, TypeError, IndexError, KeyError) as exc:
+        raise CalibrationError(
+            f"calibration batch {i} ({describe_batch(batch)}) failed in the model before {before}: "
+            f"{type(exc).__name__}: {exc}"
+        ) from exc
+    raise CalibrationError(f"calibration batch {i} ran through the model without calling {reach}")
+
+
 @torch.no_grad()
 def capture_block_inputs(
     model: nn.Module, block: nn.Module, batches: Sequence, device: torch.device
@@ -293,23 +314,7 @@ def capture_block_inputs(
     handle = block.register_forward_pre_hook(hook, with_kwargs=True)
     try:
         for i, batch in enumerate(batches):
-            _check_batch(batch, i)
-            if (
-                isinstance(batch, Mapping)
-                and "use_cache" not in batch
-                and hasattr(getattr(model, "config", None), "use_cache")
-            ):
-                batch = {**batch, "use_cache": False}
-            try:
-                forward_batch(model, batch, device)
-            except _InputsCaptured:
-                continue
-            except (RuntimeError, ValueError, TypeError, IndexError, KeyError) as exc:
-                raise CalibrationError(
-                    f"calibration batch {i} ({describe_batch(batch)}) failed in the model before the first block: "
-                    f"{type(exc).__name__}: {exc}"
-                ) from exc
-            raise CalibrationError(f"calibration batch {i} ran through the model without calling its first block")
+            _forward_until_captured(model, batch, i, device, "the first block", "its first block")
     finally:
         handle.remove()
     return captured
@@ -367,28 +372,12 @@ def capture_inputs_per_block(
     out: list[list[tuple[tuple, dict]]] = []
     try:
         for i, batch in enumerate(batches):
-            _check_batch(batch, i)
             sink: list[Any] = []
             for j, block in enumerate(originals):
                 blocks[j] = _Recorder(block, sink, j == len(originals) - 1)
-            if (
-                isinstance(batch, Mapping)
-                and "use_cache" not in batch
-                and hasattr(getattr(model, "config", None), "use_cache")
-            ):
-                batch = {**batch, "use_cache": False}
-            try:
-                forward_batch(model, batch, device)
-            except _InputsCaptured:
-                hidden.append(sink[0])
-                out.append(sink[1:])
-                continue
-            except (RuntimeError, ValueError, TypeError, IndexError, KeyError) as exc:
-                raise CalibrationError(
-                    f"calibration batch {i} ({describe_batch(batch)}) failed in the model before its blocks: "
-                    f"{type(exc).__name__}: {exc}"
-                ) from exc
-            raise CalibrationError(f"calibration batch {i} ran through the model without calling its last block")
+            _forward_until_captured(model, batch, i, device, "its blocks", "its last block")
+            hidden.append(sink[0])
+            out.append(sink[1:])
     finally:
         for j, block in enumerate(originals):
             blocks[j] = block

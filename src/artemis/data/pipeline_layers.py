@@ -44,6 +44,7 @@ Example:
 
 from __future__ import annotations
 
+import abc
 import time
 import types
 from typing import Any, Optional
@@ -80,7 +81,7 @@ class _Gathered(LayerImportance):
         return {i: self.scores[i] for i in layers}
 
 
-class WholeUnitPipeline:
+class WholeUnitPipeline(abc.ABC):
     """What the pipelines of the methods that remove whole units (blocks, heads, neurons)
     share: built by :func:`artemis.oneshot` with the arguments of its masking pipeline, the
     method's own metric made from the config (``method_class().create_metric``); nothing is
@@ -92,8 +93,9 @@ class WholeUnitPipeline:
     label = "one-shot"  # the progress bar's name
 
     @staticmethod
-    def method_class() -> Any:  # pragma: no cover - each subclass names its method
-        raise NotImplementedError
+    @abc.abstractmethod
+    def method_class() -> Any:
+        """The method class whose metric, checks and choices the pipeline uses."""
 
     def __init__(
         self,
